@@ -1,0 +1,33 @@
+"""paramreg: attach L1/L2 regularizers to PyTorch parameters by name.
+
+    paramreg.attach(model, "conv*.weight", l1=1e-4)   # select by name, attach a regularizer
+    ...train with your own loop and optimizer...        # exact proximal step after each step
+    paramreg.remove(model)                               # fold: a plain model again
+
+Conventions: L1 with strength a is a·Σ abs(w); L2 with strength b is (b/2)·Σ w² (torch's
+``weight_decay=b``); the proximal map of step t is argmin_z ½‖z − w‖² + t·R(z).
+"""
+
+from .errors import ParamregError
+from .lifecycle import attach, remove
+from .regularizers import L1, L2, ElasticNet, Regularizer
+from .report import Report, report
+from .selection import select
+from .stepping import penalty, prox_step
+
+__all__ = [
+    "attach",
+    "remove",
+    "penalty",
+    "prox_step",
+    "report",
+    "select",
+    "Report",
+    "Regularizer",
+    "L1",
+    "L2",
+    "ElasticNet",
+    "ParamregError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,237 @@
+"""The carrier: an identity parametrization that marks one tensor as regularized.
+
+paramreg attaches a :class:`Carrier` to each selected tensor with
+``torch.nn.utils.parametrize``. The carrier's forward returns its input, so ``module.weight``
+stays the very same Parameter object and the forward pass computes nothing new; the carrier
+only holds the regularizer and its mode, and makes the attachment visible in the module tree::
+
+    Linear(
+      in_features=4, out_features=2, bias=True
+      (parametrizations): ModuleDict(
+        (weight): ParametrizationList(
+          (0): Carrier(L1(strength=0.001), mode='prox')
+    ...
+
+This module also owns the structural operations that torch's own ``parametrize`` gets wrong
+for us (../shared/GROUND.md, section 2):
+
+- the canonical walk (:func:`slots`): every tensor is named by its plain-model name
+  (``conv1.weight``, never ``conv1.parametrizations.weight.original``), and a Parameter tied
+  under several names appears once;
+- exact removal (:func:`detach`): only paramreg's own entry is deleted, the Parameter object is
+  kept, the parameter order is restored, and no property is ever deleted from a dynamic
+  ``Parametrized<Cls>`` class that a deep copy may share.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrize import ParametrizationList
+
+from .regularizers import Regularizer
+
+MODES = ("prox", "penalty")
+
+# Every carrier bound to a model. The optimizer hook looks here for the parameters it treats.
+# Weak: paramreg never keeps a model alive.
+_LIVE: "weakref.WeakSet[Carrier]" = weakref.WeakSet()
+# Bumped whenever a carrier is bound or unbound, so that cached per-optimizer plans rebuild.
+_generation = 0
+
+
+def generation() -> int:
+    return _generation
+
+
+def live_carriers() -> "weakref.WeakSet[Carrier]":
+    return _LIVE
+
+
+class Carrier(nn.Module):
+    """Identity parametrization holding a regularizer and its mode (``"prox"`` or ``"penalty"``).
+
+    ``order`` is the owning module's parameter names as they were before paramreg touched it, so
+    that removal restores ``named_parameters()`` and ``state_dict()`` order exactly.
+    """
+
+    def __init__(self, regularizer: Regularizer, mode: str, order: tuple[str, ...]):
+        super().__init__()
+        self.regularizer = regularizer
+        self.mode = mode
+        self.order = order
+        self._owner = None  # weakref to the ParametrizationList this carrier sits in
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def right_inverse(self, x: Tensor) -> Tensor:
+        # ``module.weight = t`` then writes t into the same stored Parameter.
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.regularizer!r}, mode={self.mode!r}"
+
+    def leaf(self) -> nn.Parameter | None:
+        """The stored Parameter this carrier regularizes, or None if it is not first in its list."""
+        owner = self._owner() if self._owner is not None else None
+        if owner is None or not owner.is_tensor or len(owner) == 0 or owner[0] is not self:
+            return None
+        return owner.original
+
+    def _bind(self, owner: ParametrizationList) -> None:
+        global _generation
+        self._owner = weakref.ref(owner)
+        _LIVE.add(self)
+        _generation += 1
+
+    def _unbind(self) -> None:
+        global _generation
+        self._owner = None
+        _LIVE.discard(self)
+        _generation += 1
+
+    def __deepcopy__(self, memo):
+        # A deep copy of a model is regularized like the original: bind the copy to the copied
+        # ParametrizationList, which deepcopy registers in ``memo`` before copying its children.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        state = {k: v for k, v in self.__dict__.items() if k != "_owner"}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        new._owner = None
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and id(owner) in memo:
+            new._bind(memo[id(owner)])
+        return new
+
+
+@dataclass
+class Slot:
+    """One parameter tensor of a model, under its canonical (plain-model) name."""
+
+    name: str
+    module: nn.Module
+    tensor_name: str
+    # The stored Parameter, when it is the regularized tensor itself: a plain parameter, or one
+    # whose first parametrization is paramreg's carrier. None under a user's parametrization.
+    param: nn.Parameter | None
+    plist: ParametrizationList | None  # the tensor's parametrizations, if any
+    carrier: Carrier | None  # paramreg's carrier on this tensor, if attached
+
+    def value(self) -> Tensor:
+        """The tensor the regularizer sees: the input of paramreg's carrier, else the module's tensor."""
+        if self.param is not None:
+            return self.param
+        stop = len(self.plist) if self.carrier is None else _index(self.plist, self.carrier)
+        if self.plist.is_tensor:
+            x, start = self.plist.original, 0
+        else:
+            originals = [getattr(self.plist, f"original{i}") for i in range(self.plist.ntensors)]
+            x, start = self.plist[0](*originals), 1
+        for i in range(start, stop):
+            x = self.plist[i](x)
+        return x
+
+    def describe(self) -> str:
+        """Name, shape and dtype, for messages."""
+        t = self.value()
+        return f"'{self.name}' (shape {tuple(t.shape)}, {t.dtype})"
+
+
+def _index(plist: ParametrizationList, carrier: Carrier) -> int:
+    return next(i for i, m in enumerate(plist) if m is carrier)
+
+
+def _module_slots(prefix: str, module: nn.Module) -> list[Slot]:
+    found = [Slot(prefix + n, module, n, p, None, None) for n, p in module._parameters.items() if p is not None]
+    order: tuple[str, ...] = ()
+    if parametrize.is_parametrized(module):
+        for tname, plist in module.parametrizations.items():
+            originals = (
+                [plist.original] if plist.is_tensor else [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
+            )
+            if not any(isinstance(o, nn.Parameter) for o in originals):
+                continue  # a parametrized buffer: not a parameter, never regularized
+            carrier = next((m for m in plist if isinstance(m, Carrier)), None)
+            if carrier is not None:
+                order = carrier.order
+            first_is_ours = plist.is_tensor and isinstance(plist[0], Carrier)
+            found.append(Slot(prefix + tname, module, tname, plist.original if first_is_ours else None, plist, carrier))
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(found, key=lambda s: rank.get(s.tensor_name, len(rank)))
+
+
+def slots(model: nn.Module) -> list[Slot]:
+    """Every parameter of ``model`` under its canonical name, in model order.
+
+    A Parameter reachable under several names (tied weights) appears once: under the name where
+    paramreg's carrier sits if it has one, else under its first name.
+    """
+    chosen: dict[object, tuple[int, Slot]] = {}
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    position = 0
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for s in _module_slots(prefix, module):
+            key = id(s.param) if s.param is not None else (id(module), s.tensor_name)
+            if key not in chosen:
+                chosen[key] = (position, s)
+            elif s.carrier is not None and chosen[key][1].carrier is None:
+                chosen[key] = (chosen[key][0], s)
+            position += 1
+        skip_parametrizations = parametrize.is_parametrized(module)
+        children = [
+            (f"{prefix}{name}.", child)
+            for name, child in module._modules.items()
+            if child is not None and not (skip_parametrizations and name == "parametrizations")
+        ]
+        stack.extend(reversed(children))
+    return [s for _, s in sorted(chosen.values(), key=lambda item: item[0])]
+
+
+def attach(slot: Slot, regularizer: Regularizer, mode: str) -> Carrier:
+    """Register and bind a carrier on ``slot``, which the caller has validated."""
+    module = slot.module
+    existing = getattr(module, "parametrizations", {}) if parametrize.is_parametrized(module) else {}
+    order = next(
+        (m.order for plist in existing.values() for m in plist if isinstance(m, Carrier)),
+        tuple(module._parameters),
+    )
+    carrier = Carrier(regularizer, mode, order)
+    parametrize.register_parametrization(module, slot.tensor_name, carrier)
+    carrier._bind(module.parametrizations[slot.tensor_name])
+    return carrier
+
+
+def detach(slot: Slot) -> None:
+    """Remove paramreg's carrier from ``slot`` and nothing else. Values are unchanged (identity)."""
+    module, tname, plist, carrier = slot.module, slot.tensor_name, slot.plist, slot.carrier
+    if len(plist) > 1:
+        # The user's own parametrizations stay; ours is the identity, so the chain's value is unchanged.
+        del plist[_index(plist, carrier)]
+    else:
+        original = plist.original
+        del module.parametrizations[tname]
+        cls = type(module)
+        if len(module.parametrizations) == 0:
+            del module.parametrizations
+            module.__class__ = cls.__bases__[0]
+        else:
+            # A class of this module's own without the property: never delete it from a class
+            # that a deep copy of this module may share.
+            namespace = {k: v for k, v in vars(cls).items() if k not in (tname, "__dict__", "__weakref__")}
+            module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+        module._parameters[tname] = original
+        rank = {n: i for i, n in enumerate(carrier.order)}
+        ordered = sorted(module._parameters.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+        module._parameters.clear()
+        module._parameters.update(ordered)
+    carrier._unbind()

@@ -1,0 +1,159 @@
+"""attach and remove: the symmetric lifecycle.
+
+``attach`` validates everything first and only then changes the model, so a failed call leaves no
+trace. ``remove`` deletes exactly what ``attach`` added: the user's own parametrizations, every
+Parameter object, the classes, the state_dict keys and the parameter order are as they were.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import carrier as _carrier
+from .errors import ParamregError
+from .regularizers import L1, L2, ElasticNet, Regularizer
+from .selection import resolve
+from .stepping import install_hook
+
+__all__ = ["attach", "remove"]
+
+_MAX_LISTED = 10
+
+
+def _regularizer(reg, l1, l2, unknown: dict, where: str) -> Regularizer:
+    if unknown:
+        raise ParamregError(
+            f"{where}: unknown keyword(s) {', '.join(sorted(unknown))}; regularizer keywords are l1= and l2= "
+            f"(both together give ElasticNet), or pass an object such as reg=paramreg.L1(1e-4)"
+        )
+    keywords = {k: v for k, v in (("l1", l1), ("l2", l2)) if v is not None}
+    if reg is not None and keywords:
+        raise ParamregError(f"{where}: give the regularizer either as reg= or as keywords ({', '.join(keywords)}), not both")
+    if reg is not None:
+        if not isinstance(reg, Regularizer):
+            raise ParamregError(
+                f"{where}: reg must be a paramreg.Regularizer such as paramreg.L1(1e-4), got {reg!r} ({type(reg).__name__})"
+            )
+        return reg
+    if not keywords:
+        raise ParamregError(f"{where}: no regularizer given; pass l1=..., l2=... or reg=paramreg.L1(...)")
+    try:
+        if "l1" in keywords and "l2" in keywords:
+            return ElasticNet(l1=l1, l2=l2)
+        return L1(l1) if "l1" in keywords else L2(l2)
+    except ParamregError as e:
+        given = ", ".join(f"{k}={v!r}" for k, v in keywords.items())
+        raise ParamregError(f"{where} with {given}: {e}") from None
+
+
+def _problems(slot: _carrier.Slot, mode: str) -> str | None:
+    """Why ``slot`` cannot take a carrier in ``mode``, or None."""
+    value = slot.value()
+    if isinstance(slot.param, nn.parameter.UninitializedParameter):
+        return f"'{slot.name}' is an uninitialized lazy parameter; run one forward pass before attaching"
+    if not value.is_floating_point():
+        return f"{slot.describe()} is not a floating-point tensor; regularizers need float weights, exclude it"
+    if slot.carrier is not None:
+        return (
+            f"{slot.describe()} already has {slot.carrier.regularizer!r} attached (mode={slot.carrier.mode!r}); "
+            f"to replace it, call paramreg.remove(model, {slot.name!r}) first"
+        )
+    if mode == "prox" and slot.plist is not None:
+        kinds = ", ".join(type(m).__name__ for m in slot.plist)
+        return (
+            f"{slot.describe()} is computed by its own parametrization ({kinds}); mode='prox' needs the "
+            f"stored tensor itself: use mode='penalty' for it, or exclude it"
+        )
+    return None
+
+
+def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=None, mode="prox", **unknown) -> list[str]:
+    r"""Attach a regularizer to every parameter that ``targets`` selects; return their canonical names.
+
+    Args:
+        model: the ``nn.Module`` to regularize, in place.
+        targets: pattern(s) over canonical parameter names: shell-style (``"conv*.weight"``, where
+            ``*`` also matches dots), ``"re:<regex>"`` (full match), a callable ``(name, tensor) -> bool``,
+            or a list of these. See :mod:`paramreg.selection`.
+        reg: a :class:`paramreg.Regularizer` object, e.g. ``paramreg.L1(1e-4)``. Or use keywords:
+        l1: strength a of a·Σ abs(w).
+        l2: strength b of (b/2)·Σ w² (torch's ``weight_decay=b`` convention). ``l1`` and ``l2``
+            together give :class:`paramreg.ElasticNet`.
+        exclude: names to leave out, in the same forms as ``targets``.
+        mode: ``"prox"`` (default): after every ``step()`` of any torch optimizer that updates the
+            parameter, w ← prox_{tR}(w) with t the learning rate of its parameter group, which gives
+            exact zeros for L1. ``"penalty"``: nothing happens at step time; add
+            :func:`paramreg.penalty` to the loss.
+
+    Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
+    parametrization, visible in ``print(model)``). A Parameter tied under several names is
+    regularized once. Bad input raises :class:`paramreg.ParamregError` and changes nothing.
+
+    Example:
+        >>> import torch, paramreg
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+        >>> paramreg.attach(model, "*.weight", l1=1e-3)
+        ['0.weight', '2.weight']
+        >>> paramreg.attach(model, "*.bias", l2=1e-2, mode="penalty")
+        ['0.bias', '2.bias']
+        >>> model[0].parametrizations.weight[0]
+        Carrier(L1(strength=0.001), mode='prox')
+        >>> _ = paramreg.remove(model)
+        >>> type(model[0]).__name__, [n for n, _ in model.named_parameters()]
+        ('Linear', ['0.weight', '0.bias', '2.weight', '2.bias'])
+    """
+    if not isinstance(model, nn.Module):
+        raise ParamregError(f"attach: model must be a torch.nn.Module, got {type(model).__name__}")
+    where = f"attach({targets!r})"
+    if mode not in _carrier.MODES:
+        raise ParamregError(f"{where}: mode must be 'prox' or 'penalty', got {mode!r}")
+    regularizer = _regularizer(reg, l1, l2, unknown, where)
+    chosen = resolve(model, targets, exclude)
+    problems = [p for p in (_problems(s, mode) for s in chosen) if p is not None]
+    if problems:
+        listed = "\n  ".join(problems[:_MAX_LISTED])
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise ParamregError(f"{where}: {len(problems)} selected tensor(s) cannot be regularized:\n  {listed}{more}")
+
+    done: list[_carrier.Slot] = []
+    try:
+        for s in chosen:
+            s.carrier = _carrier.attach(s, regularizer, mode)
+            s.plist = s.module.parametrizations[s.tensor_name]
+            done.append(s)
+    except BaseException:
+        for s in reversed(done):
+            _carrier.detach(s)
+        raise
+    install_hook()
+    return [s.name for s in chosen]
+
+
+def remove(model: nn.Module, targets=None) -> nn.Module:
+    """Fold and detach paramreg's carriers (all, or those whose canonical names ``targets`` selects).
+
+    The model is then plain again: the original classes, plain state_dict keys, every Parameter
+    the same object as before :func:`attach`, parameter order as it was, and outputs bitwise
+    identical to those just before the call. Parametrizations the user registered themselves
+    (``orthogonal``, ``weight_norm``, ...) stay. Calling it again is a no-op. Returns ``model``.
+
+    Example:
+        >>> import torch, paramreg
+        >>> model = torch.nn.Linear(3, 2)
+        >>> weight = model.weight
+        >>> _ = paramreg.attach(model, "*", l2=0.1)
+        >>> paramreg.remove(model, "bias") is model
+        True
+        >>> [row.name for row in paramreg.report(model).rows]  # still attached
+        ['weight']
+        >>> _ = paramreg.remove(model)
+        >>> list(model.state_dict()), model.weight is weight
+        (['weight', 'bias'], True)
+    """
+    if not isinstance(model, nn.Module):
+        raise ParamregError(f"remove: model must be a torch.nn.Module, got {type(model).__name__}")
+    candidates = resolve(model, targets) if targets is not None else _carrier.slots(model)
+    for s in candidates:
+        if s.carrier is not None:
+            _carrier.detach(s)
+    return model

@@ -1,0 +1,183 @@
+"""The math: regularizers as pure tensor functions.
+
+Every regularizer R knows two things about a tensor w:
+
+- its penalty value R(w) (differentiable, for ``mode="penalty"`` and for reports), and
+- its proximal map with step t >= 0::
+
+      prox_{tR}(w) = argmin_z  ½‖z − w‖² + t·R(z)
+
+  which is what ``mode="prox"`` applies to the stored weight right after each optimizer step,
+  with t the learning rate that step used.
+
+Nothing here knows about modules, parametrizations or optimizers; the lifecycle code uses these
+classes, never the reverse.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .errors import ParamregError
+
+__all__ = ["Regularizer", "L1", "L2", "ElasticNet"]
+
+
+def _strength(label: str, value) -> float:
+    """Check that a strength is a finite real number >= 0 and return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamregError(f"{label} must be a real number >= 0, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ParamregError(f"{label} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _soft_threshold_(tensors: Sequence[Tensor], threshold: float) -> None:
+    """In place: w ← sign(w)·max(abs(w) − threshold, 0), one fused pass per tensor.
+
+    ``softshrink`` written through ``out=`` into its own input is a single elementwise pass
+    (aliasing is safe for an elementwise op); a sign/abs/clamp chain would allocate temporaries.
+    """
+    if threshold == 0.0:
+        return
+    for w in tensors:
+        torch._C._nn.softshrink(w, threshold, out=w)
+
+
+class Regularizer:
+    """Base class: a penalty R(w) and its proximal map.
+
+    Subclasses implement :meth:`penalty` and :meth:`prox` as pure functions of a tensor, and may
+    override :meth:`prox_` with a faster in-place version over many tensors at once. Instances are
+    immutable and compare equal when their settings are equal.
+    """
+
+    def penalty(self, w: Tensor) -> Tensor:
+        """R(w), a differentiable scalar tensor."""
+        raise NotImplementedError
+
+    def prox(self, w: Tensor, t: float) -> Tensor:
+        """argmin_z ½‖z − w‖² + t·R(z), as a new tensor of w's shape and dtype."""
+        raise NotImplementedError
+
+    def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
+        """Apply :meth:`prox` with step ``t`` in place to every tensor (no autograd)."""
+        for w in tensors:
+            w.copy_(self.prox(w, t))
+
+
+@dataclass(frozen=True)
+class L1(Regularizer):
+    r"""Lasso: R(w) = a·Σ abs(w), with a = ``strength``.
+
+    Proximal map (soft-thresholding)::
+
+        prox_{tR}(w) = sign(w)·max(abs(w) − t·a, 0)
+
+    Entries whose magnitude is at most t·a become exact zeros.
+
+    Example:
+        >>> import torch, paramreg
+        >>> w = torch.tensor([2.0, 0.3, -1.0])
+        >>> paramreg.L1(0.5).penalty(w)
+        tensor(1.6500)
+        >>> paramreg.L1(0.5).prox(w, t=1.0)
+        tensor([ 1.5000,  0.0000, -0.5000])
+
+    Reference: Tibshirani (1996), "Regression shrinkage and selection via the lasso";
+    Parikh & Boyd (2014), "Proximal Algorithms", section 6.5.2.
+    """
+
+    strength: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "strength", _strength("L1 strength", self.strength))
+
+    def penalty(self, w: Tensor) -> Tensor:
+        return self.strength * w.abs().sum()
+
+    def prox(self, w: Tensor, t: float) -> Tensor:
+        return F.softshrink(w, float(t) * self.strength)
+
+    def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
+        _soft_threshold_(tensors, float(t) * self.strength)
+
+
+@dataclass(frozen=True)
+class L2(Regularizer):
+    r"""Ridge: R(w) = (b/2)·Σ w², with b = ``strength``.
+
+    This is the convention of torch's ``weight_decay=b`` (its gradient is b·w); Keras ``L2(c)``
+    penalizes c·Σ w², which is ``L2(2c)`` here.
+
+    Proximal map (shrinkage)::
+
+        prox_{tR}(w) = w / (1 + t·b)
+
+    Example:
+        >>> import torch, paramreg
+        >>> w = torch.tensor([2.0, -1.0])
+        >>> paramreg.L2(0.5).penalty(w)
+        tensor(1.2500)
+        >>> paramreg.L2(1.0).prox(w, t=1.0)
+        tensor([ 1.0000, -0.5000])
+    """
+
+    strength: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "strength", _strength("L2 strength", self.strength))
+
+    def penalty(self, w: Tensor) -> Tensor:
+        return 0.5 * self.strength * w.pow(2).sum()
+
+    def prox(self, w: Tensor, t: float) -> Tensor:
+        return w / (1.0 + float(t) * self.strength)
+
+    def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
+        if self.strength != 0.0:
+            torch._foreach_div_(list(tensors), 1.0 + float(t) * self.strength)
+
+
+@dataclass(frozen=True)
+class ElasticNet(Regularizer):
+    r"""Elastic net: R(w) = a·Σ abs(w) + (b/2)·Σ w², with a = ``l1`` and b = ``l2``.
+
+    Its proximal map is exact in closed form (soft-threshold, then shrink)::
+
+        prox_{tR}(w) = sign(w)·max(abs(w) − t·a, 0) / (1 + t·b)
+
+    scikit-learn's ``ElasticNet(alpha, l1_ratio=r)`` is ``ElasticNet(l1=alpha·r, l2=alpha·(1 − r))``
+    on the loss (1/(2n))‖y − Xw‖².
+
+    Example:
+        >>> import torch, paramreg
+        >>> w = torch.tensor([2.0, 0.3])
+        >>> paramreg.ElasticNet(l1=0.5, l2=1.0).prox(w, t=1.0)
+        tensor([0.7500, 0.0000])
+    """
+
+    l1: float
+    l2: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "l1", _strength("ElasticNet l1", self.l1))
+        object.__setattr__(self, "l2", _strength("ElasticNet l2", self.l2))
+
+    def penalty(self, w: Tensor) -> Tensor:
+        return self.l1 * w.abs().sum() + 0.5 * self.l2 * w.pow(2).sum()
+
+    def prox(self, w: Tensor, t: float) -> Tensor:
+        return F.softshrink(w, float(t) * self.l1) / (1.0 + float(t) * self.l2)
+
+    def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
+        _soft_threshold_(tensors, float(t) * self.l1)
+        if self.l2 != 0.0:
+            torch._foreach_div_(list(tensors), 1.0 + float(t) * self.l2)

@@ -1,0 +1,140 @@
+"""Report: what is attached, how sparse it is, and what each penalty is worth right now."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .carrier import slots
+
+__all__ = ["Report", "Row", "report"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One tensor: canonical name, shape, size, exact zeros, and its regularizer (if attached)."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int
+    regularizer: str | None  # repr of the regularizer, None if nothing is attached
+    mode: str | None
+    penalty: float | None  # R(w) at the current weights (whatever the mode), None if nothing is attached
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of exact zeros."""
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class Report:
+    """Rows and a total. ``str(report)`` is a table; index by canonical name for one row."""
+
+    rows: tuple[Row, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(r.numel for r in self.rows)
+
+    @property
+    def zeros(self) -> int:
+        return sum(r.zeros for r in self.rows)
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+    @property
+    def penalty(self) -> float:
+        return sum(r.penalty for r in self.rows if r.penalty is not None)
+
+    def __getitem__(self, name: str) -> Row:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"{name!r} is not in this report; it has {[r.name for r in self.rows][:8]}")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __str__(self) -> str:
+        def fmt_penalty(p):
+            return "-" if p is None else f"{p:.4g}"
+
+        header = ("name", "shape", "numel", "zeros", "sparsity", "regularizer", "penalty")
+        body = [
+            (
+                r.name,
+                "x".join(map(str, r.shape)) or "scalar",
+                str(r.numel),
+                str(r.zeros),
+                f"{r.sparsity:.1%}",
+                "-" if r.regularizer is None else f"{r.regularizer} [{r.mode}]",
+                fmt_penalty(r.penalty),
+            )
+            for r in self.rows
+        ]
+        has_penalty = any(r.penalty is not None for r in self.rows)
+        total = (
+            f"total ({len(self.rows)})",
+            "",
+            str(self.numel),
+            str(self.zeros),
+            f"{self.sparsity:.1%}",
+            "",
+            fmt_penalty(self.penalty if has_penalty else None),
+        )
+        table = [header, *body, total]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        right = {2, 3, 4, 6}
+
+        def line(row):
+            return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        return "\n".join([line(header), rule, *map(line, body), rule, line(total)])
+
+    __repr__ = __str__
+
+
+def report(model: nn.Module) -> Report:
+    """One row per attached tensor (or, when nothing is attached, per floating-point parameter).
+
+    Counts exact zeros of the tensor each regularizer sees, and evaluates its penalty R(w) at the
+    current weights. It works on any model, so it also shows the sparsity left after
+    :func:`paramreg.remove`.
+
+    Example:
+        >>> import torch, paramreg
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[0.0, 1.0, 0.0, -2.0], [0.5, 0.0, 0.0, 0.0]]))
+        >>> _ = paramreg.attach(model, "weight", l1=0.1)
+        >>> r = paramreg.report(model)
+        >>> r["weight"].zeros, r["weight"].sparsity, round(r["weight"].penalty, 6)
+        (5, 0.625, 0.35)
+    """
+    everything = slots(model)
+    attached = [s for s in everything if s.carrier is not None]
+    chosen = attached or [s for s in everything if s.value().is_floating_point()]
+    rows = []
+    with torch.no_grad():
+        for s in chosen:
+            w = s.value()
+            reg = s.carrier.regularizer if s.carrier is not None else None
+            rows.append(
+                Row(
+                    name=s.name,
+                    shape=tuple(w.shape),
+                    numel=w.numel(),
+                    zeros=int((w == 0).sum()),
+                    regularizer=None if reg is None else repr(reg),
+                    mode=None if reg is None else s.carrier.mode,
+                    penalty=None if reg is None else float(reg.penalty(w)),
+                )
+            )
+    return Report(tuple(rows))
