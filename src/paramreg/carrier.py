@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -121,6 +121,7 @@ class Slot:
     param: nn.Parameter | None
     plist: ParametrizationList | None  # the tensor's parametrizations, if any
     carrier: Carrier | None  # paramreg's carrier on this tensor, if attached
+    aliases: list[Slot] = field(default_factory=list)  # the same Parameter under other names (tied)
 
     def value(self) -> Tensor:
         """The tensor the regularizer sees: the input of paramreg's carrier, else the module's tensor."""
@@ -169,7 +170,8 @@ def slots(model: nn.Module) -> list[Slot]:
     """Every parameter of ``model`` under its canonical name, in model order.
 
     A Parameter reachable under several names (tied weights) appears once: under the name where
-    paramreg's carrier sits if it has one, else under its first name.
+    paramreg's carrier sits if it has one, else under its first name; its other names are in
+    ``aliases``.
     """
     chosen: dict[object, tuple[int, Slot]] = {}
     seen: set[int] = set()
@@ -184,8 +186,13 @@ def slots(model: nn.Module) -> list[Slot]:
             key = id(s.param) if s.param is not None else (id(module), s.tensor_name)
             if key not in chosen:
                 chosen[key] = (position, s)
-            elif s.carrier is not None and chosen[key][1].carrier is None:
-                chosen[key] = (chosen[key][0], s)
+            else:
+                first_position, first = chosen[key]
+                if s.carrier is not None and first.carrier is None:
+                    s.aliases, first.aliases = [first, *first.aliases], []
+                    chosen[key] = (first_position, s)
+                else:
+                    first.aliases.append(s)
             position += 1
         skip_parametrizations = parametrize.is_parametrized(module)
         children = [

@@ -29,7 +29,7 @@ from .errors import ParamregError
 __all__ = ["select"]
 
 
-def _predicates(targets, role: str) -> list[tuple[object, Callable[[Slot], bool]]]:
+def _predicates(targets, role: str) -> list[tuple[object, Callable[[str, Slot], bool]]]:
     """Turn a target specification into (pattern, predicate) pairs, checking its form."""
     items = list(targets) if isinstance(targets, (list, tuple)) else [targets]
     if not items:
@@ -42,17 +42,28 @@ def _predicates(targets, role: str) -> list[tuple[object, Callable[[Slot], bool]
                     regex = re.compile(item[3:])
                 except re.error as e:
                     raise ParamregError(f"{role} pattern {item!r} is not a valid regular expression: {e}") from None
-                out.append((item, lambda s, r=regex: r.fullmatch(s.name) is not None))
+                out.append((item, lambda name, s, r=regex: r.fullmatch(name) is not None))
             else:
-                out.append((item, lambda s, p=item: fnmatch.fnmatchcase(s.name, p)))
+                out.append((item, lambda name, s, p=item: fnmatch.fnmatchcase(name, p)))
         elif callable(item):
-            out.append((item, lambda s, f=item: bool(f(s.name, s.value()))))
+            out.append((item, lambda name, s, f=item: bool(f(name, s.value()))))
         else:
             raise ParamregError(
                 f"{role} must be a pattern string, 're:<regex>', a callable (name, tensor) -> bool, "
                 f"or a list of these; got {item!r} ({type(item).__name__})"
             )
     return out
+
+
+def _first_match(pred, slot: Slot) -> Slot | None:
+    """``slot`` if its name matches, else the first tied alias whose name matches (for an
+    unattached tensor, so that attach goes where the user pointed), else None."""
+    if pred(slot.name, slot):
+        return slot
+    for alias in slot.aliases:
+        if pred(alias.name, slot):
+            return slot if slot.carrier is not None else alias
+    return None
 
 
 def _closest(pattern: str, names: Sequence[str]) -> str:
@@ -70,23 +81,24 @@ def resolve(model: nn.Module, targets, exclude=None) -> list[Slot]:
     """
     everything = slots(model)
     names = [s.name for s in everything]
-    chosen = [False] * len(everything)
+    # Which name of each tensor matched: its own, or one of its tied aliases (attach goes there).
+    matched: list[Slot | None] = [None] * len(everything)
     for pattern, pred in _predicates(targets, "targets"):
-        hits = [pred(s) for s in everything]
+        hits = [_first_match(pred, s) for s in everything]
         if isinstance(pattern, str) and not any(hits):
             raise ParamregError(
                 f"targets pattern {pattern!r} matches no parameter of {type(model).__name__}; "
                 f"closest names: {_closest(pattern, names)}. Patterns match canonical names such as "
                 f"'conv1.weight'; paramreg.select(model, pattern) shows what a pattern selects"
             )
-        chosen = [c or h for c, h in zip(chosen, hits)]
+        matched = [m or h for m, h in zip(matched, hits)]
     if exclude is not None:
         for pattern, pred in _predicates(exclude, "exclude"):
-            hits = [c and pred(s) for c, s in zip(chosen, everything)]
+            hits = [m is not None and _first_match(pred, s) is not None for m, s in zip(matched, everything)]
             if not any(hits):
                 warnings.warn(f"exclude pattern {pattern!r} excluded nothing", stacklevel=3)
-            chosen = [c and not h for c, h in zip(chosen, hits)]
-    picked = [s for c, s in zip(chosen, everything) if c]
+            matched = [None if h else m for m, h in zip(matched, hits)]
+    picked = [m for m in matched if m is not None]
     if not picked:
         raise ParamregError(
             f"targets {targets!r} with exclude {exclude!r} select no parameter of {type(model).__name__}; "

@@ -1,0 +1,74 @@
+"""Shared models and helpers for the tests."""
+
+import pytest
+import torch
+from torch import nn
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+class TiedLM(nn.Module):
+    """Embedding and output layer share one Parameter."""
+
+    def __init__(self, vocab=11, dim=5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.hidden = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.hidden(self.emb(tokens))))
+
+
+def cnn_batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def mlp_batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def snapshot(model):
+    """Everything that must not change when a call fails: classes, keys, values, Parameter ids, repr."""
+    return {
+        "classes": [type(m) for m in model.modules()],
+        "params": [(n, id(p)) for n, p in model.named_parameters()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "repr": repr(model),
+    }
+
+
+def assert_same_snapshot(before, after):
+    assert after["classes"] == before["classes"]
+    assert after["params"] == before["params"]
+    assert list(after["state"]) == list(before["state"])
+    for k in before["state"]:
+        assert torch.equal(after["state"][k], before["state"][k]), k
+    assert after["repr"] == before["repr"]

@@ -1,0 +1,186 @@
+"""attach / remove: what the model looks like while attached and after removal."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+import paramreg
+from paramreg.carrier import Carrier
+
+from conftest import SmallCNN, TiedLM, cnn_batch, mlp, mlp_batch
+
+
+def train(model, steps=3, lr=0.1, opt=None):
+    x, y = cnn_batch()
+    opt = opt or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return opt
+
+
+def test_attach_returns_canonical_names_in_model_order():
+    model = SmallCNN()
+    assert paramreg.attach(model, ["fc.*", "conv*.weight"], l1=1e-3) == ["conv1.weight", "conv2.weight", "fc.weight", "fc.bias"]
+    # names stay canonical while attached, for selection and for the report
+    assert paramreg.select(model, "*.weight") == ["conv1.weight", "bn1.weight", "conv2.weight", "fc.weight"]
+    assert [r.name for r in paramreg.report(model).rows] == ["conv1.weight", "conv2.weight", "fc.weight", "fc.bias"]
+    assert isinstance(model.conv1.parametrizations.weight[0], Carrier)
+    assert "Carrier(L1(strength=0.001), mode='prox')" in repr(model)
+
+
+def test_identity_carrier_keeps_the_parameter_object():
+    model = SmallCNN()
+    weight = model.conv1.weight
+    paramreg.attach(model, "conv1.weight", l1=1e-3)
+    assert model.conv1.weight is weight
+    assert model.conv1.parametrizations.weight.original is weight
+    # assignment and nn.init write into the same stored Parameter
+    model.conv1.weight = torch.ones_like(weight)
+    nn.init.constant_(model.conv1.weight, 2.0)
+    assert model.conv1.weight is weight and bool((weight == 2).all())
+
+
+def test_remove_gives_back_the_plain_model():
+    model = SmallCNN()
+    x, _ = cnn_batch()
+    classes = [type(m) for m in model.modules()]
+    keys = list(model.state_dict())
+    params = [(n, id(p)) for n, p in model.named_parameters()]
+    paramreg.attach(model, "*.weight", l1=1e-2)
+    paramreg.attach(model, "*.bias", l2=1e-2, mode="penalty")
+    train(model)
+    model.eval()
+    before = model(x)
+    assert paramreg.remove(model) is model
+    assert [type(m) for m in model.modules()] == classes
+    assert type(model.conv1) is nn.Conv2d
+    assert list(model.state_dict()) == keys
+    assert [(n, id(p)) for n, p in model.named_parameters()] == params
+    assert torch.equal(model(x), before)
+    assert not any(isinstance(m, Carrier) for m in model.modules())
+    # a second remove is a no-op
+    paramreg.remove(model)
+    assert list(model.state_dict()) == keys and torch.equal(model(x), before)
+
+
+def test_partial_remove_in_any_order_restores_order():
+    model = mlp()
+    params = [(n, id(p)) for n, p in model.named_parameters()]
+    paramreg.attach(model, "*", l1=1e-3)
+    paramreg.remove(model, "*.weight")
+    assert paramreg.report(model).rows[0].name == "0.bias"
+    assert [n for n, _ in model.named_parameters()] == [
+        "0.weight", "0.parametrizations.bias.original", "2.weight", "2.parametrizations.bias.original"
+    ]
+    paramreg.remove(model, ["0.bias", "2.bias"])
+    assert [(n, id(p)) for n, p in model.named_parameters()] == params
+    assert all(type(m) in (nn.Sequential, nn.Linear, nn.ReLU) for m in model.modules())
+
+
+def test_reattach_after_remove():
+    model = mlp()
+    paramreg.attach(model, "*.weight", l1=1e-3)
+    paramreg.remove(model)
+    assert paramreg.attach(model, "*.weight", l2=1e-3) == ["0.weight", "2.weight"]
+    assert paramreg.report(model).rows[0].regularizer == "L2(strength=0.001)"
+
+
+def test_users_own_parametrization_is_kept():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    parametrizations.orthogonal(model[0])  # registered before attach
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected_q = model[0].weight.clone()
+    paramreg.attach(model, "*.weight", exclude="0.weight", l1=1e-3)
+    paramreg.attach(model, "0.weight", l2=1e-3, mode="penalty")  # on top of the user's
+    # torch's orthogonal moved 0.weight behind 0.bias before paramreg saw the module
+    assert paramreg.select(model, "0.*") == ["0.bias", "0.weight"]
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(model[2], "weight", Double())  # registered after attach
+    before = model(x)
+    paramreg.remove(model)
+    assert torch.equal(model(x), before)
+    assert [type(m).__name__ for m in model[0].parametrizations.weight] == ["_Orthogonal"]
+    assert [type(m).__name__ for m in model[2].parametrizations.weight] == ["Double"]
+    assert torch.allclose(model[0].weight, expected_q)
+    assert not parametrize.is_parametrized(model[4])
+
+
+def test_tied_weights_are_attached_once_and_stay_tied():
+    model = TiedLM()
+    shared = model.emb.weight
+    names = paramreg.attach(model, "*.weight", l1=1e-3)
+    assert names == ["emb.weight", "hidden.weight"]
+    assert model.out.weight is shared and model.emb.weight is shared
+    assert [r.name for r in paramreg.report(model).rows] == names
+    with pytest.raises(paramreg.ParamregError, match="already has"):
+        paramreg.attach(model, "out.weight", l2=1e-3)  # the same tensor under its other name
+    paramreg.remove(model)
+    assert model.out.weight is shared and model.emb.weight is shared
+    assert list(model.state_dict()) == list(TiedLM().state_dict())
+
+
+def test_tied_weight_attached_under_its_second_name():
+    model = TiedLM()
+    assert paramreg.attach(model, "out.weight", l1=1e-3) == ["out.weight"]
+    assert [r.name for r in paramreg.report(model).rows] == ["out.weight"]
+    assert paramreg.remove(model).out.weight is model.emb.weight
+
+
+def test_deepcopy_is_regularized_and_removing_from_it_leaves_the_original_intact():
+    model = SmallCNN()
+    x, _ = cnn_batch()
+    paramreg.attach(model, "*.weight", l1=0.05)
+    clone = copy.deepcopy(model)
+    assert paramreg.report(clone).rows[0].regularizer == "L1(strength=0.05)"
+    train(clone, steps=5)
+    assert paramreg.report(clone).zeros > 0  # the copy's optimizer steps applied its prox
+    paramreg.remove(clone)
+    assert type(clone.conv1) is nn.Conv2d
+    model(x)  # the original still works: its dynamic classes were not modified
+    assert isinstance(model.conv1.parametrizations.weight[0], Carrier)
+    paramreg.remove(model, "conv1.weight")
+    paramreg.remove(clone)
+    model(x)
+    assert parametrize.is_parametrized(model.conv2) and not parametrize.is_parametrized(model.conv1)
+
+
+def test_partial_remove_on_a_copy_keeps_the_original_working():
+    model = mlp()
+    x, _ = mlp_batch()
+    paramreg.attach(model, "*", l1=1e-3)
+    clone = copy.deepcopy(model)
+    paramreg.remove(clone, "0.weight")  # the module keeps another parametrization: class rebuilt
+    assert torch.equal(model(x), clone(x))
+    assert parametrize.is_parametrized(model[0], "weight")
+    assert not parametrize.is_parametrized(clone[0], "weight")
+
+
+def test_attach_is_atomic_when_registration_fails(monkeypatch):
+    from conftest import assert_same_snapshot, snapshot
+
+    model = SmallCNN()
+    before = snapshot(model)
+    real = paramreg.carrier.attach
+    calls = []
+
+    def failing(slot, reg, mode):
+        calls.append(slot.name)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure")
+        return real(slot, reg, mode)
+
+    monkeypatch.setattr(paramreg.carrier, "attach", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        paramreg.attach(model, "*.weight", l1=1e-3)
+    assert_same_snapshot(before, snapshot(model))
