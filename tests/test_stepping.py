@@ -1,0 +1,253 @@
+"""When the prox runs: after each real optimizer step, with that step's learning rate, once."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import paramreg
+
+from conftest import TiedLM, mlp, mlp_batch
+
+OPTIMIZERS = {
+    "SGD": lambda params: torch.optim.SGD(params, lr=0.1),
+    "SGD-momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+    "Adam": lambda params: torch.optim.Adam(params, lr=0.01),
+    "AdamW": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+}
+STRENGTH = 0.05
+
+
+def loss_of(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def reference_run(model, make_opt, steps, x, y, make_sched=None, strength=STRENGTH):
+    """A plain model, the same optimizer, and the soft-threshold written out after each step."""
+    opt = make_opt(model.parameters())
+    sched = make_sched(opt) if make_sched else None
+    weights = [model[0].weight, model[2].weight]
+    for step in range(steps):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+        lr = opt.param_groups[0]["lr"]
+        with torch.no_grad():
+            for w in weights:
+                w.copy_(torch.sign(w) * torch.clamp(w.abs() - lr * strength, min=0))
+        if sched is not None:
+            sched.step()
+    return model
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("built", ["before attach", "after attach"])
+def test_prox_after_every_step_matches_the_written_out_reference(name, built):
+    x, y = mlp_batch()
+    make_opt = OPTIMIZERS[name]
+    strength = 0.005 / make_opt([torch.zeros(1, requires_grad=True)]).param_groups[0]["lr"]  # threshold 0.005 a step
+    expected = reference_run(mlp(), make_opt, 12, x, y, strength=strength)
+
+    model = mlp()
+    opt = make_opt(model.parameters()) if built == "before attach" else None
+    paramreg.attach(model, "*.weight", l1=strength)
+    opt = opt or make_opt(model.parameters())
+    for _ in range(12):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+    paramreg.remove(model)
+    for got, want in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    assert (model[0].weight == 0).any(), "L1 should produce exact zeros"
+
+
+def test_step_size_follows_the_lr_scheduler():
+    x, y = mlp_batch()
+
+    def make_opt(params):
+        return torch.optim.SGD(params, lr=0.3)
+
+    def make_sched(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    expected = reference_run(mlp(), make_opt, 8, x, y, make_sched=make_sched)
+    model = mlp()
+    paramreg.attach(model, "*.weight", l1=STRENGTH)
+    opt = make_opt(model.parameters())
+    sched = make_sched(opt)
+    for _ in range(8):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+        sched.step()
+    paramreg.remove(model)
+    for got, want in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+
+def test_each_group_uses_its_own_learning_rate():
+    model = mlp()
+    paramreg.attach(model, "*.weight", l1=1.0)
+    opt = torch.optim.SGD([{"params": [model[0].weight], "lr": 0.0}, {"params": [model[2].weight], "lr": 0.01}])
+    w0, w2 = model[0].weight.detach().clone(), model[2].weight.detach().clone()
+    model[0].weight.grad = torch.zeros_like(w0)
+    model[2].weight.grad = torch.zeros_like(w2)
+    opt.step()
+    assert torch.equal(model[0].weight, w0)  # t = 0: identity
+    assert torch.equal(model[2].weight, F.softshrink(w2, 0.01))
+
+
+def test_grad_scaler_skipped_step_applies_no_prox(device):
+    x, y = (t.to(device) for t in mlp_batch())
+    model = mlp().to(device)
+    paramreg.attach(model, "*.weight", l1=STRENGTH)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler(device.type)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    scaler.scale(loss_of(model, x, y)).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    scaler.step(opt)  # inf gradient: the optimizer step is skipped, and so is the prox
+    scaler.update()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+    opt.zero_grad()
+    scaler.scale(loss_of(model, x, y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    start = before["0.parametrizations.weight.original"]
+    expected = F.softshrink(torch.add(start, model[0].weight.grad, alpha=-0.1), 0.1 * STRENGTH)
+    torch.testing.assert_close(model[0].weight.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_gradient_accumulation_applies_the_prox_once_per_step():
+    x, y = mlp_batch(n=32)
+    model = mlp()
+    paramreg.attach(model, "*.weight", l1=STRENGTH)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    start = model[0].weight.detach().clone()
+    opt.zero_grad()
+    for xb, yb in zip(x.chunk(4), y.chunk(4)):
+        (loss_of(model, xb, yb) / 4).backward()
+    grad = model[0].weight.grad.clone()
+    opt.step()
+    expected = F.softshrink(torch.add(start, grad, alpha=-0.1), 0.1 * STRENGTH)
+    assert torch.equal(model[0].weight.detach(), expected)
+
+
+def test_parameters_without_gradient_get_no_prox():
+    model = mlp()
+    paramreg.attach(model, "*.weight", l1=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    frozen = model[0].weight.detach().clone()
+    model[0].weight.requires_grad_(False)
+    x, y = mlp_batch()
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    opt.step()
+    assert torch.equal(model[0].weight, frozen)
+    assert (model[2].weight == 0).any()
+
+
+def test_tied_weight_gets_the_prox_once():
+    model = TiedLM()
+    paramreg.attach(model, "*.weight", l1=STRENGTH)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tokens = torch.arange(11)
+    start = model.emb.weight.detach().clone()
+    opt.zero_grad()
+    F.cross_entropy(model(tokens), tokens).backward()
+    expected = F.softshrink(torch.add(start, model.emb.weight.grad, alpha=-0.1), 0.1 * STRENGTH)
+    opt.step()
+    assert torch.equal(model.emb.weight.detach(), expected)
+    assert model.out.weight is model.emb.weight
+
+
+def test_penalty_mode_adds_to_the_loss_and_never_acts_at_step_time():
+    x, y = mlp_batch()
+    plain = mlp()
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1)
+    model = mlp()
+    paramreg.attach(model, "*.weight", l1=STRENGTH, mode="penalty")
+    paramreg.attach(model, "*.bias", l2=0.2)  # prox mode: not part of penalty()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        expected_penalty = STRENGTH * (model[0].weight.abs().sum() + model[2].weight.abs().sum())
+        torch.testing.assert_close(paramreg.penalty(model), expected_penalty)
+        opt.zero_grad()
+        (loss_of(model, x, y) + paramreg.penalty(model)).backward()
+        opt.step()
+        opt_plain.zero_grad()
+        manual = STRENGTH * sum(p.abs().sum() for n, p in plain.named_parameters() if n.endswith("weight"))
+        (loss_of(plain, x, y) + manual).backward()
+        opt_plain.step()
+        with torch.no_grad():
+            for b in (plain[0].bias, plain[2].bias):
+                b.div_(1 + 0.1 * 0.2)
+    paramreg.remove(model)
+    for got, want in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert not (model[0].weight == 0).any(), "a penalty in the loss gives no exact zeros"
+
+
+def test_penalty_is_zero_without_penalty_mode_regularizers():
+    model = mlp()
+    assert float(paramreg.penalty(model)) == 0.0
+    paramreg.attach(model, "*.weight", l1=1.0)
+    assert float(paramreg.penalty(model)) == 0.0
+
+
+def test_prox_step_without_an_optimizer():
+    model = mlp()
+    paramreg.attach(model, "0.weight", l1=2.0)
+    paramreg.attach(model, "2.weight", l2=1.0)
+    w0, w2, b0 = (t.detach().clone() for t in (model[0].weight, model[2].weight, model[0].bias))
+    paramreg.prox_step(model, lr=0.1)
+    assert torch.equal(model[0].weight.detach(), F.softshrink(w0, 0.2))
+    assert torch.equal(model[2].weight.detach(), w2 / 1.1)
+    assert torch.equal(model[0].bias.detach(), b0)
+    with pytest.raises(paramreg.ParamregError, match="lr"):
+        paramreg.prox_step(model, lr=-1.0)
+
+
+def test_removed_and_dropped_models_are_no_longer_treated():
+    model = mlp()
+    paramreg.attach(model, "*.weight", l1=10.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    paramreg.remove(model)
+    x, y = mlp_batch()
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    opt.step()
+    assert not (model[0].weight == 0).any()
+
+
+def test_optimizer_param_groups_added_later_are_seen():
+    model = mlp()
+    paramreg.attach(model, "*.weight", l1=10.0)
+    opt = torch.optim.SGD([model[0].weight], lr=0.1)
+    x, y = mlp_batch()
+    loss_of(model, x, y).backward()
+    opt.step()
+    assert not (model[2].weight == 0).all()
+    opt.add_param_group({"params": [model[2].weight], "lr": 0.1})
+    opt.step()
+    assert (model[2].weight == 0).all()
+
+
+def test_deepcopy_before_training_trains_independently():
+    x, y = mlp_batch()
+    model = mlp()
+    paramreg.attach(model, "*.weight", l1=STRENGTH)
+    clone = copy.deepcopy(model)
+    for m in (model, clone):
+        opt = torch.optim.Adam(m.parameters(), lr=0.01)
+        for _ in range(5):
+            opt.zero_grad()
+            loss_of(m, x, y).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
