@@ -118,8 +118,11 @@ def table(medians: dict[str, float], markdown: bool) -> str:
         lines = [headers, ("---", "---:", "---:", "---:"), *rows]
         return "\n".join("| " + " | ".join(r) + " |" for r in lines)
     widths = [max(len(r[i]) for r in (headers, *rows)) for i in range(len(headers))]
-    fmt = lambda r: "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])])
-    return "\n".join([fmt(headers), "  ".join("-" * w for w in widths), *map(fmt, rows)])
+
+    def line(cells):  # first column left-aligned, numbers right-aligned
+        return "  ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def parse_args() -> argparse.Namespace:
