@@ -19,8 +19,21 @@ for us (../shared/GROUND.md, section 2):
   (``conv1.weight``, never ``conv1.parametrizations.weight.original``), and a Parameter tied
   under several names appears once;
 - exact removal (:func:`detach`): only paramreg's own entry is deleted, the Parameter object is
-  kept, the parameter order is restored, and no property is ever deleted from a dynamic
-  ``Parametrized<Cls>`` class that a deep copy may share.
+  kept, and no property is ever deleted from a dynamic ``Parametrized<Cls>`` class that a deep
+  copy may share.
+
+Note [The Parameter stays in its module]
+    ``register_parametrization`` moves ``module.weight`` to
+    ``module.parametrizations.weight.original``, which renames it in ``named_parameters()`` and
+    ``state_dict()`` and moves it behind ``bias`` (GROUND.md section 2). After registering a
+    carrier on a plain tensor, paramreg puts the same Parameter object back into
+    ``module._parameters`` at its old position. ``module.weight`` still goes through the class
+    property (a data descriptor wins over ``_parameters``), while ``named_parameters()`` and
+    ``parameters()`` de-duplicate by identity and so report the plain name in the plain order:
+    an optimizer built while attached sees the parameters in the same order as one built on the
+    plain model, and user code that selects parameters by name keeps working. ``state_dict()``
+    would hold the tensor under both keys; a state-dict hook keeps only the plain key, and a
+    load pre-hook accepts either (:func:`_save_hook`, :func:`_load_hook`).
 """
 
 from __future__ import annotations
@@ -55,15 +68,12 @@ def live_carriers() -> "weakref.WeakSet[Carrier]":
 class Carrier(nn.Module):
     """Identity parametrization holding a regularizer and its mode (``"prox"`` or ``"penalty"``).
 
-    ``order`` is the owning module's parameter names as they were before paramreg touched it, so
-    that removal restores ``named_parameters()`` and ``state_dict()`` order exactly.
     """
 
-    def __init__(self, regularizer: Regularizer, mode: str, order: tuple[str, ...]):
+    def __init__(self, regularizer: Regularizer, mode: str):
         super().__init__()
         self.regularizer = regularizer
         self.mode = mode
-        self.order = order
         self._owner = None  # weakref to the ParametrizationList this carrier sits in
 
     def forward(self, x: Tensor) -> Tensor:
@@ -148,22 +158,21 @@ def _index(plist: ParametrizationList, carrier: Carrier) -> int:
 
 
 def _module_slots(prefix: str, module: nn.Module) -> list[Slot]:
-    found = [Slot(prefix + n, module, n, p, None, None) for n, p in module._parameters.items() if p is not None]
-    order: tuple[str, ...] = ()
-    if parametrize.is_parametrized(module):
-        for tname, plist in module.parametrizations.items():
-            originals = (
-                [plist.original] if plist.is_tensor else [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
-            )
-            if not any(isinstance(o, nn.Parameter) for o in originals):
-                continue  # a parametrized buffer: not a parameter, never regularized
-            carrier = next((m for m in plist if isinstance(m, Carrier)), None)
-            if carrier is not None:
-                order = carrier.order
-            first_is_ours = plist.is_tensor and isinstance(plist[0], Carrier)
-            found.append(Slot(prefix + tname, module, tname, plist.original if first_is_ours else None, plist, carrier))
-    rank = {n: i for i, n in enumerate(order)}
-    return sorted(found, key=lambda s: rank.get(s.tensor_name, len(rank)))
+    plists = dict(module.parametrizations.items()) if parametrize.is_parametrized(module) else {}
+    found = []
+    for tname, p in module._parameters.items():
+        if p is None:
+            continue
+        plist = plists.pop(tname, None)  # a tensor carried by paramreg first (Note [The Parameter stays in its module])
+        carrier = plist[0] if plist is not None else None
+        found.append(Slot(prefix + tname, module, tname, p, plist, carrier))
+    for tname, plist in plists.items():
+        originals = [plist.original] if plist.is_tensor else [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
+        if not any(isinstance(o, nn.Parameter) for o in originals):
+            continue  # a parametrized buffer: not a parameter, never regularized
+        carrier = next((m for m in plist if isinstance(m, Carrier)), None)
+        found.append(Slot(prefix + tname, module, tname, None, plist, carrier))
+    return found
 
 
 def slots(model: nn.Module) -> list[Slot]:
@@ -204,18 +213,70 @@ def slots(model: nn.Module) -> list[Slot]:
     return [s for _, s in sorted(chosen.values(), key=lambda item: item[0])]
 
 
+def _carried(module: nn.Module):
+    """(name, alone) for each tensor of ``module`` whose first parametrization is a paramreg carrier."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return [(n, len(pl) == 1) for n, pl in module.parametrizations.items() if isinstance(pl[0], Carrier)]
+
+
+def _save_hook(module, state_dict, prefix, local_metadata) -> None:
+    """Keep, for each carried tensor, exactly the key the model would have without paramreg."""
+    metadata = getattr(state_dict, "_metadata", {})
+    for name, alone in _carried(module):
+        if alone:
+            state_dict.pop(f"{prefix}parametrizations.{name}.original", None)
+            metadata.pop(f"{prefix}parametrizations.{name}", None)
+        else:  # the user's parametrizations stay: their key is the real one
+            state_dict.pop(prefix + name, None)
+    if all(alone for _, alone in _carried(module)) and len(_carried(module)) == len(module.parametrizations):
+        metadata.pop(f"{prefix}parametrizations", None)
+
+
+def _load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    """Accept a carried tensor under its plain key or its parametrize key (checkpoints with or without paramreg)."""
+    for name, _ in _carried(module):
+        plain, inner = prefix + name, f"{prefix}parametrizations.{name}.original"
+        if plain in state_dict and inner not in state_dict:
+            state_dict[inner] = state_dict[plain]
+        elif inner in state_dict and plain not in state_dict:
+            state_dict[plain] = state_dict[inner]
+
+
+def _hooks_installed(module: nn.Module) -> bool:
+    return any(h is _save_hook for h in module._state_dict_hooks.values())
+
+
+def _uninstall_hooks(module: nn.Module) -> None:
+    for key in [k for k, h in module._state_dict_hooks.items() if h is _save_hook]:
+        del module._state_dict_hooks[key]
+    for key in [k for k, h in module._load_state_dict_pre_hooks.items() if getattr(h, "hook", None) is _load_hook]:
+        del module._load_state_dict_pre_hooks[key]
+
+
 def attach(slot: Slot, regularizer: Regularizer, mode: str) -> Carrier:
     """Register and bind a carrier on ``slot``, which the caller has validated."""
-    module = slot.module
-    existing = getattr(module, "parametrizations", {}) if parametrize.is_parametrized(module) else {}
-    order = next(
-        (m.order for plist in existing.values() for m in plist if isinstance(m, Carrier)),
-        tuple(module._parameters),
-    )
-    carrier = Carrier(regularizer, mode, order)
-    parametrize.register_parametrization(module, slot.tensor_name, carrier)
-    carrier._bind(module.parametrizations[slot.tensor_name])
+    module, tname = slot.module, slot.tensor_name
+    carrier = Carrier(regularizer, mode)
+    if slot.plist is not None:  # on top of the user's parametrizations (mode="penalty")
+        parametrize.register_parametrization(module, tname, carrier)
+    else:
+        order = list(module._parameters)
+        parametrize.register_parametrization(module, tname, carrier)
+        module._parameters[tname] = slot.param  # Note [The Parameter stays in its module]
+        _reorder(module._parameters, order)
+        if not _hooks_installed(module):
+            module.register_state_dict_post_hook(_save_hook)
+            module.register_load_state_dict_pre_hook(_load_hook)
+    carrier._bind(module.parametrizations[tname])
     return carrier
+
+
+def _reorder(params: dict, order: list[str]) -> None:
+    rank = {n: i for i, n in enumerate(order)}
+    ordered = sorted(params.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+    params.clear()
+    params.update(ordered)
 
 
 def detach(slot: Slot) -> None:
@@ -223,9 +284,11 @@ def detach(slot: Slot) -> None:
     module, tname, plist, carrier = slot.module, slot.tensor_name, slot.plist, slot.carrier
     if len(plist) > 1:
         # The user's own parametrizations stay; ours is the identity, so the chain's value is unchanged.
+        first = plist[0] is carrier
         del plist[_index(plist, carrier)]
+        if first:
+            del module._parameters[tname]  # as torch has it for a parametrized tensor
     else:
-        original = plist.original
         del module.parametrizations[tname]
         cls = type(module)
         if len(module.parametrizations) == 0:
@@ -236,9 +299,6 @@ def detach(slot: Slot) -> None:
             # that a deep copy of this module may share.
             namespace = {k: v for k, v in vars(cls).items() if k not in (tname, "__dict__", "__weakref__")}
             module.__class__ = type(cls.__name__, cls.__bases__, namespace)
-        module._parameters[tname] = original
-        rank = {n: i for i, n in enumerate(carrier.order)}
-        ordered = sorted(module._parameters.items(), key=lambda kv: rank.get(kv[0], len(rank)))
-        module._parameters.clear()
-        module._parameters.update(ordered)
+    if not _carried(module):
+        _uninstall_hooks(module)
     carrier._unbind()
