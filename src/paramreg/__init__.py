@@ -8,6 +8,7 @@ Conventions: L1 with strength a is a·Σ abs(w); L2 with strength b is (b/2)·Σ
 ``weight_decay=b``); the proximal map of step t is argmin_z ½‖z − w‖² + t·R(z).
 """
 
+from .checkpoint import attach_spec, check_plain, folded, spec
 from .errors import ParamregError
 from .lifecycle import attach, remove
 from .regularizers import L1, L2, ElasticNet, Regularizer
@@ -22,6 +23,10 @@ __all__ = [
     "prox_step",
     "report",
     "select",
+    "spec",
+    "attach_spec",
+    "folded",
+    "check_plain",
     "Report",
     "Regularizer",
     "L1",

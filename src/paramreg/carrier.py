@@ -226,7 +226,9 @@ def _save_hook(module, state_dict, prefix, local_metadata) -> None:
     for name, alone in _carried(module):
         if alone:
             state_dict.pop(f"{prefix}parametrizations.{name}.original", None)
-            metadata.pop(f"{prefix}parametrizations.{name}", None)
+            base = f"{prefix}parametrizations.{name}"
+            for key in [k for k in metadata if k == base or k.startswith(base + ".")]:
+                del metadata[key]
         else:  # the user's parametrizations stay: their key is the real one
             state_dict.pop(prefix + name, None)
     if all(alone for _, alone in _carried(module)) and len(_carried(module)) == len(module.parametrizations):

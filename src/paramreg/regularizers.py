@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -51,13 +52,55 @@ def _soft_threshold_(tensors: Sequence[Tensor], threshold: float) -> None:
         torch._C._nn.softshrink(w, threshold, out=w)
 
 
+# Every Regularizer subclass by class name, so that a spec (a plain dict) can rebuild it.
+_BY_NAME: dict[str, type] = {}
+
+
 class Regularizer:
     """Base class: a penalty R(w) and its proximal map.
 
     Subclasses implement :meth:`penalty` and :meth:`prox` as pure functions of a tensor, and may
-    override :meth:`prox_` with a faster in-place version over many tensors at once. Instances are
-    immutable and compare equal when their settings are equal.
+    override :meth:`prox_` with a faster in-place version over many tensors at once. Built-in
+    regularizers are frozen dataclasses: immutable, equal when their settings are equal, printed
+    as the call that made them, and convertible to and from plain dicts (:meth:`to_dict`,
+    :meth:`from_dict`).
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _BY_NAME.setdefault(cls.__name__, cls)
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict that :meth:`from_dict` turns back into an equal regularizer.
+
+        >>> import paramreg
+        >>> paramreg.ElasticNet(l1=0.1, l2=0.2).to_dict()
+        {'type': 'ElasticNet', 'l1': 0.1, 'l2': 0.2}
+        """
+        if not dataclasses.is_dataclass(self):
+            raise ParamregError(
+                f"{type(self).__name__} cannot be written as a spec: make it a frozen dataclass of its settings"
+            )
+        return {"type": type(self).__name__, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Regularizer":
+        """Rebuild a regularizer from :meth:`to_dict`'s output.
+
+        >>> import paramreg
+        >>> paramreg.Regularizer.from_dict({"type": "L1", "strength": 1e-4})
+        L1(strength=0.0001)
+        """
+        if not isinstance(d, dict) or not isinstance(d.get("type"), str):
+            raise ParamregError(f"a regularizer spec is a dict with a 'type' key, got {d!r}")
+        cls = _BY_NAME.get(d["type"])
+        if cls is None:
+            raise ParamregError(f"unknown regularizer type {d['type']!r}; known types: {', '.join(sorted(_BY_NAME))}")
+        settings = {k: v for k, v in d.items() if k != "type"}
+        try:
+            return cls(**settings)
+        except TypeError as e:
+            raise ParamregError(f"regularizer spec {d!r} does not fit {cls.__name__}: {e}") from None
 
     def penalty(self, w: Tensor) -> Tensor:
         """R(w), a differentiable scalar tensor."""
