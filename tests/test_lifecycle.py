@@ -184,3 +184,79 @@ def test_attach_is_atomic_when_registration_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         paramreg.attach(model, "*.weight", l1=1e-3)
     assert_same_snapshot(before, snapshot(model))
+
+
+def test_attaching_to_a_copy_leaves_the_original_working():
+    model = nn.Linear(4, 3)
+    paramreg.attach(model, "weight", l1=1e-3)
+    clone = copy.deepcopy(model)
+    paramreg.attach(clone, "bias", l2=1e-3)  # torch would add a property to the class both share
+    x = torch.randn(2, 4)
+    assert torch.equal(model(x), clone(x))
+    assert [r.name for r in paramreg.report(model).rows] == ["weight"]
+
+
+def test_transformer_encoder_clones_its_layer_with_carriers():
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, dropout=0.0)
+    paramreg.attach(layer, "linear1.weight", l1=1e-3)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)  # deep-copies the layer
+    paramreg.attach(encoder, "layers.0.linear1.bias", l2=1e-3)
+    assert paramreg.select(encoder, "*linear1.weight") == ["layers.0.linear1.weight", "layers.1.linear1.weight"]
+    x = torch.randn(2, 5, 16)
+    before = encoder(x)
+    paramreg.remove(encoder)
+    assert torch.equal(encoder(x), before)
+
+
+def test_assigning_a_new_parameter_while_attached_replaces_it_everywhere():
+    model = mlp()
+    paramreg.attach(model, "*.weight", l1=1.0)
+    new = nn.Parameter(torch.full((8, 6), 0.05))
+    model[0].weight = new
+    assert model[0].weight is new and dict(model.named_parameters())["0.weight"] is new
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = mlp_batch()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert (new == 0).all()  # the new Parameter is the one regularized
+    paramreg.remove(model)
+    assert model[0].weight is new
+
+
+def test_load_state_dict_assign_and_conversions_keep_one_parameter():
+    source = mlp(seed=1)
+    model = mlp()
+    paramreg.attach(model, "*.weight", l1=0.05)
+    model.load_state_dict(source.state_dict(), assign=True)
+    model.double()
+    assert len(list(model.parameters())) == 4
+    assert model[0].weight is dict(model.named_parameters())["0.weight"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = mlp_batch()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x.double()), y).backward()
+        opt.step()
+    before = model(x.double())
+    saved = model.state_dict()
+    assert torch.equal(saved["0.weight"], model[0].weight.detach()) and (saved["0.weight"] == 0).any()
+    paramreg.remove(model)
+    assert torch.equal(model(x.double()), before)
+
+
+def test_to_empty_from_meta_keeps_one_parameter():
+    with torch.device("meta"):
+        model = mlp()
+    paramreg.attach(model, "*.weight", l1=1e-3)
+    model.to_empty(device="cpu")
+    params = dict(model.named_parameters())
+    assert list(params) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert model[0].weight is params["0.weight"] and model[0].weight.device.type == "cpu"
+
+
+def test_torch_remove_parametrizations_on_a_carried_tensor_leaves_a_working_module():
+    model = nn.Linear(4, 4)
+    paramreg.attach(model, "weight", l1=1e-2)
+    parametrize.remove_parametrizations(model, "weight")
+    assert list(model.state_dict()) == ["weight", "bias"]
+    assert type(model) is nn.Linear and paramreg.report(model).rows[0].regularizer is None

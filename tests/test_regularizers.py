@@ -100,3 +100,10 @@ def test_regularizers_print_as_the_call_and_compare_by_value():
     assert repr(paramreg.L1(1e-4)) == "L1(strength=0.0001)"
     assert eval(repr(paramreg.ElasticNet(l1=0.1, l2=0.2)), vars(paramreg)) == paramreg.ElasticNet(l1=0.1, l2=0.2)
     assert len({paramreg.L1(0.1), paramreg.L1(0.1), paramreg.L2(0.1)}) == 2
+
+
+def test_numpy_and_tensor_strengths_are_accepted():
+    assert paramreg.L1(np.float32(0.5)) == paramreg.L1(0.5)
+    assert paramreg.L2(torch.tensor(0.25)) == paramreg.L2(0.25)
+    with pytest.raises(paramreg.ParamregError, match="strength"):
+        paramreg.L1(torch.tensor([0.1, 0.2]))

@@ -49,3 +49,8 @@ def test_after_remove_it_reports_every_parameter():
     assert [row.name for row in r.rows] == [n for n, _ in model.named_parameters()]
     assert all(row.regularizer is None and row.penalty is None for row in r.rows)
     assert "-" in str(r).splitlines()[2]
+
+
+def test_report_skips_uninitialized_lazy_parameters():
+    model = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.Linear(3, 2))
+    assert [row.name for row in paramreg.report(model).rows] == ["1.weight", "1.bias"]

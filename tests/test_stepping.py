@@ -251,3 +251,62 @@ def test_deepcopy_before_training_trains_independently():
             opt.step()
     for a, b in zip(model.parameters(), clone.parameters()):
         assert torch.equal(a, b)
+
+
+def test_step_size_follows_optimizer_load_state_dict():
+    model = nn.Linear(4, 4, bias=False)
+    paramreg.attach(model, "weight", l1=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.weight.grad = torch.zeros_like(model.weight)
+    opt.step()
+    state = opt.state_dict()
+    state["param_groups"][0]["lr"] = 0.0
+    opt.load_state_dict(state)  # new group dicts around the same params list
+    before = model.weight.detach().clone()
+    opt.step()
+    assert torch.equal(model.weight, before)
+
+
+def test_user_dataclass_regularizer_need_not_be_hashable():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Clip(paramreg.Regularizer):
+        bound: float
+
+        def penalty(self, w):
+            return torch.zeros((), dtype=w.dtype)
+
+        def prox(self, w, t):
+            return w.clamp(-self.bound, self.bound)
+
+    model = mlp()
+    paramreg.attach(model, "*.weight", reg=Clip(0.01))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = mlp_batch()
+    loss_of(model, x, y).backward()
+    opt.step()
+    assert float(model[0].weight.detach().abs().max()) <= 0.01
+    paramreg.prox_step(model, lr=0.1)
+    assert paramreg.spec(model)["attached"]["0.weight"]["regularizer"] == {"type": "Clip", "bound": 0.01}
+
+
+def test_optimizer_without_lr_gets_a_clear_error():
+    class SignSGD(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"step_size": 0.1})
+
+        @torch.no_grad()
+        def step(self):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.sub_(group["step_size"] * p.grad.sign())
+
+    model = mlp()
+    paramreg.attach(model, "*.weight", l1=1e-3)
+    opt = SignSGD(model.parameters())
+    x, y = mlp_batch()
+    loss_of(model, x, y).backward()
+    with pytest.raises(paramreg.ParamregError, match="SignSGD has no 'lr'.*paramreg.prox_step"):
+        opt.step()

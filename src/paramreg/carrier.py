@@ -158,6 +158,7 @@ def _index(plist: ParametrizationList, carrier: Carrier) -> int:
 
 
 def _module_slots(prefix: str, module: nn.Module) -> list[Slot]:
+    _sync(module)
     plists = dict(module.parametrizations.items()) if parametrize.is_parametrized(module) else {}
     found = []
     for tname, p in module._parameters.items():
@@ -213,25 +214,80 @@ def slots(model: nn.Module) -> list[Slot]:
     return [s for _, s in sorted(chosen.values(), key=lambda item: item[0])]
 
 
-def _carried(module: nn.Module):
+def _carried(module: nn.Module) -> list[tuple[str, bool]]:
     """(name, alone) for each tensor of ``module`` whose first parametrization is a paramreg carrier."""
     if not parametrize.is_parametrized(module):
         return []
     return [(n, len(pl) == 1) for n, pl in module.parametrizations.items() if isinstance(pl[0], Carrier)]
 
 
+def _sync(module: nn.Module) -> None:
+    """Make ``module._parameters[name]`` the very object the forward pass uses, for each carried tensor.
+
+    torch's module code writes ``_parameters`` and ``parametrizations.<name>.original`` as two
+    separate slots (``load_state_dict(assign=True)``, ``to_empty``, conversions that create new
+    Parameters); afterwards the stored tensor of the parametrization is the one that counts.
+    """
+    global _generation
+    for name, _ in _carried(module):
+        original = module.parametrizations[name].original
+        if module._parameters.get(name) is not original:
+            module._parameters[name] = original
+            _generation += 1
+
+
+class _CarrierModuleMixin:
+    """Methods added to the class of a module that has paramreg carriers (Note [The Parameter stays in its module])."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, nn.Parameter) and any(name == n for n, _ in _carried(self)):
+            # As on a plain module, a new Parameter replaces the tensor; the forward pass uses it too.
+            global _generation
+            self.parametrizations[name]._parameters["original"] = value
+            self._parameters[name] = value
+            _generation += 1
+            return
+        type(self).__bases__[0].__setattr__(self, name, value)
+
+    def _apply(self, fn, recurse=True):
+        out = type(self).__bases__[0]._apply(self, fn, recurse)
+        _sync(self)
+        return out
+
+
+_OVERRIDES = ("__setattr__", "_apply")
+
+
+def _own_class(module: nn.Module, without: tuple[str, ...] = ()) -> None:
+    """Give ``module`` a parametrized class of its own, minus the properties in ``without``.
+
+    torch's parametrize adds and deletes properties on the module's class, and a deep copy shares
+    that class with the original; a class per module keeps copies independent. While the module
+    has carriers, the class also gets :class:`_CarrierModuleMixin`'s methods.
+    """
+    cls = type(module)
+    drop = {*without, *_OVERRIDES, "__dict__", "__weakref__"}
+    namespace = {k: v for k, v in vars(cls).items() if k not in drop}
+    if _carried(module):
+        namespace.update({k: vars(_CarrierModuleMixin)[k] for k in _OVERRIDES})
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
 def _save_hook(module, state_dict, prefix, local_metadata) -> None:
     """Keep, for each carried tensor, exactly the key the model would have without paramreg."""
     metadata = getattr(state_dict, "_metadata", {})
-    for name, alone in _carried(module):
+    carried = _carried(module)
+    for name, alone in carried:
+        inner = f"{prefix}parametrizations.{name}.original"
         if alone:
-            state_dict.pop(f"{prefix}parametrizations.{name}.original", None)
+            if inner in state_dict:  # the tensor the forward pass uses, under the plain key, in place
+                state_dict[prefix + name] = state_dict.pop(inner)
             base = f"{prefix}parametrizations.{name}"
             for key in [k for k in metadata if k == base or k.startswith(base + ".")]:
                 del metadata[key]
         else:  # the user's parametrizations stay: their key is the real one
             state_dict.pop(prefix + name, None)
-    if all(alone for _, alone in _carried(module)) and len(_carried(module)) == len(module.parametrizations):
+    if carried and all(alone for _, alone in carried) and len(carried) == len(module.parametrizations):
         metadata.pop(f"{prefix}parametrizations", None)
 
 
@@ -245,31 +301,44 @@ def _load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
             state_dict[plain] = state_dict[inner]
 
 
+def _load_post_hook(module, incompatible_keys) -> None:
+    _sync(module)  # load_state_dict(assign=True) assigns both slots separately
+
+
 def _hooks_installed(module: nn.Module) -> bool:
     return any(h is _save_hook for h in module._state_dict_hooks.values())
 
 
+def _install_hooks(module: nn.Module) -> None:
+    if not _hooks_installed(module):
+        module.register_state_dict_post_hook(_save_hook)
+        module.register_load_state_dict_pre_hook(_load_hook)
+        module.register_load_state_dict_post_hook(_load_post_hook)
+
+
 def _uninstall_hooks(module: nn.Module) -> None:
-    for key in [k for k, h in module._state_dict_hooks.items() if h is _save_hook]:
-        del module._state_dict_hooks[key]
-    for key in [k for k, h in module._load_state_dict_pre_hooks.items() if getattr(h, "hook", None) is _load_hook]:
-        del module._load_state_dict_pre_hooks[key]
+    for hooks, ours in (
+        (module._state_dict_hooks, _save_hook),
+        (module._load_state_dict_pre_hooks, _load_hook),
+        (module._load_state_dict_post_hooks, _load_post_hook),
+    ):
+        for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is ours]:
+            del hooks[key]
 
 
 def attach(slot: Slot, regularizer: Regularizer, mode: str) -> Carrier:
     """Register and bind a carrier on ``slot``, which the caller has validated."""
     module, tname = slot.module, slot.tensor_name
     carrier = Carrier(regularizer, mode)
-    if slot.plist is not None:  # on top of the user's parametrizations (mode="penalty")
-        parametrize.register_parametrization(module, tname, carrier)
-    else:
-        order = list(module._parameters)
-        parametrize.register_parametrization(module, tname, carrier)
-        module._parameters[tname] = slot.param  # Note [The Parameter stays in its module]
+    if parametrize.is_parametrized(module):
+        _own_class(module)  # torch is about to add a property to the class: not to one a copy shares
+    order = list(module._parameters)
+    parametrize.register_parametrization(module, tname, carrier)
+    if slot.plist is None:  # a plain tensor: Note [The Parameter stays in its module]
+        module._parameters[tname] = slot.param
         _reorder(module._parameters, order)
-        if not _hooks_installed(module):
-            module.register_state_dict_post_hook(_save_hook)
-            module.register_load_state_dict_pre_hook(_load_hook)
+        _install_hooks(module)
+    _own_class(module)
     carrier._bind(module.parametrizations[tname])
     return carrier
 
@@ -284,23 +353,21 @@ def _reorder(params: dict, order: list[str]) -> None:
 def detach(slot: Slot) -> None:
     """Remove paramreg's carrier from ``slot`` and nothing else. Values are unchanged (identity)."""
     module, tname, plist, carrier = slot.module, slot.tensor_name, slot.plist, slot.carrier
+    _sync(module)
     if len(plist) > 1:
         # The user's own parametrizations stay; ours is the identity, so the chain's value is unchanged.
         first = plist[0] is carrier
         del plist[_index(plist, carrier)]
         if first:
             del module._parameters[tname]  # as torch has it for a parametrized tensor
+        _own_class(module)
     else:
         del module.parametrizations[tname]
-        cls = type(module)
         if len(module.parametrizations) == 0:
             del module.parametrizations
-            module.__class__ = cls.__bases__[0]
+            module.__class__ = type(module).__bases__[0]
         else:
-            # A class of this module's own without the property: never delete it from a class
-            # that a deep copy of this module may share.
-            namespace = {k: v for k, v in vars(cls).items() if k not in (tname, "__dict__", "__weakref__")}
-            module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+            _own_class(module, without=(tname,))  # never delete a property from a class a copy may share
     if not _carried(module):
         _uninstall_hooks(module)
     carrier._unbind()

@@ -62,15 +62,19 @@ def attach_spec(model: nn.Module, spec: dict) -> list[str]:
         raise ParamregError(f"not a paramreg spec (expected a dict with format {FORMAT!r} from paramreg.spec): {spec!r:.200}")
     if spec.get("version") != VERSION:
         raise ParamregError(f"paramreg spec version {spec.get('version')!r} is not supported (this paramreg reads {VERSION})")
-    groups: dict[tuple, list[str]] = {}
+    groups: list[tuple[Regularizer, str, list[str]]] = []  # one attach call per equal (regularizer, mode)
     for name, entry in spec["attached"].items():
         if not isinstance(entry, dict) or "regularizer" not in entry:
             raise ParamregError(f"paramreg spec entry for {name!r} has no 'regularizer': {entry!r}")
-        reg = Regularizer.from_dict(entry["regularizer"])
-        groups.setdefault((reg, entry.get("mode", "prox")), []).append(name)
+        reg, mode = Regularizer.from_dict(entry["regularizer"]), entry.get("mode", "prox")
+        group = next((g for g in groups if g[0] == reg and g[1] == mode), None)
+        if group is None:
+            groups.append((reg, mode, [name]))
+        else:
+            group[2].append(name)
     done: list[str] = []
     try:
-        for (reg, mode), names in groups.items():
+        for reg, mode, names in groups:
             done += attach(model, names, reg, mode=mode)
     except BaseException:
         if done:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,11 @@ __all__ = ["Regularizer", "L1", "L2", "ElasticNet"]
 
 
 def _strength(label: str, value) -> float:
-    """Check that a strength is a finite real number >= 0 and return it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Check that a strength is a finite real number >= 0 (a Python or NumPy number, or a
+    one-element tensor) and return it as a float."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ParamregError(f"{label} must be a real number >= 0, got {value!r} ({type(value).__name__})")
     value = float(value)
     if not math.isfinite(value) or value < 0:

@@ -120,7 +120,9 @@ def report(model: nn.Module) -> Report:
     """
     everything = slots(model)
     attached = [s for s in everything if s.carrier is not None]
-    chosen = attached or [s for s in everything if s.value().is_floating_point()]
+    chosen = attached or [
+        s for s in everything if not isinstance(s.param, nn.parameter.UninitializedParameter) and s.value().is_floating_point()
+    ]
     rows = []
     with torch.no_grad():
         for s in chosen:

@@ -46,7 +46,8 @@ def install_hook() -> None:
 
 
 def _signature(optimizer) -> tuple:
-    return (_carrier.generation(), tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
+    # load_state_dict() installs new group dicts around the same params lists: key on both
+    return (_carrier.generation(), tuple((id(g), id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
 
 
 def _build_plan(optimizer) -> list:
@@ -57,14 +58,24 @@ def _build_plan(optimizer) -> list:
             by_param[id(leaf)] = c
     plan = []
     for group in optimizer.param_groups:
-        buckets: dict = {}
-        for p in group["params"]:
-            c = by_param.get(id(p))
-            if c is not None:
-                buckets.setdefault(c.regularizer, []).append(p)
+        buckets = _buckets((by_param[id(p)].regularizer, p) for p in group["params"] if id(p) in by_param)
         if buckets:
-            plan.append((group, list(buckets.items())))
+            if "lr" not in group:
+                raise ParamregError(
+                    f"{type(optimizer).__name__} has no 'lr' in its parameter groups, and mode='prox' takes the "
+                    f"group's lr as its step size: call paramreg.prox_step(model, lr) after each step instead, "
+                    f"or attach with mode='penalty'"
+                )
+            plan.append((group, buckets))
     return plan
+
+
+def _buckets(pairs) -> list:
+    """[(regularizer, [tensors])], one bucket per regularizer object (attach shares one object per call)."""
+    by_id: dict[int, tuple] = {}
+    for reg, p in pairs:
+        by_id.setdefault(id(reg), (reg, []))[1].append(p)
+    return list(by_id.values())
 
 
 def _after_step(optimizer, args, kwargs) -> None:
@@ -105,12 +116,11 @@ def prox_step(model: nn.Module, lr: float) -> None:
     """
     if isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor)) or not math.isfinite(float(lr)) or lr < 0:
         raise ParamregError(f"prox_step lr must be a finite number >= 0, got {lr!r}")
-    buckets: dict = {}
-    for s in _carrier.slots(model):
-        if s.carrier is not None and s.carrier.mode == "prox":
-            buckets.setdefault(s.carrier.regularizer, []).append(s.param)
+    buckets = _buckets(
+        (s.carrier.regularizer, s.param) for s in _carrier.slots(model) if s.carrier is not None and s.carrier.mode == "prox"
+    )
     with torch.no_grad():
-        for regularizer, params in buckets.items():
+        for regularizer, params in buckets:
             regularizer.prox_(params, lr)
 
 

@@ -1,0 +1,141 @@
+"""Export after folding: TorchScript (script, trace), ONNX (both exporters, run in onnxruntime), torch.export.
+
+Each artifact must reproduce the attached model's outputs (max abs diff <= 1e-5 in float32), keep
+the plain weight names, and store the same exact zeros.
+"""
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+import paramreg
+
+# torch marks TorchScript deprecated and the exporters warn about their own internals
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = x + torch.relu(self.conv2(x))  # a residual connection
+        return self.fc(nn.functional.max_pool2d(x, 2).flatten(1))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
+
+
+def trained(kind):
+    torch.manual_seed(0)
+    if kind == "cnn":
+        model, x = CNN(), torch.randn(16, 1, 8, 8)
+        targets = ["conv*.weight", "fc.weight"]
+    else:
+        model, x = TransformerBlock(), torch.randn(16, 5, 32)
+        targets = ["fc*.weight", "attn.in_proj_weight", "attn.out_proj.weight"]
+    names = paramreg.attach(model, targets, l1=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(10):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    model.eval()
+    return model, x, names
+
+
+def assert_close_to(out, ref):
+    assert float((torch.as_tensor(out) - ref).detach().abs().max()) <= 1e-5
+
+
+def check_onnx_file(path, x, ref, plain, names):
+    session = onnxruntime.InferenceSession(str(path))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert_close_to(out, ref)
+    initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    state = plain.state_dict()
+    for name in names:  # plain names, same values, so the same exact zeros
+        assert name in initializers, f"{name} not among {sorted(initializers)}"
+        np.testing.assert_array_equal(initializers[name], state[name].numpy())
+    assert sum(int((initializers[n] == 0).sum()) for n in names) == sum(int((state[n] == 0).sum()) for n in names) > 0
+
+
+@pytest.fixture(params=["cnn", "transformer"])
+def case(request):
+    model, x, names = trained(request.param)
+    with pytest.raises(paramreg.ParamregError, match="paramreg is attached to"):
+        paramreg.check_plain(model)
+    with torch.no_grad():
+        ref = model(x)
+    return model, x, names, ref, paramreg.folded(model)
+
+
+def test_torchscript_script(case):
+    model, x, names, ref, plain = case
+    scripted = torch.jit.script(plain)
+    assert_close_to(scripted(x), ref)
+    assert all(torch.equal(scripted.state_dict()[n], plain.state_dict()[n]) for n in names)
+
+
+def test_torchscript_trace(case):
+    model, x, names, ref, plain = case
+    with torch.no_grad():
+        traced = torch.jit.trace(plain, x)
+        assert_close_to(traced(x), ref)
+    assert all(torch.equal(traced.state_dict()[n], plain.state_dict()[n]) for n in names)
+
+
+def test_torch_export(case):
+    model, x, names, ref, plain = case
+    program = torch.export.export(plain, (x,))
+    assert_close_to(program.module()(x), ref)
+    assert all(torch.equal(program.state_dict[n], plain.state_dict()[n]) for n in names)
+
+
+def test_onnx_torchscript_exporter(case, tmp_path):
+    model, x, names, ref, plain = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # no constant folding: otherwise the exporter fuses conv+BN and pre-transposes MatMul
+        # weights into renamed initializers (the same for any plain model)
+        torch.onnx.export(plain, (x,), tmp_path / "m.onnx", dynamo=False, do_constant_folding=False)
+    check_onnx_file(tmp_path / "m.onnx", x, ref, plain, names)
+
+
+def test_onnx_dynamo_exporter(case, tmp_path):
+    model, x, names, ref, plain = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(plain, (x,), tmp_path / "m.onnx", dynamo=True, optimize=False, verbose=False)
+    check_onnx_file(tmp_path / "m.onnx", x, ref, plain, names)
+
+
+def test_remove_then_export_in_place():
+    model, x, names = trained("cnn")
+    with torch.no_grad():
+        ref = model(x)
+    paramreg.remove(model)
+    assert_close_to(torch.jit.script(paramreg.check_plain(model))(x), ref)
