@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .carrier import slots
+from .regularizers import Regularizer
 
 __all__ = ["Report", "Row", "report"]
 
@@ -139,4 +141,30 @@ def report(model: nn.Module) -> Report:
                     penalty=None if reg is None else float(reg.penalty(w)),
                 )
             )
+    return Report(tuple(rows))
+
+
+def tensor_report(tensors: Mapping[str, Tensor], spec: dict | None = None) -> Report:
+    """A :class:`Report` of a state_dict-like mapping (floating-point tensors only).
+
+    ``spec`` (from :func:`paramreg.spec`) fills the regularizer, mode and penalty columns.
+    """
+    attached = (spec or {}).get("attached", {})
+    rows = []
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            continue
+        entry = attached.get(name)
+        reg = Regularizer.from_dict(entry["regularizer"]) if entry else None
+        rows.append(
+            Row(
+                name=name,
+                shape=tuple(t.shape),
+                numel=t.numel(),
+                zeros=int((t == 0).sum()),
+                regularizer=None if reg is None else repr(reg),
+                mode=None if reg is None else entry.get("mode", "prox"),
+                penalty=None if reg is None else float(reg.penalty(t.detach())),
+            )
+        )
     return Report(tuple(rows))
