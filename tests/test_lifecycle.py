@@ -13,8 +13,8 @@ from paramreg.carrier import Carrier
 from conftest import SmallCNN, TiedLM, cnn_batch, mlp, mlp_batch
 
 
-def train(model, steps=3, lr=0.1, opt=None):
-    x, y = cnn_batch()
+def train(model, steps=3, lr=0.1, opt=None, device="cpu"):
+    x, y = (t.to(device) for t in cnn_batch())
     opt = opt or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     for _ in range(steps):
         opt.zero_grad()
@@ -47,15 +47,16 @@ def test_identity_carrier_keeps_the_parameter_object():
     assert model.conv1.weight is weight and bool((weight == 2).all())
 
 
-def test_remove_gives_back_the_plain_model():
-    model = SmallCNN()
+def test_remove_gives_back_the_plain_model(device):
+    model = SmallCNN().to(device)
     x, _ = cnn_batch()
+    x = x.to(device)
     classes = [type(m) for m in model.modules()]
     keys = list(model.state_dict())
     params = [(n, id(p)) for n, p in model.named_parameters()]
     paramreg.attach(model, "*.weight", l1=1e-2)
     paramreg.attach(model, "*.bias", l2=1e-2, mode="penalty")
-    train(model)
+    train(model, device=device)
     model.eval()
     before = model(x)
     assert paramreg.remove(model) is model

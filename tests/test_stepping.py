@@ -44,13 +44,13 @@ def reference_run(model, make_opt, steps, x, y, make_sched=None, strength=STRENG
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("built", ["before attach", "after attach"])
-def test_prox_after_every_step_matches_the_written_out_reference(name, built):
-    x, y = mlp_batch()
+def test_prox_after_every_step_matches_the_written_out_reference(name, built, device):
+    x, y = (t.to(device) for t in mlp_batch())
     make_opt = OPTIMIZERS[name]
     strength = 0.005 / make_opt([torch.zeros(1, requires_grad=True)]).param_groups[0]["lr"]  # threshold 0.005 a step
-    expected = reference_run(mlp(), make_opt, 12, x, y, strength=strength)
+    expected = reference_run(mlp().to(device), make_opt, 12, x, y, strength=strength)
 
-    model = mlp()
+    model = mlp().to(device)
     opt = make_opt(model.parameters()) if built == "before attach" else None
     paramreg.attach(model, "*.weight", l1=strength)
     opt = opt or make_opt(model.parameters())
