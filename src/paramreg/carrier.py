@@ -165,7 +165,7 @@ def _module_slots(prefix: str, module: nn.Module) -> list[Slot]:
         if p is None:
             continue
         plist = plists.pop(tname, None)  # a tensor carried by paramreg first (Note [The Parameter stays in its module])
-        carrier = plist[0] if plist is not None else None
+        carrier = plist[0] if plist is not None and isinstance(plist[0], Carrier) else None
         found.append(Slot(prefix + tname, module, tname, p, plist, carrier))
     for tname, plist in plists.items():
         originals = [plist.original] if plist.is_tensor else [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
