@@ -11,7 +11,10 @@ Conventions: L1 with strength a is a·Σ abs(w); L2 with strength b is (b/2)·Σ
 from .checkpoint import attach_spec, check_plain, folded, spec
 from .errors import ParamregError
 from .lifecycle import attach, remove
-from .regularizers import L1, L2, ElasticNet, Regularizer
+from .constraints import NM, Box, MaxNorm, NonNegative, TopK, UnitNorm
+from .regularizers import L1, L2, ElasticNet, Regularizer, register
+from .reparametrizations import SoftThreshold
+from .structured import GroupLasso, NuclearNorm, SparseGroupLasso
 from .report import Report, report
 from .selection import select
 from .stepping import penalty, prox_step
@@ -28,10 +31,21 @@ __all__ = [
     "folded",
     "check_plain",
     "Report",
+    "register",
     "Regularizer",
     "L1",
     "L2",
     "ElasticNet",
+    "GroupLasso",
+    "SparseGroupLasso",
+    "NuclearNorm",
+    "NonNegative",
+    "Box",
+    "MaxNorm",
+    "UnitNorm",
+    "TopK",
+    "NM",
+    "SoftThreshold",
     "ParamregError",
 ]
 

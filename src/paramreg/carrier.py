@@ -42,6 +42,7 @@ import copy
 import weakref
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
@@ -66,18 +67,24 @@ def live_carriers() -> "weakref.WeakSet[Carrier]":
 
 
 class Carrier(nn.Module):
-    """Identity parametrization holding a regularizer and its mode (``"prox"`` or ``"penalty"``).
+    """The parametrization holding a regularizer and its mode.
 
+    ``mode`` is ``"prox"`` or ``"penalty"``; the carrier is then the identity. For a
+    reparametrization (``regularizer.kind == "reparametrization"``, e.g. ``SoftThreshold``) the
+    mode is ``"forward"`` and the carrier applies ``regularizer.transform()``, a submodule whose
+    parameters (a learnable threshold) are trained and saved with the model.
     """
 
     def __init__(self, regularizer: Regularizer, mode: str):
         super().__init__()
         self.regularizer = regularizer
         self.mode = mode
+        self.transform = regularizer.transform() if mode == "forward" else None
+        self.calls = 0  # optimizer steps seen, for regularizers that act every k steps
         self._owner = None  # weakref to the ParametrizationList this carrier sits in
 
     def forward(self, x: Tensor) -> Tensor:
-        return x
+        return x if self.transform is None else self.transform(x)
 
     def right_inverse(self, x: Tensor) -> Tensor:
         # ``module.weight = t`` then writes t into the same stored Parameter.
@@ -146,6 +153,11 @@ class Slot:
         for i in range(start, stop):
             x = self.plist[i](x)
         return x
+
+    def effective(self) -> Tensor:
+        """The tensor the module computes with: ``value()`` through a reparametrizing carrier."""
+        x = self.value()
+        return self.carrier(x) if self.carrier is not None and self.carrier.transform is not None else x
 
     def describe(self) -> str:
         """Name, shape and dtype, for messages."""
@@ -280,14 +292,15 @@ def _save_hook(module, state_dict, prefix, local_metadata) -> None:
     for name, alone in carried:
         inner = f"{prefix}parametrizations.{name}.original"
         if alone:
-            if inner in state_dict:  # the tensor the forward pass uses, under the plain key, in place
+            if inner in state_dict:  # the stored tensor, under the plain key, in place
                 state_dict[prefix + name] = state_dict.pop(inner)
             base = f"{prefix}parametrizations.{name}"
-            for key in [k for k in metadata if k == base or k.startswith(base + ".")]:
-                del metadata[key]
+            if module.parametrizations[name][0].transform is None:
+                for key in [k for k in metadata if k == base or k.startswith(base + ".")]:
+                    del metadata[key]
         else:  # the user's parametrizations stay: their key is the real one
             state_dict.pop(prefix + name, None)
-    if carried and all(alone for _, alone in carried) and len(carried) == len(module.parametrizations):
+    if not any(k.startswith(f"{prefix}parametrizations.") for k in state_dict):
         metadata.pop(f"{prefix}parametrizations", None)
 
 
@@ -299,6 +312,10 @@ def _load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
             state_dict[inner] = state_dict[plain]
         elif inner in state_dict and plain not in state_dict:
             state_dict[plain] = state_dict[inner]
+        transform = module.parametrizations[name][0].transform
+        if transform is not None:  # a plain checkpoint has no threshold: keep the current one
+            for key, value in transform.state_dict().items():
+                state_dict.setdefault(f"{prefix}parametrizations.{name}.0.transform.{key}", value)
 
 
 def _load_post_hook(module, incompatible_keys) -> None:
@@ -354,6 +371,9 @@ def detach(slot: Slot) -> None:
     """Remove paramreg's carrier from ``slot`` and nothing else. Values are unchanged (identity)."""
     module, tname, plist, carrier = slot.module, slot.tensor_name, slot.plist, slot.carrier
     _sync(module)
+    if carrier.transform is not None:  # fold: the stored tensor becomes what the module computed with
+        with torch.no_grad():
+            plist.original.copy_(carrier(plist.original))
     if len(plist) > 1:
         # The user's own parametrizations stay; ours is the identity, so the chain's value is unchanged.
         first = plist[0] is carrier

@@ -67,6 +67,7 @@ def attach_spec(model: nn.Module, spec: dict) -> list[str]:
         if not isinstance(entry, dict) or "regularizer" not in entry:
             raise ParamregError(f"paramreg spec entry for {name!r} has no 'regularizer': {entry!r}")
         reg, mode = Regularizer.from_dict(entry["regularizer"]), entry.get("mode", "prox")
+        mode = "prox" if mode == "forward" else mode  # a reparametrization's carrier mode
         group = next((g for g in groups if g[0] == reg and g[1] == mode), None)
         if group is None:
             groups.append((reg, mode, [name]))

@@ -11,7 +11,8 @@ from torch import nn
 
 from . import carrier as _carrier
 from .errors import ParamregError
-from .regularizers import L1, L2, ElasticNet, Regularizer
+from .regularizers import ElasticNet, Regularizer, build
+from .regularizers import keywords as registered_keywords
 from .selection import resolve
 from .stepping import install_hook
 
@@ -20,37 +21,59 @@ __all__ = ["attach", "remove"]
 _MAX_LISTED = 10
 
 
-def _regularizer(reg, l1, l2, unknown: dict, where: str) -> Regularizer:
+def _regularizer(reg, given: dict, where: str) -> Regularizer:
+    """The one regularizer that ``reg=`` or the keywords ask for."""
+    known = registered_keywords()
+    unknown = sorted(k for k in given if k not in known)
     if unknown:
         raise ParamregError(
-            f"{where}: unknown keyword(s) {', '.join(sorted(unknown))}; regularizer keywords are l1= and l2= "
-            f"(both together give ElasticNet), or pass an object such as reg=paramreg.L1(1e-4)"
+            f"{where}: unknown keyword(s) {', '.join(unknown)}; regularizer keywords are "
+            f"{', '.join(f'{k}=' for k in sorted(known))} (l1= and l2= together give ElasticNet; add your own "
+            f"with paramreg.register), or pass an object such as reg=paramreg.L1(1e-4)"
         )
-    keywords = {k: v for k, v in (("l1", l1), ("l2", l2)) if v is not None}
-    if reg is not None and keywords:
-        raise ParamregError(f"{where}: give the regularizer either as reg= or as keywords ({', '.join(keywords)}), not both")
+    if reg is not None and given:
+        raise ParamregError(f"{where}: give the regularizer either as reg= or as keywords ({', '.join(given)}), not both")
     if reg is not None:
         if not isinstance(reg, Regularizer):
             raise ParamregError(
                 f"{where}: reg must be a paramreg.Regularizer such as paramreg.L1(1e-4), got {reg!r} ({type(reg).__name__})"
             )
         return reg
-    if not keywords:
-        raise ParamregError(f"{where}: no regularizer given; pass l1=..., l2=... or reg=paramreg.L1(...)")
+    if not given:
+        raise ParamregError(f"{where}: no regularizer given; pass l1=..., l2=..., another keyword or reg=paramreg.L1(...)")
+    text = ", ".join(f"{k}={v!r}" for k, v in given.items())
+    if len(given) > 1 and set(given) != {"l1", "l2"}:
+        raise ParamregError(f"{where}: one regularizer per tensor, got {text}; attach them to different tensors")
     try:
-        if "l1" in keywords and "l2" in keywords:
-            return ElasticNet(l1=l1, l2=l2)
-        return L1(l1) if "l1" in keywords else L2(l2)
+        if set(given) == {"l1", "l2"}:
+            return ElasticNet(l1=given["l1"], l2=given["l2"])
+        (name, value), = given.items()
+        return build(name, value)
     except ParamregError as e:
-        given = ", ".join(f"{k}={v!r}" for k, v in keywords.items())
-        raise ParamregError(f"{where} with {given}: {e}") from None
+        raise ParamregError(f"{where} with {text}: {e}") from None
+    except TypeError as e:
+        raise ParamregError(f"{where} with {text}: {e}") from None
 
 
-def _problems(slot: _carrier.Slot, mode: str) -> str | None:
-    """Why ``slot`` cannot take a carrier in ``mode``, or None."""
-    value = slot.value()
+def _carrier_mode(regularizer: Regularizer, mode, where: str) -> str:
+    if mode not in _carrier.MODES:
+        raise ParamregError(f"{where}: mode must be 'prox' or 'penalty', got {mode!r}")
+    if regularizer.kind == "reparametrization":
+        if mode == "penalty":
+            raise ParamregError(f"{where}: {regularizer!r} acts in the forward pass; it has no penalty mode")
+        return "forward"
+    if regularizer.kind == "constraint" and mode == "penalty":
+        raise ParamregError(
+            f"{where}: {regularizer!r} is a constraint: it acts by projection after each step, use mode='prox'"
+        )
+    return mode
+
+
+def _problems(slot: _carrier.Slot, regularizer: Regularizer, mode: str) -> str | None:
+    """Why ``slot`` cannot take ``regularizer`` in ``mode``, or None."""
     if isinstance(slot.param, nn.parameter.UninitializedParameter):
         return f"'{slot.name}' is an uninitialized lazy parameter; run one forward pass before attaching"
+    value = slot.value()
     if not value.is_floating_point():
         return f"{slot.describe()} is not a floating-point tensor; regularizers need float weights, exclude it"
     if slot.carrier is not None:
@@ -58,16 +81,19 @@ def _problems(slot: _carrier.Slot, mode: str) -> str | None:
             f"{slot.describe()} already has {slot.carrier.regularizer!r} attached (mode={slot.carrier.mode!r}); "
             f"to replace it, call paramreg.remove(model, {slot.name!r}) first"
         )
-    if mode == "prox" and slot.plist is not None:
+    if mode != "penalty" and slot.plist is not None:
         kinds = ", ".join(type(m).__name__ for m in slot.plist)
         return (
-            f"{slot.describe()} is computed by its own parametrization ({kinds}); mode='prox' needs the "
+            f"{slot.describe()} is computed by its own parametrization ({kinds}); mode={mode!r} needs the "
             f"stored tensor itself: use mode='penalty' for it, or exclude it"
         )
+    requirement = regularizer.check(tuple(value.shape))
+    if requirement is not None:
+        return f"{slot.describe()}: {requirement}"
     return None
 
 
-def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=None, mode="prox", **unknown) -> list[str]:
+def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=None, mode="prox", **keywords) -> list[str]:
     r"""Attach a regularizer to every parameter that ``targets`` selects; return their canonical names.
 
     Args:
@@ -79,11 +105,16 @@ def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=Non
         l1: strength a of a·Σ abs(w).
         l2: strength b of (b/2)·Σ w² (torch's ``weight_decay=b`` convention). ``l1`` and ``l2``
             together give :class:`paramreg.ElasticNet`.
+        **keywords: any other registered regularizer (:func:`paramreg.register`), e.g.
+            ``group_lasso=a``, ``nuclear_norm=a``, ``non_negative=True``, ``max_norm=c``,
+            ``box=(lo, hi)``, ``top_k=k``, ``nm=(2, 4)``, ``soft_threshold=init``: a number builds
+            ``cls(value)``, a tuple ``cls(*value)``, a dict ``cls(**value)``.
         exclude: names to leave out, in the same forms as ``targets``.
         mode: ``"prox"`` (default): after every ``step()`` of any torch optimizer that updates the
             parameter, w ← prox_{tR}(w) with t the learning rate of its parameter group, which gives
             exact zeros for L1. ``"penalty"``: nothing happens at step time; add
-            :func:`paramreg.penalty` to the loss.
+            :func:`paramreg.penalty` to the loss. Constraints act in ``"prox"`` mode only;
+            reparametrizations (``SoftThreshold``) act in the forward pass whatever the mode.
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
     parametrization, visible in ``print(model)``). A Parameter tied under several names is
@@ -105,11 +136,11 @@ def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=Non
     if not isinstance(model, nn.Module):
         raise ParamregError(f"attach: model must be a torch.nn.Module, got {type(model).__name__}")
     where = f"attach({targets!r})"
-    if mode not in _carrier.MODES:
-        raise ParamregError(f"{where}: mode must be 'prox' or 'penalty', got {mode!r}")
-    regularizer = _regularizer(reg, l1, l2, unknown, where)
+    given = {k: v for k, v in (("l1", l1), ("l2", l2), *keywords.items()) if v is not None}
+    regularizer = _regularizer(reg, given, where)
+    mode = _carrier_mode(regularizer, mode, where)
     chosen = resolve(model, targets, exclude)
-    problems = [p for p in (_problems(s, mode) for s in chosen) if p is not None]
+    problems = [p for p in (_problems(s, regularizer, mode) for s in chosen) if p is not None]
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""

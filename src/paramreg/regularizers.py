@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from .errors import ParamregError
 
-__all__ = ["Regularizer", "L1", "L2", "ElasticNet"]
+__all__ = ["Regularizer", "L1", "L2", "ElasticNet", "register", "keywords"]
 
 
 def _strength(label: str, value) -> float:
@@ -58,6 +58,68 @@ def _soft_threshold_(tensors: Sequence[Tensor], threshold: float) -> None:
 
 # Every Regularizer subclass by class name, so that a spec (a plain dict) can rebuild it.
 _BY_NAME: dict[str, type] = {}
+# attach() keywords: name -> Regularizer subclass (paramreg.register)
+_KEYWORDS: dict[str, type] = {}
+_RESERVED = ("model", "targets", "reg", "exclude", "mode")
+
+
+def register(name: str):
+    """Class decorator: make a :class:`Regularizer` subclass reachable as ``attach(..., name=value)``.
+
+    The keyword's value builds the regularizer: ``cls(value)`` for a number, ``cls(*value)`` for
+    a tuple, ``cls(**value)`` for a dict, ``cls()`` for ``True``. Subclasses that are dataclasses
+    also round-trip through :func:`paramreg.spec`.
+
+    Example:
+        >>> import dataclasses, torch, paramreg
+        >>> @paramreg.register("clip")
+        ... @dataclasses.dataclass(frozen=True)
+        ... class Clip(paramreg.Regularizer):
+        ...     "Projection onto the box [-bound, bound]: penalty 0 inside, +inf outside."
+        ...     bound: float
+        ...     kind = "constraint"
+        ...     def penalty(self, w):
+        ...         inside = bool(w.abs().max() <= self.bound)
+        ...         return torch.tensor(0.0 if inside else float("inf"), dtype=w.dtype)
+        ...     def prox(self, w, t):
+        ...         return w.clamp(-self.bound, self.bound)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> paramreg.attach(model, "weight", clip=0.1)
+        ['weight']
+        >>> paramreg.report(model).rows[0].regularizer
+        'Clip(bound=0.1)'
+    """
+    if not isinstance(name, str) or not name.isidentifier() or name in _RESERVED:
+        raise ParamregError(f"register: {name!r} cannot be an attach() keyword; use a Python identifier")
+
+    def decorate(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
+            raise ParamregError(f"register({name!r}) decorates a paramreg.Regularizer subclass, got {cls!r}")
+        taken = _KEYWORDS.get(name)
+        if taken is not None and taken.__qualname__ != cls.__qualname__:
+            raise ParamregError(f"register: the keyword {name!r} is taken by {taken.__name__}")
+        _KEYWORDS[name] = cls
+        _BY_NAME[cls.__name__] = cls
+        return cls
+
+    return decorate
+
+
+def keywords() -> dict[str, type]:
+    """The attach() keywords and the regularizer class each builds."""
+    return dict(_KEYWORDS)
+
+
+def build(name: str, value) -> "Regularizer":
+    """The regularizer that ``attach(..., name=value)`` asks for."""
+    cls = _KEYWORDS[name]
+    if value is True:
+        return cls()
+    if isinstance(value, tuple):
+        return cls(*value)
+    if isinstance(value, dict):
+        return cls(**value)
+    return cls(value)
 
 
 class Regularizer:
@@ -70,9 +132,19 @@ class Regularizer:
     :meth:`from_dict`).
     """
 
+    #: "penalty": penalty and prox (either mode); "constraint": a projection, penalty 0 on the set
+    #: and +inf outside (mode="prox" only); "reparametrization": acts in the forward pass.
+    kind = "penalty"
+    #: True when the map is the proximal map of a convex function (so it is non-expansive).
+    convex = True
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         _BY_NAME.setdefault(cls.__name__, cls)
+
+    def check(self, shape: tuple[int, ...]) -> str | None:
+        """Why a tensor of this shape cannot take this regularizer, or None."""
+        return None
 
     def to_dict(self) -> dict:
         """A JSON-able dict that :meth:`from_dict` turns back into an equal regularizer.
@@ -120,6 +192,7 @@ class Regularizer:
             w.copy_(self.prox(w, t))
 
 
+@register("l1")
 @dataclass(frozen=True)
 class L1(Regularizer):
     r"""Lasso: R(w) = a·Σ abs(w), with a = ``strength``.
@@ -157,6 +230,7 @@ class L1(Regularizer):
         _soft_threshold_(tensors, float(t) * self.strength)
 
 
+@register("l2")
 @dataclass(frozen=True)
 class L2(Regularizer):
     r"""Ridge: R(w) = (b/2)·Σ w², with b = ``strength``.
@@ -193,6 +267,7 @@ class L2(Regularizer):
             torch._foreach_div_(list(tensors), 1.0 + float(t) * self.strength)
 
 
+@register("elastic_net")
 @dataclass(frozen=True)
 class ElasticNet(Regularizer):
     r"""Elastic net: R(w) = a·Σ abs(w) + (b/2)·Σ w², with a = ``l1`` and b = ``l2``.

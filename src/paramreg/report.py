@@ -106,8 +106,8 @@ class Report:
 def report(model: nn.Module) -> Report:
     """One row per attached tensor (or, when nothing is attached, per floating-point parameter).
 
-    Counts exact zeros of the tensor each regularizer sees, and evaluates its penalty R(w) at the
-    current weights. It works on any model, so it also shows the sparsity left after
+    Counts exact zeros of the tensor the module computes with (for ``SoftThreshold``, the
+    thresholded weight), and evaluates each penalty R(w) at the current weights. It works on any model, so it also shows the sparsity left after
     :func:`paramreg.remove`.
 
     Example:
@@ -135,7 +135,7 @@ def report(model: nn.Module) -> Report:
                     name=s.name,
                     shape=tuple(w.shape),
                     numel=w.numel(),
-                    zeros=int((w == 0).sum()),
+                    zeros=int((s.effective() == 0).sum()),
                     regularizer=None if reg is None else repr(reg),
                     mode=None if reg is None else s.carrier.mode,
                     penalty=None if reg is None else float(reg.penalty(w)),

@@ -58,7 +58,7 @@ def _build_plan(optimizer) -> list:
             by_param[id(leaf)] = c
     plan = []
     for group in optimizer.param_groups:
-        buckets = _buckets((by_param[id(p)].regularizer, p) for p in group["params"] if id(p) in by_param)
+        buckets = _buckets((by_param[id(p)], p) for p in group["params"] if id(p) in by_param)
         if buckets:
             if "lr" not in group:
                 raise ParamregError(
@@ -71,10 +71,13 @@ def _build_plan(optimizer) -> list:
 
 
 def _buckets(pairs) -> list:
-    """[(regularizer, [tensors])], one bucket per regularizer object (attach shares one object per call)."""
+    """[(regularizer, [tensors], [carriers])] from (carrier, tensor) pairs: one bucket per
+    regularizer object (attach shares one object among the tensors of a call)."""
     by_id: dict[int, tuple] = {}
-    for reg, p in pairs:
-        by_id.setdefault(id(reg), (reg, []))[1].append(p)
+    for carrier, p in pairs:
+        bucket = by_id.setdefault(id(carrier.regularizer), (carrier.regularizer, [], []))
+        bucket[1].append(p)
+        bucket[2].append(carrier)
     return list(by_id.values())
 
 
@@ -91,10 +94,20 @@ def _after_step(optimizer, args, kwargs) -> None:
     with torch.no_grad():
         for group, buckets in cached[1]:
             t = group["lr"]
-            for regularizer, params in buckets:
-                stepped = [p for p in params if p.grad is not None]
+            for regularizer, params, carriers in buckets:
+                every = getattr(regularizer, "every", 1)
+                if every == 1:
+                    stepped = [p for p in params if p.grad is not None]
+                else:  # a lazy prox: step every·t once every `every` steps of each tensor
+                    stepped = [p for p, c in zip(params, carriers) if p.grad is not None and _count(c) % every == 0]
+                    t = t * every
                 if stepped:
                     regularizer.prox_(stepped, t)
+
+
+def _count(carrier) -> int:
+    carrier.calls += 1
+    return carrier.calls
 
 
 def prox_step(model: nn.Module, lr: float) -> None:
@@ -116,11 +129,9 @@ def prox_step(model: nn.Module, lr: float) -> None:
     """
     if isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor)) or not math.isfinite(float(lr)) or lr < 0:
         raise ParamregError(f"prox_step lr must be a finite number >= 0, got {lr!r}")
-    buckets = _buckets(
-        (s.carrier.regularizer, s.param) for s in _carrier.slots(model) if s.carrier is not None and s.carrier.mode == "prox"
-    )
+    buckets = _buckets((s.carrier, s.param) for s in _carrier.slots(model) if s.carrier is not None and s.carrier.mode == "prox")
     with torch.no_grad():
-        for regularizer, params in buckets:
+        for regularizer, params, _ in buckets:
             regularizer.prox_(params, lr)
 
 
