@@ -172,7 +172,7 @@ def test_user_registered_regularizer():
 
     model = SmallCNN()
     assert paramreg.attach(model, "fc.weight", shrink_to_mean=1.0) == ["fc.weight"]
-    mean = float(model.fc.weight.mean())
+    mean = model.fc.weight.detach().mean().item()
     paramreg.prox_step(model, lr=1e9)
     assert torch.allclose(model.fc.weight, torch.full_like(model.fc.weight, mean), atol=1e-6)
     spec = paramreg.spec(model)
