@@ -368,7 +368,11 @@ def _reorder(params: dict, order: list[str]) -> None:
 
 
 def detach(slot: Slot) -> None:
-    """Remove paramreg's carrier from ``slot`` and nothing else. Values are unchanged (identity)."""
+    """Remove paramreg's carrier from ``slot`` and nothing else.
+
+    An identity carrier leaves every value as it is; a reparametrizing one (``SoftThreshold``) is
+    folded first: the stored tensor becomes the tensor the module computed with.
+    """
     module, tname, plist, carrier = slot.module, slot.tensor_name, slot.plist, slot.carrier
     _sync(module)
     if carrier.transform is not None:  # fold: the stored tensor becomes what the module computed with

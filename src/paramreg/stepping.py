@@ -17,7 +17,9 @@ Note [Plans]
     The hook must be cheap. For each optimizer it caches a plan: per parameter group, the
     attached parameters bucketed by regularizer, so that each regularizer's ``prox_`` runs once
     over all its tensors. The plan is rebuilt when a carrier is bound or unbound anywhere, or
-    when the optimizer's parameter groups change.
+    when the optimizer's parameter groups change. A regularizer with ``every = k > 1``
+    (``NuclearNorm``) is applied to a tensor on every k-th step that updates it, with step k·t;
+    each carrier counts its own steps.
 """
 
 from __future__ import annotations
