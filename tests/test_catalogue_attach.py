@@ -179,9 +179,76 @@ def test_user_registered_regularizer():
     assert spec["attached"]["fc.weight"]["regularizer"] == {"type": "ShrinkToMean", "strength": 1.0}
     fresh = SmallCNN()
     paramreg.attach_spec(fresh, spec)
-    with pytest.raises(paramreg.ParamregError, match="keyword 'l1' is taken by L1"):
+    with pytest.raises(paramreg.ParamregError, match="keyword 'l1' is taken by paramreg.regularizers.L1"):
         paramreg.register("l1")(ShrinkToMean)
     with pytest.raises(paramreg.ParamregError, match="cannot be an attach\\(\\) keyword"):
         paramreg.register("mode")
     with pytest.raises(paramreg.ParamregError, match="decorates a paramreg.Regularizer subclass"):
         paramreg.register("thing")(dict)
+
+
+def test_zero_step_leaves_zero_groups_finite():
+    """A warm-up that starts at lr = 0 must not turn zero groups into 0/0 = NaN."""
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight[0] = 0
+    paramreg.attach(model, "weight", group_lasso=0.1)
+    paramreg.attach(model, "bias", sparse_group_lasso=(0.1, 0.1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert torch.isfinite(model.weight).all() and (model.weight[0] == 0).all()
+
+
+def test_every_k_does_not_change_the_step_of_other_regularizers():
+    model = nn.Linear(4, 4)
+    with torch.no_grad():
+        model.bias.fill_(5.0)
+    paramreg.attach(model, "weight", nuclear_norm={"strength": 1e-9, "every": 10})
+    paramreg.attach(model, "bias", l1=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        model.weight.grad = torch.zeros_like(model.weight)
+        model.bias.grad = torch.zeros_like(model.bias)
+        opt.step()
+    torch.testing.assert_close(model.bias.detach(), torch.full((4,), 4.7))
+
+
+def test_half_precision_penalties_and_feasibility():
+    w = torch.randn(6, 5).to(torch.bfloat16)
+    assert torch.isfinite(paramreg.NuclearNorm(1.0).penalty(w))
+    for reg in (paramreg.MaxNorm(0.5), paramreg.UnitNorm()):
+        assert float(reg.penalty(reg.prox(w, 1.0))) == 0.0
+
+
+def test_soft_threshold_must_start_above_zero_and_never_dies():
+    with pytest.raises(paramreg.ParamregError, match="would never learn"):
+        paramreg.attach(nn.Linear(3, 2), "weight", soft_threshold=0.0)
+    paramreg.SoftThreshold(0.0, learnable=False)  # a fixed zero threshold is allowed
+    layer = nn.Linear(3, 2)
+    paramreg.attach(layer, "weight", soft_threshold=0.1)
+    theta = layer.parametrizations.weight[0].transform.threshold
+    with torch.no_grad():
+        theta.fill_(-0.2)  # τ = abs(θ): a negative θ still has a gradient
+    layer(torch.randn(5, 3)).pow(2).sum().backward()
+    assert float(theta.grad) != 0.0
+
+
+def test_register_refuses_to_shadow_builtins():
+    @dataclasses.dataclass(frozen=True)
+    class GroupLasso(paramreg.Regularizer):
+        strength: float
+
+        def penalty(self, w):
+            return w.sum() * 0
+
+        def prox(self, w, t):
+            return w
+
+    with pytest.raises(paramreg.ParamregError, match="type name 'GroupLasso' is taken by paramreg.structured.GroupLasso"):
+        paramreg.register("my_group_lasso")(GroupLasso)
+    assert paramreg.Regularizer.from_dict({"type": "GroupLasso", "strength": 1.0, "groups": "in"}) == paramreg.GroupLasso(1.0, "in")
+
+
+def test_top_k_fractions_round_half_up_and_keep_at_least_one():
+    assert paramreg.TopK(0.25).kept(10) == 3 and paramreg.TopK(0.1).kept(4) == 1 and paramreg.TopK(1.0).kept(7) == 7

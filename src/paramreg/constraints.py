@@ -3,12 +3,13 @@
 As regularizers, a constraint's penalty is the indicator of C (0 on C, +inf outside) and its
 proximal map, for any step t, is the projection onto C. They act with ``mode="prox"`` only.
 ``TopK``, ``NM`` and ``UnitNorm`` project onto non-convex sets: the projection is a nearest point
-(ties broken by position), not a non-expansive map.
+(which of equal magnitudes is kept is unspecified), not a non-expansive map.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,11 @@ from .structured import _accurate, _check_groups_option
 __all__ = ["NonNegative", "Box", "MaxNorm", "UnitNorm", "TopK", "NM"]
 
 _INF = float("inf")
+
+
+def _tolerance(w: Tensor) -> float:
+    """Relative slack for feasibility checks of norms: a few roundings of w's dtype."""
+    return max(1e-6, 8 * torch.finfo(w.dtype).eps) if w.is_floating_point() else 1e-6
 
 
 def _indicator(feasible: bool, w: Tensor) -> Tensor:
@@ -78,7 +84,7 @@ class Box(Constraint):
 
     def __post_init__(self):
         for label, v in (("lo", self.lo), ("hi", self.hi)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
                 raise ParamregError(f"Box {label} must be a number, got {v!r}")
         if not self.lo <= self.hi:
             raise ParamregError(f"Box needs lo <= hi, got lo={self.lo!r}, hi={self.hi!r}")
@@ -97,7 +103,7 @@ class Box(Constraint):
 
 
 def _positive(label: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ParamregError(f"{label} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -131,7 +137,7 @@ class MaxNorm(Constraint):
         return (self.max_value / group_norms(w, self.groups, dtype=_accurate(w))).clamp_(max=1).to(w.dtype)
 
     def feasible(self, w):
-        return bool((group_norms(w, self.groups, dtype=torch.float64) <= self.max_value * (1 + 1e-6)).all())
+        return bool((group_norms(w, self.groups, dtype=torch.float64) <= self.max_value * (1 + _tolerance(w))).all())
 
     def prox(self, w, t):
         return w * self._scale(w)
@@ -168,7 +174,7 @@ class UnitNorm(Constraint):
         return torch.where(norms > 0, 1 / norms, torch.ones_like(norms)).to(w.dtype)
 
     def feasible(self, w):
-        return bool(((group_norms(w, self.groups, dtype=torch.float64) - 1).abs() <= 1e-5).all())
+        return bool(((group_norms(w, self.groups, dtype=torch.float64) - 1).abs() <= _tolerance(w)).all())
 
     def prox(self, w, t):
         return w * self._scale(w)
@@ -183,9 +189,10 @@ class UnitNorm(Constraint):
 class TopK(Constraint):
     """C = {w : at most k non-zeros}; projection: keep the k largest abs(w), zero the rest.
 
-    ``k`` is a count (int) or a fraction of the tensor's size (float in (0, 1], rounded). After
-    the projection the tensor has exactly numel − k zeros (more only if kept entries were zero).
-    Non-convex: the projection is the nearest point, not a non-expansive map.
+    ``k`` is a count (int) or a fraction of the tensor's size (float in (0, 1]: k = fraction·numel
+    rounded half up, at least 1). After the projection the tensor has exactly numel − k zeros
+    (more only if kept entries were zero). Non-convex: the projection is a nearest point (among
+    equal magnitudes, which are kept is unspecified), not a non-expansive map.
 
     Example:
         >>> import torch, paramreg
@@ -204,7 +211,7 @@ class TopK(Constraint):
             raise ParamregError(f"TopK k must be a count (int >= 0) or a fraction in (0, 1], got {k!r}")
 
     def kept(self, numel: int) -> int:
-        return self.k if isinstance(self.k, int) else round(self.k * numel)
+        return self.k if isinstance(self.k, int) else min(numel, max(1, math.floor(self.k * numel + 0.5)))
 
     def check(self, shape):
         numel = math.prod(shape)

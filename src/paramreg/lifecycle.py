@@ -114,7 +114,7 @@ def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=Non
             parameter, w ← prox_{tR}(w) with t the learning rate of its parameter group, which gives
             exact zeros for L1. ``"penalty"``: nothing happens at step time; add
             :func:`paramreg.penalty` to the loss. Constraints act in ``"prox"`` mode only;
-            reparametrizations (``SoftThreshold``) act in the forward pass whatever the mode.
+            reparametrizations (``SoftThreshold``) act in the forward pass (leave mode as it is).
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
     parametrization, visible in ``print(model)``). A Parameter tied under several names is

@@ -95,14 +95,26 @@ def register(name: str):
     def decorate(cls):
         if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
             raise ParamregError(f"register({name!r}) decorates a paramreg.Regularizer subclass, got {cls!r}")
-        taken = _KEYWORDS.get(name)
-        if taken is not None and taken.__qualname__ != cls.__qualname__:
-            raise ParamregError(f"register: the keyword {name!r} is taken by {taken.__name__}")
+        keyword, type_name = _KEYWORDS.get(name), _BY_NAME.get(cls.__name__)
+        # A keyword may be taken again only by a class defined again (a re-run notebook cell);
+        # a type name (what specs store) never shadows a built-in.
+        if keyword is not None and keyword is not cls and (_builtin(keyword) or _where(keyword) != _where(cls)):
+            raise ParamregError(f"register: the keyword {name!r} is taken by {_where(keyword)}")
+        if type_name is not None and type_name is not cls and _builtin(type_name):
+            raise ParamregError(f"register: the type name {cls.__name__!r} is taken by {_where(type_name)}")
         _KEYWORDS[name] = cls
         _BY_NAME[cls.__name__] = cls
         return cls
 
     return decorate
+
+
+def _builtin(cls: type) -> bool:
+    return cls.__module__.startswith("paramreg.")
+
+
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def keywords() -> dict[str, type]:
@@ -224,7 +236,7 @@ class L1(Regularizer):
         return self.strength * w.abs().sum()
 
     def prox(self, w: Tensor, t: float) -> Tensor:
-        return F.softshrink(w, float(t) * self.strength)
+        return F.softshrink(w, float(t) * self.strength) if float(t) * self.strength else w.clone()
 
     def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
         _soft_threshold_(tensors, float(t) * self.strength)
@@ -297,7 +309,8 @@ class ElasticNet(Regularizer):
         return self.l1 * w.abs().sum() + 0.5 * self.l2 * w.pow(2).sum()
 
     def prox(self, w: Tensor, t: float) -> Tensor:
-        return F.softshrink(w, float(t) * self.l1) / (1.0 + float(t) * self.l2)
+        shrunk = F.softshrink(w, float(t) * self.l1) if float(t) * self.l1 else w
+        return shrunk / (1.0 + float(t) * self.l2)
 
     def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
         _soft_threshold_(tensors, float(t) * self.l1)

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .errors import ParamregError
 from .regularizers import Regularizer, _strength, register
 
 __all__ = ["SoftThreshold"]
 
 
 class Shrink(nn.Module):
-    """sign(w)·relu(abs(w) − relu(τ)) with τ a per-tensor threshold (a Parameter when learnable)."""
+    """sign(w)·relu(abs(w) − abs(θ)) with θ a per-tensor threshold (a Parameter when learnable)."""
 
     def __init__(self, init: float, learnable: bool):
         super().__init__()
@@ -29,7 +30,7 @@ class Shrink(nn.Module):
             self.register_buffer("threshold", tau)
 
     def forward(self, w: Tensor) -> Tensor:
-        tau = torch.relu(self.threshold).to(w.dtype)
+        tau = self.threshold.abs().to(w.dtype)
         return torch.sign(w) * torch.relu(w.abs() - tau)
 
 
@@ -38,10 +39,11 @@ class Shrink(nn.Module):
 class SoftThreshold(Regularizer):
     r"""Soft threshold in the forward pass (STR, Kusupati et al. 2020): the module computes with
 
-        w_eff = sign(w)·max(abs(w) − τ, 0),   τ = max(θ, 0), θ initialized to ``init``
+        w_eff = sign(w)·max(abs(w) − τ, 0),   τ = abs(θ), θ initialized to ``init``
 
     where θ is one learnable scalar per tensor (``learnable=True``: a Parameter your optimizer
-    trains, so build the optimizer after attaching; ``False``: a fixed buffer). The stored weight w
+    trains, so build the optimizer after attaching, or add it with ``optimizer.add_param_group``;
+    ``False``: a fixed buffer). A learnable threshold must start above 0, where its gradient is 0. The stored weight w
     stays dense; ``paramreg.remove`` folds w_eff into it, so the plain model has the exact zeros.
     It has no penalty and nothing happens at step time (its prox is the identity).
 
@@ -60,12 +62,16 @@ class SoftThreshold(Regularizer):
     Sparsity".
     """
 
-    init: float = 0.0
+    init: float
     learnable: bool = True
     kind = "reparametrization"
 
     def __post_init__(self):
         object.__setattr__(self, "init", _strength("SoftThreshold init", self.init))
+        if not isinstance(self.learnable, bool):
+            raise ParamregError(f"SoftThreshold learnable must be True or False, got {self.learnable!r}")
+        if self.learnable and self.init == 0.0:
+            raise ParamregError("SoftThreshold(init=0, learnable=True) would never learn: its gradient is 0 at 0; start above 0")
 
     def transform(self) -> nn.Module:
         """The module the carrier applies in the forward pass."""

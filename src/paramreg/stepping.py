@@ -102,9 +102,8 @@ def _after_step(optimizer, args, kwargs) -> None:
                     stepped = [p for p in params if p.grad is not None]
                 else:  # a lazy prox: step every·t once every `every` steps of each tensor
                     stepped = [p for p, c in zip(params, carriers) if p.grad is not None and _count(c) % every == 0]
-                    t = t * every
                 if stepped:
-                    regularizer.prox_(stepped, t)
+                    regularizer.prox_(stepped, t * every if every != 1 else t)
 
 
 def _count(carrier) -> int:
@@ -117,7 +116,8 @@ def prox_step(model: nn.Module, lr: float) -> None:
 
     For training loops that use no ``torch.optim`` optimizer (a hand-written update, a closed-form
     step). With a torch optimizer this happens automatically after each ``step()``; do not call
-    both, or the prox is applied twice.
+    both, or the prox is applied twice. Every call applies every map once: ``NuclearNorm(every=k)``
+    counts only optimizer steps.
 
     Example:
         >>> import torch, paramreg

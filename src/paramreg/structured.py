@@ -26,13 +26,18 @@ def _accurate(w: Tensor):
     return torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else None
 
 
+def _check_bool(label: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ParamregError(f"{label} must be True or False, got {value!r}")
+
+
 def _check_groups_option(label: str, groups) -> None:
     if isinstance(groups, bool) or not (isinstance(groups, int) or groups in NAMED):
         raise ParamregError(f"{label} groups must be 'out', 'in', 'kernel' or a dim (int), got {groups!r}")
 
 
-def _group_scale(w: Tensor, groups, threshold) -> Tensor:
-    """max(1 − threshold/‖w_g‖, 0) per group, broadcastable against w, in w's dtype."""
+def _group_scale(w: Tensor, groups, threshold: float) -> Tensor:
+    """max(1 − threshold/‖w_g‖, 0) per group, broadcastable against w, in w's dtype (threshold > 0)."""
     norms = group_norms(w, groups, dtype=_accurate(w))
     return (1 - threshold / norms).clamp_(min=0).to(w.dtype)  # a zero group stays zero: 1 − c/0 = −inf → 0
 
@@ -69,6 +74,7 @@ class GroupLasso(Regularizer):
     def __post_init__(self):
         object.__setattr__(self, "strength", _strength("GroupLasso strength", self.strength))
         _check_groups_option("GroupLasso", self.groups)
+        _check_bool("GroupLasso weighted", self.weighted)
 
     def check(self, shape):
         return check_groups(self.groups, shape)
@@ -80,10 +86,12 @@ class GroupLasso(Regularizer):
         return self.strength * self._c(w) * group_norms(w, self.groups).sum()
 
     def prox(self, w: Tensor, t: float) -> Tensor:
+        if float(t) * self.strength == 0.0:
+            return w.clone()
         return w * _group_scale(w, self.groups, float(t) * self.strength * self._c(w))
 
     def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
-        if self.strength == 0.0:
+        if float(t) * self.strength == 0.0:
             return
         for w in tensors:
             w.mul_(_group_scale(w, self.groups, float(t) * self.strength * self._c(w)))
@@ -117,6 +125,7 @@ class SparseGroupLasso(Regularizer):
         object.__setattr__(self, "l1", _strength("SparseGroupLasso l1", self.l1))
         object.__setattr__(self, "group", _strength("SparseGroupLasso group", self.group))
         _check_groups_option("SparseGroupLasso", self.groups)
+        _check_bool("SparseGroupLasso weighted", self.weighted)
 
     def _group_lasso(self) -> GroupLasso:
         return GroupLasso(self.group, self.groups, self.weighted)
@@ -128,7 +137,8 @@ class SparseGroupLasso(Regularizer):
         return self.l1 * w.abs().sum() + self._group_lasso().penalty(w)
 
     def prox(self, w: Tensor, t: float) -> Tensor:
-        return self._group_lasso().prox(F.softshrink(w, float(t) * self.l1), t)
+        shrunk = F.softshrink(w, float(t) * self.l1) if float(t) * self.l1 else w
+        return self._group_lasso().prox(shrunk, t)
 
     def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
         _soft_threshold_(tensors, float(t) * self.l1)
@@ -172,7 +182,10 @@ class NuclearNorm(Regularizer):
         return None if len(shape) >= 2 else "NuclearNorm needs a tensor with at least 2 dims (a matrix)"
 
     def penalty(self, w: Tensor) -> Tensor:
-        return self.strength * torch.linalg.svdvals(w.reshape(w.shape[0], -1)).sum()
+        matrix = w.reshape(w.shape[0], -1)
+        dtype = _accurate(w)
+        singular = torch.linalg.svdvals(matrix if dtype is None else matrix.to(dtype))
+        return (self.strength * singular.sum()).to(w.dtype)
 
     def prox(self, w: Tensor, t: float) -> Tensor:
         if float(t) * self.strength == 0.0:
