@@ -2,6 +2,8 @@
 
 As regularizers, a constraint's penalty is the indicator of C (0 on C, +inf outside) and its
 proximal map, for any step t, is the projection onto C. They act with ``mode="prox"`` only.
+Norm constraints count a group within a relative tolerance of a few roundings of the tensor's
+dtype as feasible and leave it bit for bit, so that projecting twice changes nothing.
 ``TopK``, ``NM`` and ``UnitNorm`` project onto non-convex sets: the projection is a nearest point
 (which of equal magnitudes is kept is unspecified), not a non-expansive map.
 """
@@ -134,7 +136,10 @@ class MaxNorm(Constraint):
         return check_groups(self.groups, shape)
 
     def _scale(self, w):
-        return (self.max_value / group_norms(w, self.groups, dtype=_accurate(w))).clamp_(max=1).to(w.dtype)
+        # groups feasible within the tolerance are left bit for bit, so projecting twice changes nothing
+        norms = group_norms(w, self.groups, dtype=_accurate(w))
+        inside = norms <= self.max_value * (1 + _tolerance(w))
+        return torch.where(inside, torch.ones_like(norms), self.max_value / norms).to(w.dtype)
 
     def feasible(self, w):
         return bool((group_norms(w, self.groups, dtype=torch.float64) <= self.max_value * (1 + _tolerance(w))).all())
@@ -170,8 +175,10 @@ class UnitNorm(Constraint):
         return check_groups(self.groups, shape)
 
     def _scale(self, w):
+        # groups already of unit norm within the tolerance (and zero groups) are left bit for bit
         norms = group_norms(w, self.groups, dtype=_accurate(w))
-        return torch.where(norms > 0, 1 / norms, torch.ones_like(norms)).to(w.dtype)
+        keep = ((norms - 1).abs() <= _tolerance(w)) | (norms == 0)
+        return torch.where(keep, torch.ones_like(norms), 1 / norms).to(w.dtype)
 
     def feasible(self, w):
         return bool(((group_norms(w, self.groups, dtype=torch.float64) - 1).abs() <= _tolerance(w)).all())
