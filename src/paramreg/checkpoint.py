@@ -84,10 +84,11 @@ def attach_spec(model: nn.Module, spec: dict) -> list[str]:
     return [s.name for s in _carrier.slots(model) if s.name in set(done)]
 
 
-def folded(model: nn.Module) -> nn.Module:
+def folded(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Module:
     """A deep copy of ``model`` with paramreg's carriers removed; ``model`` keeps them.
 
-    For exporting or evaluating in the middle of training. Costs one copy of the weights.
+    For exporting or evaluating in the middle of training. Costs one copy of the weights. Like
+    :func:`paramreg.remove`, it refuses tensors holding NaN or Inf unless ``allow_nonfinite=True``.
 
     Example:
         >>> import torch, paramreg
@@ -99,7 +100,7 @@ def folded(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise ParamregError(f"folded: model must be a torch.nn.Module, got {type(model).__name__}")
-    return remove(copy.deepcopy(model))
+    return remove(copy.deepcopy(model), allow_nonfinite=allow_nonfinite)
 
 
 def check_plain(model: nn.Module) -> nn.Module:

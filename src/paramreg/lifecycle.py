@@ -7,6 +7,7 @@ Parameter object, the classes, the state_dict keys and the parameter order are a
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from . import carrier as _carrier
@@ -160,13 +161,17 @@ def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=Non
     return [s.name for s in chosen]
 
 
-def remove(model: nn.Module, targets=None) -> nn.Module:
+def remove(model: nn.Module, targets=None, *, allow_nonfinite: bool = False) -> nn.Module:
     """Fold and detach paramreg's carriers (all, or those whose canonical names ``targets`` selects).
 
     The model is then plain again: the original classes, plain state_dict keys, every Parameter
     the same object as before :func:`attach`, parameter order as it was, and outputs bitwise
     identical to those just before the call. Parametrizations the user registered themselves
     (``orthogonal``, ``weight_norm``, ...) stay. Calling it again is a no-op. Returns ``model``.
+
+    A tensor holding NaN or Inf is not folded into a plain model silently: ``remove`` raises
+    :class:`ParamregError` naming every such tensor and changes nothing, unless
+    ``allow_nonfinite=True``.
 
     Example:
         >>> import torch, paramreg
@@ -184,7 +189,16 @@ def remove(model: nn.Module, targets=None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ParamregError(f"remove: model must be a torch.nn.Module, got {type(model).__name__}")
     candidates = resolve(model, targets) if targets is not None else _carrier.slots(model)
-    for s in candidates:
-        if s.carrier is not None:
-            _carrier.detach(s)
+    attached = [s for s in candidates if s.carrier is not None]
+    if not allow_nonfinite:
+        with torch.no_grad():
+            bad = [s.describe() for s in attached if not bool(torch.isfinite(s.effective()).all())]
+        if bad:
+            listed = ", ".join(bad[:_MAX_LISTED]) + (f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else "")
+            raise ParamregError(
+                f"remove: {listed} hold NaN or Inf; training diverged? Nothing was removed. Restore a "
+                f"checkpoint, or pass allow_nonfinite=True to fold them anyway"
+            )
+    for s in attached:
+        _carrier.detach(s)
     return model

@@ -25,6 +25,7 @@ class Row:
     regularizer: str | None  # repr of the regularizer, None if nothing is attached
     mode: str | None
     penalty: float | None  # R(w) at the current weights (whatever the mode), None if nothing is attached
+    nonfinite: int = 0  # NaN and Inf entries: a diverged run, flagged in the table
 
     @property
     def sparsity(self) -> float:
@@ -53,6 +54,10 @@ class Report:
     @property
     def penalty(self) -> float:
         return sum(r.penalty for r in self.rows if r.penalty is not None)
+
+    @property
+    def nonfinite(self) -> int:
+        return sum(r.nonfinite for r in self.rows)
 
     def __getitem__(self, name: str) -> Row:
         for r in self.rows:
@@ -98,7 +103,13 @@ class Report:
             return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
 
         rule = "  ".join("-" * w for w in widths)
-        return "\n".join([line(header), rule, *map(line, body), rule, line(total)])
+        lines = [line(header), rule, *map(line, body), rule, line(total)]
+        if self.nonfinite:  # flag the rows, and say it once below the table
+            lines[2 : 2 + len(body)] = [
+                f"{text}  !! {r.nonfinite} NaN/Inf" if r.nonfinite else text for text, r in zip(lines[2 : 2 + len(body)], self.rows)
+            ]
+            lines.append(f"!! {self.nonfinite} NaN/Inf entries in {sum(1 for r in self.rows if r.nonfinite)} tensor(s)")
+        return "\n".join(lines)
 
     __repr__ = __str__
 
@@ -129,13 +140,15 @@ def report(model: nn.Module) -> Report:
     with torch.no_grad():
         for s in chosen:
             w = s.value()
+            effective = s.effective()
             reg = s.carrier.regularizer if s.carrier is not None else None
             rows.append(
                 Row(
                     name=s.name,
                     shape=tuple(w.shape),
                     numel=w.numel(),
-                    zeros=int((s.effective() == 0).sum()),
+                    zeros=int((effective == 0).sum()),
+                    nonfinite=int((~torch.isfinite(effective)).sum()),
                     regularizer=None if reg is None else repr(reg),
                     mode=None if reg is None else s.carrier.mode,
                     penalty=None if reg is None else float(reg.penalty(w)),
@@ -165,6 +178,7 @@ def tensor_report(tensors: Mapping[str, Tensor], spec: dict | None = None) -> Re
                 regularizer=None if reg is None else repr(reg),
                 mode=None if reg is None else entry.get("mode", "prox"),
                 penalty=None if reg is None else float(reg.penalty(t.detach())),
+                nonfinite=int((~torch.isfinite(t)).sum()),
             )
         )
     return Report(tuple(rows))
