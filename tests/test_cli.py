@@ -125,3 +125,61 @@ def test_module_entry_point(checkpoint):
     for target in (str(path) + ".missing", evil):
         done = subprocess.run([sys.executable, "-m", "paramreg", "report", str(target)], capture_output=True, text=True)
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+
+
+def _fuzz_inputs(seed_files, count, rng):
+    """Damaged copies of real artifacts: truncations, bit flips, byte runs overwritten, random junk."""
+    for i in range(count):
+        name, data = seed_files[i % len(seed_files)]
+        kind = i % 4
+        if kind == 0:
+            damaged = data[: rng.randrange(len(data))]
+        elif kind == 1:
+            damaged = bytearray(data)
+            for _ in range(rng.randint(1, 16)):
+                damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
+        elif kind == 2:
+            damaged = bytearray(data)
+            start = rng.randrange(len(damaged))
+            damaged[start : start + rng.randint(1, 64)] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+        else:
+            damaged = bytes(rng.randrange(256) for _ in range(rng.randint(0, 2048)))
+        yield name, bytes(damaged)
+
+
+FUZZ_INPUTS = 300
+
+
+def test_fuzz_report_with_damaged_checkpoints_safetensors_and_onnx(capsys, checkpoint, tmp_path):
+    import signal
+
+    path, model = checkpoint
+    plain = paramreg.folded(model).eval()
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, tmp_path / "seed.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(plain, (torch.randn(1, 1, 8, 8),), tmp_path / "seed.onnx", dynamo=False, do_constant_folding=False)
+    seeds = [(p.suffix, p.read_bytes()) for p in (path, tmp_path / "seed.safetensors", tmp_path / "seed.onnx")]
+
+    def watchdog(signum, frame):
+        raise AssertionError("report hung on a damaged input")
+
+    previous = signal.signal(signal.SIGALRM, watchdog)
+    outcomes = {0: 0, 2: 0}
+    try:
+        for i, (suffix, data) in enumerate(_fuzz_inputs(seeds, FUZZ_INPUTS, random.Random(1))):
+            target = tmp_path / f"fuzz{i}{suffix}"
+            target.write_bytes(data)
+            signal.alarm(20)
+            code, out, err = run(capsys, target)
+            signal.alarm(0)
+            assert code in (0, 2), (target, code)
+            if code == 2:
+                assert_one_line_error(code, out, err, target)
+            outcomes[code] += 1
+            target.unlink()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    print(f"fuzz: {FUZZ_INPUTS} damaged inputs, {outcomes[0]} still readable, {outcomes[2]} one-line errors")
+    assert outcomes[2] > FUZZ_INPUTS // 2  # most damage is detected, and all of it is one line
