@@ -252,3 +252,16 @@ def test_register_refuses_to_shadow_builtins():
 
 def test_top_k_fractions_round_half_up_and_keep_at_least_one():
     assert paramreg.TopK(0.25).kept(10) == 3 and paramreg.TopK(0.1).kept(4) == 1 and paramreg.TopK(1.0).kept(7) == 7
+
+
+def test_soft_threshold_refuses_tied_weights():
+    """Found by the state machine: a forward-pass transform on one side of a tie changes one use only."""
+    from conftest import TiedLM
+
+    model = TiedLM()
+    before = snapshot(model)
+    for pattern in ("emb.weight", "out.weight"):
+        with pytest.raises(paramreg.ParamregError, match="one Parameter shared as 'emb.weight', 'out.weight'.*untie"):
+            paramreg.attach(model, pattern, soft_threshold=0.1)
+    assert_same_snapshot(before, snapshot(model))
+    assert paramreg.attach(model, "*.weight", exclude="emb.weight", soft_threshold=0.1) == ["hidden.weight"]

@@ -133,9 +133,13 @@ def test_tied_weights_are_attached_once_and_stay_tied():
 
 def test_tied_weight_attached_under_its_second_name():
     model = TiedLM()
-    assert paramreg.attach(model, "out.weight", l1=1e-3) == ["out.weight"]
-    assert [r.name for r in paramreg.report(model).rows] == ["out.weight"]
-    assert paramreg.remove(model).out.weight is model.emb.weight
+    # the carrier sits where the user pointed; the tensor keeps its canonical (first) name
+    assert paramreg.attach(model, "out.weight", l1=1e-3) == ["emb.weight"]
+    assert parametrize.is_parametrized(model.out, "weight") and not parametrize.is_parametrized(model.emb)
+    assert [r.name for r in paramreg.report(model).rows] == ["emb.weight"]
+    assert paramreg.select(model, "*") == paramreg.select(TiedLM(), "*")
+    assert paramreg.remove(model, "out.weight").out.weight is model.emb.weight
+    assert not parametrize.is_parametrized(model.out)
 
 
 def test_deepcopy_is_regularized_and_removing_from_it_leaves_the_original_intact():

@@ -191,9 +191,9 @@ def _module_slots(prefix: str, module: nn.Module) -> list[Slot]:
 def slots(model: nn.Module) -> list[Slot]:
     """Every parameter of ``model`` under its canonical name, in model order.
 
-    A Parameter reachable under several names (tied weights) appears once: under the name where
-    paramreg's carrier sits if it has one, else under its first name; its other names are in
-    ``aliases``.
+    A Parameter reachable under several names (tied weights) appears once, under its first name
+    (as ``named_parameters()`` reports it); its other names are in ``aliases``. If paramreg's
+    carrier sits under another name, the slot points at that module.
     """
     chosen: dict[object, tuple[int, Slot]] = {}
     seen: set[int] = set()
@@ -210,9 +210,9 @@ def slots(model: nn.Module) -> list[Slot]:
                 chosen[key] = (position, s)
             else:
                 first_position, first = chosen[key]
-                if s.carrier is not None and first.carrier is None:
-                    s.aliases, first.aliases = [first, *first.aliases], []
-                    chosen[key] = (first_position, s)
+                if s.carrier is not None and first.carrier is None:  # keep the first name, point at the carrier
+                    merged = Slot(first.name, s.module, s.tensor_name, s.param, s.plist, s.carrier, [s, *first.aliases])
+                    chosen[key] = (first_position, merged)
                 else:
                     first.aliases.append(s)
             position += 1

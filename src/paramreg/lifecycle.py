@@ -70,8 +70,9 @@ def _carrier_mode(regularizer: Regularizer, mode, where: str) -> str:
     return mode
 
 
-def _problems(slot: _carrier.Slot, regularizer: Regularizer, mode: str) -> str | None:
-    """Why ``slot`` cannot take ``regularizer`` in ``mode``, or None."""
+def _problems(slot: _carrier.Slot, regularizer: Regularizer, mode: str, tied: dict) -> str | None:
+    """Why ``slot`` cannot take ``regularizer`` in ``mode``, or None. ``tied``: Parameter id ->
+    all its names, for Parameters reachable under several names."""
     if isinstance(slot.param, nn.parameter.UninitializedParameter):
         return f"'{slot.name}' is an uninitialized lazy parameter; run one forward pass before attaching"
     value = slot.value()
@@ -87,6 +88,12 @@ def _problems(slot: _carrier.Slot, regularizer: Regularizer, mode: str) -> str |
         return (
             f"{slot.describe()} is computed by its own parametrization ({kinds}); mode={mode!r} needs the "
             f"stored tensor itself: use mode='penalty' for it, or exclude it"
+        )
+    if mode == "forward" and id(slot.param) in tied:
+        names = ", ".join(repr(n) for n in tied[id(slot.param)])
+        return (
+            f"{slot.describe()} is one Parameter shared as {names}; {regularizer!r} acts in the forward pass "
+            f"and would change one use only: exclude it, or untie the weights"
         )
     requirement = regularizer.check(tuple(value.shape))
     if requirement is not None:
@@ -141,7 +148,8 @@ def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=Non
     regularizer = _regularizer(reg, given, where)
     mode = _carrier_mode(regularizer, mode, where)
     chosen = resolve(model, targets, exclude)
-    problems = [p for p in (_problems(s, regularizer, mode) for s in chosen) if p is not None]
+    tied = {id(s.param): [s.name, *(a.name for a in s.aliases)] for s in _carrier.slots(model) if s.aliases}
+    problems = [p for p in (_problems(s, regularizer, mode, tied) for s in chosen) if p is not None]
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -158,7 +166,8 @@ def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=Non
             _carrier.detach(s)
         raise
     install_hook()
-    return [s.name for s in chosen]
+    canonical = {id(s.param): s.name for s in _carrier.slots(model) if s.param is not None}
+    return [canonical.get(id(s.param), s.name) for s in chosen]  # a tied tensor under its first name
 
 
 def remove(model: nn.Module, targets=None, *, allow_nonfinite: bool = False) -> nn.Module:
