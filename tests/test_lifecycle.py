@@ -265,3 +265,19 @@ def test_torch_remove_parametrizations_on_a_carried_tensor_leaves_a_working_modu
     parametrize.remove_parametrizations(model, "weight")
     assert list(model.state_dict()) == ["weight", "bias"]
     assert type(model) is nn.Linear and paramreg.report(model).rows[0].regularizer is None
+
+
+def test_fast_reads_return_the_stored_parameter_and_yield_to_other_paths():
+    model = mlp()
+    weight = model[0].weight
+    paramreg.attach(model, "*.weight", l1=1e-3)
+    assert model[0].weight is weight
+    with parametrize.cached():  # torch's cache path still works
+        assert torch.equal(model[0].weight, weight)
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(model[0], "weight", Double())  # appended after ours
+    assert torch.equal(model[0].weight, 2 * weight)

@@ -270,18 +270,46 @@ class _CarrierModuleMixin:
 _OVERRIDES = ("__setattr__", "_apply")
 
 
+def _fast_property(name: str, slow: property) -> property:
+    """``module.<name>`` without parametrize's module call when paramreg's identity carrier is alone.
+
+    Note [Fast identity reads]
+        parametrize's property calls the ParametrizationList module on every read (about 10 µs);
+        with hundreds of small layers that is most of the forward pass. When the list holds
+        only an identity carrier, the value is the stored Parameter itself, so the property
+        returns it directly; anything else (a user's parametrization appended later, a
+        SoftThreshold, ``parametrize.cached()``) takes torch's own path.
+    """
+
+    def get(self):
+        plist = self._modules["parametrizations"]._modules[name]
+        if len(plist._modules) == 1 and not parametrize._cache_enabled and plist._modules["0"].transform is None:
+            return plist._parameters["original"]
+        return slow.fget(self)
+
+    get.slow = slow
+    return property(get, slow.fset)
+
+
 def _own_class(module: nn.Module, without: tuple[str, ...] = ()) -> None:
     """Give ``module`` a parametrized class of its own, minus the properties in ``without``.
 
     torch's parametrize adds and deletes properties on the module's class, and a deep copy shares
     that class with the original; a class per module keeps copies independent. While the module
-    has carriers, the class also gets :class:`_CarrierModuleMixin`'s methods.
+    has carriers, the class also gets :class:`_CarrierModuleMixin`'s methods and fast reads of
+    the carried tensors (Note [Fast identity reads]).
     """
     cls = type(module)
     drop = {*without, *_OVERRIDES, "__dict__", "__weakref__"}
     namespace = {k: v for k, v in vars(cls).items() if k not in drop}
-    if _carried(module):
+    carried = _carried(module)
+    if carried:
         namespace.update({k: vars(_CarrierModuleMixin)[k] for k in _OVERRIDES})
+    for name, value in list(namespace.items()):
+        if isinstance(value, property) and hasattr(value.fget, "slow"):
+            namespace[name] = value = value.fget.slow  # back to torch's property
+        if name in dict(carried) and isinstance(value, property):
+            namespace[name] = _fast_property(name, value)
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
