@@ -55,8 +55,8 @@ def main() -> None:
             for _ in range(5):
                 fn(model)
         for _ in range(args.rounds):  # interleaved
-            times["plain"].append(_timed(lambda: fn(plain), 5))
-            times["attached"].append(_timed(lambda: fn(attached), 5))
+            times["plain"].append(_timed(lambda f=fn: f(plain), 5))
+            times["attached"].append(_timed(lambda f=fn: f(attached), 5))
         p, a = statistics.median(times["plain"]), statistics.median(times["attached"])
         print(f"{label:18s}  plain {p:7.3f} ms  attached {a:7.3f} ms  ratio {a / p:.3f}")
 

@@ -120,7 +120,7 @@ def table(medians: dict[str, float], markdown: bool) -> str:
     widths = [max(len(r[i]) for r in (headers, *rows)) for i in range(len(headers))]
 
     def line(cells):  # first column left-aligned, numbers right-aligned
-        return "  ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
+        return "  ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)])
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 

@@ -88,7 +88,7 @@ def slow_group_prox(w, t, a, groups, weighted, l1=0.0):
     keep = {"out": (0,), "in": (1,), "kernel": (0, 1)}.get(groups, (groups,))
     for index in itertools.product(*(range(w.shape[d]) for d in keep)):
         selector = [slice(None)] * w.ndim
-        for d, i in zip(keep, index):
+        for d, i in zip(keep, index, strict=True):
             selector[d] = i
         group = w[tuple(selector)]
         c = math.sqrt(group.size) if weighted else 1.0

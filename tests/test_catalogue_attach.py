@@ -95,7 +95,7 @@ def test_nuclear_norm_every_k_steps():
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, plain)]
     x = torch.randn(8, 6)
     for step in range(1, 4):
-        for m, opt in zip((model, plain), opts):
+        for m, opt in zip((model, plain), opts, strict=True):
             opt.zero_grad()
             m(x).pow(2).sum().backward()
             opt.step()

@@ -79,6 +79,6 @@ def test_two_models_trained_in_two_threads_match_sequential_training():
     for w in workers:
         w.join()
     for kind in ("sgd", "adam"):
-        for a, b in zip(sequential[kind][0].parameters(), threaded[kind][0].parameters()):
+        for a, b in zip(sequential[kind][0].parameters(), threaded[kind][0].parameters(), strict=True):
             assert torch.equal(a, b), kind
     assert (sequential["sgd"][0][0].weight == 0).any()

@@ -20,7 +20,7 @@ def test_rows_count_exact_zeros_and_evaluate_the_penalty():
         opt.step()
     r = paramreg.report(model)
     assert [row.name for row in r.rows] == ["conv1.weight", "conv2.weight", "fc.weight"]
-    for row, w in zip(r.rows, (model.conv1.weight, model.conv2.weight, model.fc.weight)):
+    for row, w in zip(r.rows, (model.conv1.weight, model.conv2.weight, model.fc.weight), strict=True):
         assert row.zeros == int((w == 0).sum()) and row.numel == w.numel() and row.shape == tuple(w.shape)
     assert r["conv1.weight"].zeros > 0
     assert abs(r["conv2.weight"].penalty - 0.5 * model.conv2.weight.detach().abs().sum().item()) < 1e-5

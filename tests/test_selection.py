@@ -1,6 +1,5 @@
 """One selection rule: shell patterns over canonical names, 're:' regexes, callables, lists."""
 
-import torch
 from torch import nn
 
 import paramreg

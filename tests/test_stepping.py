@@ -29,7 +29,7 @@ def reference_run(model, make_opt, steps, x, y, make_sched=None, strength=STRENG
     opt = make_opt(model.parameters())
     sched = make_sched(opt) if make_sched else None
     weights = [model[0].weight, model[2].weight]
-    for step in range(steps):
+    for _ in range(steps):
         opt.zero_grad()
         loss_of(model, x, y).backward()
         opt.step()
@@ -59,7 +59,7 @@ def test_prox_after_every_step_matches_the_written_out_reference(name, built, de
         loss_of(model, x, y).backward()
         opt.step()
     paramreg.remove(model)
-    for got, want in zip(model.parameters(), expected.parameters()):
+    for got, want in zip(model.parameters(), expected.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
     assert (model[0].weight == 0).any(), "L1 should produce exact zeros"
 
@@ -84,7 +84,7 @@ def test_step_size_follows_the_lr_scheduler():
         opt.step()
         sched.step()
     paramreg.remove(model)
-    for got, want in zip(model.parameters(), expected.parameters()):
+    for got, want in zip(model.parameters(), expected.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
 
 
@@ -130,7 +130,7 @@ def test_gradient_accumulation_applies_the_prox_once_per_step():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     start = model[0].weight.detach().clone()
     opt.zero_grad()
-    for xb, yb in zip(x.chunk(4), y.chunk(4)):
+    for xb, yb in zip(x.chunk(4), y.chunk(4), strict=True):
         (loss_of(model, xb, yb) / 4).backward()
     grad = model[0].weight.grad.clone()
     opt.step()
@@ -188,7 +188,7 @@ def test_penalty_mode_adds_to_the_loss_and_never_acts_at_step_time():
             for b in (plain[0].bias, plain[2].bias):
                 b.div_(1 + 0.1 * 0.2)
     paramreg.remove(model)
-    for got, want in zip(model.parameters(), plain.parameters()):
+    for got, want in zip(model.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert not (model[0].weight == 0).any(), "a penalty in the loss gives no exact zeros"
 
@@ -249,7 +249,7 @@ def test_deepcopy_before_training_trains_independently():
             opt.zero_grad()
             loss_of(m, x, y).backward()
             opt.step()
-    for a, b in zip(model.parameters(), clone.parameters()):
+    for a, b in zip(model.parameters(), clone.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

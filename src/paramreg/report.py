@@ -100,13 +100,13 @@ class Report:
         right = {2, 3, 4, 6}
 
         def line(row):
-            return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+            return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
 
         rule = "  ".join("-" * w for w in widths)
         lines = [line(header), rule, *map(line, body), rule, line(total)]
         if self.nonfinite:  # flag the rows, and say it once below the table
             lines[2 : 2 + len(body)] = [
-                f"{text}  !! {r.nonfinite} NaN/Inf" if r.nonfinite else text for text, r in zip(lines[2 : 2 + len(body)], self.rows)
+                f"{text}  !! {r.nonfinite} NaN/Inf" if r.nonfinite else text for text, r in zip(lines[2 : 2 + len(body)], self.rows, strict=True)
             ]
             lines.append(f"!! {self.nonfinite} NaN/Inf entries in {sum(1 for r in self.rows if r.nonfinite)} tensor(s)")
         return "\n".join(lines)

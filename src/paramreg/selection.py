@@ -91,13 +91,13 @@ def resolve(model: nn.Module, targets, exclude=None) -> list[Slot]:
                 f"closest names: {_closest(pattern, names)}. Patterns match canonical names such as "
                 f"'conv1.weight'; paramreg.select(model, pattern) shows what a pattern selects"
             )
-        matched = [m or h for m, h in zip(matched, hits)]
+        matched = [m or h for m, h in zip(matched, hits, strict=True)]
     if exclude is not None:
         for pattern, pred in _predicates(exclude, "exclude"):
-            hits = [m is not None and _first_match(pred, s) is not None for m, s in zip(matched, everything)]
+            hits = [m is not None and _first_match(pred, s) is not None for m, s in zip(matched, everything, strict=True)]
             if not any(hits):
                 warnings.warn(f"exclude pattern {pattern!r} excluded nothing", stacklevel=3)
-            matched = [None if h else m for m, h in zip(matched, hits)]
+            matched = [None if h else m for m, h in zip(matched, hits, strict=True)]
     picked = [m for m in matched if m is not None]
     if not picked:
         raise ParamregError(

@@ -101,7 +101,7 @@ def _after_step(optimizer, args, kwargs) -> None:
                 if every == 1:
                     stepped = [p for p in params if p.grad is not None]
                 else:  # a lazy prox: step every·t once every `every` steps of each tensor
-                    stepped = [p for p, c in zip(params, carriers) if p.grad is not None and _count(c) % every == 0]
+                    stepped = [p for p, c in zip(params, carriers, strict=True) if p.grad is not None and _count(c) % every == 0]
                 if stepped:
                     regularizer.prox_(stepped, t * every if every != 1 else t)
 
