@@ -139,3 +139,11 @@ def test_remove_then_export_in_place():
         ref = model(x)
     paramreg.remove(model)
     assert_close_to(torch.jit.script(paramreg.check_plain(model))(x), ref)
+
+
+def test_scripting_an_attached_model_fails_loudly():
+    model, x, names = trained("cnn")
+    with pytest.raises(Exception, match="has no attribute"):
+        torch.jit.script(model)
+    with pytest.raises(paramreg.ParamregError, match="call paramreg.remove\\(model\\) first, or export paramreg.folded"):
+        paramreg.check_plain(model)

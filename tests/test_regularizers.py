@@ -18,7 +18,7 @@ REGULARIZERS = [
 
 
 def formula(reg, w, t):
-    """GROUND.md section 4, written independently of the implementation."""
+    """The conventions table (README "What it computes"), written independently of the implementation."""
     a = reg.strength if isinstance(reg, paramreg.L1) else getattr(reg, "l1", 0.0)
     b = reg.strength if isinstance(reg, paramreg.L2) else getattr(reg, "l2", 0.0)
     penalty = a * np.abs(w).sum() + b / 2 * (w**2).sum()

@@ -5,7 +5,7 @@ paramreg attaches a :class:`Carrier` to each selected tensor with
 stays the very same Parameter object and the forward pass computes nothing new; the carrier
 only holds the regularizer and its mode, and makes the attachment visible in the module tree::
 
-    Linear(
+    ParametrizedLinear(
       in_features=4, out_features=2, bias=True
       (parametrizations): ModuleDict(
         (weight): ParametrizationList(
@@ -13,7 +13,7 @@ only holds the regularizer and its mode, and makes the attachment visible in the
     ...
 
 This module also owns the structural operations that torch's own ``parametrize`` gets wrong
-for us (../shared/GROUND.md, section 2):
+for us (checked on torch 2.13):
 
 - the canonical walk (:func:`slots`): every tensor is named by its plain-model name
   (``conv1.weight``, never ``conv1.parametrizations.weight.original``), and a Parameter tied
@@ -25,7 +25,7 @@ for us (../shared/GROUND.md, section 2):
 Note [The Parameter stays in its module]
     ``register_parametrization`` moves ``module.weight`` to
     ``module.parametrizations.weight.original``, which renames it in ``named_parameters()`` and
-    ``state_dict()`` and moves it behind ``bias`` (GROUND.md section 2). After registering a
+    ``state_dict()`` and moves it behind ``bias``. After registering a
     carrier on a plain tensor, paramreg puts the same Parameter object back into
     ``module._parameters`` at its old position. ``module.weight`` still goes through the class
     property (a data descriptor wins over ``_parameters``), while ``named_parameters()`` and
@@ -87,7 +87,8 @@ class Carrier(nn.Module):
         return x if self.transform is None else self.transform(x)
 
     def right_inverse(self, x: Tensor) -> Tensor:
-        # ``module.weight = t`` then writes t into the same stored Parameter.
+        # Registration keeps the stored Parameter as it is; under a user's parametrization,
+        # torch's assignment path passes through here unchanged.
         return x
 
     def extra_repr(self) -> str:

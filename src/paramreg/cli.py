@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from collections.abc import Mapping
@@ -36,6 +37,11 @@ def _from_torch(path: str):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged or foreign files
+        if "Weights only load failed" in str(e):
+            raise ArtifactError(
+                "holds pickled Python objects, which are never unpickled here (a whole module saved with "
+                "torch.save(model)?); save model.state_dict() instead"
+            ) from None
         raise ArtifactError(f"not a readable PyTorch checkpoint ({_first_line(e)})") from None
     if _is_state_dict(obj):
         return obj, None
@@ -76,7 +82,7 @@ def _from_onnx(path: str):
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # no terminal colour codes
     return (text[0] if text else type(e).__name__)[:200]
 
 

@@ -115,8 +115,8 @@ def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=Non
             together give :class:`paramreg.ElasticNet`.
         **keywords: any other registered regularizer (:func:`paramreg.register`), e.g.
             ``group_lasso=a``, ``nuclear_norm=a``, ``non_negative=True``, ``max_norm=c``,
-            ``box=(lo, hi)``, ``top_k=k``, ``nm=(2, 4)``, ``soft_threshold=init``: a number builds
-            ``cls(value)``, a tuple ``cls(*value)``, a dict ``cls(**value)``.
+            ``box=(lo, hi)``, ``top_k=k``, ``nm=(2, 4)``, ``soft_threshold=init``: ``True`` builds
+            ``cls()``, a number ``cls(value)``, a tuple ``cls(*value)``, a dict ``cls(**value)``.
         exclude: names to leave out, in the same forms as ``targets``.
         mode: ``"prox"`` (default): after every ``step()`` of any torch optimizer that updates the
             parameter, w ← prox_{tR}(w) with t the learning rate of its parameter group, which gives
@@ -205,7 +205,7 @@ def remove(model: nn.Module, targets=None, *, allow_nonfinite: bool = False) -> 
         if bad:
             listed = ", ".join(bad[:_MAX_LISTED]) + (f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else "")
             raise ParamregError(
-                f"remove: {listed} hold NaN or Inf; training diverged? Nothing was removed. Restore a "
+                f"{listed} hold NaN or Inf; training diverged? Nothing was removed. Restore a "
                 f"checkpoint, or pass allow_nonfinite=True to fold them anyway"
             )
     for s in attached:

@@ -6,7 +6,7 @@ Note [Why a global optimizer post-step hook]
     in the user's loop. ``GradScaler`` does not call ``step()`` on a step with inf/NaN gradients,
     so the prox is skipped exactly when the step is; with gradient accumulation it runs once per
     real step. Nothing is ever added to gradients (a backward hook would see AMP-scaled gradients
-    and fire once per micro-batch; GROUND.md section 1).
+    and fire once per micro-batch).
 
 Note [Step size]
     A parameter receives prox_{tR} with t = the ``lr`` of the parameter group that just stepped
