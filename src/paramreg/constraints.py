@@ -109,9 +109,26 @@ def _positive(label: str, value) -> float:
     return float(value)
 
 
+class _GroupScaling(Constraint):
+    """A projection that multiplies each group (``self.groups``) by a factor from ``_scale``."""
+
+    def check(self, shape):
+        return check_groups(self.groups, shape)
+
+    def _scale(self, w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def prox(self, w, t):
+        return w * self._scale(w)
+
+    def prox_(self, tensors, t):
+        for w in tensors:
+            w.mul_(self._scale(w))
+
+
 @register("max_norm")
 @dataclass(frozen=True)
-class MaxNorm(Constraint):
+class MaxNorm(_GroupScaling):
     """C = {w : ‖w_g‖₂ <= c for every group}; projection w_g·min(1, c/‖w_g‖₂). Keras ``MaxNorm``.
 
     ``groups="out"`` (default) bounds each output unit's incoming weights, as Keras ``MaxNorm``
@@ -131,9 +148,6 @@ class MaxNorm(Constraint):
         object.__setattr__(self, "max_value", _positive("MaxNorm max_value", self.max_value))
         _check_groups_option("MaxNorm", self.groups)
 
-    def check(self, shape):
-        return check_groups(self.groups, shape)
-
     def _scale(self, w):
         # groups feasible within the tolerance are left bit for bit, so projecting twice changes nothing
         norms = group_norms(w, self.groups, dtype=_accurate(w))
@@ -143,17 +157,10 @@ class MaxNorm(Constraint):
     def feasible(self, w):
         return bool((group_norms(w, self.groups, dtype=torch.float64) <= self.max_value * (1 + _tolerance(w))).all())
 
-    def prox(self, w, t):
-        return w * self._scale(w)
-
-    def prox_(self, tensors, t):
-        for w in tensors:
-            w.mul_(self._scale(w))
-
 
 @register("unit_norm")
 @dataclass(frozen=True)
-class UnitNorm(Constraint):
+class UnitNorm(_GroupScaling):
     """C = {w : ‖w_g‖₂ = 1 for every group}; projection w_g/‖w_g‖₂ (a zero group stays zero). Keras ``UnitNorm``.
 
     Non-convex (a sphere): the projection is the nearest point, not a non-expansive map.
@@ -170,9 +177,6 @@ class UnitNorm(Constraint):
     def __post_init__(self):
         _check_groups_option("UnitNorm", self.groups)
 
-    def check(self, shape):
-        return check_groups(self.groups, shape)
-
     def _scale(self, w):
         # groups already of unit norm within the tolerance (and zero groups) are left bit for bit
         norms = group_norms(w, self.groups, dtype=_accurate(w))
@@ -181,13 +185,6 @@ class UnitNorm(Constraint):
 
     def feasible(self, w):
         return bool(((group_norms(w, self.groups, dtype=torch.float64) - 1).abs() <= _tolerance(w)).all())
-
-    def prox(self, w, t):
-        return w * self._scale(w)
-
-    def prox_(self, tensors, t):
-        for w in tensors:
-            w.mul_(self._scale(w))
 
 
 @register("top_k")
