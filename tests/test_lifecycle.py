@@ -179,11 +179,11 @@ def test_attach_is_atomic_when_registration_fails(monkeypatch):
     real = paramreg.carrier.attach
     calls = []
 
-    def failing(slot, reg, mode):
+    def failing(slot, *args):
         calls.append(slot.name)
         if len(calls) == 3:
             raise RuntimeError("simulated failure")
-        return real(slot, reg, mode)
+        return real(slot, *args)
 
     monkeypatch.setattr(paramreg.carrier, "attach", failing)
     with pytest.raises(RuntimeError, match="simulated"):

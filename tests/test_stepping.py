@@ -24,8 +24,9 @@ def loss_of(model, x, y):
     return F.cross_entropy(model(x), y)
 
 
-def reference_run(model, make_opt, steps, x, y, make_sched=None, strength=STRENGTH):
-    """A plain model, the same optimizer, and the soft-threshold written out after each step."""
+def reference_run(model, make_opt, steps, x, y, make_sched=None, strength=STRENGTH, adaptive=False):
+    """A plain model, the same optimizer, and the soft-threshold written out after each step:
+    threshold lr·a, or with ``adaptive`` (Adam's metric) lr·a / (sqrt(v / (1 − β₂ᵏ)) + eps)."""
     opt = make_opt(model.parameters())
     sched = make_sched(opt) if make_sched else None
     weights = [model[0].weight, model[2].weight]
@@ -33,10 +34,16 @@ def reference_run(model, make_opt, steps, x, y, make_sched=None, strength=STRENG
         opt.zero_grad()
         loss_of(model, x, y).backward()
         opt.step()
-        lr = opt.param_groups[0]["lr"]
+        group = opt.param_groups[0]
+        lr = group["lr"]
         with torch.no_grad():
             for w in weights:
-                w.copy_(torch.sign(w) * torch.clamp(w.abs() - lr * strength, min=0))
+                threshold = lr * strength
+                if adaptive:
+                    state = opt.state[w]
+                    bias_correction = 1 - group["betas"][1] ** float(state["step"])
+                    threshold = threshold / ((state["exp_avg_sq"] / bias_correction).sqrt() + group["eps"])
+                w.copy_(torch.sign(w) * torch.clamp(w.abs() - threshold, min=0))
         if sched is not None:
             sched.step()
     return model
@@ -44,15 +51,18 @@ def reference_run(model, make_opt, steps, x, y, make_sched=None, strength=STRENG
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("built", ["before attach", "after attach"])
-def test_prox_after_every_step_matches_the_written_out_reference(name, built, device):
+@pytest.mark.parametrize("step", ["auto", "lr"])
+def test_prox_after_every_step_matches_the_written_out_reference(name, built, step, device):
     x, y = (t.to(device) for t in mlp_batch())
     make_opt = OPTIMIZERS[name]
     strength = 0.005 / make_opt([torch.zeros(1, requires_grad=True)]).param_groups[0]["lr"]  # threshold 0.005 a step
-    expected = reference_run(mlp().to(device), make_opt, 12, x, y, strength=strength)
+    adaptive = name.startswith("Adam") and step == "auto"  # the default for Adam: its own metric
+    strength = strength / 20 if adaptive else strength  # Adam's 1/sqrt(v) makes the thresholds larger
+    expected = reference_run(mlp().to(device), make_opt, 12, x, y, strength=strength, adaptive=adaptive)
 
     model = mlp().to(device)
     opt = make_opt(model.parameters()) if built == "before attach" else None
-    paramreg.attach(model, "*.weight", l1=strength)
+    paramreg.attach(model, "*.weight", l1=strength, step=step)
     opt = opt or make_opt(model.parameters())
     for _ in range(12):
         opt.zero_grad()
@@ -62,6 +72,7 @@ def test_prox_after_every_step_matches_the_written_out_reference(name, built, de
     for got, want in zip(model.parameters(), expected.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
     assert (model[0].weight == 0).any(), "L1 should produce exact zeros"
+    assert (model[0].weight != 0).any()
 
 
 def test_step_size_follows_the_lr_scheduler():

@@ -10,7 +10,7 @@ Conventions: L1 with strength a is a·Σ abs(w); L2 with strength b is (b/2)·Σ
 
 from .checkpoint import attach_spec, check_plain, folded, spec
 from .errors import ParamregError
-from .lifecycle import attach, remove
+from .lifecycle import attach, remove, set_strength
 from .constraints import NM, Box, MaxNorm, NonNegative, TopK, UnitNorm
 from .regularizers import L1, L2, ElasticNet, Regularizer, register
 from .reparametrizations import SoftThreshold
@@ -22,6 +22,7 @@ from .stepping import penalty, prox_step
 __all__ = [
     "attach",
     "remove",
+    "set_strength",
     "penalty",
     "prox_step",
     "report",

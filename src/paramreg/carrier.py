@@ -62,6 +62,12 @@ def generation() -> int:
     return _generation
 
 
+def changed() -> None:
+    """Note that a carrier's regularizer or settings changed (cached step plans are rebuilt)."""
+    global _generation
+    _generation += 1
+
+
 def live_carriers() -> "weakref.WeakSet[Carrier]":
     return _LIVE
 
@@ -75,13 +81,17 @@ class Carrier(nn.Module):
     parameters (a learnable threshold) are trained and saved with the model.
     """
 
-    def __init__(self, regularizer: Regularizer, mode: str):
+    def __init__(self, regularizer: Regularizer, mode: str, step: str = "auto", schedule=None):
         super().__init__()
         self.regularizer = regularizer
         self.mode = mode
+        self.step = step  # the step policy (paramreg.step_sizes)
+        self.schedule = schedule  # None, or step count -> factor on the regularizer's strengths
+        self.factor = 1.0 if schedule is None else schedule(0)  # the schedule's current value
         self.transform = regularizer.transform() if mode == "forward" else None
-        self.calls = 0  # optimizer steps seen, for regularizers that act every k steps
+        self.calls = 0  # optimizer steps that updated the tensor (for schedules and every=k)
         self._owner = None  # weakref to the ParametrizationList this carrier sits in
+        self.name = "?"  # the canonical name it was attached under, for messages
 
     def forward(self, x: Tensor) -> Tensor:
         return x if self.transform is None else self.transform(x)
@@ -92,7 +102,13 @@ class Carrier(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"{self.regularizer!r}, mode={self.mode!r}"
+        step = "" if self.step == "auto" else f", step={self.step!r}"
+        schedule = "" if self.schedule is None else ", scheduled"
+        return f"{self.current()!r}, mode={self.mode!r}{step}{schedule}"
+
+    def current(self) -> Regularizer:
+        """The regularizer at its current strength (a schedule scales it)."""
+        return self.regularizer if self.factor == 1.0 else self.regularizer.scaled(self.factor)
 
     def leaf(self) -> nn.Parameter | None:
         """The stored Parameter this carrier regularizes, or None if it is not first in its list."""
@@ -372,10 +388,11 @@ def _uninstall_hooks(module: nn.Module) -> None:
             del hooks[key]
 
 
-def attach(slot: Slot, regularizer: Regularizer, mode: str) -> Carrier:
+def attach(slot: Slot, regularizer: Regularizer, mode: str, step: str = "auto", schedule=None) -> Carrier:
     """Register and bind a carrier on ``slot``, which the caller has validated."""
     module, tname = slot.module, slot.tensor_name
-    carrier = Carrier(regularizer, mode)
+    carrier = Carrier(regularizer, mode, step, schedule)
+    carrier.name = slot.name  # for messages
     if parametrize.is_parametrized(module):
         _own_class(module)  # torch is about to add a property to the class: not to one a copy shares
     order = list(module._parameters)

@@ -37,7 +37,11 @@ def spec(model: nn.Module) -> dict:
         {'format': 'paramreg.spec', 'version': 1, 'attached': {'weight': {'regularizer': {'type': 'L1', 'strength': 0.0001}, 'mode': 'prox'}}}
     """
     attached = {
-        s.name: {"regularizer": s.carrier.regularizer.to_dict(), "mode": s.carrier.mode}
+        s.name: {
+            "regularizer": s.carrier.current().to_dict(),
+            "mode": s.carrier.mode,
+            **({"step": s.carrier.step} if s.carrier.step != "auto" else {}),
+        }
         for s in _carrier.slots(model)
         if s.carrier is not None
     }
@@ -62,21 +66,22 @@ def attach_spec(model: nn.Module, spec: dict) -> list[str]:
         raise ParamregError(f"not a paramreg spec (expected a dict with format {FORMAT!r} from paramreg.spec): {spec!r:.200}")
     if spec.get("version") != VERSION:
         raise ParamregError(f"paramreg spec version {spec.get('version')!r} is not supported (this paramreg reads {VERSION})")
-    groups: list[tuple[Regularizer, str, list[str]]] = []  # one attach call per equal (regularizer, mode)
+    groups: list[tuple[Regularizer, str, str, list[str]]] = []  # one attach call per equal (regularizer, mode, step)
     for name, entry in spec["attached"].items():
         if not isinstance(entry, dict) or "regularizer" not in entry:
             raise ParamregError(f"paramreg spec entry for {name!r} has no 'regularizer': {entry!r}")
         reg, mode = Regularizer.from_dict(entry["regularizer"]), entry.get("mode", "prox")
         mode = "prox" if mode == "forward" else mode  # a reparametrization's carrier mode
-        group = next((g for g in groups if g[0] == reg and g[1] == mode), None)
+        step = entry.get("step", "auto")
+        group = next((g for g in groups if g[0] == reg and g[1] == mode and g[2] == step), None)
         if group is None:
-            groups.append((reg, mode, [name]))
+            groups.append((reg, mode, step, [name]))
         else:
-            group[2].append(name)
+            group[3].append(name)
     done: list[str] = []
     try:
-        for reg, mode, names in groups:
-            done += attach(model, names, reg, mode=mode)
+        for reg, mode, step, names in groups:
+            done += attach(model, names, reg, mode=mode, step=step)
     except BaseException:
         if done:
             remove(model, done)

@@ -47,6 +47,11 @@ class Constraint(Regularizer):
     def penalty(self, w: Tensor) -> Tensor:
         return _indicator(self.feasible(w), w)
 
+    def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
+        # For a set that is a product of intervals (``adaptive = True``), the projection in any
+        # diagonal metric is the Euclidean one.
+        return self.prox(w, 0.0)
+
 
 @register("non_negative")
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class NonNegative(Constraint):
         >>> paramreg.NonNegative().prox(torch.tensor([-1.0, 2.0]), t=1.0)
         tensor([0., 2.])
     """
+
+    adaptive = True
 
     def feasible(self, w):
         return bool((w >= 0).all())
@@ -80,6 +87,7 @@ class Box(Constraint):
         tensor([-0.5000,  0.2000,  1.0000])
     """
 
+    adaptive = True
     lo: float
     hi: float
 

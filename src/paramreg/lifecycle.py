@@ -10,14 +10,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import dataclasses
+import math
+
 from . import carrier as _carrier
 from .errors import ParamregError
 from .regularizers import ElasticNet, Regularizer, build
+from .step_sizes import POLICIES
 from .regularizers import keywords as registered_keywords
 from .selection import resolve
 from .stepping import install_hook
 
-__all__ = ["attach", "remove"]
+__all__ = ["attach", "remove", "set_strength"]
 
 _MAX_LISTED = 10
 
@@ -45,15 +49,58 @@ def _regularizer(reg, given: dict, where: str) -> Regularizer:
     text = ", ".join(f"{k}={v!r}" for k, v in given.items())
     if len(given) > 1 and set(given) != {"l1", "l2"}:
         raise ParamregError(f"{where}: one regularizer per tensor, got {text}; attach them to different tensors")
+    if len(given) > 1 and any(callable(v) for v in given.values()):
+        raise ParamregError(
+            f"{where}: a strength schedule scales every strength of one regularizer; for {text} pass "
+            f"reg=paramreg.ElasticNet(l1=..., l2=...) and schedule=<step -> factor>"
+        )
     try:
         if set(given) == {"l1", "l2"}:
             return ElasticNet(l1=given["l1"], l2=given["l2"])
         (name, value), = given.items()
-        return build(name, value)
+        return build(name, 1.0 if _is_schedule(value) else value)
     except ParamregError as e:
         raise ParamregError(f"{where} with {text}: {e}") from None
     except TypeError as e:
         raise ParamregError(f"{where} with {text}: {e}") from None
+
+
+def _is_schedule(value) -> bool:
+    return callable(value) and not isinstance(value, (type, Regularizer))
+
+
+def _schedule(regularizer: Regularizer, given: dict, schedule, where: str):
+    """The strength schedule asked for (``schedule=`` or a callable strength keyword), checked at step 0."""
+    from_keyword = next((v for v in given.values() if _is_schedule(v)), None)
+    if from_keyword is not None and schedule is not None:
+        raise ParamregError(f"{where}: give the schedule either as the strength (a callable) or as schedule=, not both")
+    schedule = from_keyword if from_keyword is not None else schedule
+    if schedule is None:
+        return None
+    if not callable(schedule):
+        raise ParamregError(f"{where}: schedule must be a callable step -> factor, got {schedule!r}")
+    if len(regularizer.strengths) == 0:
+        raise ParamregError(f"{where}: {regularizer!r} has no strength for a schedule to set")
+    try:
+        first = schedule(0)
+    except Exception as e:
+        raise ParamregError(f"{where}: the strength schedule failed at step 0: {type(e).__name__}: {e}") from None
+    if isinstance(first, bool) or not isinstance(first, (int, float)) or not math.isfinite(first) or first < 0:
+        raise ParamregError(f"{where}: the strength schedule must return a finite number >= 0, got {first!r} at step 0")
+    return schedule
+
+
+def _step_policy(regularizer: Regularizer, mode: str, step, where: str) -> str:
+    if step not in POLICIES:
+        raise ParamregError(f"{where}: step must be one of {', '.join(map(repr, POLICIES))}, got {step!r}")
+    if step != "auto" and mode != "prox":
+        raise ParamregError(f"{where}: step={step!r} sets the proximal step size; it applies to mode='prox' only")
+    if step == "adaptive" and not regularizer.adaptive:
+        raise ParamregError(
+            f"{where}: {regularizer!r} has no map in a diagonal metric, so step='adaptive' cannot apply; "
+            f"use step='lr' (or leave step at its default)"
+        )
+    return step
 
 
 def _carrier_mode(regularizer: Regularizer, mode, where: str) -> str:
@@ -101,7 +148,9 @@ def _problems(slot: _carrier.Slot, regularizer: Regularizer, mode: str, tied: di
     return None
 
 
-def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=None, mode="prox", **keywords) -> list[str]:
+def attach(
+    model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=None, mode="prox", step="auto", schedule=None, **keywords
+) -> list[str]:
     r"""Attach a regularizer to every parameter that ``targets`` selects; return their canonical names.
 
     Args:
@@ -112,7 +161,9 @@ def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=Non
         reg: a :class:`paramreg.Regularizer` object, e.g. ``paramreg.L1(1e-4)``. Or use keywords:
         l1: strength a of a·Σ abs(w).
         l2: strength b of (b/2)·Σ w² (torch's ``weight_decay=b`` convention). ``l1`` and ``l2``
-            together give :class:`paramreg.ElasticNet`.
+            together give :class:`paramreg.ElasticNet`. A strength keyword may also be a
+            callable of the step count k (0 at the first step), e.g. a warm-up
+            ``l1=lambda k: 1e-4 * min(1.0, k / 1000)``: a strength schedule.
         **keywords: any other registered regularizer (:func:`paramreg.register`), e.g.
             ``group_lasso=a``, ``nuclear_norm=a``, ``non_negative=True``, ``max_norm=c``,
             ``box=(lo, hi)``, ``top_k=k``, ``nm=(2, 4)``, ``soft_threshold=init``: ``True`` builds
@@ -123,6 +174,14 @@ def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=Non
             exact zeros for L1. ``"penalty"``: nothing happens at step time; add
             :func:`paramreg.penalty` to the loss. Constraints act in ``"prox"`` mode only;
             reparametrizations (``SoftThreshold``) act in the forward pass (leave mode as it is).
+        step: the proximal step size policy (Note [Step policies] in :mod:`paramreg.step_sizes`):
+            ``"lr"``: t = the group's lr. ``"adaptive"``: per coordinate in the optimizer's own
+            metric, t_i = lr / (sqrt(v̂_i) + eps) for Adam (also AdamW, NAdam, RAdam, Adamax,
+            RMSprop, Adagrad; SGD: t = lr). ``"auto"`` (default): adaptive where the optimizer and
+            the regularizer have that form, else lr.
+        schedule: a callable k -> factor that multiplies the regularizer's strengths at step k
+            (the number of optimizer steps that have updated the tensor so far);
+            :func:`paramreg.report` shows the current strengths.
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
     parametrization, visible in ``print(model)``). A Parameter tied under several names is
@@ -147,6 +206,8 @@ def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=Non
     given = {k: v for k, v in (("l1", l1), ("l2", l2), *keywords.items()) if v is not None}
     regularizer = _regularizer(reg, given, where)
     mode = _carrier_mode(regularizer, mode, where)
+    step = _step_policy(regularizer, mode, step, where)
+    schedule = _schedule(regularizer, given, schedule, where)
     chosen = resolve(model, targets, exclude)
     tied = {id(s.param): [s.name, *(a.name for a in s.aliases)] for s in _carrier.slots(model) if s.aliases}
     problems = [p for p in (_problems(s, regularizer, mode, tied) for s in chosen) if p is not None]
@@ -158,7 +219,7 @@ def attach(model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=Non
     done: list[_carrier.Slot] = []
     try:
         for s in chosen:
-            s.carrier = _carrier.attach(s, regularizer, mode)
+            s.carrier = _carrier.attach(s, regularizer, mode, step, schedule)
             s.plist = s.module.parametrizations[s.tensor_name]
             done.append(s)
     except BaseException:
@@ -211,3 +272,48 @@ def remove(model: nn.Module, targets=None, *, allow_nonfinite: bool = False) -> 
     for s in attached:
         _carrier.detach(s)
     return model
+
+
+def set_strength(model: nn.Module, targets, value) -> list[str]:
+    """Change the strength of the regularizers attached to the tensors ``targets`` selects, in place.
+
+    ``value`` is a number, or a schedule (a callable of the step count k, as in :func:`attach`).
+    For regularizers with one strength (``L1``, ``L2``, ``GroupLasso``, ``NuclearNorm``); for
+    others, scale them with ``remove`` and ``attach(..., reg=..., schedule=...)``. Takes effect
+    at the next optimizer step. Returns the canonical names changed.
+
+    Example:
+        >>> import torch, paramreg
+        >>> model = torch.nn.Linear(4, 2)
+        >>> _ = paramreg.attach(model, "weight", l1=1e-3)
+        >>> paramreg.set_strength(model, "weight", 1e-2)
+        ['weight']
+        >>> paramreg.report(model).rows[0].regularizer
+        'L1(strength=0.01)'
+    """
+    where = f"set_strength({targets!r})"
+    chosen = [s for s in resolve(model, targets) if s.carrier is not None]
+    if not chosen:
+        raise ParamregError(f"{where}: no selected tensor has a paramreg regularizer attached")
+    for s in chosen:
+        if len(s.carrier.regularizer.strengths) != 1:
+            raise ParamregError(
+                f"{where}: {s.describe()} has {s.carrier.regularizer!r}, which has strengths "
+                f"{s.carrier.regularizer.strengths or 'none'}; remove it and attach it again with the new values"
+            )
+    scheduled = _is_schedule(value)
+    replaced: dict[int, Regularizer] = {}
+    for s in chosen:
+        old = s.carrier.regularizer
+        try:
+            new = replaced.get(id(old)) or dataclasses.replace(old, **{old.strengths[0]: 1.0 if scheduled else value})
+        except (ParamregError, TypeError) as e:
+            raise ParamregError(f"{where} with {value!r}: {e}") from None
+        replaced[id(old)] = new
+    schedule = _schedule(next(iter(replaced.values())), {}, value, where) if scheduled else None
+    for s in chosen:
+        c = s.carrier
+        c.regularizer, c.schedule = replaced[id(c.regularizer)], schedule
+        c.factor = 1.0 if schedule is None else schedule(c.calls)
+    _carrier.changed()
+    return [s.name for s in chosen]

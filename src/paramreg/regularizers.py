@@ -8,7 +8,14 @@ Every regularizer R knows two things about a tensor w:
       prox_{tR}(w) = argmin_z  ½‖z − w‖² + t·R(z)
 
   which is what ``mode="prox"`` applies to the stored weight right after each optimizer step,
-  with t the learning rate that step used.
+  with t the learning rate that step used (``step="lr"``), and
+
+- for maps that have one, its proximal map in a diagonal metric, with a step t_i per coordinate::
+
+      prox^D_{R}(w) = argmin_z  Σ_i (z_i − w_i)² / (2·t_i) + R(z)
+
+  which ``step="adaptive"`` takes in the optimizer's own metric (t_i = lr / (sqrt(v̂_i) + eps)
+  for Adam; :mod:`paramreg.metrics`). With every t_i = t it is prox_{tR}.
 
 Nothing here knows about modules, parametrizations or optimizers; the lifecycle code uses these
 classes, never the reverse.
@@ -42,6 +49,45 @@ def _strength(label: str, value) -> float:
     if not math.isfinite(value) or value < 0:
         raise ParamregError(f"{label} must be a finite number >= 0, got {value!r}")
     return value
+
+
+def _by_precision(tensors: Sequence[Tensor], steps: Sequence[Tensor]):
+    """Split (tensors, steps) into the pairs that share a dtype, to be mapped in place as they
+    are, and half-precision tensors, to be mapped on float32 copies and rounded once."""
+    same = ([], [])
+    low = []
+    for w, t in zip(tensors, steps, strict=True):
+        if w.dtype == t.dtype:
+            same[0].append(w)
+            same[1].append(t)
+        else:
+            low.append((w, t))
+    return same, low
+
+
+def _diag_(fn, tensors: Sequence[Tensor], steps: Sequence[Tensor]) -> None:
+    """Apply ``fn(tensors, steps)`` (an in-place multi-tensor map) to ``tensors``; a tensor whose
+    dtype differs from its steps' (bfloat16 or float16 weights, float32 steps) is mapped in float32
+    and the result stored in its own dtype."""
+    (ws, ts), low = _by_precision(tensors, steps)
+    if ws:
+        fn(ws, ts)
+    for w, t in low:
+        accurate = [w.to(t.dtype)]
+        fn(accurate, [t])
+        w.copy_(accurate[0])
+
+
+def _soft_threshold_diag_(tensors: list[Tensor], thresholds: list[Tensor]) -> None:
+    """In place: w ← w − clamp(w, −θ, θ) with a threshold per coordinate, ``thresholds`` (consumed).
+
+    Entries with abs(w) <= θ become w − w = 0 exactly. One temporary per tensor; every step is a
+    multi-tensor (``torch._foreach_*``) op.
+    """
+    clipped = torch._foreach_clamp_max(tensors, thresholds)
+    torch._foreach_neg_(thresholds)
+    torch._foreach_clamp_min_(clipped, thresholds)
+    torch._foreach_sub_(tensors, clipped)
 
 
 def _soft_threshold_(tensors: Sequence[Tensor], threshold: float) -> None:
@@ -149,6 +195,12 @@ class Regularizer:
     kind = "penalty"
     #: True when the map is the proximal map of a convex function (so it is non-expansive).
     convex = True
+    #: The fields that are strengths; R is linear in them, so a schedule's factor c scales them
+    #: all (:meth:`scaled`), and prox_{t·R_{c·a}} = prox_{(c·t)·R_a}.
+    strengths = ()
+    #: True when the map has a diagonal-metric form (:meth:`prox_diag`), which ``step="adaptive"``
+    #: takes in the optimizer's own metric.
+    adaptive = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -203,6 +255,28 @@ class Regularizer:
         for w in tensors:
             w.copy_(self.prox(w, t))
 
+    def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
+        """argmin_z Σ_i (z_i − w_i)²/(2·t_i) + R(z) with ``t`` a tensor of steps t_i > 0 of w's
+        shape, as a new tensor of w's shape and dtype (for regularizers with ``adaptive = True``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no diagonal-metric proximal map")
+
+    def prox_diag_(self, tensors: Sequence[Tensor], steps: list[Tensor]) -> None:
+        """Apply :meth:`prox_diag` in place to every tensor; ``steps`` are scratch tensors the
+        call may overwrite (float32 for half-precision weights)."""
+        for w, t in zip(tensors, steps, strict=True):
+            w.copy_(self.prox_diag(w, t))
+
+    def scaled(self, c: float) -> "Regularizer":
+        """This regularizer with each of its :attr:`strengths` multiplied by ``c``.
+
+        >>> import paramreg
+        >>> paramreg.ElasticNet(l1=0.1, l2=0.2).scaled(0.5)
+        ElasticNet(l1=0.05, l2=0.1)
+        """
+        if c == 1.0 or not self.strengths:
+            return self
+        return dataclasses.replace(self, **{f: getattr(self, f) * c for f in self.strengths})
+
 
 @register("l1")
 @dataclass(frozen=True)
@@ -228,6 +302,8 @@ class L1(Regularizer):
     """
 
     strength: float
+    strengths = ("strength",)
+    adaptive = True
 
     def __post_init__(self):
         object.__setattr__(self, "strength", _strength("L1 strength", self.strength))
@@ -240,6 +316,17 @@ class L1(Regularizer):
 
     def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
         _soft_threshold_(tensors, float(t) * self.strength)
+
+    def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
+        x = w.to(torch.promote_types(w.dtype, t.dtype))
+        threshold = t * self.strength
+        return (x - torch.clamp(x, -threshold, threshold)).to(w.dtype)
+
+    def prox_diag_(self, tensors: Sequence[Tensor], steps: list[Tensor]) -> None:
+        if self.strength == 0.0:
+            return
+        torch._foreach_mul_(steps, self.strength)
+        _diag_(_soft_threshold_diag_, tensors, steps)
 
 
 @register("l2")
@@ -264,6 +351,8 @@ class L2(Regularizer):
     """
 
     strength: float
+    strengths = ("strength",)
+    adaptive = True
 
     def __post_init__(self):
         object.__setattr__(self, "strength", _strength("L2 strength", self.strength))
@@ -277,6 +366,16 @@ class L2(Regularizer):
     def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
         if self.strength != 0.0:
             torch._foreach_div_(list(tensors), 1.0 + float(t) * self.strength)
+
+    def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
+        return (w.to(torch.promote_types(w.dtype, t.dtype)) / (1.0 + t * self.strength)).to(w.dtype)
+
+    def prox_diag_(self, tensors: Sequence[Tensor], steps: list[Tensor]) -> None:
+        if self.strength == 0.0:
+            return
+        torch._foreach_mul_(steps, self.strength)
+        torch._foreach_add_(steps, 1.0)
+        _diag_(torch._foreach_div_, tensors, steps)
 
 
 @register("elastic_net")
@@ -300,6 +399,8 @@ class ElasticNet(Regularizer):
 
     l1: float
     l2: float
+    strengths = ("l1", "l2")
+    adaptive = True
 
     def __post_init__(self):
         object.__setattr__(self, "l1", _strength("ElasticNet l1", self.l1))
@@ -316,3 +417,13 @@ class ElasticNet(Regularizer):
         _soft_threshold_(tensors, float(t) * self.l1)
         if self.l2 != 0.0:
             torch._foreach_div_(list(tensors), 1.0 + float(t) * self.l2)
+
+    def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
+        return L2(self.l2).prox_diag(L1(self.l1).prox_diag(w, t), t)
+
+    def prox_diag_(self, tensors: Sequence[Tensor], steps: list[Tensor]) -> None:
+        shrink = torch._foreach_mul(steps, self.l2)  # 1 + t·b, before the L1 map consumes steps
+        torch._foreach_add_(shrink, 1.0)
+        L1(self.l1).prox_diag_(tensors, steps)
+        if self.l2 != 0.0:
+            _diag_(torch._foreach_div_, tensors, shrink)

@@ -141,7 +141,7 @@ def report(model: nn.Module) -> Report:
         for s in chosen:
             w = s.value()
             effective = s.effective()
-            reg = s.carrier.regularizer if s.carrier is not None else None
+            reg = s.carrier.current() if s.carrier is not None else None
             rows.append(
                 Row(
                     name=s.name,
@@ -149,7 +149,7 @@ def report(model: nn.Module) -> Report:
                     numel=w.numel(),
                     zeros=int((effective == 0).sum()),
                     nonfinite=int((~torch.isfinite(effective)).sum()),
-                    regularizer=None if reg is None else repr(reg),
+                    regularizer=None if reg is None else repr(reg) + (" scheduled" if s.carrier.schedule else ""),
                     mode=None if reg is None else s.carrier.mode,
                     penalty=None if reg is None else float(reg.penalty(w)),
                 )

@@ -9,17 +9,20 @@ Note [Why a global optimizer post-step hook]
     and fire once per micro-batch).
 
 Note [Step size]
-    A parameter receives prox_{tR} with t = the ``lr`` of the parameter group that just stepped
-    it, read at that moment (so LR schedulers apply). A parameter whose ``.grad`` is None was not
-    updated by the optimizer (frozen, or unused this step) and receives no prox either.
+    A parameter receives prox_{tR} with t from its step policy (Note [Step policies] in
+    step_sizes.py): the ``lr`` of the parameter group that just stepped it, read at that moment
+    (so LR schedulers apply), or per coordinate in the optimizer's own metric. A parameter whose
+    ``.grad`` is None was not updated by the optimizer (frozen, or unused this step) and receives
+    no prox either.
 
 Note [Plans]
     The hook must be cheap. For each optimizer it caches a plan: per parameter group, the
-    attached parameters bucketed by regularizer, so that each regularizer's ``prox_`` runs once
-    over all its tensors. The plan is rebuilt when a carrier is bound or unbound anywhere, or
-    when the optimizer's parameter groups change. A regularizer with ``every = k > 1``
-    (``NuclearNorm``) is applied to a tensor on every k-th step that updates it, with step k·t;
-    each carrier counts its own steps.
+    attached parameters bucketed by (regularizer, step policy), so that each regularizer's
+    multi-tensor map runs once over all its tensors. The plan is rebuilt when a carrier is bound,
+    unbound or changed anywhere, or when the optimizer's parameter groups change. A regularizer
+    with ``every = k > 1`` (``NuclearNorm``) is applied to a tensor on every k-th step that
+    updates it, with step k·t; each carrier counts its own steps, which is also the step count a
+    strength schedule reads.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import carrier as _carrier
+from . import step_sizes
 from .errors import ParamregError
 
 __all__ = ["penalty", "prox_step"]
@@ -52,37 +56,67 @@ def _signature(optimizer) -> tuple:
     return (_carrier.generation(), tuple((id(g), id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
 
 
+class _Bucket:
+    """Tensors of one parameter group that share a regularizer object and a step policy."""
+
+    __slots__ = ("regularizer", "policy", "params", "carriers", "counted")
+
+    def __init__(self, regularizer, policy: str):
+        self.regularizer, self.policy = regularizer, policy
+        self.params: list[Tensor] = []
+        self.carriers: list = []
+        self.counted = False  # True: per-carrier step counts matter (a schedule, every > 1, penalty mode)
+
+
+def _policy(carrier, metric: str | None, optimizer) -> str:
+    """"lr", "adaptive", or "count" (a scheduled penalty-mode carrier: only its step count moves)."""
+    if carrier.mode == "penalty":
+        return "count"
+    if carrier.step == "adaptive" and metric is None:
+        known = ", ".join(sorted(c.__name__ for c in step_sizes.KNOWN))
+        raise ParamregError(
+            f"'{carrier.name}' was attached with step='adaptive', but paramreg does not know the metric of "
+            f"{type(optimizer).__name__} (it knows {known}): attach it with step='lr', or leave step at its default"
+        )
+    if carrier.regularizer.kind == "constraint" or carrier.step == "lr":
+        return "lr"  # a projection takes no step size (Constraint.prox_diag)
+    return "adaptive" if metric == "diagonal" and carrier.regularizer.adaptive else "lr"
+
+
 def _build_plan(optimizer) -> list:
     by_param = {}
     for c in list(_carrier.live_carriers()):
-        leaf = c.leaf() if c.mode == "prox" else None
-        if leaf is not None:
-            by_param[id(leaf)] = c
+        if c.mode == "prox" or (c.mode == "penalty" and c.schedule is not None):
+            leaf = c.leaf()
+            if leaf is not None:
+                by_param[id(leaf)] = c
+    metric = step_sizes.metric(optimizer)
     plan = []
     for group in optimizer.param_groups:
-        buckets = _buckets((by_param[id(p)], p) for p in group["params"] if id(p) in by_param)
+        buckets: dict[tuple, _Bucket] = {}
+        for p in group["params"]:
+            c = by_param.get(id(p))
+            if c is None:
+                continue
+            policy = _policy(c, metric, optimizer)
+            bucket = buckets.get((id(c.regularizer), policy))
+            if bucket is None:
+                bucket = buckets[id(c.regularizer), policy] = _Bucket(c.regularizer, policy)
+            bucket.params.append(p)
+            bucket.carriers.append(c)
+            bucket.counted |= c.schedule is not None or getattr(c.regularizer, "every", 1) != 1 or policy == "count"
         if buckets:
-            if "lr" not in group:
+            if "lr" not in group and any(b.policy != "count" for b in buckets.values()):
                 raise ParamregError(
                     f"{type(optimizer).__name__} has no 'lr' in its parameter groups, and mode='prox' takes the "
                     f"group's lr as its step size: call paramreg.prox_step(model, lr) after each step instead, "
                     f"or attach with mode='penalty'"
                 )
-            plan.append((group, buckets))
+            plan.append((group, list(buckets.values())))
     return plan
 
 
-def _buckets(pairs) -> list:
-    """[(regularizer, [tensors], [carriers])] from (carrier, tensor) pairs: one bucket per
-    regularizer object (attach shares one object among the tensors of a call)."""
-    by_id: dict[int, tuple] = {}
-    for carrier, p in pairs:
-        bucket = by_id.setdefault(id(carrier.regularizer), (carrier.regularizer, [], []))
-        bucket[1].append(p)
-        bucket[2].append(carrier)
-    return list(by_id.values())
-
-
+@torch.compiler.disable  # bookkeeping in Python: runs eagerly after a compiled optimizer step
 def _after_step(optimizer, args, kwargs) -> None:
     if not _carrier.live_carriers():
         return
@@ -95,20 +129,52 @@ def _after_step(optimizer, args, kwargs) -> None:
         return
     with torch.no_grad():
         for group, buckets in cached[1]:
-            t = group["lr"]
-            for regularizer, params, carriers in buckets:
-                every = getattr(regularizer, "every", 1)
-                if every == 1:
-                    stepped = [p for p in params if p.grad is not None]
-                else:  # a lazy prox: step every·t once every `every` steps of each tensor
-                    stepped = [p for p, c in zip(params, carriers, strict=True) if p.grad is not None and _count(c) % every == 0]
-                if stepped:
-                    regularizer.prox_(stepped, t * every if every != 1 else t)
+            lr = float(group["lr"]) if "lr" in group else 0.0
+            for bucket in buckets:
+                if not bucket.counted:
+                    stepped = [p for p in bucket.params if p.grad is not None]
+                    if stepped:
+                        _apply(bucket, stepped, lr, optimizer, group)
+                    continue
+                # per tensor: advance its step count; group the tensors due now by their multiplier
+                due: dict[float, list[Tensor]] = {}
+                every = getattr(bucket.regularizer, "every", 1)
+                for p, c in zip(bucket.params, bucket.carriers, strict=True):
+                    if p.grad is None:
+                        continue
+                    k, factor = c.calls, c.factor  # factor: the schedule's value at step k
+                    c.calls += 1
+                    if c.schedule is not None:
+                        c.factor = _factor(c, c.schedule(c.calls))
+                    if bucket.policy != "count" and k % every == every - 1:
+                        due.setdefault(factor, []).append(p)
+                for factor, tensors in due.items():
+                    _apply(bucket, tensors, lr * factor * every, optimizer, group)
 
 
-def _count(carrier) -> int:
-    carrier.calls += 1
-    return carrier.calls
+def _factor(carrier, value) -> float:
+    """A schedule's value, checked: a finite number >= 0."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ParamregError(
+            f"the strength schedule of '{carrier.name}' returned {value!r} at step {carrier.calls}; "
+            f"it must return a finite number >= 0"
+        )
+    return float(value)
+
+
+def _apply(bucket: _Bucket, tensors: list[Tensor], t: float, optimizer, group) -> None:
+    """One multi-tensor proximal map over ``tensors`` with step ``t`` (scaled per coordinate by
+    the optimizer's metric under the adaptive policy)."""
+    if t == 0.0 and bucket.regularizer.kind != "constraint":
+        return
+    if bucket.policy == "adaptive":
+        steps = step_sizes.diagonal_steps(optimizer, group, tensors, t)
+        if steps is not None:
+            bucket.regularizer.prox_diag_(tensors, steps)
+            return
+    bucket.regularizer.prox_(tensors, t)
 
 
 def prox_step(model: nn.Module, lr: float) -> None:
@@ -131,10 +197,14 @@ def prox_step(model: nn.Module, lr: float) -> None:
     """
     if isinstance(lr, bool) or not isinstance(lr, (int, float, Tensor)) or not math.isfinite(float(lr)) or lr < 0:
         raise ParamregError(f"prox_step lr must be a finite number >= 0, got {lr!r}")
-    buckets = _buckets((s.carrier, s.param) for s in _carrier.slots(model) if s.carrier is not None and s.carrier.mode == "prox")
+    buckets: dict[int, tuple] = {}
+    for s in _carrier.slots(model):
+        if s.carrier is not None and s.carrier.mode == "prox":
+            key = (id(s.carrier.regularizer), s.carrier.factor)
+            buckets.setdefault(key, (s.carrier.regularizer, s.carrier.factor, []))[2].append(s.param)
     with torch.no_grad():
-        for regularizer, params, _ in buckets:
-            regularizer.prox_(params, lr)
+        for regularizer, factor, params in buckets.values():
+            regularizer.prox_(params, float(lr) * factor)
 
 
 def penalty(model: nn.Module) -> Tensor:
@@ -154,7 +224,7 @@ def penalty(model: nn.Module) -> Tensor:
         tensor(1.2500, grad_fn=<MulBackward0>)
     """
     terms = [
-        s.carrier.regularizer.penalty(s.value())
+        s.carrier.current().penalty(s.value())
         for s in _carrier.slots(model)
         if s.carrier is not None and s.carrier.mode == "penalty"
     ]

@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .errors import ParamregError
-from .groups import NAMED, check_groups, group_norms, group_size
-from .regularizers import Regularizer, _soft_threshold_, _strength, register
+from .groups import NAMED, check_groups, group_norms, group_size, reduced_dims
+from .regularizers import L1, Regularizer, _soft_threshold_, _strength, register
 
 __all__ = ["GroupLasso", "SparseGroupLasso", "NuclearNorm"]
 
@@ -40,6 +40,60 @@ def _group_scale(w: Tensor, groups, threshold: float) -> Tensor:
     """max(1 − threshold/‖w_g‖, 0) per group, broadcastable against w, in w's dtype (threshold > 0)."""
     norms = group_norms(w, groups, dtype=_accurate(w))
     return (1 - threshold / norms).clamp_(min=0).to(w.dtype)  # a zero group stays zero: 1 − c/0 = −inf → 0
+
+
+# Newton's method on the scalar group norm (GroupLasso.prox_diag) stops when the relative change of
+# r is below this, for the dtype it computes in (float32 for half-precision weights).
+NEWTON_RTOL = {torch.float32: 1e-6, torch.float64: 1e-12}
+NEWTON_MAX_ITERATIONS = 50
+
+
+def _group_shrink_diag(w: Tensor, t: Tensor, groups, threshold: float) -> Tensor:
+    """argmin_z Σ_i (z_i − w_i)²/(2·t_i) + threshold·Σ_g ‖z_g‖₂, in w's dtype.
+
+    Per group: z = 0 if ‖w_g / t_g‖₂ <= threshold; otherwise z_i = w_i·r / (r + threshold·t_i)
+    with r = ‖z_g‖₂ > 0 the root of S(r) = Σ_i w_i² / (r + threshold·t_i)² = 1. Newton's method
+    on g(r) = S(r)^(-1/2) − 1 (linear in r when all t_i are equal, so then exact in one step),
+    safeguarded by bisection inside the bracket ‖w_g‖ − threshold·max t ≤ r ≤ ‖w_g‖ − threshold·min t,
+    until r changes by less than ``NEWTON_RTOL`` relative (at most ``NEWTON_MAX_ITERATIONS``).
+    Deleu & Bengio (2021), "Structured sparsity inducing adaptive optimizers for deep learning".
+    """
+    dtype = torch.promote_types(_accurate(w) or w.dtype, t.dtype)
+    x, lt = w.to(dtype), t.to(dtype) * threshold
+    dims = reduced_dims(groups, w.dim())
+
+    def total(v: Tensor) -> Tensor:
+        return v.sum(dim=dims, keepdim=True) if dims else v
+
+    def amax(v: Tensor) -> Tensor:
+        return v.amax(dim=dims, keepdim=True) if dims else v
+
+    def amin(v: Tensor) -> Tensor:
+        return v.amin(dim=dims, keepdim=True) if dims else v
+
+    squares = x * x
+    zero = total(squares / (lt * lt)) <= 1.0
+    norm = total(squares).sqrt()
+    lo = (norm - amax(lt)).clamp(min=0.0)
+    hi = (norm - amin(lt)).clamp(min=0.0)
+    r = torch.where(zero, norm, lo)
+    rtol = NEWTON_RTOL.get(dtype, 1e-6)
+    for _ in range(NEWTON_MAX_ITERATIONS):
+        d = r + lt
+        s = total(squares / (d * d))
+        g = s.rsqrt() - 1.0
+        slope = total(squares / (d * d * d)) * s.pow(-1.5)  # g'(r) > 0
+        lo = torch.where(g < 0, r, lo)
+        hi = torch.where(g > 0, r, hi)
+        newton = r - g / slope
+        inside = (newton > lo) & (newton < hi)
+        new = torch.where(inside, newton, 0.5 * (lo + hi))
+        new = torch.where(zero | (g == 0), r, new)
+        done = bool(((new - r).abs() <= rtol * new).all())
+        r = new
+        if done:
+            break
+    return torch.where(zero, 0.0, x * (r / (r + lt))).to(w.dtype)
 
 
 @register("group_lasso")
@@ -70,6 +124,8 @@ class GroupLasso(Regularizer):
     strength: float
     groups: str | int = "out"
     weighted: bool = False
+    strengths = ("strength",)
+    adaptive = True
 
     def __post_init__(self):
         object.__setattr__(self, "strength", _strength("GroupLasso strength", self.strength))
@@ -96,6 +152,12 @@ class GroupLasso(Regularizer):
         for w in tensors:
             w.mul_(_group_scale(w, self.groups, float(t) * self.strength * self._c(w)))
 
+    def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
+        """The group lasso map in the metric diag(1/t): no closed form; see :func:`_group_shrink_diag`."""
+        if self.strength == 0.0:
+            return w.clone()
+        return _group_shrink_diag(w, t, self.groups, self.strength * self._c(w))
+
 
 @register("sparse_group_lasso")
 @dataclass(frozen=True)
@@ -120,6 +182,8 @@ class SparseGroupLasso(Regularizer):
     group: float
     groups: str | int = "out"
     weighted: bool = False
+    strengths = ("l1", "group")
+    adaptive = True
 
     def __post_init__(self):
         object.__setattr__(self, "l1", _strength("SparseGroupLasso l1", self.l1))
@@ -143,6 +207,11 @@ class SparseGroupLasso(Regularizer):
     def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
         _soft_threshold_(tensors, float(t) * self.l1)
         self._group_lasso().prox_(tensors, t)
+
+    def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
+        # The composition holds in a diagonal metric too: the optimality conditions split the
+        # same way coordinate by coordinate.
+        return self._group_lasso().prox_diag(L1(self.l1).prox_diag(w, t), t)
 
 
 @register("nuclear_norm")
@@ -172,6 +241,7 @@ class NuclearNorm(Regularizer):
 
     strength: float
     every: int = 1
+    strengths = ("strength",)
 
     def __post_init__(self):
         object.__setattr__(self, "strength", _strength("NuclearNorm strength", self.strength))

@@ -1,0 +1,146 @@
+"""Step sizes: the t of the proximal map that each step policy takes after an optimizer step.
+
+Note [Step policies]
+    ``step="lr"``: t = the learning rate of the parameter's group, the same for every coordinate
+    (the decoupled form, as AdamW decouples weight decay). After an SGD step this is exact
+    proximal gradient. After an Adam step it is not: the gradient step was scaled per coordinate
+    by 1/(sqrt(v̂_i) + eps), and a prox of size lr·a solves a reweighted problem (entries with a
+    small second moment are shrunk relatively more), not the lasso.
+
+    ``step="adaptive"``: the proximal map is taken in the optimizer's own diagonal metric, with a
+    step per coordinate equal to the scaling the optimizer just applied to the gradient:
+
+        Adam, AdamW, NAdam     t_i = lr / (sqrt(v̂_i) + eps),  v̂ = v / (1 − β₂ᵏ)  (max v with amsgrad)
+        RAdam                  t_i = lr·ρ_k·sqrt(1 − β₂ᵏ) / (sqrt(v_i) + eps) when rectified, else lr
+        Adamax                 t_i = lr / u_i,  u the exponentially weighted infinity norm
+        RMSprop                t_i = lr / (sqrt(v_i − m_i²·[centered]) + eps)
+        Adagrad                t_i = lr / (1 + (k − 1)·lr_decay) / (sqrt(Σ g²) + eps)
+        SGD                    t_i = lr (its metric is the identity)
+
+    A proximal gradient method in a fixed diagonal metric D has the fixed points of the plain
+    one, so Adam followed by this prox targets the lasso itself (GROUND.md section 5; checked
+    against scikit-learn's ``Lasso`` in the tests). The bias correction of the first moment is
+    left out on purpose: it tends to 1 and does not change the fixed points.
+
+    ``step="auto"`` (the default) is ``"adaptive"`` where it applies (an optimizer listed above
+    and a regularizer with a diagonal-metric map) and ``"lr"`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .errors import ParamregError
+
+__all__ = ["POLICIES", "KNOWN", "metric", "diagonal_steps"]
+
+POLICIES = ("auto", "lr", "adaptive")
+
+
+def _moments(optimizer, group, params, key):
+    """The state tensors ``key`` of ``params`` and their step counts, as float32 for half precision."""
+    states = [optimizer.state[p] for p in params]
+    missing = [i for i, s in enumerate(states) if key not in s]
+    if missing:
+        raise ParamregError(
+            f"{type(optimizer).__name__} has no {key!r} state for a parameter it just stepped; "
+            f"paramreg cannot take step='adaptive' from it: attach with step='lr'"
+        )
+    tensors = [s[key] if s[key].dtype in (torch.float32, torch.float64) else s[key].float() for s in states]
+    counts = [float(s["step"]) if "step" in s else 0.0 for s in states]
+    return tensors, counts
+
+
+def _adam(optimizer, group, params):
+    beta2, eps = group["betas"][1], group["eps"]
+    v, counts = _moments(optimizer, group, params, "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
+    steps = torch._foreach_sqrt(v)
+    torch._foreach_mul_(steps, [1.0 / math.sqrt(1.0 - beta2**k) for k in counts])
+    torch._foreach_add_(steps, eps)
+    return steps
+
+
+def _radam(optimizer, group, params):
+    beta2, eps = group["betas"][1], group["eps"]
+    v, counts = _moments(optimizer, group, params, "exp_avg_sq")
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    scales = []
+    for k in counts:
+        rho = rho_inf - 2.0 * k * beta2**k / (1.0 - beta2**k)
+        if rho <= 5.0:
+            return None  # an unrectified step is plain momentum SGD: t = lr
+        rect = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+        scales.append((rect, math.sqrt(1.0 - beta2**k)))
+    steps = torch._foreach_sqrt(v)
+    torch._foreach_add_(steps, eps)
+    torch._foreach_div_(steps, [bc * rect for rect, bc in scales])
+    return steps
+
+
+def _adamax(optimizer, group, params):
+    u, _ = _moments(optimizer, group, params, "exp_inf")
+    return [x.clone() for x in u]
+
+
+def _rmsprop(optimizer, group, params):
+    v, _ = _moments(optimizer, group, params, "square_avg")
+    if group.get("centered"):
+        m, _ = _moments(optimizer, group, params, "grad_avg")
+        v = [a.addcmul(b, b, value=-1) for a, b in zip(v, m, strict=True)]
+    steps = torch._foreach_sqrt(v)
+    torch._foreach_add_(steps, group["eps"])
+    return steps
+
+
+def _adagrad(optimizer, group, params):
+    sums, counts = _moments(optimizer, group, params, "sum")
+    steps = torch._foreach_sqrt(sums)
+    torch._foreach_add_(steps, group["eps"])
+    decay = group.get("lr_decay", 0.0)
+    torch._foreach_mul_(steps, [1.0 + (k - 1.0) * decay for k in counts])
+    return steps
+
+
+# Optimizer class -> the function giving the denominators d_i of t_i = lr / d_i (None: t = lr).
+_DIAGONAL = {
+    torch.optim.Adam: _adam,
+    torch.optim.AdamW: _adam,
+    torch.optim.NAdam: _adam,
+    torch.optim.RAdam: _radam,
+    torch.optim.Adamax: _adamax,
+    torch.optim.RMSprop: _rmsprop,
+    torch.optim.Adagrad: _adagrad,
+}
+_IDENTITY = (torch.optim.SGD,)
+KNOWN = (*_DIAGONAL, *_IDENTITY)
+
+
+def metric(optimizer) -> str | None:
+    """``"diagonal"``, ``"identity"`` (SGD), or None when paramreg does not know the optimizer's metric.
+
+    Exact classes only: a subclass may change the update, so it counts as unknown.
+
+    >>> import torch
+    >>> p = [torch.nn.Parameter(torch.zeros(1))]
+    >>> metric(torch.optim.Adam(p)), metric(torch.optim.SGD(p, lr=0.1)), metric(torch.optim.Rprop(p))
+    ('diagonal', 'identity', None)
+    """
+    if type(optimizer) in _DIAGONAL:
+        return "diagonal"
+    if type(optimizer) in _IDENTITY:
+        return "identity"
+    return None
+
+
+def diagonal_steps(optimizer, group: dict, params: list[Tensor], lr: float) -> list[Tensor] | None:
+    """t_i for each of ``params`` (just stepped by ``optimizer`` in ``group``) as new tensors, or
+    None when this step's metric is the identity (then t = lr)."""
+    denominators = _DIAGONAL[type(optimizer)](optimizer, group, params)
+    if denominators is None:
+        return None
+    torch._foreach_reciprocal_(denominators)
+    torch._foreach_mul_(denominators, lr)
+    return denominators

@@ -1,0 +1,254 @@
+"""Step policies: the prox in the optimizer's own metric ("adaptive") and the group's lr ("lr")."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Lasso
+from torch import nn
+from torch.nn import functional as F
+
+import paramreg
+from paramreg.step_sizes import metric
+
+from conftest import mlp, mlp_batch
+
+
+def _lasso_problem():
+    g = torch.Generator().manual_seed(0)
+    n, p = 200, 30
+    X = torch.randn(n, p, generator=g, dtype=torch.float64)
+    w = torch.zeros(p, dtype=torch.float64)
+    w[:5] = torch.tensor([3.0, -2.0, 1.5, -1.0, 0.5], dtype=torch.float64)
+    y = X @ w + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    return X, y
+
+
+def _adam_lasso(X, y, alpha, step, steps=3000):
+    torch.manual_seed(0)
+    model = nn.Linear(X.shape[1], 1).double()
+    paramreg.attach(model, "weight", l1=alpha, step=step)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.997)
+    for _ in range(steps):
+        opt.zero_grad()
+        (((model(X).squeeze(1) - y) ** 2).sum() / (2 * len(y))).backward()  # scikit-learn's Lasso loss
+        opt.step()
+        sched.step()
+    return model.weight.detach().squeeze(0).numpy(), model.bias.item()
+
+
+def test_adam_adaptive_l1_reaches_the_scikit_learn_lasso_and_lr_does_not():
+    X, y = _lasso_problem()
+    alpha = 0.1
+    reference = Lasso(alpha=alpha, tol=1e-12, max_iter=100_000).fit(X.numpy(), y.numpy())
+    w, b = _adam_lasso(X, y, alpha, step="auto")  # the default with Adam: its own metric
+    assert np.array_equal(np.flatnonzero(w), np.flatnonzero(reference.coef_))
+    np.testing.assert_allclose(w, reference.coef_, rtol=0, atol=1e-6)
+    assert abs(b - reference.intercept_) < 1e-6
+    # the decoupled step lr·a after Adam solves a reweighted problem: not the lasso's zeros
+    w_lr, _ = _adam_lasso(X, y, alpha, step="lr")
+    assert not np.array_equal(np.flatnonzero(w_lr), np.flatnonzero(reference.coef_))
+
+
+def _soft(w, threshold):
+    return torch.sign(w) * torch.clamp(w.abs() - threshold, min=0)
+
+
+def _adam_denominator(opt, group, state):
+    v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+    return (v / (1 - group["betas"][1] ** float(state["step"]))).sqrt() + group["eps"]
+
+
+def _radam_step(opt, group, state):
+    beta2, k = group["betas"][1], float(state["step"])
+    rho_inf = 2 / (1 - beta2) - 1
+    rho = rho_inf - 2 * k * beta2**k / (1 - beta2**k)
+    if rho <= 5:
+        return group["lr"]
+    rect = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+    return group["lr"] * rect * math.sqrt(1 - beta2**k) / (state["exp_avg_sq"].sqrt() + group["eps"])
+
+
+def _rmsprop_denominator(opt, group, state):
+    v = state["square_avg"]
+    if group["centered"]:
+        v = v - state["grad_avg"] ** 2
+    return v.sqrt() + group["eps"]
+
+
+def _adagrad_step(opt, group, state):
+    lr = group["lr"] / (1 + (float(state["step"]) - 1) * group["lr_decay"])
+    return lr / (state["sum"].sqrt() + group["eps"])
+
+
+# optimizer -> (factory, the per-coordinate step t_i written out from its state)
+WRITTEN_OUT = {
+    "Adam": (lambda p: torch.optim.Adam(p, lr=0.01), lambda o, g, s: g["lr"] / _adam_denominator(o, g, s)),
+    "Adam-amsgrad": (lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True), lambda o, g, s: g["lr"] / _adam_denominator(o, g, s)),
+    "AdamW": (lambda p: torch.optim.AdamW(p, lr=0.01), lambda o, g, s: g["lr"] / _adam_denominator(o, g, s)),
+    "NAdam": (lambda p: torch.optim.NAdam(p, lr=0.01), lambda o, g, s: g["lr"] / _adam_denominator(o, g, s)),
+    "RAdam": (lambda p: torch.optim.RAdam(p, lr=0.01), _radam_step),
+    "Adamax": (lambda p: torch.optim.Adamax(p, lr=0.01), lambda o, g, s: g["lr"] / s["exp_inf"]),
+    "RMSprop": (lambda p: torch.optim.RMSprop(p, lr=0.001), lambda o, g, s: g["lr"] / _rmsprop_denominator(o, g, s)),
+    "RMSprop-centered-momentum": (
+        lambda p: torch.optim.RMSprop(p, lr=0.001, centered=True, momentum=0.9),
+        lambda o, g, s: g["lr"] / _rmsprop_denominator(o, g, s),
+    ),
+    "Adagrad": (lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01), _adagrad_step),
+    "SGD-momentum": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda o, g, s: g["lr"]),
+}
+
+
+@pytest.mark.parametrize("name", WRITTEN_OUT)
+def test_adaptive_l1_thresholds_each_coordinate_with_the_step_the_optimizer_took(name):
+    make_opt, step_of = WRITTEN_OUT[name]
+    x, y = mlp_batch()
+    strength = 0.02
+    model, reference = mlp(), mlp()
+    paramreg.attach(model, "*.weight", l1=strength)  # default step policy
+    opt, ref_opt = make_opt(model.parameters()), make_opt(reference.parameters())
+    for _ in range(8):  # RAdam rectifies from its 6th step: cover both of its regimes
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+        group = ref_opt.param_groups[0]
+        with torch.no_grad():
+            for w in (reference[0].weight, reference[2].weight):
+                w.copy_(_soft(w, strength * step_of(ref_opt, group, ref_opt.state[w])))
+        for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    zeros = int((model[0].weight == 0).sum())
+    assert 0 < zeros < model[0].weight.numel()
+
+
+def test_metric_of_each_optimizer():
+    p = [nn.Parameter(torch.zeros(2))]
+    assert {metric(torch.optim.Adam(p)), metric(torch.optim.RMSprop(p)), metric(torch.optim.Adagrad(p))} == {"diagonal"}
+    assert metric(torch.optim.SGD(p, lr=0.1)) == "identity"
+    assert metric(torch.optim.Rprop(p)) is None and metric(torch.optim.Adadelta(p)) is None
+
+    class MyAdam(torch.optim.Adam):  # a subclass may change the update: its metric is unknown
+        pass
+
+    assert metric(MyAdam(p)) is None
+
+
+def test_adaptive_with_an_optimizer_of_unknown_metric_is_an_error_naming_both():
+    x, y = mlp_batch()
+    model = mlp()
+    paramreg.attach(model, "0.weight", l1=1e-3, step="adaptive")
+    opt = torch.optim.Rprop(model.parameters())
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(paramreg.ParamregError, match=r"'0.weight'.*step='adaptive'.*Rprop"):
+        opt.step()
+
+
+def test_auto_with_an_optimizer_of_unknown_metric_takes_the_lr():
+    x, y = mlp_batch()
+    model = mlp()
+    paramreg.attach(model, "0.weight", l1=0.5)
+    opt = torch.optim.Rprop(model.parameters(), lr=0.01)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    reference = mlp()
+    ref_opt = torch.optim.Rprop(reference.parameters(), lr=0.01)
+    F.cross_entropy(reference(x), y).backward()
+    ref_opt.step()
+    assert torch.equal(model[0].weight.detach(), F.softshrink(reference[0].weight.detach(), 0.01 * 0.5))
+
+
+@pytest.mark.parametrize(
+    "keywords, message",
+    [
+        ({"nuclear_norm": 0.1, "step": "adaptive"}, r"NuclearNorm.*no map in a diagonal metric"),
+        ({"max_norm": 1.0, "step": "adaptive"}, r"MaxNorm.*no map in a diagonal metric"),
+        ({"l1": 0.1, "step": "adaptive", "mode": "penalty"}, r"step='adaptive'.*mode='prox' only"),
+        ({"l1": 0.1, "step": "fast"}, r"step must be one of 'auto', 'lr', 'adaptive', got 'fast'"),
+    ],
+)
+def test_bad_step_policies_are_refused_at_attach(keywords, message):
+    model = mlp()
+    with pytest.raises(paramreg.ParamregError, match=message):
+        paramreg.attach(model, "0.weight", **keywords)
+    assert not paramreg.report(model).rows[0].regularizer
+
+
+ADAPTIVE = [
+    paramreg.L1(0.3),
+    paramreg.L2(0.7),
+    paramreg.ElasticNet(l1=0.2, l2=0.5),
+    paramreg.GroupLasso(0.4),
+    paramreg.GroupLasso(0.2, groups="in", weighted=True),
+    paramreg.GroupLasso(0.3, groups="kernel"),
+    paramreg.SparseGroupLasso(l1=0.1, group=0.3),
+    paramreg.NonNegative(),
+    paramreg.Box(-0.2, 0.3),
+]
+
+
+def _metric_objective(reg, z, w, t):
+    return float(((z - w) ** 2 / (2 * t)).sum() + reg.penalty(z))
+
+
+@pytest.mark.parametrize("reg", ADAPTIVE, ids=repr)
+def test_prox_diag_minimizes_the_metric_objective(reg):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64)
+    w[0] *= 0.01  # a group small enough to vanish
+    t = torch.rand(w.shape, generator=g, dtype=torch.float64) * 2 + 0.05
+    z = reg.prox_diag(w, t)
+    best = _metric_objective(reg, z, w, t)
+    for scale in (1e-2, 1e-4, 1e-6):
+        for _ in range(60):
+            other = z + scale * torch.randn(z.shape, generator=g, dtype=torch.float64)
+            if reg.kind == "constraint":
+                other = reg.prox(other, 0.0)
+            assert best <= _metric_objective(reg, other, w, t) + 1e-12
+    # with one step size for every coordinate it is the ordinary proximal map
+    torch.testing.assert_close(reg.prox_diag(w, torch.full_like(w, 0.3)), reg.prox(w, 0.3), rtol=1e-10, atol=1e-12)
+    # the in-place multi-tensor form equals the pure one
+    inplace = [w.clone(), w[1].clone()]
+    reg.prox_diag_(inplace, [t.clone(), t[1].clone()])
+    torch.testing.assert_close(inplace[0], z, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(inplace[1], reg.prox_diag(w[1], t[1]), rtol=1e-12, atol=1e-14)
+
+
+def test_group_lasso_in_a_diagonal_metric_zeroes_exactly_the_groups_its_condition_says():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 7, generator=g, dtype=torch.float64) * torch.linspace(0.01, 2, 40, dtype=torch.float64)[:, None]
+    t = torch.rand(w.shape, generator=g, dtype=torch.float64) + 0.1
+    a = 1.0
+    z = paramreg.GroupLasso(a).prox_diag(w, t)
+    vanish = (w / t).norm(dim=1) <= a  # 0 is optimal iff ‖w_g / t_g‖ <= a
+    assert 0 < int(vanish.sum()) < 40
+    assert torch.equal(z[vanish], torch.zeros_like(z[vanish]))
+    assert (z[~vanish].norm(dim=1) > 0).all()
+    # optimality of a kept group: (z − w)/t + a·z/‖z‖ = 0
+    kept = ~vanish
+    residual = (z[kept] - w[kept]) / t[kept] + a * z[kept] / z[kept].norm(dim=1, keepdim=True)
+    assert float(residual.abs().max()) < 1e-10
+
+
+def test_adaptive_prox_of_bfloat16_weights_is_computed_in_float32_and_rounded_once():
+    torch.manual_seed(0)
+    model = nn.Linear(64, 32).to(torch.bfloat16)
+    paramreg.attach(model, "weight", l1=0.05)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    model(x).float().pow(2).mean().backward()
+    # the same Adam step without the prox, then the prox written out in float32
+    reference = nn.Linear(64, 32).to(torch.bfloat16)
+    reference.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=0.01)
+    reference(x).float().pow(2).mean().backward()
+    opt.step()
+    ref_opt.step()
+    state = ref_opt.state[reference.weight]
+    t = 0.01 / ((state["exp_avg_sq"].float() / (1 - 0.999)).sqrt() + 1e-8)
+    expected = _soft(reference.weight.detach().float(), 0.05 * t).to(torch.bfloat16)
+    assert model.weight.dtype == torch.bfloat16
+    assert torch.equal(model.weight.detach(), expected)
+    assert (model.weight == 0).any()
