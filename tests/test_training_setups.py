@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -53,29 +54,57 @@ def test_torch_compile_forward_has_no_graph_break_and_matches_eager():
     assert torch.equal(compiled(x), model(x))
 
 
-def test_ddp_two_processes_agree_and_match_one_process(tmp_path):
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))
-    import ddp_job
-
+def _run_distributed(kind, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     done = subprocess.run(
-        [sys.executable, str(pathlib.Path(__file__).with_name("ddp_job.py")), str(port), str(tmp_path)],
+        [sys.executable, str(pathlib.Path(__file__).with_name("distributed_job.py")), kind, str(port), str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
-    # one process on both ranks' batches: the mean loss over 32 examples averages the same gradients
-    model = ddp_job.build()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for step in range(ddp_job.STEPS):
-        (x0, y0), (x1, y1) = ddp_job.batch(step, 0), ddp_job.batch(step, 1)
+
+
+def _one_process(kind):
+    """The same training in one process on both ranks' batches: the mean loss over 32 examples
+    averages the same gradients."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    import distributed_job as job
+
+    model = job.build(kind)
+    opt = job.optimizer(kind, model.parameters())
+    for step in range(job.STEPS):
+        (x0, y0), (x1, y1) = job.batch(step, 0), job.batch(step, 1)
         opt.zero_grad()
         F.cross_entropy(model(torch.cat([x0, x1])), torch.cat([y0, y1])).backward()
         opt.step()
-    expected = paramreg.folded(model).state_dict()
+    return paramreg.folded(model).state_dict()
+
+
+@pytest.mark.parametrize("kind", ["ddp", "zero"])
+def test_ddp_two_processes_agree_and_match_one_process(kind, tmp_path):
+    _run_distributed(kind, tmp_path)
+    ranks = [torch.load(tmp_path / f"{kind}-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for r in ranks:
+        del r["report.zeros"]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    expected = _one_process(kind)  # ZeroRedundancyOptimizer: the prox once, by the rank that owns the shard
     for key in expected:
         torch.testing.assert_close(ranks[0][key], expected[key], rtol=0, atol=1e-6)
     assert (ranks[0]["0.weight"] == 0).any()
+
+
+def test_fsdp2_sharded_training_matches_one_process(tmp_path):
+    """fully_shard splits every weight by rows over 2 ranks: L1 maps each shard; the group lasso
+    over input columns and the nuclear norm need the whole tensor, which DTensor's ops gather."""
+    _run_distributed("fsdp", tmp_path)
+    got = torch.load(tmp_path / "fsdp-rank0.pt", weights_only=True)
+    # the report counts whole tensors, not this rank's shard
+    assert got.pop("report.zeros").tolist() == [int((got[f"{i}.weight"] == 0).sum()) for i in (0, 2, 4)]
+    expected = _one_process("fsdp")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=2e-6)
+    assert (got["0.weight"] == 0).any() and (got["0.weight"] != 0).any()
+    columns = got["2.weight"].norm(dim=0)
+    assert (columns == 0).any() and (columns != 0).any()
+    assert torch.linalg.matrix_rank(got["4.weight"]) < 4

@@ -114,12 +114,18 @@ class Report:
     __repr__ = __str__
 
 
+def _whole(t: Tensor) -> Tensor:
+    """A sharded tensor (DTensor) gathered; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def report(model: nn.Module) -> Report:
     """One row per attached tensor (or, when nothing is attached, per floating-point parameter).
 
     Counts exact zeros of the tensor the module computes with (for ``SoftThreshold``, the
     thresholded weight), and evaluates each penalty R(w) at the current weights. It works on any model, so it also shows the sparsity left after
-    :func:`paramreg.remove`.
+    :func:`paramreg.remove`. On a sharded model (FSDP2's ``DTensor`` parameters) every row counts
+    the whole tensor, which gathers it: call it on every rank.
 
     Example:
         >>> import torch, paramreg
@@ -139,8 +145,7 @@ def report(model: nn.Module) -> Report:
     rows = []
     with torch.no_grad():
         for s in chosen:
-            w = s.value()
-            effective = s.effective()
+            w, effective = _whole(s.value()), _whole(s.effective())
             reg = s.carrier.current() if s.carrier is not None else None
             rows.append(
                 Row(

@@ -116,9 +116,29 @@ def _build_plan(optimizer) -> list:
     return plan
 
 
+def _wrappers() -> tuple:
+    """Optimizers that step an inner torch optimizer: the hook acts on the inner one's step.
+
+    ``ZeroRedundancyOptimizer.step`` steps the shard this rank owns with its inner optimizer
+    (whose hook applies the prox, in that optimizer's metric), then broadcasts every shard: acting
+    again after its own step would apply the prox twice.
+    """
+    global _WRAPPERS
+    if _WRAPPERS is None:
+        _WRAPPERS = ()
+        if torch.distributed.is_available():
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            _WRAPPERS = (ZeroRedundancyOptimizer,)
+    return _WRAPPERS
+
+
+_WRAPPERS = None
+
+
 @torch.compiler.disable  # bookkeeping in Python: runs eagerly after a compiled optimizer step
 def _after_step(optimizer, args, kwargs) -> None:
-    if not _carrier.live_carriers():
+    if not _carrier.live_carriers() or isinstance(optimizer, _wrappers()):
         return
     signature = _signature(optimizer)
     cached = _plans.get(optimizer)
