@@ -108,3 +108,104 @@ def test_fsdp2_sharded_training_matches_one_process(tmp_path):
     columns = got["2.weight"].norm(dim=0)
     assert (columns == 0).any() and (columns != 0).any()
     assert torch.linalg.matrix_rank(got["4.weight"]) < 4
+
+
+def test_autocast_bfloat16_with_float32_weights_applies_the_prox_to_the_float32_weights():
+    """Mixed precision as torch.autocast does it: the float32 Parameters are the master weights."""
+    x, y = mlp_batch()
+    model, reference = mlp(), mlp()
+    paramreg.attach(model, "*.weight", l1=0.05, step="lr")
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference))
+    for _ in range(5):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            o.step()
+        with torch.no_grad():
+            for w in (reference[0].weight, reference[2].weight):
+                w.copy_(F.softshrink(w, 0.1 * 0.05))
+    assert model[0].weight.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True))
+    assert (model[0].weight == 0).any()
+
+
+def test_hand_kept_float32_master_weights_carry_the_zeros_into_the_bfloat16_copy():
+    """A bfloat16 model for compute, float32 master weights stepped by the optimizer: attach to the
+    master copy, which is what the optimizer steps."""
+    import copy
+
+    x, y = mlp_batch()
+    master = mlp()
+    paramreg.attach(master, "*.weight", l1=0.02)
+    work = copy.deepcopy(paramreg.folded(master)).to(torch.bfloat16)
+    opt = torch.optim.Adam(master.parameters(), lr=1e-2)
+    for _ in range(10):
+        work.zero_grad()
+        F.cross_entropy(work(x.bfloat16()).float(), y).backward()
+        for m, w in zip(master.parameters(), work.parameters(), strict=True):
+            m.grad = w.grad.float()
+        opt.step()
+        with torch.no_grad():
+            for m, w in zip(master.parameters(), work.parameters(), strict=True):
+                w.copy_(m)
+    zeros = master[0].weight == 0
+    assert zeros.any() and (~zeros).any()
+    assert torch.equal(work[0].weight == 0, zeros)  # an exact zero stays exact in bfloat16
+
+
+def _count_compiles():
+    compiled = []
+
+    def backend(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    return compiled, backend
+
+
+def test_torch_compile_recompiles_no_more_than_the_plain_model():
+    x, y = mlp_batch()
+    counts = {}
+    for attached in (False, True):
+        torch._dynamo.reset()
+        model = mlp()
+        if attached:
+            paramreg.attach(model, "*.weight", l1=0.02)
+        compiled, backend = _count_compiles()
+        forward = torch.compile(model, backend=backend)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(4):  # the prox changes the weights in place between calls
+            opt.zero_grad()
+            F.cross_entropy(forward(x), y).backward()
+            opt.step()
+        forward.eval()
+        forward(x)
+        counts[attached] = len(compiled)
+    assert counts[True] == counts[False] == 1  # in-place weight changes (optimizer, prox) do not recompile
+    assert (model[0].weight == 0).any()
+
+
+def test_compiled_training_step_matches_eager():
+    x, y = mlp_batch()
+    results = []
+    for compile_step in (False, True):
+        torch._dynamo.reset()
+        model = mlp()
+        paramreg.attach(model, "*.weight", l1=0.02)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+        def train_step(model=model, opt=opt):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        step = torch.compile(train_step, backend="aot_eager") if compile_step else train_step
+        for _ in range(4):
+            step()
+        results.append(paramreg.folded(model).state_dict())
+    eager, compiled = results
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-6)
+    assert (compiled["0.weight"] == 0).any()

@@ -28,6 +28,7 @@ Note [Plans]
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 
 import torch
@@ -116,29 +117,20 @@ def _build_plan(optimizer) -> list:
     return plan
 
 
-def _wrappers() -> tuple:
-    """Optimizers that step an inner torch optimizer: the hook acts on the inner one's step.
+def _is_wrapper(optimizer) -> bool:
+    """True for an optimizer that steps an inner torch optimizer: the hook acts on the inner step.
 
     ``ZeroRedundancyOptimizer.step`` steps the shard this rank owns with its inner optimizer
     (whose hook applies the prox, in that optimizer's metric), then broadcasts every shard: acting
-    again after its own step would apply the prox twice.
+    again after its own step would apply the prox twice. (Looked up only if the user imported it.)
     """
-    global _WRAPPERS
-    if _WRAPPERS is None:
-        _WRAPPERS = ()
-        if torch.distributed.is_available():
-            from torch.distributed.optim import ZeroRedundancyOptimizer
-
-            _WRAPPERS = (ZeroRedundancyOptimizer,)
-    return _WRAPPERS
-
-
-_WRAPPERS = None
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    return zero is not None and isinstance(optimizer, zero.ZeroRedundancyOptimizer)
 
 
 @torch.compiler.disable  # bookkeeping in Python: runs eagerly after a compiled optimizer step
 def _after_step(optimizer, args, kwargs) -> None:
-    if not _carrier.live_carriers() or isinstance(optimizer, _wrappers()):
+    if not _carrier.live_carriers() or _is_wrapper(optimizer):
         return
     signature = _signature(optimizer)
     cached = _plans.get(optimizer)
