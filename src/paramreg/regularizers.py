@@ -15,7 +15,7 @@ Every regularizer R knows two things about a tensor w:
       prox^D_{R}(w) = argmin_z  Σ_i (z_i − w_i)² / (2·t_i) + R(z)
 
   which ``step="adaptive"`` takes in the optimizer's own metric (t_i = lr / (sqrt(v̂_i) + eps)
-  for Adam; :mod:`paramreg.metrics`). With every t_i = t it is prox_{tR}.
+  for Adam; :mod:`paramreg.step_sizes`). With every t_i = t it is prox_{tR}.
 
 Nothing here knows about modules, parametrizations or optimizers; the lifecycle code uses these
 classes, never the reverse.
