@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 import paramreg
 
@@ -107,3 +108,17 @@ def test_numpy_and_tensor_strengths_are_accepted():
     assert paramreg.L2(torch.tensor(0.25)) == paramreg.L2(0.25)
     with pytest.raises(paramreg.ParamregError, match="strength"):
         paramreg.L1(torch.tensor([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_multi_tensor_soft_threshold_equals_softshrink(dtype):
+    """The accelerator path (three foreach ops over all tensors) against the per-tensor one."""
+    from paramreg.regularizers import _soft_threshold_multi_
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(shape, generator=g).to(dtype) for shape in [(7, 3), (5,), (4, 2, 3, 3), (1,)]]
+    tensors[0][0, :2] = torch.tensor([0.25, -0.25])  # exactly at the threshold
+    expected = [F.softshrink(t, 0.25) for t in tensors]
+    _soft_threshold_multi_(tensors, 0.25)
+    for got, want in zip(tensors, expected, strict=True):
+        assert torch.equal(got, want)  # equal values; a zero may be +0 here where softshrink gives -0

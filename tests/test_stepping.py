@@ -149,17 +149,24 @@ def test_gradient_accumulation_applies_the_prox_once_per_step():
     assert torch.equal(model[0].weight.detach(), expected)
 
 
-def test_parameters_without_gradient_get_no_prox():
+@pytest.mark.parametrize(
+    "make_opt, strength", [(lambda p: torch.optim.SGD(p, lr=0.1), 0.5), (lambda p: torch.optim.Adam(p, lr=0.01), 0.05)]
+)
+def test_parameters_frozen_mid_training_get_no_prox(make_opt, strength):
     model = mlp()
-    paramreg.attach(model, "*.weight", l1=1.0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    frozen = model[0].weight.detach().clone()
-    model[0].weight.requires_grad_(False)
+    paramreg.attach(model, "*.weight", l1=strength)
+    opt = make_opt(model.parameters())
     x, y = mlp_batch()
-    opt.zero_grad()
-    loss_of(model, x, y).backward()
-    opt.step()
+    for step in range(4):
+        if step == 2:  # frozen mid-training: its .grad is None from now on
+            model[0].weight.requires_grad_(False)
+            frozen = model[0].weight.detach().clone()
+            moving = model[2].weight.detach().clone()
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
     assert torch.equal(model[0].weight, frozen)
+    assert not torch.equal(model[2].weight, moving)
     assert (model[2].weight == 0).any()
 
 

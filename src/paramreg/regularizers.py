@@ -91,15 +91,27 @@ def _soft_threshold_diag_(tensors: list[Tensor], thresholds: list[Tensor]) -> No
 
 
 def _soft_threshold_(tensors: Sequence[Tensor], threshold: float) -> None:
-    """In place: w ← sign(w)·max(abs(w) − threshold, 0), one fused pass per tensor.
+    """In place: w ← sign(w)·max(abs(w) − threshold, 0) over every tensor.
 
-    ``softshrink`` written through ``out=`` into its own input is a single elementwise pass
-    (aliasing is safe for an elementwise op); a sign/abs/clamp chain would allocate temporaries.
+    On the CPU, ``softshrink`` written through ``out=`` into its own input is one pass per tensor
+    with no temporary (aliasing is safe for an elementwise op), the memory-bound floor. On an
+    accelerator, where a launch per tensor dominates for many small tensors, three multi-tensor
+    ops do it for all tensors at once: w − clamp(w, −θ, θ), the same arithmetic (w − θ, w + θ, or
+    w − w = 0), so the values are equal (a zero is +0 where softshrink may give −0).
     """
     if threshold == 0.0:
         return
+    if len(tensors) > 1 and tensors[0].device.type != "cpu":
+        _soft_threshold_multi_(list(tensors), threshold)
+        return
     for w in tensors:
         torch._C._nn.softshrink(w, threshold, out=w)
+
+
+def _soft_threshold_multi_(tensors: list[Tensor], threshold: float) -> None:
+    clipped = torch._foreach_clamp_max(tensors, threshold)
+    torch._foreach_clamp_min_(clipped, -threshold)
+    torch._foreach_sub_(tensors, clipped)
 
 
 # Every Regularizer subclass by class name, so that a spec (a plain dict) can rebuild it.
