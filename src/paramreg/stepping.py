@@ -195,7 +195,8 @@ def prox_step(model: nn.Module, lr: float) -> None:
     For training loops that use no ``torch.optim`` optimizer (a hand-written update, a closed-form
     step). With a torch optimizer this happens automatically after each ``step()``; do not call
     both, or the prox is applied twice. Every call applies every map once: ``NuclearNorm(every=k)``
-    counts only optimizer steps.
+    counts only optimizer steps. With no optimizer there is no metric: every step policy takes
+    t = lr here, and a strength schedule stays at its current value.
 
     Example:
         >>> import torch, paramreg
