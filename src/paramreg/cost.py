@@ -15,6 +15,36 @@ from .errors import ParamregError
 __all__ = ["Cost", "Comparison", "cost", "compare"]
 
 
+class _eval:
+    """Eval mode for the duration of a ``with`` block, each module's own flag restored after."""
+
+    def __init__(self, *models: nn.Module):
+        self.flags = {m: m.training for model in models for m in model.modules()}
+
+    def __enter__(self):
+        for m in self.flags:
+            m.training = False
+
+    def __exit__(self, *exc):
+        for m, flag in self.flags.items():
+            m.training = flag
+
+
+def _times(models, inputs: tuple, repeats: int) -> list[list[float]]:
+    """Milliseconds per forward pass of each model, after 3 warm-up passes, the models taking
+    turns pass by pass so that changes in the machine's load hit all of them alike."""
+    for m in models:
+        for _ in range(3):
+            m(*inputs)
+    times = [[] for _ in models]
+    for _ in range(repeats):
+        for m, t in zip(models, times, strict=True):
+            start = time.perf_counter()
+            m(*inputs)
+            t.append(1000 * (time.perf_counter() - start))
+    return times
+
+
 @dataclass(frozen=True)
 class Cost:
     """Parameters, FLOPs per sample (``FlopCounterMode``; a multiply-add counts 2) and median
@@ -34,8 +64,8 @@ def cost(model: nn.Module, example_inputs, *, batch_sizes=(), repeats: int = 30)
     """Measure ``model`` in eval mode under ``torch.inference_mode``.
 
     FLOPs are counted on one sample (the first of each example input). Latency is the median of
-    ``repeats`` timed forward passes (after 3 warm-up passes) for each batch size, on the inputs'
-    device with torch's current thread count. Timings vary from run to run: compare models
+    ``repeats`` timed forward passes (after 3 warm-up passes) for each batch size, the first
+    sample repeated to that size, on the inputs' device with torch's current thread count. Timings vary from run to run: compare models
     measured in one process.
 
     Example:
@@ -53,27 +83,11 @@ def cost(model: nn.Module, example_inputs, *, batch_sizes=(), repeats: int = 30)
     if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
         raise ParamregError(f"cost: batch_sizes must be ints >= 1, got {batch_sizes!r}")
     parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.inference_mode():
-            counter = FlopCounterMode(display=False)
-            with counter:
-                model(*_batch(tuple(inputs), 1))
-            latency = {}
-            for size in sizes:
-                x = _batch(tuple(inputs), size)
-                for _ in range(3):
-                    model(*x)
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    model(*x)
-                    times.append(time.perf_counter() - start)
-                latency[size] = 1000 * statistics.median(times)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    with _eval(model), torch.inference_mode():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(*_batch(tuple(inputs), 1))
+        latency = {size: statistics.median(_times([model], _batch(tuple(inputs), size), repeats)[0]) for size in sizes}
     return Cost(parameters, int(counter.get_total_flops()), latency)
 
 
@@ -103,8 +117,8 @@ class Comparison:
 
 
 def compare(before: nn.Module, after: nn.Module, example_inputs, *, batch_sizes=(1, 64), repeats: int = 30) -> Comparison:
-    """:func:`cost` of two models (e.g. before and after :func:`paramreg.shrink`), latencies
-    measured alternately in one process so that their ratio is fair.
+    """:func:`cost` of two models (e.g. before and after :func:`paramreg.shrink`); the two models
+    take turns forward pass by forward pass, so that their latency ratio is fair on a busy machine.
 
     Example:
         >>> import torch, paramreg
@@ -115,9 +129,12 @@ def compare(before: nn.Module, after: nn.Module, example_inputs, *, batch_sizes=
         FLOPs per sample     160     80         2.00x
     """
     sizes = tuple(batch_sizes)
-    b, a = cost(before, example_inputs, repeats=repeats), cost(after, example_inputs, repeats=repeats)
+    b = cost(before, example_inputs, repeats=repeats)
+    a = cost(after, example_inputs, repeats=repeats)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     lb, la = {}, {}
-    for size in sizes:  # alternate the two models so that drift in the machine's load hits both
-        lb[size] = cost(before, example_inputs, batch_sizes=(size,), repeats=repeats).latency_ms[size]
-        la[size] = cost(after, example_inputs, batch_sizes=(size,), repeats=repeats).latency_ms[size]
+    with _eval(before, after), torch.inference_mode():
+        for size in sizes:
+            tb, ta = _times([before, after], _batch(inputs, size), repeats)
+            lb[size], la[size] = statistics.median(tb), statistics.median(ta)
     return Comparison(Cost(b.parameters, b.flops, lb), Cost(a.parameters, a.flops, la))

@@ -224,7 +224,7 @@ class _Graph:
         """One group per set of coupled output channels, rooted at the first conv/linear layer in model order."""
         seen: set[int] = set()
         found = []
-        for name, m in self.model.named_modules():
+        for m in self.model.modules():
             if not isinstance(m, _LAYERS) or m not in self.dg.module2node or id(m) in seen:
                 continue
             g = self.group(m)
