@@ -70,19 +70,22 @@ def data(size: int, limit: int | None):
     return (x[:cut], y[:cut]), (x[cut:], y[cut:])
 
 
-def train(model, train_set, epochs: int, lr: float, batch: int = 64) -> None:
+def train(model, train_set, epochs: int, lr: float, batch: int = 64, label: str = "") -> None:
     x, y = train_set
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, foreach=False)
     steps = epochs * ((len(x) + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     gen = torch.Generator().manual_seed(1)
     model.train()
-    for _ in range(epochs):
+    started = time.perf_counter()
+    for epoch in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).split(batch):
             opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
             opt.step()
             sched.step()
+        print(f"  {label} epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def accuracy(model, test_set) -> float:
@@ -99,8 +102,8 @@ def conv_channels(model) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke test")
-    parser.add_argument("--strength", type=float, default=0.05, help="group lasso strength a of attach_channels")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--strength", type=float, default=0.1, help="group lasso strength a of attach_channels")
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -113,9 +116,9 @@ def main() -> None:
     dense = Net(width)
     regularized = copy.deepcopy(dense)
     started = time.perf_counter()
-    train(dense, train_set, epochs, lr)
+    train(dense, train_set, epochs, lr, label="dense")
     paramreg.attach_channels(regularized, "*conv*.weight", args.strength, train_set[0][:2])
-    train(regularized, train_set, epochs, lr)
+    train(regularized, train_set, epochs, lr, label="regularized")
     trained = time.perf_counter() - started
     paramreg.remove(regularized)
     regularized.eval()

@@ -341,3 +341,10 @@ def test_attach_channels_errors_name_the_layer_and_change_nothing():
     assert paramreg.attach_channels(model, "fc1.weight", 0.1, x) == ["fc1.weight", "fc1.bias"]
     with pytest.raises(ParamregError, match="strength"):
         paramreg.attach_channels(model, "fc1.weight", -1.0, x)
+
+
+@pytest.mark.parametrize("reg", [CoupledGroupLasso(0.6, channels=4), CoupledGroupLasso(0.6, channels=4, members=("w",), shapes=((4, 8),))], ids=repr)
+def test_coupled_group_lasso_passes_the_catalogue_contract(reg):
+    from test_catalogue import test_contract as contract
+
+    contract(reg, torch.device("cpu"))

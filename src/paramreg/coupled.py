@@ -14,7 +14,7 @@ deep copy or a spec rebuilt on a fresh model works the same.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -67,7 +67,7 @@ class CoupledGroupLasso(Regularizer):
     strength: float
     channels: int
     members: tuple[str, ...] = ()
-    shapes: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
+    shapes: tuple[tuple[int, ...], ...] = ()
     #: No Adam-metric form: the prox is taken with the group's learning rate only.
     adaptive = False
 
