@@ -102,13 +102,14 @@ def conv_channels(model) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke test")
-    parser.add_argument("--strength", type=float, default=0.1, help="group lasso strength a of attach_channels")
+    parser.add_argument("--strength", type=float, default=0.6, help="group lasso strength a of attach_channels")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--size", type=int, default=16, help="digits are upsampled from 8x8 to size x size")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    size, limit, epochs, width, repeats, sizes = (8, 200, 1, 4, 2, (1, 4)) if args.tiny else (32, None, args.epochs, args.width, 30, (1, 64))
+    size, limit, epochs, width, repeats, sizes = (8, 200, 1, 4, 2, (1, 4)) if args.tiny else (args.size, None, args.epochs, args.width, 30, (1, 64))
     train_set, test_set = data(size, limit)
     lr = 0.05
 
@@ -127,24 +128,28 @@ def main() -> None:
     with torch.no_grad():
         diff = float((small(test_set[0]) - regularized(test_set[0])).abs().max())
     acc_dense, acc_reg, acc_small = accuracy(dense, test_set), accuracy(regularized, test_set), accuracy(small, test_set)
-    comparison = paramreg.compare(regularized, small, test_set[0][:1], batch_sizes=sizes, repeats=repeats)
-    b, a = comparison.before, comparison.after
+    comparisons = {}
+    for threads in sorted({1, args.threads}):
+        torch.set_num_threads(threads)
+        comparisons[threads] = paramreg.compare(regularized, small, test_set[0][:1], batch_sizes=sizes, repeats=repeats)
 
     print(f"digits {size}x{size}, Net(width={width}), {epochs} epochs, strength {args.strength}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, training took {trained:.0f} s")
+          f"trained with {args.threads} threads, torch {torch.__version__}, training took {trained:.0f} s")
     print(f"max abs difference shrunk vs regularized on the test set: {diff:.2e}; "
           f"test accuracy regularized {acc_reg:.2%} before shrink, {acc_small:.2%} after")
     print("conv channels per layer after shrink: " + ", ".join(
         f"{n} {m.out_channels}/{regularized.get_submodule(n).out_channels}" for n, m in small.named_modules() if isinstance(m, nn.Conv2d)))
+    for threads, comparison in comparisons.items():
+        print(f"\n{threads} thread(s):\n{comparison}")
     print()
-    print(comparison)
-    print()
-    print("| conv channels removed | accuracy dense | accuracy regularized = shrunk | change | parameters | FLOPs | "
+    print("| threads | conv channels removed | accuracy dense | accuracy regularized = shrunk | change | parameters | FLOPs | "
           + " | ".join(f"latency ratio batch {s}" for s in sizes) + " |")
-    print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(sizes))
-    print(f"| {removed:.1%} | {acc_dense:.2%} | {acc_small:.2%} | {100 * (acc_small - acc_dense):+.2f} pt | "
-          f"{b.parameters:,} → {a.parameters:,} | {b.flops / a.flops:.2f}x fewer | "
-          + " | ".join(f"{b.latency_ms[s]:.2f} → {a.latency_ms[s]:.2f} ms ({b.latency_ms[s] / a.latency_ms[s]:.2f}x)" for s in sizes) + " |")
+    print("|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(sizes))
+    for threads, comparison in comparisons.items():
+        b, a = comparison.before, comparison.after
+        print(f"| {threads} | {removed:.1%} | {acc_dense:.2%} | {acc_small:.2%} | {100 * (acc_small - acc_dense):+.2f} pt | "
+              f"{b.parameters:,} → {a.parameters:,} | {b.flops / a.flops:.2f}x fewer | "
+              + " | ".join(f"{b.latency_ms[s]:.2f} → {a.latency_ms[s]:.2f} ms ({b.latency_ms[s] / a.latency_ms[s]:.2f}x)" for s in sizes) + " |")
 
 
 if __name__ == "__main__":
