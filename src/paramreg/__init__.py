@@ -11,6 +11,10 @@ Conventions: L1 with strength a is a·Σ abs(w); L2 with strength b is (b/2)·Σ
 from .checkpoint import attach_spec, check_plain, folded, spec
 from .errors import ParamregError
 from .lifecycle import attach, remove, set_strength
+from .coupled import CoupledGroupLasso
+from .cost import Comparison, Cost, compare, cost
+from .factorizing import factorize
+from .shrinking import attach_channels, shrink
 from .constraints import NM, Box, MaxNorm, NonNegative, TopK, UnitNorm
 from .regularizers import L1, L2, ElasticNet, Regularizer, register
 from .reparametrizations import SoftThreshold
@@ -31,6 +35,13 @@ __all__ = [
     "attach_spec",
     "folded",
     "check_plain",
+    "attach_channels",
+    "shrink",
+    "factorize",
+    "cost",
+    "compare",
+    "Cost",
+    "Comparison",
     "Report",
     "register",
     "Regularizer",
@@ -47,6 +58,7 @@ __all__ = [
     "TopK",
     "NM",
     "SoftThreshold",
+    "CoupledGroupLasso",
     "ParamregError",
 ]
 

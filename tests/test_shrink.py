@@ -1,0 +1,350 @@
+"""shrink and attach_channels: zero channels are removed with everything coupled to them, outputs
+stay equal, parameter counts drop by exactly the removed slices, ONNX runs the smaller model."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import paramreg
+from paramreg import CoupledGroupLasso, ParamregError
+
+pytest.importorskip("torch_pruning")
+
+
+class ResCNN(nn.Module):
+    """conv-BN-ReLU, a residual block (conv-BN-ReLU-conv-BN, added), global pooling, a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.c3, self.b3 = nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        y = self.b3(self.c3(torch.relu(self.b2(self.c2(x)))))
+        return self.fc(torch.relu(x + y).mean((2, 3)))
+
+
+class ConcatCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 5, 3, padding=1)
+        self.c = nn.Conv2d(9, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.fc(torch.relu(self.c(x)).flatten(1))
+
+
+class TransformerMLP(nn.Module):
+    """Pre-norm transformer MLP block: x + fc2(gelu(fc1(ln(x))))."""
+
+    def __init__(self, d=8, hidden=32):
+        super().__init__()
+        self.ln, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln(x))))
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def randomize_bn(model):
+    """Non-trivial running statistics and affine entries, so that BN matters in eval mode."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def zero_rows(*tensors, idx):
+    with torch.no_grad():
+        for t in tensors:
+            t[idx] = 0
+
+
+def assert_same_outputs(big, small, x):
+    big.eval(), small.eval()
+    with torch.no_grad():
+        for inputs in (x, torch.randn_like(x), 10 * torch.randn_like(x)):
+            torch.testing.assert_close(small(inputs), big(inputs), atol=1e-5, rtol=0)
+
+
+def assert_onnx_runs(small, x, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    path = tmp_path / "small.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(small.eval(), (x,), path, dynamo=False, input_names=["x"])
+    session = onnxruntime.InferenceSession(str(path))
+    (got,) = session.run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, small(x).numpy(), atol=1e-5, rtol=0)
+
+
+def test_residual_cnn_shrinks_with_bn_and_residual_partners(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(ResCNN())
+    # channel 2 of the residual stream: c1, b1, c3 and b3 all produce it
+    zero_rows(model.c1.weight, model.b1.weight, model.b1.bias, model.c3.weight, model.b3.weight, model.b3.bias, idx=2)
+    # channels 1 and 4 of the block's inner layer
+    zero_rows(model.c2.weight, model.c2.bias, model.b2.weight, model.b2.bias, idx=[1, 4])
+    x = torch.randn(4, 3, 8, 8)
+    before = count(model)
+    small = paramreg.shrink(model, x)
+
+    assert (small.c1.out_channels, small.c2.out_channels, small.c3.out_channels) == (7, 4, 7)
+    assert (small.b1.num_features, small.b2.num_features, small.b3.num_features, small.fc.in_features) == (7, 4, 7, 7)
+    residual = 3 * 9 + 2 + 6 * 9 + 2 + 6 * 9 + 5  # c1 row, b1, c3 row (6 inputs), b3, c2 input column (6 outputs), fc column
+    inner = 8 * 9 + 1 + 2 + 8 * 9  # c2 row and bias, b2, c3 input column (8 outputs)
+    # c3's row of channel 2 and c3's columns of 1 and 4 overlap in 2 x 9 entries; the c2 columns of channel 2 in rows 1, 4 too
+    overlap = 2 * 9 + 2 * 9
+    assert before - count(small) == residual + 2 * inner - overlap
+    assert before - count(small) == before - sum(p.numel() for p in small.parameters())
+    assert count(model) == before and model.c1.out_channels == 8  # the model itself is unchanged
+    assert_same_outputs(model, small, x)
+    assert_onnx_runs(small, x, tmp_path)
+
+
+def test_a_zero_filter_before_a_live_batchnorm_is_not_removed():
+    torch.manual_seed(0)
+    model = randomize_bn(ResCNN())
+    zero_rows(model.c2.weight, model.c2.bias, idx=3)  # BN's shift still outputs beta for channel 3
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="nothing was removed"):
+        small = paramreg.shrink(model, x)
+    assert small.c2.out_channels == 6
+    assert_same_outputs(model, small, x)
+
+
+def test_mlp_neurons_and_consumer_side_zeros(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+    zero_rows(model[0].weight, model[0].bias, idx=[0, 5, 6])  # producers of 3 hidden neurons
+    with torch.no_grad():
+        model[4].weight[:, [2, 7]] = 0  # nothing reads neurons 2 and 7 of the second layer
+    x = torch.randn(5, 10)
+    before = count(model)
+    small = paramreg.shrink(model, x)
+    assert [small[0].out_features, small[2].out_features] == [13, 10]
+    assert before - count(small) == 3 * (10 + 1 + 12) + 2 * (16 + 1 + 3) - 3 * 2  # minus the overlap in layer 2's weight
+    assert_same_outputs(model, small, x)
+    assert_onnx_runs(small, x, tmp_path)
+
+
+def test_transformer_mlp_block_shrinks_hidden_neurons_only(tmp_path):
+    torch.manual_seed(0)
+    model = TransformerMLP().eval()
+    zero_rows(model.fc1.weight, model.fc1.bias, idx=list(range(0, 32, 3)))  # 11 hidden neurons
+    zero_rows(model.fc2.weight, model.fc2.bias, idx=[0])  # a residual-stream dim: LayerNorm mixes it, kept
+    x = torch.randn(2, 4, 8)
+    before = count(model)
+    small = paramreg.shrink(model, x)
+    assert (small.fc1.out_features, small.fc2.in_features, small.fc2.out_features, small.ln.normalized_shape) == (21, 21, 8, (8,))
+    assert before - count(small) == 11 * (8 + 1 + 8)
+    assert_same_outputs(model, small, x)
+    assert_onnx_runs(small, x, tmp_path)
+
+
+def test_concatenation_partners(tmp_path):
+    torch.manual_seed(0)
+    model = ConcatCNN().eval()
+    zero_rows(model.a.weight, model.a.bias, idx=1)
+    zero_rows(model.b.weight, model.b.bias, idx=[0, 4])
+    zero_rows(model.c.weight, model.c.bias, idx=5)
+    x = torch.randn(2, 3, 4, 4)
+    before = count(model)
+    small = paramreg.shrink(model, x)
+    assert (small.a.out_channels, small.b.out_channels, small.c.in_channels, small.c.out_channels) == (3, 3, 6, 5)
+    c_row = 9 * 9 + 1 + 3 * 16  # c's filter, bias and fc's 16 columns of that channel
+    assert before - count(small) == 3 * (27 + 1) + 3 * 6 * 9 + c_row - 3 * 9
+    assert_same_outputs(model, small, x)
+    assert_onnx_runs(small, x, tmp_path)
+
+
+def test_nothing_to_remove_warns_and_returns_an_equivalent_copy():
+    torch.manual_seed(0)
+    model = randomize_bn(ResCNN())
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="nothing was removed"):
+        small = paramreg.shrink(model, x)
+    assert small is not model and count(small) == count(model)
+    assert_same_outputs(model, small, x)
+
+
+def test_output_neurons_are_never_removed():
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    zero_rows(model[0].weight, model[0].bias, idx=1)
+    with pytest.warns(UserWarning, match="nothing was removed"):
+        small = paramreg.shrink(model, torch.randn(2, 4))
+    assert small[0].out_features == 3
+
+
+def test_a_layer_keeps_one_channel():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    zero_rows(model[0].weight, model[0].bias, idx=[0, 1, 2])
+    x = torch.randn(2, 4)
+    small = paramreg.shrink(model, x)
+    assert small[0].out_features == 1
+    assert_same_outputs(model, small, x)
+
+
+class Detached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.enc(x)).detach())
+
+
+def test_untraceable_layer_is_named():
+    with pytest.raises(ParamregError, match=r"cannot trace 'enc' \(Linear\)"):
+        paramreg.shrink(Detached(), torch.randn(2, 4))
+
+
+class Sigmoid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.sigmoid(self.a(x)))
+
+
+def test_an_op_that_maps_zero_elsewhere_fails_the_check_and_changes_nothing():
+    model = Sigmoid()
+    zero_rows(model.a.weight, model.a.bias, idx=2)  # sigmoid(0) = 0.5 still reaches b
+    with pytest.raises(ParamregError, match="changed the outputs"):
+        paramreg.shrink(model, torch.randn(3, 4))
+    assert model.a.out_features == 6
+
+
+def test_shrink_refuses_an_attached_model():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    paramreg.attach(model, "*.weight", l1=1e-3)
+    with pytest.raises(ParamregError, match="paramreg.remove"):
+        paramreg.shrink(model, torch.randn(2, 4))
+
+
+# ---- attach_channels and CoupledGroupLasso ----
+
+
+def test_coupled_prox_is_the_group_lasso_prox_of_the_concatenated_channels():
+    torch.manual_seed(0)
+    tensors = [torch.randn(5, 3, 2, 2), torch.randn(5), torch.randn(5, 7)]
+    tensors[0][1] *= 0.01
+    tensors[1][1] *= 0.01
+    tensors[2][1] *= 0.01
+    reg = CoupledGroupLasso(0.5, channels=5, members=("a", "b", "c"), shapes=tuple(tuple(t.shape) for t in tensors))
+    concatenated = torch.cat([t.reshape(5, -1) for t in tensors], 1)
+    expected = paramreg.GroupLasso(0.5).prox(concatenated, t=0.7)
+    got = [t.clone() for t in tensors]
+    reg.prox_(got, t=0.7)
+    torch.testing.assert_close(torch.cat([t.reshape(5, -1) for t in got], 1), expected)
+    assert all(bool((t[1] == 0).all()) for t in got)  # channel 1 zero in every member together
+    torch.testing.assert_close(reg.joint_penalty(tensors), paramreg.GroupLasso(0.5).penalty(concatenated))
+    assert float(reg.joint_penalty(tensors)) <= sum(float(reg.penalty(t)) for t in tensors)
+
+
+def test_coupled_prox_refuses_a_partial_set_of_members():
+    reg = CoupledGroupLasso(0.1, channels=2, members=("w", "b"), shapes=((2, 3), (2,)))
+    with pytest.raises(ParamregError, match="one optimizer parameter group"):
+        reg.prox_([torch.ones(2, 3)], t=0.1)
+
+
+def test_coupled_spec_round_trips():
+    reg = CoupledGroupLasso(0.1, channels=2, members=("w", "b"), shapes=((2, 3), (2,)))
+    import json
+
+    assert paramreg.Regularizer.from_dict(json.loads(json.dumps(reg.to_dict()))) == reg
+    assert CoupledGroupLasso.adaptive is False
+
+
+def test_attach_channels_groups_bn_and_residual_partners():
+    model = ResCNN()
+    names = paramreg.attach_channels(model, "c*.weight", 0.01, torch.randn(2, 3, 8, 8))
+    assert sorted(names) == sorted(
+        ["c1.weight", "b1.weight", "b1.bias", "c3.weight", "b3.weight", "b3.bias", "c2.weight", "c2.bias", "b2.weight", "b2.bias"]
+    )
+    regs = {s: paramreg.spec(model)["attached"][s]["regularizer"] for s in names}
+    assert regs["c1.weight"] == regs["b3.bias"] == regs["c3.weight"]  # one group: the residual stream
+    assert regs["c2.weight"] != regs["c1.weight"]
+    assert model.training  # the tracer's eval() did not leak
+
+
+def test_training_with_attach_channels_then_shrink(tmp_path):
+    torch.manual_seed(0)
+    model = ResCNN()
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 5, (32,))
+    paramreg.attach_channels(model, "c*.weight", 0.5, x[:2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for members in (
+        [model.c1.weight, model.b1.weight, model.b1.bias, model.c3.weight, model.b3.weight, model.b3.bias],
+        [model.c2.weight, model.c2.bias, model.b2.weight, model.b2.bias],
+    ):
+        zero = [(m.detach().reshape(m.shape[0], -1) == 0).all(1) for m in members]
+        assert all(bool((z == zero[0]).all()) for z in zero)  # a channel is zero in all members, or in none
+    zeros = int(((model.c1.weight.detach().reshape(8, -1) == 0).all(1)).sum()) + int(
+        ((model.c2.weight.detach().reshape(6, -1) == 0).all(1)).sum()
+    )
+    assert zeros >= 2
+    spec = paramreg.spec(model)
+    fresh = ResCNN()
+    assert sorted(paramreg.attach_spec(fresh, spec)) == sorted(spec["attached"])
+    paramreg.remove(model)
+    model.eval()
+    small = paramreg.shrink(model, x[:4])
+    assert small.c1.out_channels + small.c2.out_channels == 8 + 6 - zeros
+    assert_same_outputs(model, small, x[:4])
+    assert_onnx_runs(small, x[:4], tmp_path)
+
+
+def test_attach_channels_refuses_members_in_different_param_groups():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    x = torch.randn(2, 1, 8, 8)
+    paramreg.attach_channels(model, "0.weight", 0.1, x)
+    opt = torch.optim.SGD([{"params": [model[0].weight, model[3].weight, model[3].bias]}, {"params": model[1].parameters(), "lr": 0.01}], lr=0.1)
+    model(x).sum().backward()
+    with pytest.raises(ParamregError, match="one optimizer parameter group"):
+        opt.step()
+
+
+def test_attach_channels_errors_name_the_layer_and_change_nothing():
+    x = torch.randn(2, 3, 8)
+    stacked = nn.Sequential(TransformerMLP(), TransformerMLP())
+    with pytest.raises(ParamregError, match=r"(?s)'0.fc2.weight'.*'1.ln' \(LayerNorm\)"):
+        paramreg.attach_channels(stacked, "*.fc*.weight", 0.1, x)  # 0.fc2 feeds the residual stream
+    assert paramreg.spec(stacked)["attached"] == {}
+    model = TransformerMLP()
+    with pytest.raises(ParamregError, match="'ln.weight'.*not the weight of a Linear"):
+        paramreg.attach_channels(model, "ln.weight", 0.1, x)
+    out = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ParamregError, match="outputs of the model"):
+        paramreg.attach_channels(out, "*.weight", 0.1, torch.randn(2, 4))
+    assert paramreg.attach_channels(model, "fc1.weight", 0.1, x) == ["fc1.weight", "fc1.bias"]
+    with pytest.raises(ParamregError, match="strength"):
+        paramreg.attach_channels(model, "fc1.weight", -1.0, x)
+
+
+@pytest.mark.parametrize("reg", [CoupledGroupLasso(0.6, channels=4), CoupledGroupLasso(0.6, channels=4, members=("w",), shapes=((4, 8),))], ids=repr)
+def test_coupled_group_lasso_passes_the_catalogue_contract(reg):
+    from test_catalogue import test_contract as contract
+
+    contract(reg, torch.device("cpu"))
