@@ -3,13 +3,15 @@
 The methods, all on the same small CNN, data split, batch order and training budget:
 
   paramreg-l1-sgd       paramreg.attach(model, WEIGHTS, l1=a): exact L1 prox after each SGD step
+  paramreg-l1-sgd-finetune  paramreg-l1-sgd, then its zeros kept fixed (a pruning mask) and the
+                        rest fine-tuned for FINETUNE_EPOCHS more epochs, as magnitude pruning is
   paramreg-l1-adam      the same with Adam, paramreg's default step policy (no step= passed)
   penalty-threshold     the common manual recipe: loss + a·Σ|w| with SGD, then every weight below
                         a threshold set to zero; thresholds at several global magnitude quantiles,
                         and the (strength, threshold) pair is chosen on the validation split
   magnitude-pruning     dense SGD training, torch.nn.utils.prune.global_unstructured (L1 magnitude)
-                        to a target sparsity, fine-tuning with the mask for FINETUNE_EPOCHS more
-                        epochs, prune.remove
+                        to a target sparsity, fine-tuning with the mask for FINETUNE_EPOCHS
+                        (half the training epochs) more epochs, prune.remove
   paramreg-group-lasso  paramreg.attach(..., group_lasso=a): whole conv filters and fc1 neurons
                         (groups="out"), fc2 input columns (groups="in"), SGD
   dense                 no regularization (the reference, and the start of magnitude pruning)
@@ -67,6 +69,7 @@ LOW, HIGH = 0.3, 0.96  # the strength search spans sparsity from below LOW to at
 
 METHODS = {
     "paramreg-l1-sgd": "paramreg L1 prox (SGD)",
+    "paramreg-l1-sgd-finetune": "paramreg L1 prox, then fine-tune with its zeros kept (SGD)",
     "paramreg-l1-adam": "paramreg L1 prox (Adam, default step)",
     "penalty-threshold": "L1 penalty in the loss + threshold (SGD)",
     "magnitude-pruning": "magnitude pruning + fine-tune (SGD)",
@@ -74,7 +77,7 @@ METHODS = {
     "dense": "dense, no regularization (SGD)",
 }
 START = {"paramreg-l1-sgd": 2e-3, "paramreg-l1-adam": 1e-2, "paramreg-group-lasso": 2e-3}
-FIELDS = ["method", "strength", "threshold", "sparsity", "accuracy", "val_accuracy", "seed", "optimizer", "steps",
+FIELDS = ["method", "strength", "quantile", "threshold", "sparsity", "accuracy", "val_accuracy", "seed", "optimizer", "steps",
           *(f"sparsity:{n}" for n in WEIGHTS)]
 
 
@@ -153,10 +156,10 @@ def global_sparsity(model):
     return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
 
 
-def row(method, strength, model, data, *, seed, steps, optimizer="sgd", threshold=""):
+def row(method, strength, model, data, *, seed, steps, optimizer="sgd", quantile="", threshold=""):
     per_layer = layer_sparsity(model)
     return {
-        "method": method, "strength": strength, "threshold": threshold, "sparsity": round(global_sparsity(model), 6),
+        "method": method, "strength": strength, "quantile": quantile, "threshold": threshold, "sparsity": round(global_sparsity(model), 6),
         "accuracy": round(accuracy(model, data["test"]), 6), "val_accuracy": round(accuracy(model, data["val"]), 6),
         "seed": seed, "optimizer": optimizer, "steps": steps, **{f"sparsity:{n}": round(v, 6) for n, v in per_layer.items()},
     }
@@ -192,7 +195,7 @@ def run_penalty_threshold(strength, data, seed, epochs):
         with torch.no_grad():
             for w in weights_of(pruned):
                 w.masked_fill_(w.abs() <= threshold, 0.0)
-        rows.append(row("penalty-threshold", strength, pruned, data, seed=seed, steps=steps, threshold=f"{threshold:.6g}"))
+        rows.append(row("penalty-threshold", strength, pruned, data, seed=seed, steps=steps, quantile=q, threshold=f"{threshold:.6g}"))
     return rows, model
 
 
@@ -200,6 +203,19 @@ def run_dense(data, seed, epochs):
     model = fresh_model(seed)
     steps = train(model, data, seed=seed, epochs=epochs)
     return [row("dense", 0.0, model, data, seed=seed, steps=steps)], model
+
+
+def finetune_zeros_kept(trained, strength, data, seed, finetune_epochs, steps_before):
+    """A trained paramreg L1 model (removed, plain) fine-tuned with its exact zeros held at zero."""
+    model = copy.deepcopy(trained)
+    modules = dict(model.named_modules())
+    for n in WEIGHTS:
+        module = modules[n.rsplit(".", 1)[0]]
+        prune.custom_from_mask(module, "weight", mask=module.weight.detach() != 0)
+    steps = train(model, data, seed=seed + 500, epochs=finetune_epochs)
+    for n in WEIGHTS:
+        prune.remove(modules[n.rsplit(".", 1)[0]], "weight")
+    return [row("paramreg-l1-sgd-finetune", strength, model, data, seed=seed, steps=steps_before + steps)], model
 
 
 def run_pruning(dense, target, data, seed, finetune_epochs, dense_steps):
@@ -274,10 +290,21 @@ def sweep(data, *, seeds, epochs, finetune_epochs, max_strengths):
         with tqdm(desc=f"{method}: strengths (seed {seeds[0]})", unit="run") as bar:
             grids[method], first = search_strengths(method, data, epochs, max_strengths, bar, seed0_models)
         rows += first
+        trained = {(seeds[0], a): seed0_models[(method, a)] for a in grids[method]}
         with tqdm(desc=f"{method}: other seeds", unit="run", total=len(grids[method]) * (len(seeds) - 1)) as bar:
             for seed in seeds[1:]:
                 for a in grids[method]:
-                    rows += run_paramreg(method, a, data, seed, epochs)[0]
+                    new, trained[(seed, a)] = run_paramreg(method, a, data, seed, epochs)
+                    rows += new
+                    bar.update(1)
+        if method == "paramreg-l1-sgd":
+            with tqdm(desc="paramreg-l1-sgd-finetune", unit="run", total=len(trained)) as bar:
+                for (seed, a), model in trained.items():
+                    steps = next(r["steps"] for r in rows if r["method"] == method and r["seed"] == seed and r["strength"] == a)
+                    new, tuned = finetune_zeros_kept(model, a, data, seed, finetune_epochs, steps)
+                    rows += new
+                    if seed == seeds[0]:
+                        seed0_models[("paramreg-l1-sgd-finetune", a)] = tuned
                     bar.update(1)
     manual = manual_strengths(grids["paramreg-l1-sgd"])
     with tqdm(desc="penalty-threshold", unit="run", total=len(manual) * len(seeds)) as bar:
@@ -309,10 +336,10 @@ def read_csv(path):
 
 
 def configurations(rows):
-    """{(method, strength, threshold): {"sparsity", "accuracy", "val_accuracy" (means), "std", "seeds"}}."""
+    """{(method, strength, quantile): {"sparsity", "accuracy", "val_accuracy" (means), "std", "seeds"}}."""
     by = {}
     for r in rows:
-        by.setdefault((r["method"], float(r["strength"]), str(r["threshold"])), []).append(r)
+        by.setdefault((r["method"], float(r["strength"]), str(r["quantile"])), []).append(r)
     out = {}
     for key, rs in by.items():
         acc = [float(r["accuracy"]) for r in rs]
@@ -350,7 +377,8 @@ def summary_markdown(rows):
     lines = [
         f"Mean test accuracy over seeds {', '.join(map(str, seeds))} (± standard deviation over seeds) of the "
         f"configuration with the best mean validation accuracy among those whose mean sparsity reaches the level; "
-        f"in brackets its mean sparsity and its strength (pruning: the target; manual recipe: strength / threshold).",
+        f"in brackets its mean sparsity and its strength (pruning: the target; manual recipe: strength / the "
+        f"fraction of weights cut by the threshold).",
         "",
         "| method | " + " | ".join(f">= {level:.0%} sparse" for level in LEVELS) + " |",
         "|---|" + "---:|" * len(LEVELS),
@@ -362,16 +390,23 @@ def summary_markdown(rows):
             if found is None:
                 cells.append("not reached")
                 continue
-            (_, strength, threshold), s = found
-            setting = f"{strength:.3g}" + (f" / {float(threshold):.3g}" if threshold else "")
+            (_, strength, quantile), s = found
+            setting = f"{strength:.3g}" + (f" / {float(quantile):.0%}" if quantile else "")
             cells.append(f"{s['accuracy']:.3f} ± {s['std']:.3f} ({s['sparsity']:.1%}, {setting})")
         lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
     if dense:
         lines += ["", f"Dense reference (no regularization): test accuracy {dense[0]['accuracy']:.3f} ± {dense[0]['std']:.3f}."]
-    lines += ["", "Does paramreg L1 prox (SGD) at least match each alternative (mean test accuracy)?", ""]
+    for ours in ("paramreg-l1-sgd", "paramreg-l1-sgd-finetune"):
+        lines += ["", f"Does {METHODS[ours]} at least match each alternative (mean test accuracy)?", ""]
+        lines += compare(best, ours)
+    return "\n".join(lines) + "\n"
+
+
+def compare(best, ours):
+    lines = []
     for other in ("penalty-threshold", "magnitude-pruning"):
         for level in LEVELS:
-            mine, theirs = best["paramreg-l1-sgd"][level], best[other][level]
+            mine, theirs = best[ours][level], best[other][level]
             if mine is None or theirs is None:
                 verdict = "paramreg L1 did not reach this level" if mine is None else "the alternative did not reach it"
             else:
@@ -380,7 +415,7 @@ def summary_markdown(rows):
                 word = "yes" if diff >= 0 else ("no, within one seed std" if -diff <= noise else "no")
                 verdict = f"{word} ({mine[1]['accuracy']:.3f} vs {theirs[1]['accuracy']:.3f}, {100 * diff:+.1f} points)"
             lines.append(f"- vs {METHODS[other]} at {level:.0%}: {verdict}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def update_docs_page(summary, page=DOCS_PAGE):
@@ -392,7 +427,7 @@ def update_docs_page(summary, page=DOCS_PAGE):
 
 # --- plots ---------------------------------------------------------------------------------------
 
-COLORS = {"paramreg-l1-sgd": "C0", "paramreg-l1-adam": "C9", "penalty-threshold": "C1", "magnitude-pruning": "C2",
+COLORS = {"paramreg-l1-sgd": "C0", "paramreg-l1-sgd-finetune": "C3", "paramreg-l1-adam": "C9", "penalty-threshold": "C1", "magnitude-pruning": "C2",
           "paramreg-group-lasso": "C4", "dense": "k"}
 
 
@@ -402,9 +437,9 @@ def frontier(rows, method):
     configs = {k: s for k, s in configurations(rows).items() if k[0] == method}
     if method == "penalty-threshold":
         by_level = {}
-        for _, s in configs.items():
-            level = round(s["sparsity"], 2)
-            if level not in by_level or s["val_accuracy"] > by_level[level]["val_accuracy"]:
+        for key, s in configs.items():
+            level = key[2]  # the fraction cut by the threshold
+            if level not in by_level or s["val_accuracy"] > by_level[level]["val_accuracy"]:  # best strength per cut
                 by_level[level] = s
         points = list(by_level.values())
     else:
@@ -442,10 +477,10 @@ def plot_all(rows, seed0_models, out):
     for method, levels in best.items():
         found = levels[0.9]
         if found is not None:
-            (_, strength, threshold), _ = found
+            (_, strength, quantile), _ = found
             chosen[method] = next(
                 r for r in rows if r["method"] == method and float(r["strength"]) == strength
-                and str(r["threshold"]) == threshold and int(r["seed"]) == min(int(q["seed"]) for q in rows)
+                and str(r["quantile"]) == quantile and int(r["seed"]) == min(int(q["seed"]) for q in rows)
             )
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     width = 0.8 / max(1, len(chosen))
