@@ -50,3 +50,13 @@ def test_study_smoke_run(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "summary.md").read_text().startswith(study.summary_markdown(rows))
 
+
+def test_study_page_shows_the_committed_results():
+    """docs/study.md's table is the summary of the committed docs/study/results.csv."""
+    study = _study()
+    rows = study.read_csv(ROOT / "docs" / "study" / "results.csv")
+    page = (ROOT / "docs" / "study.md").read_text()
+    shown = page.split(study.MARK_BEGIN, 1)[1].split(study.MARK_END, 1)[0]
+    assert shown.strip() == study.summary_markdown(rows).strip()
+    assert {r["method"] for r in rows} == set(study.METHODS)
+    assert len({r["seed"] for r in rows}) == 3
