@@ -1,4 +1,4 @@
-"""Every ```python block in docs/ runs as written (each page in order, in one namespace), and the
+"""Every ```python block in docs/ (and its subfolders) runs as written (each page in order, in one namespace), and the
 command lines shown for `python -m paramreg` work on the files the page made."""
 
 import pathlib
@@ -10,10 +10,10 @@ import warnings
 import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
-PAGES = sorted(p for p in DOCS.glob("*.md") if "```python" in p.read_text())
+PAGES = sorted(p for p in DOCS.rglob("*.md") if "```python" in p.read_text())
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(DOCS).as_posix())
 def test_python_blocks_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {}

@@ -1,5 +1,6 @@
-"""The demo runs as a newcomer runs it, and does what the README says."""
+"""The examples run as a newcomer runs them, and do what the README and docs say."""
 
+import importlib.util
 import pathlib
 import re
 import subprocess
@@ -19,3 +20,43 @@ def test_quickstart_demo():
     assert accuracy >= 0.95
     assert sparsity >= 50.0
     assert "reloaded plain state_dict: predictions identical" in out
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("study_digits", ROOT / "examples" / "study_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_smoke_run(tmp_path):
+    """--quick runs every method end to end and writes the CSV, the summary and the three plots."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "study_digits.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = _study()
+    rows = study.read_csv(tmp_path / "results.csv")
+    assert {r["method"] for r in rows} == set(study.METHODS)
+    assert all(0.0 <= float(r["sparsity"]) <= 1.0 and 0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    pruned = [r for r in rows if r["method"] == "magnitude-pruning"]
+    assert [round(float(r["sparsity"]), 3) for r in pruned] == [round(t, 3) for t in study.PRUNE_TARGETS]
+    for r in rows:  # the overall sparsity is the weighted mean of the per-layer columns
+        layers = [float(r[f"sparsity:{n}"]) for n in study.WEIGHTS]
+        sizes = [144, 4608, 32768, 640]
+        assert abs(sum(s * n for s, n in zip(layers, sizes, strict=True)) / sum(sizes) - float(r["sparsity"])) < 1e-4
+    for name in ("accuracy_vs_sparsity.png", "layer_sparsity.png", "weight_histograms.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "summary.md").read_text().startswith(study.summary_markdown(rows))
+
+
+def test_study_page_shows_the_committed_results():
+    """docs/study.md's table is the summary of the committed docs/study/results.csv."""
+    study = _study()
+    rows = study.read_csv(ROOT / "docs" / "study" / "results.csv")
+    page = (ROOT / "docs" / "study.md").read_text()
+    shown = page.split(study.MARK_BEGIN, 1)[1].split(study.MARK_END, 1)[0]
+    assert shown.strip() == study.summary_markdown(rows).strip()
+    assert {r["method"] for r in rows} == set(study.METHODS)
+    assert len({r["seed"] for r in rows}) == 3
