@@ -102,7 +102,7 @@ def conv_channels(model) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke test")
-    parser.add_argument("--strength", type=float, default=0.6, help="group lasso strength a of attach_channels")
+    parser.add_argument("--strength", type=float, default=0.06, help="group lasso strength a of attach_channels")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--size", type=int, default=16, help="digits are upsampled from 8x8 to size x size")

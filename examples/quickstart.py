@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import paramreg
 
-L1_STRENGTH = 4e-3  # the L1 penalty is L1_STRENGTH * sum(|w|)
+L1_STRENGTH = 4e-4  # the L1 penalty is L1_STRENGTH * sum(|w|)
 LR = 0.05
 EPOCHS = 12
 BATCH_SIZE = 32

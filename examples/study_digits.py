@@ -20,7 +20,7 @@ Sparsity is the fraction of exact zeros over the four weight tensors (biases exc
 strengths of the paramreg methods are found per method on seed 0 (a coarse search by factors of 4
 for the strength where sparsity starts, then factors of √2, or 2 where sparsity grows slowly,
 until at least 96% sparsity), then every strength runs with all seeds; the manual recipe uses the range of strengths of paramreg-l1-sgd (same
-penalty a·Σ|w|, same optimizer), extended down by the factor 1 − momentum (see manual_strengths).
+penalty a·Σ|w|, same optimizer), extended a decade down (see manual_strengths).
 For each method and sparsity level, the configuration whose mean
 sparsity over the seeds reaches the level and whose mean validation accuracy is highest is
 reported with its mean test accuracy: the same rule for every method.
@@ -76,7 +76,7 @@ METHODS = {
     "paramreg-group-lasso": "paramreg group lasso, filters/neurons (SGD)",
     "dense": "dense, no regularization (SGD)",
 }
-START = {"paramreg-l1-sgd": 2e-3, "paramreg-l1-adam": 1e-2, "paramreg-group-lasso": 2e-3}
+START = {"paramreg-l1-sgd": 2e-4, "paramreg-l1-adam": 1e-2, "paramreg-group-lasso": 2e-4}
 FIELDS = ["method", "strength", "quantile", "threshold", "sparsity", "accuracy", "val_accuracy", "seed", "optimizer", "steps",
           *(f"sparsity:{n}" for n in WEIGHTS)]
 
@@ -263,14 +263,13 @@ def search_strengths(method, data, epochs, max_runs, bar, keep):
 
 
 def manual_strengths(l1_grid):
-    """Strengths for the manual recipe: factors of 2 from (1 − momentum)·min to max of the L1 grid.
+    """Strengths for the manual recipe: factors of 2 from a decade below the L1 grid to its top.
 
-    With heavy-ball momentum β, SGD followed by the prox with t = lr has the fixed points of
-    loss + (1 − β)·a·Σ|w|, while the penalty in the loss keeps a·Σ|w|: the same a is a stronger
-    penalty in the loss. The manual recipe therefore gets the L1 grid's range and the range
-    scaled by (1 − β), so that neither method is favoured by the choice of strengths.
+    The penalty a·Σ|w| in the loss and paramreg's L1(a) have the same fixed points (under
+    momentum β paramreg takes the prox with SGD's settled step lr/(1 − β)); the manual recipe
+    also gets the decade below, so that its best setting is not cut off by the grid.
     """
-    lo, hi = (1 - MOMENTUM) * min(l1_grid), max(l1_grid)
+    lo, hi = 0.1 * min(l1_grid), max(l1_grid)
     out = [lo]
     while out[-1] * 2 <= hi * 1.001:
         out.append(out[-1] * 2)

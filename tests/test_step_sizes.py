@@ -39,6 +39,26 @@ def _adam_lasso(X, y, alpha, step, steps=3000):
     return model.weight.detach().squeeze(0).numpy(), model.bias.item()
 
 
+def test_sgd_momentum_l1_reaches_the_scikit_learn_lasso_and_lr_a_weaker_one():
+    """Momentum μ settles its buffer at g/(1 − μ): the default prox step lr/(1 − μ) solves the lasso
+    with strength a; t = lr solves it with strength (1 − μ)·a."""
+    X, y = _lasso_problem()
+    smoothness = float(torch.linalg.eigvalsh(X.T @ X / len(y)).max())
+    for step, alpha in (("auto", 0.1), ("lr", 0.1 * (1 - 0.9))):
+        reference = Lasso(alpha=alpha, tol=1e-12, max_iter=100_000).fit(X.numpy(), y.numpy())
+        torch.manual_seed(0)
+        model = nn.Linear(X.shape[1], 1).double()
+        paramreg.attach(model, "weight", l1=0.1, step=step)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5 / smoothness, momentum=0.9)
+        for _ in range(1500):
+            opt.zero_grad()
+            (((model(X).squeeze(1) - y) ** 2).sum() / (2 * len(y))).backward()
+            opt.step()
+        w = model.weight.detach().squeeze(0).numpy()
+        assert np.array_equal(np.flatnonzero(w), np.flatnonzero(reference.coef_)), step
+        np.testing.assert_allclose(w, reference.coef_, rtol=0, atol=1e-6)
+
+
 def test_adam_adaptive_l1_reaches_the_scikit_learn_lasso_and_lr_does_not():
     X, y = _lasso_problem()
     alpha = 0.1
@@ -75,7 +95,7 @@ def _rmsprop_denominator(opt, group, state):
     v = state["square_avg"]
     if group["centered"]:
         v = v - state["grad_avg"] ** 2
-    return v.sqrt() + group["eps"]
+    return (v.sqrt() + group["eps"]) * (1 - group["momentum"])  # its momentum buffer settles at g/(1 − μ)
 
 
 def _adagrad_step(opt, group, state):
@@ -97,7 +117,15 @@ WRITTEN_OUT = {
         lambda o, g, s: g["lr"] / _rmsprop_denominator(o, g, s),
     ),
     "Adagrad": (lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01), _adagrad_step),
-    "SGD-momentum": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda o, g, s: g["lr"]),
+    "SGD": (lambda p: torch.optim.SGD(p, lr=0.1), lambda o, g, s: g["lr"]),
+    "SGD-momentum-dampening": (
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5),
+        lambda o, g, s: g["lr"] * 0.5 / (1 - 0.9),
+    ),
+    "SGD-nesterov": (
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+        lambda o, g, s: g["lr"] * (1 + 0.9 / (1 - 0.9)),
+    ),
 }
 
 
@@ -127,7 +155,7 @@ def test_adaptive_l1_thresholds_each_coordinate_with_the_step_the_optimizer_took
 def test_metric_of_each_optimizer():
     p = [nn.Parameter(torch.zeros(2))]
     assert {metric(torch.optim.Adam(p)), metric(torch.optim.RMSprop(p)), metric(torch.optim.Adagrad(p))} == {"diagonal"}
-    assert metric(torch.optim.SGD(p, lr=0.1)) == "identity"
+    assert metric(torch.optim.SGD(p, lr=0.1)) == "scalar"
     assert metric(torch.optim.Rprop(p)) is None and metric(torch.optim.Adadelta(p)) is None
 
     class MyAdam(torch.optim.Adam):  # a subclass may change the update: its metric is unknown

@@ -7,23 +7,27 @@ Note [Step policies]
     by 1/(sqrt(v̂_i) + eps), and a prox of size lr·a solves a reweighted problem (entries with a
     small second moment are shrunk relatively more), not the lasso.
 
-    ``step="adaptive"``: the proximal map is taken in the optimizer's own diagonal metric, with a
-    step per coordinate equal to the scaling the optimizer just applied to the gradient:
+    ``step="adaptive"``: the proximal map is taken in the optimizer's own metric, with a step
+    equal to the scaling the optimizer applies to the gradient at steady state (where a momentum
+    buffer has filled up), per coordinate for the adaptive ones:
 
+        SGD                    t = lr·(1 − dampening)/(1 − μ)   (nesterov: lr·(1 + μ(1 − dampening)/(1 − μ)))
         Adam, AdamW, NAdam     t_i = lr / (sqrt(v̂_i) + eps),  v̂ = v / (1 − β₂ᵏ)  (max v with amsgrad)
         RAdam                  t_i = lr·ρ_k·sqrt(1 − β₂ᵏ) / (sqrt(v_i) + eps) when rectified, else lr
         Adamax                 t_i = lr / u_i,  u the exponentially weighted infinity norm
-        RMSprop                t_i = lr / (sqrt(v_i − m_i²·[centered]) + eps)
+        RMSprop                t_i = lr / ((1 − μ)·(sqrt(v_i − m_i²·[centered]) + eps))
         Adagrad                t_i = lr / (1 + (k − 1)·lr_decay) / (sqrt(Σ g²) + eps)
-        SGD                    t_i = lr (its metric is the identity)
 
-    A proximal gradient method in a fixed diagonal metric D has the fixed points of the plain
-    one, so Adam followed by this prox targets the lasso itself (GROUND.md section 5; checked
-    against scikit-learn's ``Lasso`` in the tests). The bias correction of the first moment is
-    left out on purpose: it tends to 1 and does not change the fixed points.
+    A proximal gradient method in a fixed metric D has the fixed points of the plain one, so
+    the optimizer followed by this prox targets the penalized problem itself: Adam + L1(a) the
+    lasso with strength a (GROUND.md section 5; checked against scikit-learn's ``Lasso`` in the
+    tests), and so does SGD with momentum μ, whose buffer settles at g/(1 − μ): with t = lr it
+    would solve the lasso with strength (1 − μ)·a. Adam's first-moment average is normalized
+    (its bias correction tends to 1), so it adds no factor.
 
-    ``step="auto"`` (the default) is ``"adaptive"`` where it applies (an optimizer listed above
-    and a regularizer with a diagonal-metric map) and ``"lr"`` elsewhere.
+    ``step="auto"`` (the default) is ``"adaptive"`` where it applies and ``"lr"`` elsewhere: an
+    optimizer listed above, and for the per-coordinate metrics a regularizer with a
+    diagonal-metric map (SGD's scalar step suits every regularizer).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from torch import Tensor
 
 from .errors import ParamregError
 
-__all__ = ["POLICIES", "KNOWN", "metric", "diagonal_steps"]
+__all__ = ["POLICIES", "KNOWN", "metric", "steps", "sgd_factor"]
 
 POLICIES = ("auto", "lr", "adaptive")
 
@@ -92,6 +96,8 @@ def _rmsprop(optimizer, group, params):
         v = [a.addcmul(b, b, value=-1) for a, b in zip(v, m, strict=True)]
     steps = torch._foreach_sqrt(v)
     torch._foreach_add_(steps, group["eps"])
+    if group.get("momentum", 0.0):
+        torch._foreach_mul_(steps, 1.0 - group["momentum"])
     return steps
 
 
@@ -104,6 +110,15 @@ def _adagrad(optimizer, group, params):
     return steps
 
 
+def sgd_factor(group: dict) -> float:
+    """t / lr for SGD: the steady-state scaling of the gradient by its momentum buffer."""
+    momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
+    if not momentum:
+        return 1.0
+    settled = (1.0 - dampening) / (1.0 - momentum)
+    return 1.0 + momentum * settled if group.get("nesterov") else settled
+
+
 # Optimizer class -> the function giving the denominators d_i of t_i = lr / d_i (None: t = lr).
 _DIAGONAL = {
     torch.optim.Adam: _adam,
@@ -114,33 +129,37 @@ _DIAGONAL = {
     torch.optim.RMSprop: _rmsprop,
     torch.optim.Adagrad: _adagrad,
 }
-_IDENTITY = (torch.optim.SGD,)
-KNOWN = (*_DIAGONAL, *_IDENTITY)
+_SCALAR = (torch.optim.SGD,)
+KNOWN = (*_DIAGONAL, *_SCALAR)
 
 
 def metric(optimizer) -> str | None:
-    """``"diagonal"``, ``"identity"`` (SGD), or None when paramreg does not know the optimizer's metric.
+    """``"diagonal"`` (a step per coordinate), ``"scalar"`` (SGD: one step, lr times a momentum
+    factor), or None when paramreg does not know the optimizer's metric.
 
     Exact classes only: a subclass may change the update, so it counts as unknown.
 
     >>> import torch
     >>> p = [torch.nn.Parameter(torch.zeros(1))]
     >>> metric(torch.optim.Adam(p)), metric(torch.optim.SGD(p, lr=0.1)), metric(torch.optim.Rprop(p))
-    ('diagonal', 'identity', None)
+    ('diagonal', 'scalar', None)
     """
     if type(optimizer) in _DIAGONAL:
         return "diagonal"
-    if type(optimizer) in _IDENTITY:
-        return "identity"
+    if type(optimizer) in _SCALAR:
+        return "scalar"
     return None
 
 
-def diagonal_steps(optimizer, group: dict, params: list[Tensor], lr: float) -> list[Tensor] | None:
-    """t_i for each of ``params`` (just stepped by ``optimizer`` in ``group``) as new tensors, or
-    None when this step's metric is the identity (then t = lr)."""
+def steps(optimizer, group: dict, params: list[Tensor], lr: float) -> float | list[Tensor]:
+    """The adaptive step for ``params`` (just stepped by ``optimizer`` in ``group``), scaled so that
+    ``lr`` stands for the group's learning rate: a number (one step for every coordinate), or a
+    new tensor of steps t_i per parameter."""
+    if type(optimizer) in _SCALAR:
+        return lr * sgd_factor(group)
     denominators = _DIAGONAL[type(optimizer)](optimizer, group, params)
     if denominators is None:
-        return None
+        return lr
     torch._foreach_reciprocal_(denominators)
     torch._foreach_mul_(denominators, lr)
     return denominators

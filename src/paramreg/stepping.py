@@ -70,7 +70,8 @@ class _Bucket:
 
 
 def _policy(carrier, metric: str | None, optimizer) -> str:
-    """"lr", "adaptive", or "count" (a scheduled penalty-mode carrier: only its step count moves)."""
+    """"lr", "scalar" (SGD's lr times its momentum factor), "adaptive" (per coordinate), or "count"
+    (a scheduled penalty-mode carrier: only its step count moves)."""
     if carrier.mode == "penalty":
         return "count"
     if carrier.step == "adaptive" and metric is None:
@@ -79,9 +80,11 @@ def _policy(carrier, metric: str | None, optimizer) -> str:
             f"'{carrier.name}' was attached with step='adaptive', but paramreg does not know the metric of "
             f"{type(optimizer).__name__} (it knows {known}): attach it with step='lr', or leave step at its default"
         )
-    if carrier.regularizer.kind == "constraint" or carrier.step == "lr":
+    if carrier.regularizer.kind == "constraint" or carrier.step == "lr" or metric is None:
         return "lr"  # a projection takes no step size (Constraint.prox_diag)
-    return "adaptive" if metric == "diagonal" and carrier.regularizer.adaptive else "lr"
+    if metric == "scalar":
+        return "scalar"  # SGD: lr times its momentum factor, for any regularizer
+    return "adaptive" if carrier.regularizer.adaptive else "lr"
 
 
 def _build_plan(optimizer) -> list:
@@ -181,11 +184,14 @@ def _apply(bucket: _Bucket, tensors: list[Tensor], t: float, optimizer, group) -
     the optimizer's metric under the adaptive policy)."""
     if t == 0.0 and bucket.regularizer.kind != "constraint":
         return
-    if bucket.policy == "adaptive":
-        steps = step_sizes.diagonal_steps(optimizer, group, tensors, t)
-        if steps is not None:
+    if bucket.policy == "scalar":
+        t *= step_sizes.sgd_factor(group)
+    elif bucket.policy == "adaptive":
+        steps = step_sizes.steps(optimizer, group, tensors, t)
+        if not isinstance(steps, float):
             bucket.regularizer.prox_diag_(tensors, steps)
             return
+        t = steps
     bucket.regularizer.prox_(tensors, t)
 
 
