@@ -10,7 +10,7 @@ Three measurements, all against baselines measured in the same run:
    ratios against the unregularized step. Each variant has its own deep copy of one initial model
    and its own optimizer; after a warm-up the variants run round-robin (a few steps each per
    round, many rounds), so that drifts in machine speed hit all of them alike.
-2. Peak memory. The peak resident set size (``ru_maxrss``; on CUDA ``max_memory_allocated``) of a
+2. Peak memory. The peak resident set size (``VmHWM``, else ``ru_maxrss``; on CUDA ``max_memory_allocated``) of a
    fresh process per variant that builds the same model and optimizer and runs a few steps; also
    the growth of that peak during the steps, above the peak reached when the model, optimizer and
    batch were built.
@@ -213,7 +213,12 @@ def measure_steps(model_name: str, optimizer_name: str, args, device, notes: lis
 
 
 def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak RSS. Linux: VmHWM, since ru_maxrss carries the parent's peak over fork and exec."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def memory_child(model_name: str, optimizer_name: str, variant: str, steps: int, tiny: bool, device: str, threads: int) -> None:
@@ -339,6 +344,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps-per-round", type=int, help="timed steps per variant per round (default 5; 1 with --tiny)")
     parser.add_argument("--warmup", type=int, help="untimed steps per variant first (default 5; 1 with --tiny)")
     parser.add_argument("--memory-steps", type=int, help="steps per memory process (default 5; 2 with --tiny)")
+    parser.add_argument("--no-steps", action="store_true", help="skip the step-time measurement")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--no-scaling", action="store_true", help="skip the prox-pass scaling row")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -364,12 +370,13 @@ def main() -> None:
           f"memory_steps={args.memory_steps}; foreach=False; strength {STRENGTH:g}; attach has step=: {HAS_STEP}")
     notes: list[tuple[str, str, str]] = []  # (variant, why skipped, where)
     steps = {}
-    for model_name in args.models:
+    for model_name in [] if args.no_steps else args.models:
         for optimizer_name in OPTIMIZERS:
             steps[model_name, optimizer_name] = measure_steps(model_name, optimizer_name, args, device, notes)
             print(f"  measured {model_name}, {optimizer_name}", file=sys.stderr, flush=True)
-    print(f"\n{h}Step time / unregularized step (median; lower is better)\n")
-    print(step_table(steps, args.markdown))
+    if steps:
+        print(f"\n{h}Step time / unregularized step (median; lower is better)\n")
+        print(step_table(steps, args.markdown))
     skipped: dict[tuple[str, str], list[str]] = {}
     for variant, why, where in notes:
         skipped.setdefault((variant, why), []).append(where)
