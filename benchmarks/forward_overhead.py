@@ -1,9 +1,15 @@
 """Forward-pass cost of paramreg's carriers on a model of many small layers.
 
-Measures, in one process with the two variants interleaved, the median time of a training step
-without optimizer (forward, backward) and of an inference forward (no_grad) for 200 x
-Linear(32, 32), batch 64: plain model vs the same model with L1 attached to every weight.
-Identity carriers read the stored Parameter directly (Note [Fast identity reads] in carrier.py).
+Measures, in one process with the variants interleaved, the median time of
+
+- an inference forward (``no_grad``) and a forward+backward (gradients cleared through the list of
+  parameters, as ``optimizer.zero_grad()`` does) of 200 x Linear(32, 32), batch 64: a plain model
+  against the same model with L1 attached to every weight (both deep copies of one model);
+- ``model.zero_grad()``, which walks the module tree, where the carriers are modules too;
+- one read of ``module.weight`` (timeit): a plain ``nn.Linear``, one with paramreg's identity
+  carrier (on the shared class, Note [Shared classes] in carrier.py), the same on a class of its
+  own (after a ``parametrize`` call on it, Note [Fast identity reads]), and torch's own identity
+  parametrization (parametrize's property calls the ``ParametrizationList`` on every read).
 
 Run:  python benchmarks/forward_overhead.py [--layers 200] [--rounds 30]
 """
@@ -14,11 +20,18 @@ import argparse
 import copy
 import statistics
 import time
+import timeit
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import paramreg
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return x
 
 
 def _timed(fn, inner: int) -> float:
@@ -28,37 +41,71 @@ def _timed(fn, inner: int) -> float:
     return (time.perf_counter() - start) / inner * 1e3
 
 
+def model_rows(layers: int, rounds: int) -> None:
+    base = nn.Sequential(*[nn.Linear(32, 32) for _ in range(layers)])
+    models = {"plain": copy.deepcopy(base), "attached": copy.deepcopy(base)}
+    paramreg.attach(models["attached"], "*.weight", l1=1e-4)
+    params = {k: list(m.parameters()) for k, m in models.items()}
+    x = torch.randn(64, 32)
+
+    def infer(key):
+        with torch.no_grad():
+            models[key](x)
+
+    def train(key):
+        for p in params[key]:
+            p.grad = None
+        models[key](x).sum().backward()
+
+    def walk(key):
+        models[key].zero_grad(set_to_none=True)
+
+    for label, fn in (("inference forward", infer), ("forward+backward", train), ("model.zero_grad()", walk)):
+        times = {k: [] for k in models}
+        for k in models:
+            for _ in range(3):
+                fn(k)
+        for _ in range(rounds):  # interleaved
+            for k in models:
+                times[k].append(_timed(lambda f=fn, k=k: f(k), 5))
+        p, a = statistics.median(times["plain"]), statistics.median(times["attached"])
+        print(f"{label:18s}  plain {p:8.3f} ms  attached {a:8.3f} ms  ratio {a / p:.3f}")
+
+
+def read_rows(number: int) -> None:
+    plain = nn.Linear(32, 32)
+    shared = copy.deepcopy(plain)
+    paramreg.attach(shared, "weight", l1=1e-4)
+    own = copy.deepcopy(plain)
+    paramreg.attach(own, "weight", l1=1e-4)
+    parametrize.is_parametrized(own, "weight")  # a parametrize call: the module gets a class of its own
+    torch_identity = copy.deepcopy(plain)
+    parametrize.register_parametrization(torch_identity, "weight", Identity())
+    variants = {
+        "plain nn.Linear": plain,
+        "paramreg carrier (shared class)": shared,
+        "paramreg carrier (own class)": own,
+        "torch identity parametrization": torch_identity,
+    }
+    best = {k: float("inf") for k in variants}
+    for _ in range(5):  # interleaved repeats, best of each
+        for k, m in variants.items():
+            best[k] = min(best[k], timeit.timeit(lambda m=m: m.weight, number=number) / number * 1e6)
+    for k, t in best.items():
+        print(f"read module.weight, {k:32s} {t:6.3f} µs  ({t / best['plain nn.Linear']:.2f}x plain)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--reads", type=int, default=100_000, help="reads per timeit repeat")
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    plain = nn.Sequential(*[nn.Linear(32, 32) for _ in range(args.layers)])
-    attached = copy.deepcopy(plain)
-    paramreg.attach(attached, "*.weight", l1=1e-4)
-    x = torch.randn(64, 32)
-
-    def train(model):
-        model.zero_grad(set_to_none=True)
-        model(x).sum().backward()
-
-    def infer(model):
-        with torch.no_grad():
-            model(x)
-
     print(f"torch {torch.__version__}, {args.layers} x Linear(32, 32), batch 64, threads {torch.get_num_threads()}")
-    for label, fn in (("forward+backward", train), ("inference forward", infer)):
-        times = {"plain": [], "attached": []}
-        for model in (plain, attached):
-            for _ in range(5):
-                fn(model)
-        for _ in range(args.rounds):  # interleaved
-            times["plain"].append(_timed(lambda f=fn: f(plain), 5))
-            times["attached"].append(_timed(lambda f=fn: f(attached), 5))
-        p, a = statistics.median(times["plain"]), statistics.median(times["attached"])
-        print(f"{label:18s}  plain {p:7.3f} ms  attached {a:7.3f} ms  ratio {a / p:.3f}")
+    model_rows(args.layers, args.rounds)
+    read_rows(args.reads)
 
 
 if __name__ == "__main__":

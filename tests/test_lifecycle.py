@@ -281,3 +281,58 @@ def test_fast_reads_return_the_stored_parameter_and_yield_to_other_paths():
 
     parametrize.register_parametrization(model[0], "weight", Double())  # appended after ours
     assert torch.equal(model[0].weight, 2 * weight)
+
+
+class Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_identity_carried_modules_share_one_class_and_read_the_parameter_directly():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Conv2d(1, 1, 1))
+    weights = [m.weight for m in model]
+    paramreg.attach(model, "*.weight", l1=1e-3)
+    paramreg.attach(model, "1.bias", l2=1e-3)  # which tensors are carried does not matter
+    assert type(model[0]) is type(model[1]) and type(model[2]) is not type(model[0])
+    assert "weight" not in vars(type(model[0]))  # no property: nn.Module.__getattr__ finds _parameters
+    assert all(m.weight is w for m, w in zip(model, weights, strict=True))
+    assert isinstance(model[0], nn.Linear) and parametrize.type_before_parametrizations(model[0]) is nn.Linear
+
+
+def test_torch_parametrizing_another_tensor_leaves_modules_sharing_the_class_alone():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    paramreg.attach(model, "*.weight", l1=1e-3)
+    shared = type(model[1])
+    bias = model[0].bias
+    parametrize.register_parametrization(model[0], "bias", Double())  # torch adds a property to model[0]'s class
+    assert type(model[1]) is shared and "bias" not in vars(shared)
+    assert torch.equal(model[0].bias, 2 * bias) and isinstance(model[1].bias, nn.Parameter)
+    parametrize.remove_parametrizations(model[1], "weight")  # torch deletes a property from model[1]'s class
+    assert type(model[1]) is nn.Linear and model[0].weight is dict(model.named_parameters())["0.weight"]
+    x = torch.randn(2, 4)
+    model(x)
+    paramreg.remove(model)
+    assert type(model[0]) is not nn.Linear and parametrize.is_parametrized(model[0], "bias")  # the user's stays
+    assert torch.equal(model[0].bias, 2 * bias)
+
+
+def test_a_module_read_through_parametrize_returns_to_the_shared_class():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    paramreg.attach(model, "*.weight", l1=1e-3)
+    shared = type(model[1])
+    assert parametrize.is_parametrized(model[0], "weight")  # may be about to change it: a class of its own
+    assert type(model[0]) is not shared and isinstance(vars(type(model[0]))["weight"], property)
+    paramreg.report(model)  # any walk of paramreg's moves it back
+    assert type(model[0]) is shared
+
+
+def test_deep_copies_of_a_module_with_its_own_class_get_their_own():
+    model = nn.Linear(4, 4)
+    paramreg.attach(model, "weight", l1=1e-3)
+    parametrize.register_parametrization(model, "bias", Double())
+    clone = copy.deepcopy(model)
+    assert type(clone) is not type(model)
+    parametrize.register_parametrization(model, "weight", Double())  # appended after the carrier, on the original
+    x = torch.randn(2, 4)
+    assert torch.equal(model(x), nn.functional.linear(x, 2 * model.parametrizations.weight.original, model.bias))
+    assert torch.equal(clone(x), nn.functional.linear(x, clone.parametrizations.weight.original, clone.bias))

@@ -27,8 +27,9 @@ Note [The Parameter stays in its module]
     ``module.parametrizations.weight.original``, which renames it in ``named_parameters()`` and
     ``state_dict()`` and moves it behind ``bias``. After registering a
     carrier on a plain tensor, paramreg puts the same Parameter object back into
-    ``module._parameters`` at its old position. ``module.weight`` still goes through the class
-    property (a data descriptor wins over ``_parameters``), while ``named_parameters()`` and
+    ``module._parameters`` at its old position. ``module.weight`` is read from there on a shared
+    class, and through paramreg's property on a class of its own (Note [Shared classes]; a data
+    descriptor wins over ``_parameters``), while ``named_parameters()`` and
     ``parameters()`` de-duplicate by identity and so report the plain name in the plain order:
     an optimizer built while attached sees the parameters in the same order as one built on the
     plain model, and user code that selects parameters by name keeps working. ``state_dict()``
@@ -39,6 +40,7 @@ Note [The Parameter stays in its module]
 from __future__ import annotations
 
 import copy
+import copyreg
 import weakref
 from dataclasses import dataclass, field
 
@@ -188,7 +190,7 @@ def _index(plist: ParametrizationList, carrier: Carrier) -> int:
 
 def _module_slots(prefix: str, module: nn.Module) -> list[Slot]:
     _sync(module)
-    plists = dict(module.parametrizations.items()) if parametrize.is_parametrized(module) else {}
+    plists = dict(_plists(module).items()) if _parametrized(module) else {}
     found = []
     for tname, p in module._parameters.items():
         if p is None:
@@ -233,7 +235,7 @@ def slots(model: nn.Module) -> list[Slot]:
                 else:
                     first.aliases.append(s)
             position += 1
-        skip_parametrizations = parametrize.is_parametrized(module)
+        skip_parametrizations = _parametrized(module)
         children = [
             (f"{prefix}{name}.", child)
             for name, child in module._modules.items()
@@ -243,11 +245,24 @@ def slots(model: nn.Module) -> list[Slot]:
     return [s for _, s in sorted(chosen.values(), key=lambda item: item[0])]
 
 
+def _plists(module: nn.Module) -> nn.ModuleDict | None:
+    """``module.parametrizations``, read without the attribute (Note [Shared classes])."""
+    plists = module._modules.get("parametrizations")
+    return plists if isinstance(plists, nn.ModuleDict) else None
+
+
+def _parametrized(module: nn.Module) -> bool:
+    """``parametrize.is_parametrized(module)``, without reading the attribute (Note [Shared classes])."""
+    plists = _plists(module)
+    return plists is not None and len(plists) > 0
+
+
 def _carried(module: nn.Module) -> list[tuple[str, bool]]:
     """(name, alone) for each tensor of ``module`` whose first parametrization is a paramreg carrier."""
-    if not parametrize.is_parametrized(module):
+    plists = _plists(module)
+    if not plists:
         return []
-    return [(n, len(pl) == 1) for n, pl in module.parametrizations.items() if isinstance(pl[0], Carrier)]
+    return [(n, len(pl) == 1) for n, pl in plists.items() if isinstance(pl[0], Carrier)]
 
 
 def _sync(module: nn.Module) -> None:
@@ -256,13 +271,19 @@ def _sync(module: nn.Module) -> None:
     torch's module code writes ``_parameters`` and ``parametrizations.<name>.original`` as two
     separate slots (``load_state_dict(assign=True)``, ``to_empty``, conversions that create new
     Parameters); afterwards the stored tensor of the parametrization is the one that counts.
+    Also moves a module back onto its shared class where it may (Note [Shared classes]).
     """
     global _generation
+    plists = _plists(module)
+    if not plists:
+        return
     for name, _ in _carried(module):
-        original = module.parametrizations[name].original
+        original = plists[name].original
         if module._parameters.get(name) is not original:
             module._parameters[name] = original
             _generation += 1
+    if type(module).__dict__.get("_paramreg_owner") is not None and _shareable(module):
+        module.__class__ = _shared_class(module)
 
 
 class _CarrierModuleMixin:
@@ -272,7 +293,7 @@ class _CarrierModuleMixin:
         if isinstance(value, nn.Parameter) and any(name == n for n, _ in _carried(self)):
             # As on a plain module, a new Parameter replaces the tensor; the forward pass uses it too.
             global _generation
-            self.parametrizations[name]._parameters["original"] = value
+            self._modules["parametrizations"][name]._parameters["original"] = value
             self._parameters[name] = value
             _generation += 1
             return
@@ -285,49 +306,183 @@ class _CarrierModuleMixin:
 
 
 _OVERRIDES = ("__setattr__", "_apply")
+# What paramreg puts into the classes it makes, on top of torch's Parametrized<Cls> namespace.
+_OURS = (*_OVERRIDES, "parametrizations", "_paramreg_owner", "__deepcopy__", "__dict__", "__weakref__")
 
 
-def _fast_property(name: str, slow: property) -> property:
-    """``module.<name>`` without parametrize's module call when paramreg's identity carrier is alone.
+def _guarded_parametrizations(self) -> nn.ModuleDict:
+    """``module.parametrizations``: first gives the module a class of its own unless it has one.
+
+    Note [Shared classes]
+        torch's parametrize gives each parametrized module a class ``Parametrized<Cls>`` and puts
+        one property per parametrized tensor into it; ``register_parametrization`` adds a
+        property to that class, ``remove_parametrizations`` deletes one, and a deep copy shares
+        the class with its original. A class per module keeps modules independent, but with
+        hundreds of small layers it costs (Python's attribute caches are per class): on
+        200 x Linear(32, 32) an inference forward ran about 1.2x the plain model's time.
+
+        So a module whose every parametrized tensor carries one identity carrier and nothing
+        else, by far the usual case, gets a class shared by all such modules of its original
+        class: ``_shared_class``. That class has no property for the carried tensors at all:
+        ``module.weight`` is found by ``nn.Module.__getattr__`` in ``module._parameters``,
+        where the Parameter stays (Note [The Parameter stays in its module]), exactly as on a
+        plain module; identity carriers make it the value parametrize would compute.
+
+        A shared class must never be changed, and every torch function that changes a
+        module's class (``register_parametrization``, ``remove_parametrizations``, and so
+        everything built on them: ``orthogonal``, ``weight_norm``, ``torch.ao.pruning``) first
+        reads ``module.parametrizations`` (``is_parametrized``). Every class paramreg makes
+        serves that attribute through this property, which first gives the module a class of
+        its own (``_own_class``: one property per carried tensor, Note [Fast identity reads])
+        unless its class already is its own (``_paramreg_owner``); a deep copy of that module
+        is not the owner and gets a class of its own in turn. paramreg's own code reads
+        ``module._modules`` instead (``_plists``), and moves a module back onto the shared
+        class when it may (``_sync``, run by every paramreg call that walks the model).
+
+        Not covered: a ``ParametrizationList`` changed through a reference held from before,
+        bypassing ``register_parametrization`` (``plist.append(p)`` while the module has the
+        shared class) is not seen; ``module.weight`` would keep returning the stored Parameter.
+    """
+    # TorchScript compiles this property and stops at ``_modules`` ("has no attribute"), so an
+    # attached model does not script: script a folded one (``paramreg.folded``).
+    modules = self._modules
+    owner = type(self).__dict__.get("_paramreg_owner")
+    if owner is None or owner() is not self:
+        _own_class(self)
+    if "parametrizations" not in modules:
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute 'parametrizations'")
+    return modules["parametrizations"]
+
+
+_PARAMETRIZATIONS = property(_guarded_parametrizations)
+
+
+def _shareable(module: nn.Module) -> bool:
+    """Whether ``module`` may use its shared class: each parametrized tensor holds one identity carrier alone."""
+    plists = _plists(module)
+    return bool(plists) and all(
+        len(pl) == 1 and type(pl[0]) is Carrier and pl[0].transform is None for pl in plists.values()
+    )
+
+
+# One shared class per original class (Note [Shared classes]); weak, so that a class can go.
+_SHARED: "weakref.WeakValueDictionary[type, type]" = weakref.WeakValueDictionary()
+
+
+def _shared_class(module: nn.Module) -> type:
+    """The class all shareable modules of ``module``'s original class share: no tensor properties."""
+    cls = type(module)
+    base = cls.__bases__[0]
+    shared = _SHARED.get(base)
+    if shared is None:
+        # torch's namespace (``__getstate__`` refusing pickling, ``__deepcopy__``) without its properties
+        namespace = {k: v for k, v in vars(cls).items() if k not in _OURS and not isinstance(v, property)}
+        namespace.update({k: vars(_CarrierModuleMixin)[k] for k in _OVERRIDES})
+        namespace.update(_class_extras(None))
+        shared = _SHARED.setdefault(base, type(cls.__name__, (base,), namespace))
+    return shared
+
+
+def _fast_property(name: str) -> property:
+    """``module.<name>`` for a carried tensor on a module with a class of its own.
 
     Note [Fast identity reads]
         parametrize's property calls the ParametrizationList module on every read (about 10 µs);
         with hundreds of small layers that is most of the forward pass. When the list holds
         only an identity carrier, the value is the stored Parameter itself, so the property
-        returns it directly; anything else (a user's parametrization appended later, a
-        SoftThreshold, ``parametrize.cached()``) takes torch's own path.
+        returns it directly (under ``parametrize.cached()`` too: the cached value would be that
+        very tensor). Anything else (a user's parametrization appended later, a
+        ``SoftThreshold``) computes the chain as torch's property does, with torch's cache
+        keyed by this module (torch's own property keys it by the module it was made for,
+        which a deep copy's shared class gets wrong). Modules on a shared class have no
+        property at all (Note [Shared classes]).
     """
 
     def get(self):
         plist = self._modules["parametrizations"]._modules[name]
-        if len(plist._modules) == 1 and not parametrize._cache_enabled and plist._modules["0"].transform is None:
-            return plist._parameters["original"]
-        return slow.fget(self)
+        if len(plist._modules) == 1:
+            first = plist._modules["0"]
+            if type(first) is Carrier and first.transform is None:
+                return plist._parameters["original"]
+        if not parametrize._cache_enabled:
+            return plist()
+        if torch._C._get_tracing_state() is not None:
+            raise RuntimeError("Cannot trace a model while caching parametrizations.")
+        key = (id(self), name)
+        tensor = parametrize._cache.get(key)
+        if tensor is None:
+            tensor = parametrize._cache[key] = plist()
+        return tensor
 
-    get.slow = slow
-    return property(get, slow.fset)
+    def set(self, value):
+        self._modules["parametrizations"]._modules[name].right_inverse(value)
+
+    get.paramreg = True
+    return property(get, set)
 
 
 def _own_class(module: nn.Module, without: tuple[str, ...] = ()) -> None:
     """Give ``module`` a parametrized class of its own, minus the properties in ``without``.
 
     torch's parametrize adds and deletes properties on the module's class, and a deep copy shares
-    that class with the original; a class per module keeps copies independent. While the module
-    has carriers, the class also gets :class:`_CarrierModuleMixin`'s methods and fast reads of
-    the carried tensors (Note [Fast identity reads]).
+    that class with the original; a class of its own keeps modules independent (Note [Shared
+    classes]). While the module has carriers, the class also gets :class:`_CarrierModuleMixin`'s
+    methods and fast reads of the carried tensors (Note [Fast identity reads]).
     """
     cls = type(module)
-    drop = {*without, *_OVERRIDES, "__dict__", "__weakref__"}
-    namespace = {k: v for k, v in vars(cls).items() if k not in drop}
-    carried = _carried(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in _OURS and k not in without}
+    carried = [n for n, _ in _carried(module)]
+    for name in _plists(module) or {}:
+        # ours for every carried tensor, and for one the shared class served from _parameters
+        # or whose carrier went while the user's parametrizations stayed; torch's for the rest
+        value = namespace.get(name)
+        if name in carried or value is None or _is_ours(value):
+            namespace[name] = _fast_property(name)
     if carried:
         namespace.update({k: vars(_CarrierModuleMixin)[k] for k in _OVERRIDES})
-    for name, value in list(namespace.items()):
-        if isinstance(value, property) and hasattr(value.fget, "slow"):
-            namespace[name] = value = value.fget.slow  # back to torch's property
-        if name in dict(carried) and isinstance(value, property):
-            namespace[name] = _fast_property(name, value)
+    namespace.update(_class_extras(module))
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def _is_ours(value) -> bool:
+    return isinstance(value, property) and getattr(value.fget, "paramreg", False)
+
+
+def _class_extras(owner: nn.Module | None) -> dict:
+    """What every class paramreg makes has: the guarded ``parametrizations``, its owner, deep copies."""
+    return {
+        "parametrizations": _PARAMETRIZATIONS,
+        "_paramreg_owner": None if owner is None else weakref.ref(owner),
+        "__deepcopy__": _deepcopy,
+    }
+
+
+def _deepcopy(self, memo):
+    """A deep copy, on a class of its own if the original has one (so that owners are exact)."""
+    base_copy = getattr(type(self).__bases__[0], "__deepcopy__", None)
+    if base_copy is not None:
+        replica = base_copy(self, memo)
+    else:  # what torch's Parametrized<Cls> does for a class without __deepcopy__
+        replica = memo.get(id(self))
+        if replica is not None:
+            return replica
+        replica = self.__new__(type(self))
+        memo[id(self)] = replica
+        replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+        for slot in copyreg._slotnames(type(self)):
+            if hasattr(self, slot):
+                setattr(replica, slot, copy.deepcopy(getattr(self, slot), memo))
+    if type(replica).__dict__.get("_paramreg_owner") is not None:
+        _settle(replica)
+    return replica
+
+
+def _settle(module: nn.Module, without: tuple[str, ...] = ()) -> None:
+    """Put ``module`` on its shared class if it may use it, else on a class of its own (Note [Shared classes])."""
+    if _shareable(module):
+        module.__class__ = _shared_class(module)
+    else:
+        _own_class(module, without)
 
 
 def _save_hook(module, state_dict, prefix, local_metadata) -> None:
@@ -340,7 +495,7 @@ def _save_hook(module, state_dict, prefix, local_metadata) -> None:
             if inner in state_dict:  # the stored tensor, under the plain key, in place
                 state_dict[prefix + name] = state_dict.pop(inner)
             base = f"{prefix}parametrizations.{name}"
-            if module.parametrizations[name][0].transform is None:
+            if _plists(module)[name][0].transform is None:
                 for key in [k for k in metadata if k == base or k.startswith(base + ".")]:
                     del metadata[key]
         else:  # the user's parametrizations stay: their key is the real one
@@ -357,7 +512,7 @@ def _load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
             state_dict[inner] = state_dict[plain]
         elif inner in state_dict and plain not in state_dict:
             state_dict[plain] = state_dict[inner]
-        transform = module.parametrizations[name][0].transform
+        transform = _plists(module)[name][0].transform
         if transform is not None:  # a plain checkpoint has no threshold: keep the current one
             for key, value in transform.state_dict().items():
                 state_dict.setdefault(f"{prefix}parametrizations.{name}.0.transform.{key}", value)
@@ -393,16 +548,16 @@ def attach(slot: Slot, regularizer: Regularizer, mode: str, step: str = "auto", 
     module, tname = slot.module, slot.tensor_name
     carrier = Carrier(regularizer, mode, step, schedule)
     carrier.name = slot.name  # for messages
-    if parametrize.is_parametrized(module):
-        _own_class(module)  # torch is about to add a property to the class: not to one a copy shares
+    if _parametrized(module):
+        _own_class(module)  # torch is about to change the class: a fresh one (Note [Shared classes])
     order = list(module._parameters)
     parametrize.register_parametrization(module, tname, carrier)
     if slot.plist is None:  # a plain tensor: Note [The Parameter stays in its module]
         module._parameters[tname] = slot.param
         _reorder(module._parameters, order)
         _install_hooks(module)
-    _own_class(module)
-    carrier._bind(module.parametrizations[tname])
+    _settle(module)
+    carrier._bind(_plists(module)[tname])
     return carrier
 
 
@@ -430,14 +585,15 @@ def detach(slot: Slot) -> None:
         del plist[_index(plist, carrier)]
         if first:
             del module._parameters[tname]  # as torch has it for a parametrized tensor
-        _own_class(module)
+        _settle(module)
     else:
-        del module.parametrizations[tname]
-        if len(module.parametrizations) == 0:
-            del module.parametrizations
+        plists = _plists(module)
+        del plists[tname]
+        if len(plists) == 0:
+            del module._modules["parametrizations"]
             module.__class__ = type(module).__bases__[0]
         else:
-            _own_class(module, without=(tname,))  # never delete a property from a class a copy may share
+            _settle(module, without=(tname,))  # never delete a property from a class another module may share
     if not _carried(module):
         _uninstall_hooks(module)
     carrier._unbind()

@@ -220,7 +220,7 @@ def attach(
     try:
         for s in chosen:
             s.carrier = _carrier.attach(s, regularizer, mode, step, schedule)
-            s.plist = s.module.parametrizations[s.tensor_name]
+            s.plist = _carrier._plists(s.module)[s.tensor_name]
             done.append(s)
     except BaseException:
         for s in reversed(done):

@@ -1,0 +1,405 @@
+"""Training-step time, peak memory and prox-pass scaling: paramreg against the alternatives.
+
+Three measurements, all against baselines measured in the same run:
+
+1. Step time. The median wall time of one training step (forward, loss, backward,
+   ``optimizer.step()``, ``optimizer.zero_grad()``) of every variant below, for four models (an MLP
+   784-1024-1024-10 with batch 64; a small CNN conv32-conv64-maxpool-linear on 1x28x28 with batch 64;
+   a 4-layer transformer encoder, d_model 256, 4 heads, feed-forward 1024, sequence 64, batch 16;
+   200 x Linear(32, 32) with batch 64) and two optimizers (SGD with momentum 0.9, Adam), reported as
+   ratios against the unregularized step. Each variant has its own deep copy of one initial model
+   and its own optimizer; after a warm-up the variants run round-robin (a few steps each per
+   round, many rounds), so that drifts in machine speed hit all of them alike.
+2. Peak memory. The peak resident set size (``VmHWM``, else ``ru_maxrss``; on CUDA ``max_memory_allocated``) of a
+   fresh process per variant that builds the same model and optimizer and runs a few steps; also
+   the growth of that peak during the steps, above the peak reached when the model, optimizer and
+   batch were built.
+3. Scaling. One prox pass (``paramreg.L1(a).prox_`` over a list of 1M-element tensors) over 1M, 10M
+   and 100M parameters, against one ``torch._foreach_mul_`` pass over the same tensors: the
+   memory-bandwidth floor of any in-place elementwise pass.
+
+Variants (strength 1e-4 everywhere; "the weights" are every parameter with two or more dims):
+
+- ``none``: no regularization;
+- ``weight_decay``: the optimizer's own ``weight_decay`` (L2, every parameter, as torch applies it);
+- ``manual L1``: ``loss + a * sum(p.abs().sum())`` over the weights;
+- ``manual norm``: ``loss + a * sum(torch.norm(p, 1))`` over the weights;
+- ``grad hook``: a hook on each weight adding a·sign(w) to its gradient (the torchlayers approach,
+  written as a tensor hook so that it fires on every layer);
+- ``prox L1``: ``paramreg.attach(model, weights, l1=a, step="lr")``: soft-thresholding with step
+  t = lr after each optimizer step;
+- ``prox group lasso``: ``paramreg.attach(model, weights, group_lasso=a)`` (rows, default step);
+- ``prox adaptive L1``: ``paramreg.attach(model, weights, l1=a, step="adaptive")``: the prox in
+  Adam's own metric. Skipped, with a note, where ``attach`` has no ``step=`` keyword or refuses the
+  combination (an optimizer without a diagonal metric).
+
+Optimizers are built with ``foreach=False`` (torch's default on CPU; fixed here because that
+setting alone moves small-layer step times by 8-14%); torch uses 2 threads unless ``--threads``.
+
+Run:  python benchmarks/suite.py [--markdown]     (about 15 minutes on 2 CPU cores)
+      python benchmarks/suite.py --tiny           (seconds; a smoke test, nothing is asserted)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import paramreg
+
+STRENGTH = 1e-4
+VARIANTS = (
+    "none",
+    "weight_decay",
+    "manual L1",
+    "manual norm",
+    "grad hook",
+    "prox L1",
+    "prox group lasso",
+    "prox adaptive L1",
+)
+OPTIMIZERS = {
+    "SGD momentum": lambda params, wd: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=wd, foreach=False),
+    "Adam": lambda params, wd: torch.optim.Adam(params, lr=1e-3, weight_decay=wd, foreach=False),
+}
+HAS_STEP = "step" in inspect.signature(paramreg.attach).parameters
+
+
+class Skip(Exception):
+    """A variant that cannot run here; the message says why."""
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    def __init__(self, d_model: int, layers: int, classes: int = 10):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model, 4, 4 * d_model, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+def build_model(name: str, tiny: bool, device: torch.device):
+    """(model, x, y) for a model name; random data, fixed seeds."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if name == "MLP":
+        width, batch = (16, 8) if tiny else (1024, 64)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+        x, classes = torch.randn(batch, 1, 28, 28, generator=g), 10
+    elif name == "CNN":
+        c, batch = (4, 8) if tiny else (32, 64)
+        model = nn.Sequential(
+            nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * c * 14 * 14, 10),
+        )
+        x, classes = torch.randn(batch, 1, 28, 28, generator=g), 10
+    elif name == "transformer":
+        d, layers, seq, batch = (16, 1, 8, 4) if tiny else (256, 4, 64, 16)
+        model = Encoder(d, layers)
+        x, classes = torch.randn(batch, seq, d, generator=g), 10
+    elif name == "200 x Linear(32,32)":
+        layers, batch = (4, 8) if tiny else (200, 64)
+        model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(layers)])
+        x, classes = torch.randn(batch, 32, generator=g), 32
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    y = torch.randint(0, classes, (x.shape[0],), generator=g)
+    return model.to(device), x.to(device), y.to(device)
+
+
+MODELS = ("MLP", "CNN", "transformer", "200 x Linear(32,32)")
+MODEL_LABELS = {
+    "MLP": "MLP 784-1024-1024-10, batch 64",
+    "CNN": "CNN conv32-conv64-maxpool-linear, batch 64",
+    "transformer": "transformer encoder 4 x d256, seq 64, batch 16",
+    "200 x Linear(32,32)": "200 x Linear(32, 32), batch 64",
+}
+
+
+def _weights(name: str, tensor) -> bool:
+    return tensor.dim() >= 2
+
+
+# --- variants ---------------------------------------------------------------------------------
+
+
+def make_step(variant: str, base: nn.Module, optimizer_name: str, x, y):
+    """A fresh copy of ``base`` regularized as ``variant``; return (model, one-training-step function)."""
+    model = copy.deepcopy(base)
+    weights = [p for n, p in model.named_parameters() if _weights(n, p)]
+    if variant.startswith("prox"):
+        try:
+            if variant == "prox L1":
+                paramreg.attach(model, _weights, l1=STRENGTH, **({"step": "lr"} if HAS_STEP else {}))
+            elif variant == "prox group lasso":
+                paramreg.attach(model, _weights, group_lasso=STRENGTH)
+            else:
+                if not HAS_STEP:
+                    raise Skip("paramreg.attach has no step= keyword yet")
+                paramreg.attach(model, _weights, l1=STRENGTH, step="adaptive")
+        except paramreg.ParamregError as e:
+            raise Skip(str(e).splitlines()[0]) from None
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters(), STRENGTH if variant == "weight_decay" else 0.0)
+    if variant == "grad hook":
+        for p in weights:
+            p.register_hook(lambda grad, p=p: grad + STRENGTH * p.detach().sign())
+    penalty = {
+        "manual L1": lambda: sum(p.abs().sum() for p in weights),
+        "manual norm": lambda: sum(torch.norm(p, 1) for p in weights),
+    }.get(variant)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        if penalty is not None:
+            loss = loss + STRENGTH * penalty()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return model, step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure_steps(model_name: str, optimizer_name: str, args, device, notes: list) -> dict[str, float]:
+    """Median seconds per step of every variant that runs, interleaved round-robin."""
+    base, x, y = build_model(model_name, args.tiny, device)
+    built = {}
+    for v in VARIANTS:
+        try:
+            built[v] = make_step(v, base, optimizer_name, x, y)
+        except Skip as e:
+            notes.append((v, str(e), f"{model_name}, {optimizer_name}"))
+    for _, step in built.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {v: [] for v in built}
+    for _ in range(args.rounds):
+        for v, (_, step) in built.items():
+            times[v].extend(timed(step, device) for _ in range(args.steps_per_round))
+    for model, _ in built.values():
+        paramreg.remove(model, allow_nonfinite=True)  # no carriers left behind for the next measurement
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+# --- memory: one fresh process per variant ----------------------------------------------------
+
+
+def _maxrss_mib() -> float:
+    """This process's peak RSS. Linux: VmHWM, since ru_maxrss carries the parent's peak over fork and exec."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def memory_child(model_name: str, optimizer_name: str, variant: str, steps: int, tiny: bool, device: str, threads: int) -> None:
+    """Runs in a fresh process: print {"start": MiB, "peak": MiB} as JSON (or {"skip": why})."""
+    torch.set_num_threads(threads)
+    base, x, y = build_model(model_name, tiny, torch.device(device))
+    try:
+        model, step = make_step(variant, base, optimizer_name, x, y)
+    except Skip as e:
+        print(json.dumps({"skip": str(e)}))
+        return
+    del base
+    cuda = torch.device(device).type == "cuda"  # there the GPU's peak allocation counts, not the RSS
+
+    def peak() -> float:
+        return torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mib()
+
+    start = peak()
+    for _ in range(steps):
+        step()
+    print(json.dumps({"start": start, "peak": peak()}))
+
+
+def measure_memory(model_name: str, optimizer_name: str, variants, args) -> dict[str, dict]:
+    out = {}
+    for v in variants:
+        command = [
+            sys.executable, __file__, "--memory-child", json.dumps([model_name, optimizer_name, v]),
+            "--memory-steps", str(args.memory_steps), "--device", args.device, "--threads", str(args.threads),
+        ] + (["--tiny"] if args.tiny else [])
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory child {model_name}/{optimizer_name}/{v} failed:\n{done.stderr[-2000:]}")
+        out[v] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+# --- scaling: one prox pass against one _foreach_mul_ pass ------------------------------------
+
+
+def measure_scaling(sizes: list[int], chunk: int, rounds: int, device) -> list[tuple[int, float, float]]:
+    regularizer = paramreg.L1(STRENGTH)
+    rows = []
+    for n in sizes:
+        g = torch.Generator().manual_seed(0)
+        tensors = [torch.randn(min(chunk, n - i), generator=g).to(device) for i in range(0, n, chunk)]
+        passes = {
+            "prox": lambda ts=tensors: regularizer.prox_(ts, 1e-3),
+            "foreach_mul": lambda ts=tensors: torch._foreach_mul_(ts, 0.9999),
+        }
+        for fn in passes.values():
+            fn()
+        times = {k: [] for k in passes}
+        for _ in range(rounds):
+            for k, fn in passes.items():
+                times[k].append(timed(fn, device))
+        rows.append((n, statistics.median(times["prox"]), statistics.median(times["foreach_mul"])))
+        del tensors, passes
+    return rows
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+def render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        align = ["---"] + ["---:"] * (len(headers) - 1)
+        return "\n".join("| " + " | ".join(r) + " |" for r in [headers, align, *rows])
+    widths = [max(len(r[i]) for r in (headers, *rows)) for i in range(len(headers))]
+
+    def line(cells):
+        return "  ".join([cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)])
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def step_table(results: dict, markdown: bool) -> str:
+    headers = ["model, optimizer", "none ms/step", *VARIANTS[1:], "manual L1 / prox L1"]
+    rows = []
+    for (model_name, optimizer_name), medians in results.items():
+        none = medians["none"]
+        cells = [f"{model_name}, {optimizer_name}", f"{1e3 * none:.2f}"]
+        cells += [f"{medians[v] / none:.3f}" if v in medians else "skipped" for v in VARIANTS[1:]]
+        both = "manual L1" in medians and "prox L1" in medians
+        cells.append(f"{medians['manual L1'] / medians['prox L1']:.2f}" if both else "-")
+        rows.append(cells)
+    return render(headers, rows, markdown)
+
+
+def memory_table(results: dict, markdown: bool) -> str:
+    headers = ["model, optimizer", "none peak MiB (growth)", *VARIANTS[1:]]
+    rows = []
+    for (model_name, optimizer_name), by_variant in results.items():
+        none = by_variant["none"]
+        cells = [f"{model_name}, {optimizer_name}", f"{none['peak']:.0f} (+{none['peak'] - none['start']:.0f})"]
+        for v in VARIANTS[1:]:
+            r = by_variant.get(v)
+            if r is None or "skip" in r:
+                cells.append("-" if r is None else "skipped")
+            else:
+                cells.append(f"{r['peak'] / none['peak']:.3f} (+{r['peak'] - r['start']:.0f})")
+        rows.append(cells)
+    return render(headers, rows, markdown)
+
+
+def scaling_table(rows: list[tuple[int, float, float]], markdown: bool) -> str:
+    headers = ["parameters", "L1 prox_ ms", "_foreach_mul_ ms", "prox / foreach_mul"]
+    body = [[f"{n / 1e6:g}M", f"{1e3 * p:.2f}", f"{1e3 * m:.2f}", f"{p / m:.3f}"] for n, p, m in rows]
+    return render(headers, body, markdown)
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny models, few rounds: a smoke test of seconds")
+    parser.add_argument("--device", default="cpu", help='"cpu" (default) or "cuda"')
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="MODEL", help=f"subset of {MODELS}")
+    parser.add_argument("--rounds", type=int, help="round-robin rounds per (model, optimizer) (default 20; 2 with --tiny)")
+    parser.add_argument("--steps-per-round", type=int, help="timed steps per variant per round (default 5; 1 with --tiny)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per variant first (default 5; 1 with --tiny)")
+    parser.add_argument("--memory-steps", type=int, help="steps per memory process (default 5; 2 with --tiny)")
+    parser.add_argument("--no-steps", action="store_true", help="skip the step-time measurement")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the prox-pass scaling row")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    tiny = {"rounds": 2, "steps_per_round": 1, "warmup": 1, "memory_steps": 2}
+    full = {"rounds": 20, "steps_per_round": 5, "warmup": 5, "memory_steps": 5}
+    for name, value in (tiny if args.tiny else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.memory_child:
+        memory_child(*json.loads(args.memory_child), args.memory_steps, args.tiny, args.device, args.threads)
+        return
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    h = "### " if args.markdown else ""
+    print(f"torch {torch.__version__}, paramreg {paramreg.__version__}, device {device}, threads {torch.get_num_threads()}")
+    print(f"settings: tiny={args.tiny} rounds={args.rounds} steps_per_round={args.steps_per_round} warmup={args.warmup} "
+          f"memory_steps={args.memory_steps}; foreach=False; strength {STRENGTH:g}; attach has step=: {HAS_STEP}")
+    notes: list[tuple[str, str, str]] = []  # (variant, why skipped, where)
+    steps = {}
+    for model_name in [] if args.no_steps else args.models:
+        for optimizer_name in OPTIMIZERS:
+            steps[model_name, optimizer_name] = measure_steps(model_name, optimizer_name, args, device, notes)
+            print(f"  measured {model_name}, {optimizer_name}", file=sys.stderr, flush=True)
+    if steps:
+        print(f"\n{h}Step time / unregularized step (median; lower is better)\n")
+        print(step_table(steps, args.markdown))
+    skipped: dict[tuple[str, str], list[str]] = {}
+    for variant, why, where in notes:
+        skipped.setdefault((variant, why), []).append(where)
+    for (variant, why), where in skipped.items():
+        print(f"\nnote: '{variant}' skipped ({'; '.join(where)}): {why}")
+    if not args.no_memory:
+        memory = {}
+        memory_models = args.models[:1] if args.tiny else args.models
+        for model_name in memory_models:
+            for optimizer_name in list(OPTIMIZERS)[: 1 if args.tiny else None]:
+                variants = ("none", "prox L1") if args.tiny else VARIANTS
+                memory[model_name, optimizer_name] = measure_memory(model_name, optimizer_name, variants, args)
+                print(f"  memory {model_name}, {optimizer_name}", file=sys.stderr, flush=True)
+        what = "Peak CUDA allocation" if device.type == "cuda" else "Peak RSS"
+        print(f"\n{h}{what} / unregularized peak, one process per variant ({args.memory_steps} steps; "
+              f"in brackets: MiB the peak grew during the steps)\n")
+        print(memory_table(memory, args.markdown))
+    if not args.no_scaling:
+        sizes = [10_000, 100_000] if args.tiny else [1_000_000, 10_000_000, 100_000_000]
+        rows = measure_scaling(sizes, chunk=1_000_000, rounds=3 if args.tiny else 15, device=device)
+        print(f"\n{h}One L1 prox pass against one torch._foreach_mul_ pass over the same 1M-element tensors\n")
+        print(scaling_table(rows, args.markdown))
+
+
+if __name__ == "__main__":
+    main()
