@@ -18,7 +18,7 @@ The methods, all on the same small CNN, data split, batch order and training bud
 
 Sparsity is the fraction of exact zeros over the four weight tensors (biases excluded). The
 strengths of the paramreg methods are found per method on seed 0 (a coarse search by factors of 4
-for the strength where sparsity starts, then factors of √2, or 2 where sparsity grows slowly,
+for the strength where sparsity starts, then factors of 4 to 2^(1/4), finer as sparsity grows,
 until at least 96% sparsity), then every strength runs with all seeds; the manual recipe uses the range of strengths of paramreg-l1-sgd (same
 penalty a·Σ|w|, same optimizer), extended a decade down (see manual_strengths).
 For each method and sparsity level, the configuration whose mean
@@ -232,9 +232,20 @@ def run_pruning(dense, target, data, seed, finetune_epochs, dense_steps):
 
 # --- the sweep -----------------------------------------------------------------------------------
 
+def _grid_factor(sparsity, gain):
+    """The next strength's factor: large steps while sparsity moves slowly at the low end (Adam's
+    metric spreads it over decades of strength), fine steps at the high end, where a factor of 2
+    can take a network from 91% to 100% sparse."""
+    if sparsity < 0.5 and gain < 0.02:
+        return 4.0
+    if sparsity < 0.6 and gain < 0.05:
+        return 2.0
+    return math.sqrt(2) if sparsity < 0.85 else 2 ** 0.25
+
+
 def search_strengths(method, data, epochs, max_runs, bar, keep):
-    """Seed-0 runs that bracket where sparsity starts (factors of 4), then factors of √2 (2 where sparsity
-    grew by less than 5 points) up to HIGH."""
+    """Seed-0 runs that bracket where sparsity starts (factors of 4), then the factors of _grid_factor
+    up to HIGH."""
     done = {}
 
     def run(a):
@@ -257,7 +268,7 @@ def search_strengths(method, data, epochs, max_runs, bar, keep):
     grid = [a]
     while len(grid) < max_runs and run(grid[-1])["sparsity"] < HIGH and run(grid[-1])["val_accuracy"] > 0.3:
         gain = run(grid[-1])["sparsity"] - run(grid[-2])["sparsity"] if len(grid) > 1 else 1.0
-        grid.append(grid[-1] * (math.sqrt(2) if gain >= 0.05 else 2.0))  # larger steps where sparsity moves slowly
+        grid.append(grid[-1] * _grid_factor(run(grid[-1])["sparsity"], gain))
     run(grid[-1])
     return grid, [done[g] for g in grid]
 
@@ -530,7 +541,7 @@ def main(argv=None):
     if args.quick:
         seeds, epochs, finetune, max_strengths = [0], 1, 1, 3
     else:
-        seeds, epochs, finetune, max_strengths = list(range(args.seeds)), args.epochs, args.epochs // 2, 12
+        seeds, epochs, finetune, max_strengths = list(range(args.seeds)), args.epochs, args.epochs // 2, 18
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows, seed0_models = sweep(load_data(), seeds=seeds, epochs=epochs, finetune_epochs=finetune, max_strengths=max_strengths)

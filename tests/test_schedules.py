@@ -46,7 +46,7 @@ def test_schedule_argument_scales_every_strength_of_any_regularizer():
 def test_a_schedule_in_penalty_mode_counts_optimizer_steps():
     model = mlp()
     paramreg.attach(model, "0.weight", l2=lambda k: 0.1 * k, mode="penalty")
-    assert float(paramreg.penalty(model)) == 0.0
+    assert float(paramreg.penalty(model).detach()) == 0.0
     _train(model, torch.optim.SGD(model.parameters(), lr=0.1), 3)
     w = model[0].weight.detach()
     torch.testing.assert_close(paramreg.penalty(model).detach(), 0.5 * 0.3 * w.pow(2).sum())
