@@ -236,10 +236,8 @@ def _grid_factor(sparsity, gain):
     """The next strength's factor: large steps while sparsity moves slowly at the low end (Adam's
     metric spreads it over decades of strength), fine steps at the high end, where a factor of 2
     can take a network from 91% to 100% sparse."""
-    if sparsity < 0.5 and gain < 0.02:
-        return 4.0
     if sparsity < 0.6 and gain < 0.05:
-        return 2.0
+        return 4.0
     return math.sqrt(2) if sparsity < 0.85 else 2 ** 0.25
 
 
@@ -541,7 +539,7 @@ def main(argv=None):
     if args.quick:
         seeds, epochs, finetune, max_strengths = [0], 1, 1, 3
     else:
-        seeds, epochs, finetune, max_strengths = list(range(args.seeds)), args.epochs, args.epochs // 2, 18
+        seeds, epochs, finetune, max_strengths = list(range(args.seeds)), args.epochs, args.epochs // 2, 22
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows, seed0_models = sweep(load_data(), seeds=seeds, epochs=epochs, finetune_epochs=finetune, max_strengths=max_strengths)
