@@ -102,7 +102,11 @@ def conv_channels(model) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke test")
-    parser.add_argument("--strength", type=float, default=0.06, help="group lasso strength a of attach_channels")
+    parser.add_argument("--strength", type=float, default=0.6, help="group lasso strength a of attach_channels")
+    parser.add_argument(
+        "--step", default="lr", choices=("auto", "lr"),
+        help="the prox step policy (default lr: OneCycleLR cycles the momentum, docs/making-models-smaller.md)",
+    )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--size", type=int, default=16, help="digits are upsampled from 8x8 to size x size")
@@ -118,7 +122,7 @@ def main() -> None:
     regularized = copy.deepcopy(dense)
     started = time.perf_counter()
     train(dense, train_set, epochs, lr, label="dense")
-    paramreg.attach_channels(regularized, "*conv*.weight", args.strength, train_set[0][:2])
+    paramreg.attach_channels(regularized, "*conv*.weight", args.strength, train_set[0][:2], step=args.step)
     train(regularized, train_set, epochs, lr, label="regularized")
     trained = time.perf_counter() - started
     paramreg.remove(regularized)
@@ -133,7 +137,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         comparisons[threads] = paramreg.compare(regularized, small, test_set[0][:1], batch_sizes=sizes, repeats=repeats)
 
-    print(f"digits {size}x{size}, Net(width={width}), {epochs} epochs, strength {args.strength}, "
+    print(f"digits {size}x{size}, Net(width={width}), {epochs} epochs, strength {args.strength}, step {args.step}, "
           f"trained with {args.threads} threads, torch {torch.__version__}, training took {trained:.0f} s")
     print(f"max abs difference shrunk vs regularized on the test set: {diff:.2e}; "
           f"test accuracy regularized {acc_reg:.2%} before shrink, {acc_small:.2%} after")

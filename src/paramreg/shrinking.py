@@ -238,7 +238,7 @@ class _Graph:
         return self.model.get_submodule(name)
 
 
-def attach_channels(model: nn.Module, targets, strength: float, example_inputs, *, exclude=None) -> list[str]:
+def attach_channels(model: nn.Module, targets, strength: float, example_inputs, *, exclude=None, step="auto") -> list[str]:
     r"""Group lasso over whole output channels, each group spanning every tensor coupled to it.
 
     For each conv or linear weight that ``targets`` selects (the same selection rule as
@@ -253,6 +253,9 @@ def attach_channels(model: nn.Module, targets, strength: float, example_inputs, 
     producer together and :func:`paramreg.shrink` can delete it. The input columns of the next
     layers are not in the group: once the producers are zero they read zeros, and ``shrink``
     deletes them as well.
+
+    ``step`` is the step policy of :func:`paramreg.attach` (``"auto"``: with SGD and momentum β,
+    t = lr/(1 − β); ``"lr"``: t = lr).
 
     Returns the canonical names attached (the selected weights and everything coupled to them).
     All members of a group must sit in one optimizer parameter group. Raises
@@ -311,7 +314,7 @@ def attach_channels(model: nn.Module, targets, strength: float, example_inputs, 
     done: list[str] = []
     try:
         for names, reg in plans:
-            done += attach(model, names, reg)
+            done += attach(model, names, reg, step=step)
     except BaseException:
         if done:
             remove(model, done)
