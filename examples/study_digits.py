@@ -48,11 +48,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch import nn
 from torch.nn.utils import prune
 from tqdm import tqdm
 
 import paramreg
+from quickstart import SmallCNN  # the demo's CNN (examples/ is on the path when run as a script)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "study"
@@ -79,20 +79,6 @@ METHODS = {
 START = {"paramreg-l1-sgd": 2e-4, "paramreg-l1-adam": 1e-2, "paramreg-group-lasso": 2e-4}
 FIELDS = ["method", "strength", "quantile", "threshold", "sparsity", "accuracy", "val_accuracy", "seed", "optimizer", "steps",
           *(f"sparsity:{n}" for n in WEIGHTS)]
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * 4 * 4, 64)
-        self.fc2 = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # 8x8 -> 4x4
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
 def load_data():

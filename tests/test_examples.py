@@ -23,6 +23,9 @@ def test_quickstart_demo():
 
 
 def _study():
+    # as `python examples/study_digits.py` does, put examples/ on the path: it imports the quickstart's CNN
+    if str(ROOT / "examples") not in sys.path:
+        sys.path.insert(0, str(ROOT / "examples"))
     spec = importlib.util.spec_from_file_location("study_digits", ROOT / "examples" / "study_digits.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
