@@ -237,9 +237,9 @@ def test_prox_diag_minimizes_the_metric_objective(reg):
             assert best <= _metric_objective(reg, other, w, t) + 1e-12
     # with one step size for every coordinate it is the ordinary proximal map
     torch.testing.assert_close(reg.prox_diag(w, torch.full_like(w, 0.3)), reg.prox(w, 0.3), rtol=1e-10, atol=1e-12)
-    # the in-place multi-tensor form equals the pure one
+    # the in-place multi-tensor form (given the inverse steps 1/t) equals the pure one
     inplace = [w.clone(), w[1].clone()]
-    reg.prox_diag_(inplace, [t.clone(), t[1].clone()])
+    reg.prox_diag_(inplace, [1 / t, 1 / t[1]])
     torch.testing.assert_close(inplace[0], z, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(inplace[1], reg.prox_diag(w[1], t[1]), rtol=1e-12, atol=1e-14)
 

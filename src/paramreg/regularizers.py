@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 import dataclasses
+import functools
 import numbers
 from dataclasses import dataclass
 
@@ -78,16 +79,37 @@ def _diag_(fn, tensors: Sequence[Tensor], steps: Sequence[Tensor]) -> None:
         w.copy_(accurate[0])
 
 
-def _soft_threshold_diag_(tensors: list[Tensor], thresholds: list[Tensor]) -> None:
-    """In place: w ← w − clamp(w, −θ, θ) with a threshold per coordinate, ``thresholds`` (consumed).
+def _elementwise(self, ndim: int) -> str:
+    return "elements"
 
-    Entries with abs(w) <= θ become w − w = 0 exactly. One temporary per tensor; every step is a
-    multi-tensor (``torch._foreach_*``) op.
+
+def _soft_threshold_metric_(tensors: list[Tensor], inverse_steps: list[Tensor], strength: float) -> None:
+    """In place: the L1 prox in the metric diag(u), u = ``inverse_steps`` = 1/t (finite, > 0)::
+
+        w ← sign(w)·max(abs(w) − a/u, 0) = softshrink(u·w, a) / u
+
+    The right-hand form takes three passes (a product, a scalar soft-threshold, a quotient) where
+    w − clamp(w, −t·a, t·a) takes six; entries with u·abs(w) <= a become exact zeros.
     """
-    clipped = torch._foreach_clamp_max(tensors, thresholds)
-    torch._foreach_neg_(thresholds)
-    torch._foreach_clamp_min_(clipped, thresholds)
-    torch._foreach_sub_(tensors, clipped)
+    torch._foreach_mul_(tensors, inverse_steps)
+    _soft_threshold_(tensors, strength)
+    torch._foreach_div_(tensors, inverse_steps)
+
+
+def _shrink_metric_(tensors: list[Tensor], inverse_steps: list[Tensor], strength: float) -> None:
+    """In place: the L2 prox in the metric diag(u): w ← w/(1 + b/u) = u·w/(u + b)."""
+    torch._foreach_mul_(tensors, inverse_steps)
+    torch._foreach_add_(inverse_steps, strength)
+    torch._foreach_div_(tensors, inverse_steps)
+
+
+def _elastic_net_metric_(tensors: list[Tensor], inverse_steps: list[Tensor], l1: float, l2: float) -> None:
+    """In place: the elastic-net prox in the metric diag(u): w ← softshrink(u·w, a)/(u + b)."""
+    torch._foreach_mul_(tensors, inverse_steps)
+    _soft_threshold_(tensors, l1)
+    if l2 != 0.0:
+        torch._foreach_add_(inverse_steps, l2)
+    torch._foreach_div_(tensors, inverse_steps)
 
 
 def _soft_threshold_(tensors: Sequence[Tensor], threshold: float) -> None:
@@ -222,6 +244,12 @@ class Regularizer:
         """Why a tensor of this shape cannot take this regularizer, or None."""
         return None
 
+    def split(self, ndim: int) -> str | None:
+        """How the adaptive prox may cut a tensor with ``ndim`` dims into blocks mapped one by one
+        (on the CPU, to keep its passes in cache): ``"elements"`` (the map acts on each coordinate
+        alone: any flat slices), ``"rows"`` (slices along dim 0 hold whole groups), or None."""
+        return None
+
     def to_dict(self) -> dict:
         """A JSON-able dict that :meth:`from_dict` turns back into an equal regularizer.
 
@@ -272,11 +300,12 @@ class Regularizer:
         shape, as a new tensor of w's shape and dtype (for regularizers with ``adaptive = True``)."""
         raise NotImplementedError(f"{type(self).__name__} has no diagonal-metric proximal map")
 
-    def prox_diag_(self, tensors: Sequence[Tensor], steps: list[Tensor]) -> None:
-        """Apply :meth:`prox_diag` in place to every tensor; ``steps`` are scratch tensors the
-        call may overwrite (float32 for half-precision weights)."""
-        for w, t in zip(tensors, steps, strict=True):
-            w.copy_(self.prox_diag(w, t))
+    def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
+        """Apply :meth:`prox_diag` in place to every tensor, with steps t = 1/``inverse_steps``
+        (finite and > 0; scratch tensors the call may overwrite; float32 for half-precision
+        weights)."""
+        for w, u in zip(tensors, inverse_steps, strict=True):
+            w.copy_(self.prox_diag(w, u.reciprocal_()))
 
     def scaled(self, c: float) -> "Regularizer":
         """This regularizer with each of its :attr:`strengths` multiplied by ``c``.
@@ -316,6 +345,7 @@ class L1(Regularizer):
     strength: float
     strengths = ("strength",)
     adaptive = True
+    split = _elementwise
 
     def __post_init__(self):
         object.__setattr__(self, "strength", _strength("L1 strength", self.strength))
@@ -334,11 +364,9 @@ class L1(Regularizer):
         threshold = t * self.strength
         return (x - torch.clamp(x, -threshold, threshold)).to(w.dtype)
 
-    def prox_diag_(self, tensors: Sequence[Tensor], steps: list[Tensor]) -> None:
-        if self.strength == 0.0:
-            return
-        torch._foreach_mul_(steps, self.strength)
-        _diag_(_soft_threshold_diag_, tensors, steps)
+    def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
+        if self.strength != 0.0:
+            _diag_(functools.partial(_soft_threshold_metric_, strength=self.strength), tensors, inverse_steps)
 
 
 @register("l2")
@@ -365,6 +393,7 @@ class L2(Regularizer):
     strength: float
     strengths = ("strength",)
     adaptive = True
+    split = _elementwise
 
     def __post_init__(self):
         object.__setattr__(self, "strength", _strength("L2 strength", self.strength))
@@ -382,12 +411,9 @@ class L2(Regularizer):
     def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
         return (w.to(torch.promote_types(w.dtype, t.dtype)) / (1.0 + t * self.strength)).to(w.dtype)
 
-    def prox_diag_(self, tensors: Sequence[Tensor], steps: list[Tensor]) -> None:
-        if self.strength == 0.0:
-            return
-        torch._foreach_mul_(steps, self.strength)
-        torch._foreach_add_(steps, 1.0)
-        _diag_(torch._foreach_div_, tensors, steps)
+    def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
+        if self.strength != 0.0:
+            _diag_(functools.partial(_shrink_metric_, strength=self.strength), tensors, inverse_steps)
 
 
 @register("elastic_net")
@@ -413,6 +439,7 @@ class ElasticNet(Regularizer):
     l2: float
     strengths = ("l1", "l2")
     adaptive = True
+    split = _elementwise
 
     def __post_init__(self):
         object.__setattr__(self, "l1", _strength("ElasticNet l1", self.l1))
@@ -433,9 +460,5 @@ class ElasticNet(Regularizer):
     def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
         return L2(self.l2).prox_diag(L1(self.l1).prox_diag(w, t), t)
 
-    def prox_diag_(self, tensors: Sequence[Tensor], steps: list[Tensor]) -> None:
-        shrink = torch._foreach_mul(steps, self.l2)  # 1 + t·b, before the L1 map consumes steps
-        torch._foreach_add_(shrink, 1.0)
-        L1(self.l1).prox_diag_(tensors, steps)
-        if self.l2 != 0.0:
-            _diag_(torch._foreach_div_, tensors, shrink)
+    def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
+        _diag_(functools.partial(_elastic_net_metric_, l1=self.l1, l2=self.l2), tensors, inverse_steps)

@@ -39,18 +39,18 @@ from torch import Tensor
 
 from .errors import ParamregError
 
-__all__ = ["POLICIES", "KNOWN", "metric", "steps", "sgd_factor"]
+__all__ = ["POLICIES", "KNOWN", "metric", "inverse_steps", "sgd_factor"]
 
 POLICIES = ("auto", "lr", "adaptive")
 
 
-def _moments(optimizer, group, params, key):
-    """The state tensors ``key`` of ``params`` and their step counts, as float32 for half precision."""
-    states = [optimizer.state[p] for p in params]
+def _moments(name: str, states: list[dict], key: str):
+    """The state tensors ``key`` of the parameters whose optimizer ``states`` are given, and their
+    step counts; half-precision state as float32."""
     missing = [i for i, s in enumerate(states) if key not in s]
     if missing:
         raise ParamregError(
-            f"{type(optimizer).__name__} has no {key!r} state for a parameter it just stepped; "
+            f"{name} has no {key!r} state for a parameter it just stepped; "
             f"paramreg cannot take step='adaptive' from it: attach with step='lr'"
         )
     tensors = [s[key] if s[key].dtype in (torch.float32, torch.float64) else s[key].float() for s in states]
@@ -58,18 +58,23 @@ def _moments(optimizer, group, params, key):
     return tensors, counts
 
 
-def _adam(optimizer, group, params):
-    beta2, eps = group["betas"][1], group["eps"]
-    v, counts = _moments(optimizer, group, params, "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
-    steps = torch._foreach_sqrt(v)
-    torch._foreach_mul_(steps, [1.0 / math.sqrt(1.0 - beta2**k) for k in counts])
-    torch._foreach_add_(steps, eps)
-    return steps
+# Each function below returns the inverse steps 1/t_i = d_i/lr as new tensors (the denominators d_i
+# of Note [Step policies] with 1/lr folded into their scalar factors: no extra pass), or None
+# where the step is t = lr for every coordinate.
 
 
-def _radam(optimizer, group, params):
+def _adam(name, group, states, lr):
     beta2, eps = group["betas"][1], group["eps"]
-    v, counts = _moments(optimizer, group, params, "exp_avg_sq")
+    v, counts = _moments(name, states, "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
+    inverse = torch._foreach_sqrt(v)
+    torch._foreach_mul_(inverse, [1.0 / (lr * math.sqrt(1.0 - beta2**k)) for k in counts])
+    torch._foreach_add_(inverse, eps / lr)
+    return inverse
+
+
+def _radam(name, group, states, lr):
+    beta2, eps = group["betas"][1], group["eps"]
+    v, counts = _moments(name, states, "exp_avg_sq")
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
     scales = []
     for k in counts:
@@ -77,37 +82,36 @@ def _radam(optimizer, group, params):
         if rho <= 5.0:
             return None  # an unrectified step is plain momentum SGD: t = lr
         rect = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
-        scales.append((rect, math.sqrt(1.0 - beta2**k)))
-    steps = torch._foreach_sqrt(v)
-    torch._foreach_add_(steps, eps)
-    torch._foreach_div_(steps, [bc * rect for rect, bc in scales])
-    return steps
+        scales.append(lr * rect * math.sqrt(1.0 - beta2**k))
+    inverse = torch._foreach_sqrt(v)
+    torch._foreach_add_(inverse, eps)
+    torch._foreach_div_(inverse, scales)
+    return inverse
 
 
-def _adamax(optimizer, group, params):
-    u, _ = _moments(optimizer, group, params, "exp_inf")
-    return [x.clone() for x in u]
+def _adamax(name, group, states, lr):
+    u, _ = _moments(name, states, "exp_inf")
+    return torch._foreach_div(u, lr)
 
 
-def _rmsprop(optimizer, group, params):
-    v, _ = _moments(optimizer, group, params, "square_avg")
+def _rmsprop(name, group, states, lr):
+    v, _ = _moments(name, states, "square_avg")
     if group.get("centered"):
-        m, _ = _moments(optimizer, group, params, "grad_avg")
+        m, _ = _moments(name, states, "grad_avg")
         v = [a.addcmul(b, b, value=-1) for a, b in zip(v, m, strict=True)]
-    steps = torch._foreach_sqrt(v)
-    torch._foreach_add_(steps, group["eps"])
-    if group.get("momentum", 0.0):
-        torch._foreach_mul_(steps, 1.0 - group["momentum"])
-    return steps
+    inverse = torch._foreach_sqrt(v)
+    torch._foreach_add_(inverse, group["eps"])
+    torch._foreach_mul_(inverse, (1.0 - group.get("momentum", 0.0)) / lr)
+    return inverse
 
 
-def _adagrad(optimizer, group, params):
-    sums, counts = _moments(optimizer, group, params, "sum")
-    steps = torch._foreach_sqrt(sums)
-    torch._foreach_add_(steps, group["eps"])
+def _adagrad(name, group, states, lr):
+    sums, counts = _moments(name, states, "sum")
+    inverse = torch._foreach_sqrt(sums)
+    torch._foreach_add_(inverse, group["eps"])
     decay = group.get("lr_decay", 0.0)
-    torch._foreach_mul_(steps, [1.0 + (k - 1.0) * decay for k in counts])
-    return steps
+    torch._foreach_mul_(inverse, [(1.0 + (k - 1.0) * decay) / lr for k in counts])
+    return inverse
 
 
 def sgd_factor(group: dict) -> float:
@@ -119,7 +123,7 @@ def sgd_factor(group: dict) -> float:
     return 1.0 + momentum * settled if group.get("nesterov") else settled
 
 
-# Optimizer class -> the function giving the denominators d_i of t_i = lr / d_i (None: t = lr).
+# Optimizer class -> the function giving its inverse steps 1/t_i (None: t = lr).
 _DIAGONAL = {
     torch.optim.Adam: _adam,
     torch.optim.AdamW: _adam,
@@ -151,15 +155,17 @@ def metric(optimizer) -> str | None:
     return None
 
 
-def steps(optimizer, group: dict, params: list[Tensor], lr: float) -> float | list[Tensor]:
-    """The adaptive step for ``params`` (just stepped by ``optimizer`` in ``group``), scaled so that
-    ``lr`` stands for the group's learning rate: a number (one step for every coordinate), or a
-    new tensor of steps t_i per parameter."""
-    if type(optimizer) in _SCALAR:
-        return lr * sgd_factor(group)
-    denominators = _DIAGONAL[type(optimizer)](optimizer, group, params)
-    if denominators is None:
-        return lr
-    torch._foreach_reciprocal_(denominators)
-    torch._foreach_mul_(denominators, lr)
-    return denominators
+def inverse_steps(optimizer, group: dict, states: list[dict], lr: float) -> list[Tensor] | None:
+    """The adaptive step of a diagonal-metric optimizer as inverse steps 1/t_i, one new tensor per
+    entry of ``states`` (the optimizer's state of parameters it just stepped in ``group``, or the
+    same slices of them), with ``lr`` standing for the group's learning rate; None where the step
+    is t = lr for every coordinate (RAdam before rectification).
+
+    1/t_i is the metric's weight: the prox minimizes Σ_i (1/t_i)(z_i − w_i)²/2 + R(z). It is
+    finite, and positive when the optimizer's eps is (a zero, possible with eps=0, is raised to
+    the smallest normal number: a step so large that the prox returns its minimizer, 0 for L1).
+    """
+    inverse = _DIAGONAL[type(optimizer)](type(optimizer).__name__, group, states, lr)
+    if inverse is not None and not group.get("eps", 1.0) > 0:
+        torch._foreach_clamp_min_(inverse, torch.finfo(inverse[0].dtype).tiny)
+    return inverse

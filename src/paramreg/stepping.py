@@ -187,12 +187,73 @@ def _apply(bucket: _Bucket, tensors: list[Tensor], t: float, optimizer, group) -
     if bucket.policy == "scalar":
         t *= step_sizes.sgd_factor(group)
     elif bucket.policy == "adaptive":
-        steps = step_sizes.steps(optimizer, group, tensors, t)
-        if not isinstance(steps, float):
-            bucket.regularizer.prox_diag_(tensors, steps)
-            return
-        t = steps
+        regularizer = bucket.regularizer
+        states = [optimizer.state[p] for p in tensors]
+        for block, block_states in _blocks(tensors, states, regularizer):
+            inverse = step_sizes.inverse_steps(optimizer, group, block_states, t)
+            if inverse is None:
+                regularizer.prox_(block, t)
+            else:
+                regularizer.prox_diag_(block, inverse)
+        return
     bucket.regularizer.prox_(tensors, t)
+
+
+# Elements per block of the adaptive prox on the CPU: its scratch tensors (the inverse steps) and
+# the slices it reads stay in the cores' L2 caches between its passes (Note [Blocks]).
+BLOCK = 1 << 17
+
+
+def _blocks(tensors: list[Tensor], states: list[dict], regularizer):
+    """(tensors, optimizer states) in blocks of about ``BLOCK`` elements.
+
+    Note [Blocks]
+        The adaptive prox takes several elementwise passes (the optimizer's steps from its state,
+        then the map; the group lasso's Newton iterations take many). On an accelerator each pass
+        is one multi-tensor kernel over everything. On the CPU a pass over a tensor larger than
+        the caches goes to memory, so several passes cost several memory round trips; in blocks
+        of ``BLOCK`` elements only the first read and the last write do (measured: 2.1x faster
+        for the L1 map over an MLP's 1.8M weights). A map may cut a tensor where it says
+        (``Regularizer.split``): an elementwise map into flat slices, a group map whose groups lie
+        within rows into slices of rows, each with the same slices of the optimizer's state.
+        Small tensors are gathered until a block is full. Anything else (an accelerator, a
+        tensor subclass such as DTensor, a non-contiguous tensor or state) is one block.
+    """
+    if tensors[0].device.type != "cpu":
+        yield tensors, states
+        return
+    small: list[Tensor] = []
+    small_states: list[dict] = []
+    filled = 0
+    for p, state in zip(tensors, states, strict=True):
+        n = p.numel()
+        split = regularizer.split(p.dim()) if n > BLOCK and _sliceable(p, state) else None
+        if split is None:
+            small.append(p)
+            small_states.append(state)
+            filled += n
+            if filled >= BLOCK:
+                yield small, small_states
+                small, small_states, filled = [], [], 0
+            continue
+        if split == "elements":
+            p, state = p.view(-1), {k: v.view(-1) if _alike(v, p) else v for k, v in state.items()}
+        step = max(1, BLOCK * p.shape[0] // n)  # elements: BLOCK; rows: as many rows as fit
+        for start in range(0, p.shape[0], step):
+            end = start + step
+            yield [p[start:end]], [{k: v[start:end] if _alike(v, p) else v for k, v in state.items()}]
+    if small:
+        yield small, small_states
+
+
+def _alike(value, p: Tensor) -> bool:
+    return isinstance(value, Tensor) and value.shape == p.shape
+
+
+def _sliceable(p: Tensor, state: dict) -> bool:
+    """A plain contiguous tensor whose same-shaped state tensors are plain and contiguous."""
+    tensors = [p, *(v for v in state.values() if _alike(v, p))]
+    return all(type(x) in (Tensor, nn.Parameter) and x.is_contiguous() for x in tensors)
 
 
 def prox_step(model: nn.Module, lr: float) -> None:

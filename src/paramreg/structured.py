@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .errors import ParamregError
-from .groups import NAMED, check_groups, group_norms, group_size, reduced_dims
+from .groups import NAMED, check_groups, group_norms, group_size, kept_dims, reduced_dims
 from .regularizers import L1, Regularizer, _soft_threshold_, _strength, register
 
 __all__ = ["GroupLasso", "SparseGroupLasso", "NuclearNorm"]
@@ -138,6 +138,9 @@ class GroupLasso(Regularizer):
     def check(self, shape):
         return check_groups(self.groups, shape)
 
+    def split(self, ndim):
+        return "rows" if 0 in kept_dims(self.groups, ndim) else None
+
     def _c(self, w: Tensor) -> float:
         return math.sqrt(group_size(self.groups, tuple(w.shape))) if self.weighted else 1.0
 
@@ -199,6 +202,9 @@ class SparseGroupLasso(Regularizer):
 
     def check(self, shape):
         return check_groups(self.groups, shape)
+
+    def split(self, ndim):
+        return "rows" if 0 in kept_dims(self.groups, ndim) else None
 
     def penalty(self, w: Tensor) -> Tensor:
         return self.l1 * w.abs().sum() + self._group_lasso().penalty(w)
