@@ -261,8 +261,9 @@ def manual_strengths(l1_grid):
     """Strengths for the manual recipe: factors of 2 from a decade below the L1 grid to its top.
 
     The penalty a·Σ|w| in the loss and paramreg's L1(a) have the same fixed points (under
-    momentum β paramreg takes the prox with SGD's settled step lr/(1 − β)); the manual recipe
-    also gets the decade below, so that its best setting is not cut off by the grid.
+    momentum β paramreg takes the prox with SGD's step lr·c_k, c_k the fill of the momentum
+    buffer, which settles at 1/(1 − β)); the manual recipe also gets the decade below, so that
+    its best setting is not cut off by the grid.
     """
     lo, hi = 0.1 * min(l1_grid), max(l1_grid)
     out = [lo]

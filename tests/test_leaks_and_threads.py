@@ -1,4 +1,4 @@
-"""paramreg keeps nothing alive, adds one global hook, and is safe with optimizers in two threads."""
+"""paramreg keeps nothing alive, adds one global post-step hook (and one pre-step hook), and is safe with optimizers in two threads."""
 
 import gc
 import threading
@@ -37,6 +37,7 @@ def test_attaching_to_and_dropping_a_thousand_models_leaks_nothing():
     gc.collect()
     # counted relative to the start: other tests' objects may still be alive in this process
     hooks, live, plans = len(torch_optimizer._global_optimizer_post_hooks), len(carrier.live_carriers()), len(stepping._plans)
+    pre_hooks, fills = len(torch_optimizer._global_optimizer_pre_hooks), len(stepping._fills)
     start = rss_bytes()
     refs = [one_run(seed) for seed in range(1000)]
     gc.collect()
@@ -44,6 +45,8 @@ def test_attaching_to_and_dropping_a_thousand_models_leaks_nothing():
     assert len(carrier.live_carriers()) == live
     assert len(stepping._plans) == plans
     assert len(torch_optimizer._global_optimizer_post_hooks) == hooks
+    assert len(torch_optimizer._global_optimizer_pre_hooks) == pre_hooks
+    assert len(stepping._fills) == fills  # the momentum fills of the SGD optimizers went with them
     assert rss_bytes() - start < 50 * 2**20  # flat: well under the ~0.7 GB that 1000 kept models would take
 
 

@@ -1,5 +1,6 @@
 """Step policies: the prox in the optimizer's own metric ("adaptive") and the group's lr ("lr")."""
 
+import copy
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import paramreg
+from paramreg import stepping
 from paramreg.step_sizes import metric
 
 from conftest import mlp, mlp_batch
@@ -81,7 +83,7 @@ def _adam_denominator(opt, group, state):
     return (v / (1 - group["betas"][1] ** float(state["step"]))).sqrt() + group["eps"]
 
 
-def _radam_step(opt, group, state):
+def _radam_step(opt, group, state, _k):
     beta2, k = group["betas"][1], float(state["step"])
     rho_inf = 2 / (1 - beta2) - 1
     rho = rho_inf - 2 * k * beta2**k / (1 - beta2**k)
@@ -95,36 +97,48 @@ def _rmsprop_denominator(opt, group, state):
     v = state["square_avg"]
     if group["centered"]:
         v = v - state["grad_avg"] ** 2
-    return (v.sqrt() + group["eps"]) * (1 - group["momentum"])  # its momentum buffer settles at g/(1 − μ)
+    mu, k = group["momentum"], float(state["step"])
+    fill = (1 - mu**k) / (1 - mu) if mu else 1.0  # its buffer, from zero: Σ_{j<k} μʲ times a constant g/avg
+    return (v.sqrt() + group["eps"]) / fill
 
 
-def _adagrad_step(opt, group, state):
+def _adagrad_step(opt, group, state, _k):
     lr = group["lr"] / (1 + (float(state["step"]) - 1) * group["lr_decay"])
     return lr / (state["sum"].sqrt() + group["eps"])
 
 
-# optimizer -> (factory, the per-coordinate step t_i written out from its state)
+def _sgd_fill(k, momentum, dampening=0.0):
+    """SGD's buffer after k steps of a constant gradient g is c_k·g: g on the first step, then
+    μ·buf + (1 − d)·g, in closed form s + μ^(k−1)·(1 − s) with s = (1 − d)/(1 − μ)."""
+    settled = (1 - dampening) / (1 - momentum)
+    return settled + momentum ** (k - 1) * (1 - settled)
+
+
+# optimizer -> (factory, the per-coordinate step t_i after the k-th step, written out from its state)
 WRITTEN_OUT = {
-    "Adam": (lambda p: torch.optim.Adam(p, lr=0.01), lambda o, g, s: g["lr"] / _adam_denominator(o, g, s)),
-    "Adam-amsgrad": (lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True), lambda o, g, s: g["lr"] / _adam_denominator(o, g, s)),
-    "AdamW": (lambda p: torch.optim.AdamW(p, lr=0.01), lambda o, g, s: g["lr"] / _adam_denominator(o, g, s)),
-    "NAdam": (lambda p: torch.optim.NAdam(p, lr=0.01), lambda o, g, s: g["lr"] / _adam_denominator(o, g, s)),
+    "Adam": (lambda p: torch.optim.Adam(p, lr=0.01), lambda o, g, s, k: g["lr"] / _adam_denominator(o, g, s)),
+    "Adam-amsgrad": (
+        lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True),
+        lambda o, g, s, k: g["lr"] / _adam_denominator(o, g, s),
+    ),
+    "AdamW": (lambda p: torch.optim.AdamW(p, lr=0.01), lambda o, g, s, k: g["lr"] / _adam_denominator(o, g, s)),
+    "NAdam": (lambda p: torch.optim.NAdam(p, lr=0.01), lambda o, g, s, k: g["lr"] / _adam_denominator(o, g, s)),
     "RAdam": (lambda p: torch.optim.RAdam(p, lr=0.01), _radam_step),
-    "Adamax": (lambda p: torch.optim.Adamax(p, lr=0.01), lambda o, g, s: g["lr"] / s["exp_inf"]),
-    "RMSprop": (lambda p: torch.optim.RMSprop(p, lr=0.001), lambda o, g, s: g["lr"] / _rmsprop_denominator(o, g, s)),
+    "Adamax": (lambda p: torch.optim.Adamax(p, lr=0.01), lambda o, g, s, k: g["lr"] / s["exp_inf"]),
+    "RMSprop": (lambda p: torch.optim.RMSprop(p, lr=0.001), lambda o, g, s, k: g["lr"] / _rmsprop_denominator(o, g, s)),
     "RMSprop-centered-momentum": (
         lambda p: torch.optim.RMSprop(p, lr=0.001, centered=True, momentum=0.9),
-        lambda o, g, s: g["lr"] / _rmsprop_denominator(o, g, s),
+        lambda o, g, s, k: g["lr"] / _rmsprop_denominator(o, g, s),
     ),
     "Adagrad": (lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01), _adagrad_step),
-    "SGD": (lambda p: torch.optim.SGD(p, lr=0.1), lambda o, g, s: g["lr"]),
+    "SGD": (lambda p: torch.optim.SGD(p, lr=0.1), lambda o, g, s, k: g["lr"]),
     "SGD-momentum-dampening": (
         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5),
-        lambda o, g, s: g["lr"] * 0.5 / (1 - 0.9),
+        lambda o, g, s, k: g["lr"] * _sgd_fill(k, 0.9, 0.5),
     ),
     "SGD-nesterov": (
         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
-        lambda o, g, s: g["lr"] * (1 + 0.9 / (1 - 0.9)),
+        lambda o, g, s, k: g["lr"] * (1 + 0.9 * _sgd_fill(k, 0.9)),
     ),
 }
 
@@ -137,7 +151,7 @@ def test_adaptive_l1_thresholds_each_coordinate_with_the_step_the_optimizer_took
     model, reference = mlp(), mlp()
     paramreg.attach(model, "*.weight", l1=strength)  # default step policy
     opt, ref_opt = make_opt(model.parameters()), make_opt(reference.parameters())
-    for _ in range(8):  # RAdam rectifies from its 6th step: cover both of its regimes
+    for k in range(1, 9):  # RAdam rectifies from its 6th step: cover both of its regimes
         for m, o in ((model, opt), (reference, ref_opt)):
             o.zero_grad()
             F.cross_entropy(m(x), y).backward()
@@ -145,11 +159,155 @@ def test_adaptive_l1_thresholds_each_coordinate_with_the_step_the_optimizer_took
         group = ref_opt.param_groups[0]
         with torch.no_grad():
             for w in (reference[0].weight, reference[2].weight):
-                w.copy_(_soft(w, strength * step_of(ref_opt, group, ref_opt.state[w])))
+                w.copy_(_soft(w, strength * step_of(ref_opt, group, ref_opt.state[w], k)))
         for got, want in zip(model.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     zeros = int((model[0].weight == 0).sum())
     assert 0 < zeros < model[0].weight.numel()
+
+
+def _fill_probe(l1=1.0):
+    """A weight and a bias of 100s, L1 on the weight only: under a constant gradient of ones both
+    move by the same optimizer update, so the weight's extra move is the prox step t·a."""
+    model = nn.Linear(3, 1).double()
+    with torch.no_grad():
+        model.weight.fill_(100.0)
+        model.bias.fill_(100.0)
+    paramreg.attach(model, "weight", l1=l1)
+    return model
+
+
+def _prox_steps(model, opt, steps, sched=None, l1=1.0):
+    """Per step: the prox step t that paramreg took on the weight (from its extra move), and the
+    lr and momentum the optimizer stepped with."""
+    seen = []
+    for _ in range(steps):
+        group = opt.param_groups[0]
+        lr, momentum = group["lr"], group["momentum"]
+        w, b = model.weight.detach().clone(), model.bias.detach().clone()
+        model.weight.grad, model.bias.grad = torch.ones_like(w), torch.ones_like(b)
+        opt.step()
+        t = ((w - model.weight.detach()) - (b - model.bias.detach())) / l1
+        assert torch.allclose(t, t[0, 0])  # one step for every coordinate here
+        seen.append((float(t[0, 0]), lr, momentum))
+        if sched is not None:
+            sched.step()
+    return seen
+
+
+@pytest.mark.parametrize("dampening, nesterov", [(0.0, False), (0.5, False), (0.0, True)])
+def test_sgd_prox_step_is_lr_times_the_fill_of_the_momentum_buffer_at_each_step(dampening, nesterov):
+    """Constant momentum: t = lr·c_k with c_k in closed form, which is also what the buffer holds
+    for a constant gradient g = 1; it approaches the settled (1 − d)/(1 − μ) and the first step is lr."""
+    model = _fill_probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, dampening=dampening, nesterov=nesterov)
+    for k in range(1, 61):
+        ((t, lr, mu),) = _prox_steps(model, opt, 1)
+        fill = _sgd_fill(k, mu, dampening)
+        assert float(opt.state[model.weight]["momentum_buffer"][0, 0]) == pytest.approx(fill, rel=1e-12)
+        assert t == pytest.approx(lr * (1 + mu * fill if nesterov else fill), rel=1e-9), k
+    assert t == pytest.approx(lr * paramreg.step_sizes.sgd_factor(opt.param_groups[0]), rel=1e-2)  # settled by step 60
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_prox_step_follows_a_momentum_schedule_step_by_step(nesterov):
+    """OneCycleLR cycles μ between 0.85 and 0.95: the fill follows c_k = μ_k·c_{k−1} + 1 with the
+    μ_k of each step, as the buffer does, instead of jumping with the settled 1/(1 − μ_k)."""
+    model = _fill_probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=nesterov)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=40)
+    fill = 0.0
+    momenta = set()
+    for t, lr, mu in _prox_steps(model, opt, 40, sched):
+        fill = mu * fill + 1.0 if fill else 1.0
+        momenta.add(round(mu, 6))
+        assert t == pytest.approx(lr * (1 + mu * fill if nesterov else fill), rel=1e-9)
+    assert float(opt.state[model.weight]["momentum_buffer"][0, 0]) == pytest.approx(fill, rel=1e-12)
+    assert len(momenta) > 20 and min(momenta) < 0.86 and max(momenta) > 0.94
+
+
+def test_rmsprop_prox_step_follows_the_fill_of_its_momentum_buffer_under_a_schedule():
+    """RMSprop's buffer starts at zero: c_k = μ_k·c_{k−1} + 1, times its metric 1/(sqrt(v) + eps)."""
+    model = _fill_probe()
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.001, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.005, total_steps=30)
+    fill = 0.0
+    for k in range(30):
+        ((t, lr, mu),) = _prox_steps(model, opt, 1, sched)
+        fill = mu * fill + 1.0
+        metric = float(opt.state[model.weight]["square_avg"][0, 0].sqrt()) + opt.param_groups[0]["eps"]
+        assert t == pytest.approx(lr * fill / metric, rel=1e-9), k
+
+
+def test_the_fill_is_saved_in_the_optimizer_state_dict_and_resumed_exactly():
+    model = _fill_probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, dampening=0.3)
+    _prox_steps(model, opt, 5)
+    state = copy.deepcopy(opt.state_dict())
+    assert state["param_groups"][0]["paramreg_momentum_fill"] == pytest.approx(_sgd_fill(5, 0.9, 0.3), rel=1e-12)
+    resumed = _fill_probe()
+    resumed.load_state_dict(model.state_dict())
+    again = torch.optim.SGD(resumed.parameters(), lr=0.01, momentum=0.9, dampening=0.3)
+    again.load_state_dict(state)
+    (t, lr, _), (t_resumed, _, _) = _prox_steps(model, opt, 1)[0], _prox_steps(resumed, again, 1)[0]
+    assert t == t_resumed == pytest.approx(lr * _sgd_fill(6, 0.9, 0.3), rel=1e-9)
+    # loaded into the optimizer that took those steps (new group dicts): the same
+    opt.load_state_dict(state)
+    assert _prox_steps(model, opt, 1)[0][0] == pytest.approx(t, rel=1e-12)
+
+
+def test_a_group_first_seen_with_filled_buffers_starts_settled_for_sgd_and_from_its_step_count_for_rmsprop():
+    # a state saved with no record of the fill (here: stripped), or an attach mid-training
+    model = _fill_probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    _prox_steps(model, opt, 3)
+    state = copy.deepcopy(opt.state_dict())
+    del state["param_groups"][0]["paramreg_momentum_fill"]
+    fresh = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    fresh.load_state_dict(state)
+    assert _prox_steps(model, fresh, 1)[0][0] == pytest.approx(0.01 * 10, rel=1e-9)  # settled: 1/(1 − 0.9)
+
+    # attached mid-training, to an optimizer that stepped while no carrier was live in the process
+    plain = nn.Linear(3, 1).double()
+    late = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(3):
+        plain.weight.grad, plain.bias.grad = torch.ones_like(plain.weight), torch.ones_like(plain.bias)
+        late.step()
+    stepping._fills.pop(late, None)  # untracked (here other tests' carriers may be live)
+    with torch.no_grad():
+        plain.weight.fill_(100.0)
+        plain.bias.fill_(100.0)
+    paramreg.attach(plain, "weight", l1=1.0)
+    assert _prox_steps(plain, late, 1)[0][0] == pytest.approx(0.01 * 10, rel=1e-9)
+
+    # RMSprop counts its steps: a group first seen after 3 steps starts at c_3 = 1 + μ + μ²
+    model = _fill_probe()
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.001, momentum=0.9)
+    _prox_steps(model, opt, 3)
+    state = copy.deepcopy(opt.state_dict())
+    del state["param_groups"][0]["paramreg_momentum_fill"]
+    fresh = torch.optim.RMSprop(model.parameters(), lr=0.001, momentum=0.9)
+    fresh.load_state_dict(state)
+    ((t, lr, _),) = _prox_steps(model, fresh, 1)
+    metric = float(fresh.state[model.weight]["square_avg"][0, 0].sqrt()) + 1e-8
+    assert t == pytest.approx(lr * (1 + 0.9 + 0.9**2 + 0.9**3) / metric, rel=1e-9)
+
+
+def test_a_param_group_added_later_starts_its_own_fill():
+    model, other = _fill_probe(), _fill_probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    _prox_steps(model, opt, 4)
+    opt.add_param_group({"params": list(other.parameters())})
+    for k in (5, 6):
+        w, ow = model.weight.detach().clone(), other.weight.detach().clone()
+        b, ob = model.bias.detach().clone(), other.bias.detach().clone()
+        for p in (*model.parameters(), *other.parameters()):
+            p.grad = torch.ones_like(p)
+        opt.step()
+        t = float(((w - model.weight.detach()) - (b - model.bias.detach()))[0, 0])
+        t_other = float(((ow - other.weight.detach()) - (ob - other.bias.detach()))[0, 0])
+        assert t == pytest.approx(0.01 * _sgd_fill(k, 0.9), rel=1e-9)
+        assert t_other == pytest.approx(0.01 * _sgd_fill(k - 4, 0.9), rel=1e-9)
 
 
 def test_metric_of_each_optimizer():

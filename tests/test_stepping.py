@@ -25,13 +25,14 @@ def loss_of(model, x, y):
     return F.cross_entropy(model(x), y)
 
 
-def reference_run(model, make_opt, steps, x, y, make_sched=None, strength=STRENGTH, adaptive=False, factor=1.0):
+def reference_run(model, make_opt, steps, x, y, make_sched=None, strength=STRENGTH, adaptive=False, factor=lambda k: 1.0):
     """A plain model, the same optimizer, and the soft-threshold written out after each step:
-    threshold factor·lr·a, or with ``adaptive`` (Adam's metric) lr·a / (sqrt(v / (1 − β₂ᵏ)) + eps)."""
+    threshold factor(k)·lr·a at the k-th step, or with ``adaptive`` (Adam's metric)
+    lr·a / (sqrt(v / (1 − β₂ᵏ)) + eps)."""
     opt = make_opt(model.parameters())
     sched = make_sched(opt) if make_sched else None
     weights = [model[0].weight, model[2].weight]
-    for _ in range(steps):
+    for k in range(1, steps + 1):
         opt.zero_grad()
         loss_of(model, x, y).backward()
         opt.step()
@@ -39,7 +40,7 @@ def reference_run(model, make_opt, steps, x, y, make_sched=None, strength=STRENG
         lr = group["lr"]
         with torch.no_grad():
             for w in weights:
-                threshold = factor * lr * strength
+                threshold = factor(k) * lr * strength
                 if adaptive:
                     state = opt.state[w]
                     bias_correction = 1 - group["betas"][1] ** float(state["step"])
@@ -59,9 +60,11 @@ def test_prox_after_every_step_matches_the_written_out_reference(name, built, st
     strength = 0.005 / make_opt([torch.zeros(1, requires_grad=True)]).param_groups[0]["lr"]  # threshold 0.005 a step
     adaptive = name.startswith("Adam") and step == "auto"  # the default for Adam: its own metric
     strength = strength / 20 if adaptive else strength  # Adam's 1/sqrt(v) makes the thresholds larger
-    # the default for SGD with (nesterov) momentum 0.9: t = lr·(1 + 0.9/(1 − 0.9)), its settled step
-    factor = 10.0 if name == "SGD-momentum" and step == "auto" else 1.0
-    strength = strength / factor
+    # the default for SGD with nesterov momentum 0.9: t = lr·(1 + 0.9·c_k), c_k = (1 − 0.9ᵏ)/(1 − 0.9)
+    # the fill of its buffer after k steps, rising to the settled 1 + 0.9/(1 − 0.9) = 10
+    sgd_momentum = name == "SGD-momentum" and step == "auto"
+    factor = (lambda k: 1 + 0.9 * (1 - 0.9**k) / (1 - 0.9)) if sgd_momentum else (lambda k: 1.0)
+    strength = strength / 10 if sgd_momentum else strength
     expected = reference_run(mlp().to(device), make_opt, 12, x, y, strength=strength, adaptive=adaptive, factor=factor)
 
     model = mlp().to(device)

@@ -8,26 +8,50 @@ Note [Step policies]
     small second moment are shrunk relatively more), not the lasso.
 
     ``step="adaptive"``: the proximal map is taken in the optimizer's own metric, with a step
-    equal to the scaling the optimizer applies to the gradient at steady state (where a momentum
-    buffer has filled up), per coordinate for the adaptive ones:
+    equal to the scaling the optimizer applied to the gradient, per coordinate for the adaptive
+    ones:
 
-        SGD                    t = lr·(1 − dampening)/(1 − μ)   (nesterov: lr·(1 + μ(1 − dampening)/(1 − μ)))
+        SGD                    t = lr·c_k   (nesterov: lr·(1 + μ·c_k))
         Adam, AdamW, NAdam     t_i = lr / (sqrt(v̂_i) + eps),  v̂ = v / (1 − β₂ᵏ)  (max v with amsgrad)
         RAdam                  t_i = lr·ρ_k·sqrt(1 − β₂ᵏ) / (sqrt(v_i) + eps) when rectified, else lr
         Adamax                 t_i = lr / u_i,  u the exponentially weighted infinity norm
-        RMSprop                t_i = lr / ((1 − μ)·(sqrt(v_i − m_i²·[centered]) + eps))
+        RMSprop                t_i = lr·c_k / (sqrt(v_i − m_i²·[centered]) + eps)   (c_k = 1 without momentum)
         Adagrad                t_i = lr / (1 + (k − 1)·lr_decay) / (sqrt(Σ g²) + eps)
 
     A proximal gradient method in a fixed metric D has the fixed points of the plain one, so
     the optimizer followed by this prox targets the penalized problem itself: Adam + L1(a) the
     lasso with strength a (GROUND.md section 5; checked against scikit-learn's ``Lasso`` in the
-    tests), and so does SGD with momentum μ, whose buffer settles at g/(1 − μ): with t = lr it
-    would solve the lasso with strength (1 − μ)·a. Adam's first-moment average is normalized
-    (its bias correction tends to 1), so it adds no factor.
+    tests), and so does SGD with momentum. Adam's first-moment average is normalized (its bias
+    correction tends to 1), so it adds no factor.
 
     ``step="auto"`` (the default) is ``"adaptive"`` where it applies and ``"lr"`` elsewhere: an
     optimizer listed above, and for the per-coordinate metrics a regularizer with a
     diagonal-metric map (SGD's scalar step suits every regularizer).
+
+Note [Momentum fill]
+    c_k is how much the momentum buffer of SGD or RMSprop has multiplied a constant gradient
+    after k steps: the buffer's fill, tracked per optimizer and parameter group by the step hooks
+    (stepping.py) with the group's momentum μ_k read at each step, so a momentum schedule
+    (``OneCycleLR`` cycles μ) is followed step by step:
+
+        SGD      c_1 = 1,  c_k = μ_k·c_{k−1} + (1 − dampening)   (torch sets buf = g on the first step, undamped)
+        RMSprop  c_0 = 0,  c_k = μ_k·c_{k−1} + 1                 (its buffer starts at zero: buf = μ·buf + g/avg)
+
+    At constant μ it rises to the settled value the buffer approaches, (1 − dampening)/(1 − μ)
+    for SGD and 1/(1 − μ) for RMSprop (without dampening c_k = (1 − μᵏ)/(1 − μ), whose 1 − μᵏ is
+    what Adam's bias correction divides out of its first moment). There SGD + L1(a) solves the
+    lasso with strength a (tested against scikit-learn), where t = lr would solve it with
+    strength (1 − μ)·a. The first step scales by 1, as the optimizer's did, so the prox does not
+    run ahead of the buffer early in training or jump with a momentum schedule.
+
+    Approximations: c is kept per group, and a parameter with no gradient on a step keeps its
+    buffer unmoved while its group's c advances. A group first seen with momentum buffers
+    already in place (attached mid-training, or an optimizer state loaded from a checkpoint that
+    did not record c) starts at the settled value for SGD, and for RMSprop at the value its step
+    count gives at the current μ. A group's c goes into the optimizer's ``state_dict()`` under
+    ``FILL_KEY`` and is read back from the group after ``load_state_dict()``, so a resumed run
+    continues exactly (the live group dicts are not written during training: a value that
+    changed every step would make a compiled ``optimizer.step`` recompile).
 """
 
 from __future__ import annotations
@@ -39,7 +63,7 @@ from torch import Tensor
 
 from .errors import ParamregError
 
-__all__ = ["POLICIES", "KNOWN", "metric", "inverse_steps", "sgd_factor"]
+__all__ = ["POLICIES", "KNOWN", "FILLING", "FILL_KEY", "metric", "inverse_steps", "sgd_factor", "next_fill"]
 
 POLICIES = ("auto", "lr", "adaptive")
 
@@ -101,7 +125,7 @@ def _rmsprop(name, group, states, lr):
         v = [a.addcmul(b, b, value=-1) for a, b in zip(v, m, strict=True)]
     inverse = torch._foreach_sqrt(v)
     torch._foreach_add_(inverse, group["eps"])
-    torch._foreach_mul_(inverse, (1.0 - group.get("momentum", 0.0)) / lr)
+    torch._foreach_div_(inverse, lr)  # lr includes the momentum's fill (inverse_steps)
     return inverse
 
 
@@ -114,13 +138,50 @@ def _adagrad(name, group, states, lr):
     return inverse
 
 
-def sgd_factor(group: dict) -> float:
-    """t / lr for SGD: the steady-state scaling of the gradient by its momentum buffer."""
+def _settled(optimizer, group) -> float:
+    """The fill a momentum buffer approaches at constant momentum (Note [Momentum fill])."""
+    momentum = group["momentum"]
+    return (1.0 - group.get("dampening", 0.0) if type(optimizer) is torch.optim.SGD else 1.0) / (1.0 - momentum)
+
+
+def _first_fill(optimizer, group) -> float:
+    """The fill of ``group``'s momentum buffers before the step about to run, for a group the
+    hooks see for the first time: 0.0 where the buffers have not started."""
+    if FILL_KEY in group:  # recorded by a state_dict() and restored by load_state_dict()
+        return float(group[FILL_KEY])
+    momentum = group.get("momentum", 0.0)
+    if not momentum:
+        return 0.0
+    states = [optimizer.state.get(p) for p in group["params"]]
+    if type(optimizer) is torch.optim.SGD:
+        started = any(s and s.get("momentum_buffer") is not None for s in states)
+        return _settled(optimizer, group) if started else 0.0
+    counts = [float(s["step"]) for s in states if s and "step" in s]  # RMSprop counts its steps
+    return (1.0 - momentum ** max(counts)) / (1.0 - momentum) if counts else 0.0
+
+
+def next_fill(optimizer, group: dict, previous: float | None) -> float:
+    """Before a step of ``optimizer`` (one of FILLING) over ``group``: the fill c of the group's
+    momentum buffers after that step, from the fill after the previous step (None: a group not
+    seen before). Note [Momentum fill]."""
+    if previous is None:
+        previous = _first_fill(optimizer, group)
+    momentum = group.get("momentum", 0.0)
+    if not momentum:
+        return previous  # no momentum this step: the buffers do not move
+    if type(optimizer) is torch.optim.SGD:
+        return momentum * previous + (1.0 - group["dampening"]) if previous else 1.0  # the first step sets buf = g
+    return momentum * previous + 1.0
+
+
+def sgd_factor(group: dict, fill: float | None = None) -> float:
+    """t / lr for SGD: the scaling of the gradient by its momentum buffer with fill ``fill``
+    (None: the settled fill, (1 − dampening)/(1 − μ))."""
     momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
     if not momentum:
         return 1.0
-    settled = (1.0 - dampening) / (1.0 - momentum)
-    return 1.0 + momentum * settled if group.get("nesterov") else settled
+    c = (1.0 - dampening) / (1.0 - momentum) if fill is None else fill
+    return 1.0 + momentum * c if group.get("nesterov") else c
 
 
 # Optimizer class -> the function giving its inverse steps 1/t_i (None: t = lr).
@@ -135,6 +196,8 @@ _DIAGONAL = {
 }
 _SCALAR = (torch.optim.SGD,)
 KNOWN = (*_DIAGONAL, *_SCALAR)
+FILLING = (torch.optim.SGD, torch.optim.RMSprop)  # a momentum buffer whose fill scales the step
+FILL_KEY = "paramreg_momentum_fill"  # where a group's fill goes in the optimizer's state_dict()
 
 
 def metric(optimizer) -> str | None:
@@ -155,16 +218,19 @@ def metric(optimizer) -> str | None:
     return None
 
 
-def inverse_steps(optimizer, group: dict, states: list[dict], lr: float) -> list[Tensor] | None:
+def inverse_steps(optimizer, group: dict, states: list[dict], lr: float, fill: float | None = None) -> list[Tensor] | None:
     """The adaptive step of a diagonal-metric optimizer as inverse steps 1/t_i, one new tensor per
     entry of ``states`` (the optimizer's state of parameters it just stepped in ``group``, or the
     same slices of them), with ``lr`` standing for the group's learning rate; None where the step
-    is t = lr for every coordinate (RAdam before rectification).
+    is t = lr for every coordinate (RAdam before rectification). ``fill``: the fill of the group's
+    momentum buffers after this step, for RMSprop (None: the settled fill; Note [Momentum fill]).
 
     1/t_i is the metric's weight: the prox minimizes Σ_i (1/t_i)(z_i − w_i)²/2 + R(z). It is
     finite, and positive when the optimizer's eps is (a zero, possible with eps=0, is raised to
     the smallest normal number: a step so large that the prox returns its minimizer, 0 for L1).
     """
+    if type(optimizer) is torch.optim.RMSprop and group.get("momentum", 0.0):
+        lr *= _settled(optimizer, group) if fill is None else fill
     inverse = _DIAGONAL[type(optimizer)](type(optimizer).__name__, group, states, lr)
     if inverse is not None and not group.get("eps", 1.0) > 0:
         torch._foreach_clamp_min_(inverse, torch.finfo(inverse[0].dtype).tiny)

@@ -6,14 +6,15 @@ Note [Why a global optimizer post-step hook]
     in the user's loop. ``GradScaler`` does not call ``step()`` on a step with inf/NaN gradients,
     so the prox is skipped exactly when the step is; with gradient accumulation it runs once per
     real step. Nothing is ever added to gradients (a backward hook would see AMP-scaled gradients
-    and fire once per micro-batch).
+    and fire once per micro-batch). A global pre-step hook, skipped with the step in the same
+    way, keeps the momentum fill of SGD and RMSprop (Note [Momentum fill] in step_sizes.py).
 
 Note [Step size]
     A parameter receives prox_{tR} with t from its step policy (Note [Step policies] in
     step_sizes.py): the ``lr`` of the parameter group that just stepped it, read at that moment
-    (so LR schedulers apply), or per coordinate in the optimizer's own metric. A parameter whose
-    ``.grad`` is None was not updated by the optimizer (frozen, or unused this step) and receives
-    no prox either.
+    (so LR schedulers apply), times the momentum fill of its group for SGD, or per coordinate in
+    the optimizer's own metric. A parameter whose ``.grad`` is None was not updated by the
+    optimizer (frozen, or unused this step) and receives no prox either.
 
 Note [Plans]
     The hook must be cheap. For each optimizer it caches a plan: per parameter group, the
@@ -33,7 +34,7 @@ import weakref
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import carrier as _carrier
 from . import step_sizes
@@ -42,14 +43,66 @@ from .errors import ParamregError
 __all__ = ["penalty", "prox_step"]
 
 _hook_handle = None
+_pre_hook_handle = None
 _plans: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+# SGD and RMSprop -> [group, fill] per parameter group, in the optimizer's order (Note [Momentum fill])
+_fills: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list[list]]" = weakref.WeakKeyDictionary()
 
 
 def install_hook() -> None:
-    """Register the global post-step hook once per process."""
-    global _hook_handle
+    """Register the global post-step hook (and the pre-step hook that tracks momentum fills) once per process."""
+    global _hook_handle, _pre_hook_handle
     if _hook_handle is None:
+        _pre_hook_handle = register_optimizer_step_pre_hook(_before_step)
         _hook_handle = register_optimizer_step_post_hook(_after_step)
+
+
+@torch.compiler.disable  # bookkeeping in Python, like _after_step
+def _before_step(optimizer, args, kwargs) -> None:
+    """Advance the momentum fill of each parameter group of an SGD or RMSprop optimizer to its
+    value after the step about to run (Note [Momentum fill] in step_sizes.py).
+
+    Before the step, because a group seen for the first time is told apart from one whose
+    buffers already hold momentum (attached mid-training, a loaded state) only by whether the
+    buffers exist yet. An optimizer is tracked from the first step it takes while a carrier is
+    live, and then on every step, so that its fills stay current while nothing is attached.
+    """
+    if type(optimizer) not in step_sizes.FILLING:
+        return
+    fills = _fills.get(optimizer)
+    if fills is None:
+        if not _carrier.live_carriers():
+            return
+        fills = _fills[optimizer] = []
+        optimizer.register_state_dict_post_hook(_save_fills)
+    groups = optimizer.param_groups
+    if len(fills) > len(groups):
+        del fills[len(groups) :]
+    for i, group in enumerate(groups):
+        if i == len(fills):
+            fills.append([group, step_sizes.next_fill(optimizer, group, None)])
+        elif fills[i][0] is not group:  # load_state_dict() installs new group dicts
+            fills[i] = [group, step_sizes.next_fill(optimizer, group, None)]
+        else:
+            fills[i][1] = step_sizes.next_fill(optimizer, group, fills[i][1])
+
+
+def _save_fills(optimizer, state_dict) -> None:
+    """``state_dict()`` post-hook: record each group's momentum fill, so ``load_state_dict`` resumes it."""
+    fills = _fills.get(optimizer)
+    if not fills:
+        return
+    for (group, fill), live, saved in zip(fills, optimizer.param_groups, state_dict["param_groups"], strict=False):
+        if group is live and fill:
+            saved[step_sizes.FILL_KEY] = fill
+
+
+def _fill(optimizer, index: int, group) -> float | None:
+    """The momentum fill of ``group`` after the step just taken (None: not tracked)."""
+    fills = _fills.get(optimizer)
+    if fills is None or index >= len(fills) or fills[index][0] is not group:
+        return None
+    return fills[index][1]
 
 
 def _signature(optimizer) -> tuple:
@@ -70,8 +123,8 @@ class _Bucket:
 
 
 def _policy(carrier, metric: str | None, optimizer) -> str:
-    """"lr", "scalar" (SGD's lr times its momentum factor), "adaptive" (per coordinate), or "count"
-    (a scheduled penalty-mode carrier: only its step count moves)."""
+    """The step policy of a carrier: "lr", "scalar" (SGD's lr times its momentum factor), "adaptive"
+    (per coordinate), or "count" (a scheduled penalty-mode carrier: only its step count moves)."""
     if carrier.mode == "penalty":
         return "count"
     if carrier.step == "adaptive" and metric is None:
@@ -96,7 +149,7 @@ def _build_plan(optimizer) -> list:
                 by_param[id(leaf)] = c
     metric = step_sizes.metric(optimizer)
     plan = []
-    for group in optimizer.param_groups:
+    for index, group in enumerate(optimizer.param_groups):
         buckets: dict[tuple, _Bucket] = {}
         for p in group["params"]:
             c = by_param.get(id(p))
@@ -116,7 +169,7 @@ def _build_plan(optimizer) -> list:
                     f"group's lr as its step size: call paramreg.prox_step(model, lr) after each step instead, "
                     f"or attach with mode='penalty'"
                 )
-            plan.append((group, list(buckets.values())))
+            plan.append((index, group, list(buckets.values())))
     return plan
 
 
@@ -142,14 +195,16 @@ def _after_step(optimizer, args, kwargs) -> None:
         _plans[optimizer] = cached
     if not cached[1]:
         return
+    filling = type(optimizer) in step_sizes.FILLING
     with torch.no_grad():
-        for group, buckets in cached[1]:
+        for index, group, buckets in cached[1]:
             lr = float(group["lr"]) if "lr" in group else 0.0
+            fill = _fill(optimizer, index, group) if filling else None
             for bucket in buckets:
                 if not bucket.counted:
                     stepped = [p for p in bucket.params if p.grad is not None]
                     if stepped:
-                        _apply(bucket, stepped, lr, optimizer, group)
+                        _apply(bucket, stepped, lr, optimizer, group, fill)
                     continue
                 # per tensor: advance its step count; group the tensors due now by their multiplier
                 due: dict[float, list[Tensor]] = {}
@@ -164,7 +219,7 @@ def _after_step(optimizer, args, kwargs) -> None:
                     if bucket.policy != "count" and k % every == every - 1:
                         due.setdefault(factor, []).append(p)
                 for factor, tensors in due.items():
-                    _apply(bucket, tensors, lr * factor * every, optimizer, group)
+                    _apply(bucket, tensors, lr * factor * every, optimizer, group, fill)
 
 
 def _factor(carrier, value) -> float:
@@ -179,18 +234,19 @@ def _factor(carrier, value) -> float:
     return float(value)
 
 
-def _apply(bucket: _Bucket, tensors: list[Tensor], t: float, optimizer, group) -> None:
-    """One multi-tensor proximal map over ``tensors`` with step ``t`` (scaled per coordinate by
-    the optimizer's metric under the adaptive policy)."""
+def _apply(bucket: _Bucket, tensors: list[Tensor], t: float, optimizer, group, fill: float | None) -> None:
+    """One multi-tensor proximal map over ``tensors`` with step ``t`` (scaled by SGD's momentum
+    factor, or per coordinate by the optimizer's metric under the adaptive policy; ``fill``: the
+    group's momentum fill, Note [Momentum fill])."""
     if t == 0.0 and bucket.regularizer.kind != "constraint":
         return
     if bucket.policy == "scalar":
-        t *= step_sizes.sgd_factor(group)
+        t *= step_sizes.sgd_factor(group, fill)
     elif bucket.policy == "adaptive":
         regularizer = bucket.regularizer
         states = [optimizer.state[p] for p in tensors]
         for block, block_states in _blocks(tensors, states, regularizer):
-            inverse = step_sizes.inverse_steps(optimizer, group, block_states, t)
+            inverse = step_sizes.inverse_steps(optimizer, group, block_states, t, fill)
             if inverse is None:
                 regularizer.prox_(block, t)
             else:
