@@ -21,6 +21,9 @@ Three measurements, all against baselines measured in the same run:
 Variants (strength 1e-4 everywhere; "the weights" are every parameter with two or more dims):
 
 - ``none``: no regularization;
+- ``extra pass``: no regularization, and one ``torch._foreach_mul_(weights, 1.0)`` after each
+  step: the cost of any separate in-place pass over the weights, the floor under a prox that runs
+  after the optimizer (a post-step hook cannot fuse with the optimizer's own update);
 - ``weight_decay``: the optimizer's own ``weight_decay`` (L2, every parameter, as torch applies it);
 - ``manual L1``: ``loss + a * sum(p.abs().sum())`` over the weights;
 - ``manual norm``: ``loss + a * sum(torch.norm(p, 1))`` over the weights;
@@ -61,6 +64,7 @@ import paramreg
 STRENGTH = 1e-4
 VARIANTS = (
     "none",
+    "extra pass",
     "weight_decay",
     "manual L1",
     "manual norm",
@@ -164,12 +168,17 @@ def make_step(variant: str, base: nn.Module, optimizer_name: str, x, y):
         "manual norm": lambda: sum(torch.norm(p, 1) for p in weights),
     }.get(variant)
 
+    extra_pass = variant == "extra pass"
+
     def step():
         loss = F.cross_entropy(model(x), y)
         if penalty is not None:
             loss = loss + STRENGTH * penalty()
         loss.backward()
         optimizer.step()
+        if extra_pass:
+            with torch.no_grad():
+                torch._foreach_mul_(weights, 1.0)
         optimizer.zero_grad()
 
     return model, step
@@ -296,7 +305,7 @@ def render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
 
 
 def step_table(results: dict, markdown: bool) -> str:
-    headers = ["model, optimizer", "none ms/step", *VARIANTS[1:], "manual L1 / prox L1"]
+    headers = ["model, optimizer", "none ms/step", *VARIANTS[1:], "manual L1 / prox L1", "prox L1 − extra pass"]
     rows = []
     for (model_name, optimizer_name), medians in results.items():
         none = medians["none"]
@@ -304,6 +313,7 @@ def step_table(results: dict, markdown: bool) -> str:
         cells += [f"{medians[v] / none:.3f}" if v in medians else "skipped" for v in VARIANTS[1:]]
         both = "manual L1" in medians and "prox L1" in medians
         cells.append(f"{medians['manual L1'] / medians['prox L1']:.2f}" if both else "-")
+        cells.append(f"{(medians['prox L1'] - medians['extra pass']) / none:+.3f}" if "prox L1" in medians else "-")
         rows.append(cells)
     return render(headers, rows, markdown)
 

@@ -268,8 +268,10 @@ def _blocks(tensors: list[Tensor], states: list[dict], regularizer):
         then the map; the group lasso's Newton iterations take many). On an accelerator each pass
         is one multi-tensor kernel over everything. On the CPU a pass over a tensor larger than
         the caches goes to memory, so several passes cost several memory round trips; in blocks
-        of ``BLOCK`` elements only the first read and the last write do (measured: 2.1x faster
-        for the L1 map over an MLP's 1.8M weights). A map may cut a tensor where it says
+        of ``BLOCK`` elements only the first read and the last write do. Measured for L1 under
+        Adam (2 CPU cores): over 20M weights, more than the L3 cache holds, 40 ms a step against
+        69-100 ms in whole tensors; over an MLP's 1.8M, which the L3 cache holds, the same within
+        noise. A map may cut a tensor where it says
         (``Regularizer.split``): an elementwise map into flat slices, a group map whose groups lie
         within rows into slices of rows, each with the same slices of the optimizer's state.
         Small tensors are gathered until a block is full. Anything else (an accelerator, a
