@@ -402,6 +402,33 @@ def test_prox_diag_minimizes_the_metric_objective(reg):
     torch.testing.assert_close(inplace[1], reg.prox_diag(w[1], t[1]), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize(
+    "reg",
+    [
+        paramreg.GroupLasso(0.4),
+        paramreg.GroupLasso(0.3, weighted=True),
+        paramreg.GroupLasso(0.2, groups="in"),
+        paramreg.SparseGroupLasso(l1=0.1, group=0.3),
+    ],
+    ids=repr,
+)
+def test_group_maps_of_many_tensors_equal_one_tensor_at_a_time(reg):
+    # tensors whose rows have one shape are concatenated and solved together (one Newton run)
+    g = torch.Generator().manual_seed(3)
+    shapes = [(5, 4), (3, 4), (2, 3), (6, 4)]
+    ws = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    across = 0 if reg.groups == "in" else 1  # the dim a group spans: columns for "in", else rows
+    for w in ws:
+        w.select(1 - across, 0).mul_(0.01)  # a group small enough to vanish
+    ts = [torch.rand(s, generator=g, dtype=torch.float64) + 0.05 for s in shapes]
+    got = [w.clone() for w in ws]
+    reg.prox_diag_(got, [1 / t for t in ts])
+    for w, t, z in zip(ws, ts, got, strict=True):
+        torch.testing.assert_close(z, reg.prox_diag(w, t), rtol=1e-10, atol=1e-12)
+    assert any(bool((z == 0).all(dim=across).any()) for z in got)  # some groups vanish
+    assert all(bool((z != 0).any()) for z in got)
+
+
 def test_group_lasso_in_a_diagonal_metric_zeroes_exactly_the_groups_its_condition_says():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(40, 7, generator=g, dtype=torch.float64) * torch.linspace(0.01, 2, 40, dtype=torch.float64)[:, None]
