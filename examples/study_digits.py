@@ -29,7 +29,7 @@ Writes into --out (default docs/study/): results.csv (one row per method, streng
 seed), summary.md (the table), accuracy_vs_sparsity.png, layer_sparsity.png, weight_histograms.png;
 with the default --out it also rewrites the table in docs/study.md between its marker comments.
 
-    python examples/study_digits.py            # the full study, one CPU thread, a few minutes
+    python examples/study_digits.py            # the full study, one CPU thread, 10-20 minutes
     python examples/study_digits.py --quick --out /tmp/study   # a smoke run of a few seconds
 """
 
