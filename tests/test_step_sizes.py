@@ -256,15 +256,21 @@ def test_the_fill_is_saved_in_the_optimizer_state_dict_and_resumed_exactly():
     assert _prox_steps(model, opt, 1)[0][0] == pytest.approx(t, rel=1e-12)
 
 
-def test_a_group_first_seen_with_filled_buffers_starts_settled_for_sgd_and_from_its_step_count_for_rmsprop():
-    # a state saved with no record of the fill (here: stripped), or an attach mid-training
-    model = _fill_probe()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+def _resumed_without_fill(model, make_opt):
+    """Three steps, then a fresh optimizer loaded from that state with its fill record stripped."""
+    opt = make_opt(model.parameters())
     _prox_steps(model, opt, 3)
     state = copy.deepcopy(opt.state_dict())
     del state["param_groups"][0]["paramreg_momentum_fill"]
-    fresh = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    fresh = make_opt(model.parameters())
     fresh.load_state_dict(state)
+    return fresh
+
+
+def test_a_group_first_seen_with_filled_buffers_starts_settled_for_sgd_and_from_its_step_count_for_rmsprop():
+    # a state saved with no record of the fill (here: stripped), or an attach mid-training
+    model = _fill_probe()
+    fresh = _resumed_without_fill(model, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
     assert _prox_steps(model, fresh, 1)[0][0] == pytest.approx(0.01 * 10, rel=1e-9)  # settled: 1/(1 − 0.9)
 
     # attached mid-training, to an optimizer that stepped while no carrier was live in the process
@@ -282,12 +288,7 @@ def test_a_group_first_seen_with_filled_buffers_starts_settled_for_sgd_and_from_
 
     # RMSprop counts its steps: a group first seen after 3 steps starts at c_3 = 1 + μ + μ²
     model = _fill_probe()
-    opt = torch.optim.RMSprop(model.parameters(), lr=0.001, momentum=0.9)
-    _prox_steps(model, opt, 3)
-    state = copy.deepcopy(opt.state_dict())
-    del state["param_groups"][0]["paramreg_momentum_fill"]
-    fresh = torch.optim.RMSprop(model.parameters(), lr=0.001, momentum=0.9)
-    fresh.load_state_dict(state)
+    fresh = _resumed_without_fill(model, lambda p: torch.optim.RMSprop(p, lr=0.001, momentum=0.9))
     ((t, lr, _),) = _prox_steps(model, fresh, 1)
     metric = float(fresh.state[model.weight]["square_avg"][0, 0].sqrt()) + 1e-8
     assert t == pytest.approx(lr * (1 + 0.9 + 0.9**2 + 0.9**3) / metric, rel=1e-9)

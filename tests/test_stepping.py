@@ -86,13 +86,12 @@ def test_prox_after_every_step_matches_the_written_out_reference(name, built, st
     assert (model[0].weight != 0).any()
 
 
-def _adaptive_run(block, monkeypatch, make_opt):
+def _adaptive_run(block, monkeypatch, make_opt, regularize):
+    """Ten steps of a small MLP, ``regularize(model)`` attaching, with blocks of ``block`` elements."""
     monkeypatch.setattr(stepping, "BLOCK", block)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 3))
-    paramreg.attach(model, "*.weight", l1=0.02)
-    paramreg.attach(model, "0.bias", elastic_net=(0.02, 0.5))
-    paramreg.attach(model, "2.bias", l2=0.5)
+    regularize(model)
     opt = make_opt(model.parameters())
     x, y = torch.randn(16, 20), torch.randint(0, 3, (16,))
     for _ in range(10):
@@ -110,10 +109,15 @@ def _adaptive_run(block, monkeypatch, make_opt):
 def test_adaptive_prox_in_blocks_equals_one_pass(monkeypatch, make_opt):
     # Note [Blocks]: weights cut into slices together with their optimizer state, small biases
     # gathered into one block; elementwise maps give bitwise the same result as one pass
-    whole = _adaptive_run(1 << 30, monkeypatch, make_opt)
+    def regularize(model):
+        paramreg.attach(model, "*.weight", l1=0.02)
+        paramreg.attach(model, "0.bias", elastic_net=(0.02, 0.5))
+        paramreg.attach(model, "2.bias", l2=0.5)
+
+    whole = _adaptive_run(1 << 30, monkeypatch, make_opt, regularize)
     assert (whole[0].weight == 0).any() and (whole[0].weight != 0).any()
     for block in (7, 40):
-        blocked = _adaptive_run(block, monkeypatch, make_opt)
+        blocked = _adaptive_run(block, monkeypatch, make_opt, regularize)
         for got, want in zip(blocked.parameters(), whole.parameters(), strict=True):
             assert torch.equal(got, want)
 
@@ -121,20 +125,12 @@ def test_adaptive_prox_in_blocks_equals_one_pass(monkeypatch, make_opt):
 def test_adaptive_group_lasso_in_row_blocks_equals_one_pass(monkeypatch):
     # Newton's iterations stop per block, not when the whole tensor has converged: equal within
     # its tolerance (NEWTON_RTOL 1e-6 in float32), the same rows zero
-    def run(block):
-        monkeypatch.setattr(stepping, "BLOCK", block)
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 3))
+    def regularize(model):
         paramreg.attach(model, "0.weight", group_lasso=0.05)
         paramreg.attach(model, "2.weight", sparse_group_lasso=(0.01, 0.05))
-        opt = torch.optim.Adam(model.parameters(), lr=0.05)
-        x, y = torch.randn(16, 20), torch.randint(0, 3, (16,))
-        for _ in range(10):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        paramreg.remove(model)
-        return model
+
+    def run(block):
+        return _adaptive_run(block, monkeypatch, lambda p: torch.optim.Adam(p, lr=0.05), regularize)
 
     whole, blocked = run(1 << 30), run(45)  # 2 rows of the first weight, 1 of the second per block
     zero_rows = (whole[0].weight == 0).all(dim=1)
