@@ -83,28 +83,15 @@ def _elementwise(self, ndim: int) -> str:
     return "elements"
 
 
-def _soft_threshold_metric_(tensors: list[Tensor], inverse_steps: list[Tensor], strength: float) -> None:
-    """In place: the L1 prox in the metric diag(u), u = ``inverse_steps`` = 1/t (finite, > 0)::
+def _elastic_net_metric_(tensors: list[Tensor], inverse_steps: list[Tensor], l1: float = 0.0, l2: float = 0.0) -> None:
+    """In place: the elastic-net prox in the metric diag(u), u = ``inverse_steps`` = 1/t (finite,
+    > 0; consumed), which is L1's with l2 = 0 and L2's with l1 = 0::
 
-        w ← sign(w)·max(abs(w) − a/u, 0) = softshrink(u·w, a) / u
+        w ← sign(w)·max(abs(w) − a/u, 0)/(1 + b/u) = softshrink(u·w, a)/(u + b)
 
     The right-hand form takes three passes (a product, a scalar soft-threshold, a quotient) where
     w − clamp(w, −t·a, t·a) takes six; entries with u·abs(w) <= a become exact zeros.
     """
-    torch._foreach_mul_(tensors, inverse_steps)
-    _soft_threshold_(tensors, strength)
-    torch._foreach_div_(tensors, inverse_steps)
-
-
-def _shrink_metric_(tensors: list[Tensor], inverse_steps: list[Tensor], strength: float) -> None:
-    """In place: the L2 prox in the metric diag(u): w ← w/(1 + b/u) = u·w/(u + b)."""
-    torch._foreach_mul_(tensors, inverse_steps)
-    torch._foreach_add_(inverse_steps, strength)
-    torch._foreach_div_(tensors, inverse_steps)
-
-
-def _elastic_net_metric_(tensors: list[Tensor], inverse_steps: list[Tensor], l1: float, l2: float) -> None:
-    """In place: the elastic-net prox in the metric diag(u): w ← softshrink(u·w, a)/(u + b)."""
     torch._foreach_mul_(tensors, inverse_steps)
     _soft_threshold_(tensors, l1)
     if l2 != 0.0:
@@ -366,7 +353,7 @@ class L1(Regularizer):
 
     def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
         if self.strength != 0.0:
-            _diag_(functools.partial(_soft_threshold_metric_, strength=self.strength), tensors, inverse_steps)
+            _diag_(functools.partial(_elastic_net_metric_, l1=self.strength), tensors, inverse_steps)
 
 
 @register("l2")
@@ -413,7 +400,7 @@ class L2(Regularizer):
 
     def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
         if self.strength != 0.0:
-            _diag_(functools.partial(_shrink_metric_, strength=self.strength), tensors, inverse_steps)
+            _diag_(functools.partial(_elastic_net_metric_, l2=self.strength), tensors, inverse_steps)
 
 
 @register("elastic_net")
