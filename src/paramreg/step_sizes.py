@@ -138,10 +138,10 @@ def _adagrad(name, group, states, lr):
     return inverse
 
 
-def _settled(optimizer, group) -> float:
-    """The fill a momentum buffer approaches at constant momentum (Note [Momentum fill])."""
-    momentum = group["momentum"]
-    return (1.0 - group.get("dampening", 0.0) if type(optimizer) is torch.optim.SGD else 1.0) / (1.0 - momentum)
+def _settled(momentum: float, dampening: float = 0.0) -> float:
+    """The fill a momentum buffer approaches at constant momentum: (1 − dampening)/(1 − μ) for
+    SGD, 1/(1 − μ) for RMSprop (Note [Momentum fill])."""
+    return (1.0 - dampening) / (1.0 - momentum)
 
 
 def _first_fill(optimizer, group) -> float:
@@ -155,7 +155,7 @@ def _first_fill(optimizer, group) -> float:
     states = [optimizer.state.get(p) for p in group["params"]]
     if type(optimizer) is torch.optim.SGD:
         started = any(s and s.get("momentum_buffer") is not None for s in states)
-        return _settled(optimizer, group) if started else 0.0
+        return _settled(momentum, group.get("dampening", 0.0)) if started else 0.0
     counts = [float(s["step"]) for s in states if s and "step" in s]  # RMSprop counts its steps
     return (1.0 - momentum ** max(counts)) / (1.0 - momentum) if counts else 0.0
 
@@ -180,7 +180,7 @@ def sgd_factor(group: dict, fill: float | None = None) -> float:
     momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
     if not momentum:
         return 1.0
-    c = (1.0 - dampening) / (1.0 - momentum) if fill is None else fill
+    c = _settled(momentum, dampening) if fill is None else fill
     return 1.0 + momentum * c if group.get("nesterov") else c
 
 
@@ -230,7 +230,7 @@ def inverse_steps(optimizer, group: dict, states: list[dict], lr: float, fill: f
     the smallest normal number: a step so large that the prox returns its minimizer, 0 for L1).
     """
     if type(optimizer) is torch.optim.RMSprop and group.get("momentum", 0.0):
-        lr *= _settled(optimizer, group) if fill is None else fill
+        lr *= _settled(group["momentum"]) if fill is None else fill
     inverse = _DIAGONAL[type(optimizer)](type(optimizer).__name__, group, states, lr)
     if inverse is not None and not group.get("eps", 1.0) > 0:
         torch._foreach_clamp_min_(inverse, torch.finfo(inverse[0].dtype).tiny)
