@@ -106,19 +106,23 @@ def _diag_rows_together_(regularizer, tensors: Sequence[Tensor], inverse_steps: 
     many small layers then takes one group solve (a few dozen small ops) instead of one per layer.
     """
     together: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+    alone: tuple[list[Tensor], list[Tensor]] = ([], [])
     for w, u in zip(tensors, inverse_steps, strict=True):
         plain = type(w) in (Tensor, torch.nn.Parameter) and type(u) is Tensor
         if plain and w.dim() and regularizer.split(w.dim()) == "rows":
             together.setdefault((w.shape[1:], w.dtype, u.dtype, w.device), []).append((w, u))
         else:
-            w.copy_(regularizer.prox_diag(w, u.reciprocal_()))
+            alone[0].append(w)
+            alone[1].append(u)
     for pairs in together.values():
-        ws = [w for w, _ in pairs]
-        if len(ws) == 1:
-            ws[0].copy_(regularizer.prox_diag(ws[0], pairs[0][1].reciprocal_()))
+        if len(pairs) == 1:
+            alone[0].append(pairs[0][0])
+            alone[1].append(pairs[0][1])
             continue
+        ws = [w for w, _ in pairs]
         mapped = regularizer.prox_diag(torch.cat(ws), torch.cat([u for _, u in pairs]).reciprocal_())
         torch._foreach_copy_(ws, list(mapped.split([w.shape[0] for w in ws])))
+    Regularizer.prox_diag_(regularizer, *alone)  # one tensor at a time
 
 
 @register("group_lasso")
