@@ -25,6 +25,7 @@ EXAMPLES = {
     "unit_norm": paramreg.UnitNorm(),
     "top_k": paramreg.TopK(0.25),
     "nm": paramreg.NM(2, 4),
+    "keep_zeros": paramreg.KeepZeros(),
     "soft_threshold": paramreg.SoftThreshold(0.1),
 }
 CASES = list(EXAMPLES.values())

@@ -144,7 +144,8 @@ WRITTEN_OUT = {
 
 
 @pytest.mark.parametrize("name", WRITTEN_OUT)
-def test_adaptive_l1_thresholds_each_coordinate_with_the_step_the_optimizer_took(name):
+def test_adaptive_l1_thresholds_each_coordinate_with_the_step_the_optimizer_took(name, monkeypatch):
+    monkeypatch.setattr(paramreg.step_sizes, "FLOOR", 0.0)  # the plain metric; the safeguard is tested below
     make_opt, step_of = WRITTEN_OUT[name]
     x, y = mlp_batch()
     strength = 0.02
@@ -317,10 +318,14 @@ def test_metric_of_each_optimizer():
     assert metric(torch.optim.SGD(p, lr=0.1)) == "scalar"
     assert metric(torch.optim.Rprop(p)) is None and metric(torch.optim.Adadelta(p)) is None
 
-    class MyAdam(torch.optim.Adam):  # a subclass may change the update: its metric is unknown
+    class LoggingAdam(torch.optim.Adam):  # runs Adam's update: Adam's metric
         pass
 
-    assert metric(MyAdam(p)) is None
+    class MyAdam(torch.optim.Adam):  # overrides step(): it may change the update, so its metric is unknown
+        def step(self, closure=None):
+            return super().step(closure)
+
+    assert metric(LoggingAdam(p)) == "diagonal" and metric(MyAdam(p)) is None
 
 
 def test_adaptive_with_an_optimizer_of_unknown_metric_is_an_error_naming_both():
@@ -446,7 +451,8 @@ def test_group_lasso_in_a_diagonal_metric_zeroes_exactly_the_groups_its_conditio
     assert float(residual.abs().max()) < 1e-10
 
 
-def test_adaptive_prox_of_bfloat16_weights_is_computed_in_float32_and_rounded_once():
+def test_adaptive_prox_of_bfloat16_weights_is_computed_in_float32_and_rounded_once(monkeypatch):
+    monkeypatch.setattr(paramreg.step_sizes, "FLOOR", 0.0)  # the plain metric, written out below
     torch.manual_seed(0)
     model = nn.Linear(64, 32).to(torch.bfloat16)
     paramreg.attach(model, "weight", l1=0.05)
@@ -466,3 +472,75 @@ def test_adaptive_prox_of_bfloat16_weights_is_computed_in_float32_and_rounded_on
     assert model.weight.dtype == torch.bfloat16
     assert torch.equal(model.weight.detach(), expected)
     assert (model.weight == 0).any()
+
+
+# optimizer -> (factory, the safeguarded denominator of the k-th step from its state and the RMS r of
+# the gradient it stepped with, the step's scalar factor; Note [Safeguarded metric])
+SAFEGUARDED = {
+    "Adam": (
+        lambda p: torch.optim.Adam(p, lr=0.01),
+        lambda g, s, r, k: (s["exp_avg_sq"] / (1 - g["betas"][1] ** k)).sqrt().clamp(min=r) + g["eps"],
+        lambda g, k: g["lr"],
+    ),
+    "RMSprop": (
+        lambda p: torch.optim.RMSprop(p, lr=0.001),
+        lambda g, s, r, k: s["square_avg"].sqrt().clamp(min=r * math.sqrt(1 - g["alpha"] ** k)) + g["eps"],
+        lambda g, k: g["lr"],
+    ),
+    "Adagrad": (
+        lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01),
+        lambda g, s, r, k: s["sum"].sqrt().clamp(min=r * math.sqrt(k)) + g["eps"],
+        lambda g, k: g["lr"] / (1 + (k - 1) * g["lr_decay"]),
+    ),
+    "Adamax": (lambda p: torch.optim.Adamax(p, lr=0.01), lambda g, s, r, k: s["exp_inf"].clamp(min=r), lambda g, k: g["lr"]),
+}
+
+
+@pytest.mark.parametrize("name", SAFEGUARDED)
+def test_the_default_metric_is_floored_at_the_rms_of_the_gradient(name):
+    """Coordinates that get no gradient (inputs that are always 0) have v = 0: the plain metric's
+    step lr/eps would zero them at any strength; the default floors each denominator at the RMS of
+    the tensor's gradient, written out here from the optimizer's state."""
+    make_opt, denominator, scale = SAFEGUARDED[name]
+    x, y = mlp_batch()
+    x[:, :4] = 0.0  # dead inputs: the first layer's columns 0-3 never get a gradient
+    strength = 1e-4
+    model, reference = mlp(), mlp()
+    paramreg.attach(model, "*.weight", l1=strength)
+    opt, ref_opt = make_opt(model.parameters()), make_opt(reference.parameters())
+    for k in range(1, 9):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+        group = ref_opt.param_groups[0]
+        with torch.no_grad():
+            for w in (reference[0].weight, reference[2].weight):
+                rms = float(w.grad.pow(2).mean().sqrt())
+                t = scale(group, k) / denominator(group, ref_opt.state[w], rms, k)
+                w.copy_(_soft(w, strength * t))
+        # float32: the floor is computed as ‖g‖/sqrt(n) in the state's raw units here and as the
+        # root of the mean square in bias-corrected units above; those roundings differ by a few
+        # ulps and propagate through 8 steps of training, hence 10x the plain metric's tolerance
+        for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert int((model[0].weight[:, :4] == 0).sum()) == 0, "a tiny strength leaves the dead coordinates alone"
+
+
+def test_the_plain_metric_wipes_coordinates_without_gradient_and_the_default_does_not(monkeypatch):
+    x, y = mlp_batch()
+    x[:, :4] = 0.0
+    dead = {}
+    for floor in (0.0, paramreg.step_sizes.FLOOR):
+        monkeypatch.setattr(paramreg.step_sizes, "FLOOR", floor)
+        torch.manual_seed(0)
+        model = mlp()
+        paramreg.attach(model, "0.weight", l1=1e-6)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        for _ in range(5):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        dead[floor] = int((model[0].weight[:, :4] == 0).sum())
+    assert dead[0.0] == model[0].weight[:, :4].numel()  # t = lr/eps = 1e6: gone in one step
+    assert dead[paramreg.step_sizes.FLOOR] == 0

@@ -27,8 +27,8 @@ def loss_of(model, x, y):
 
 def reference_run(model, make_opt, steps, x, y, make_sched=None, strength=STRENGTH, adaptive=False, factor=lambda k: 1.0):
     """A plain model, the same optimizer, and the soft-threshold written out after each step:
-    threshold factor(k)·lr·a at the k-th step, or with ``adaptive`` (Adam's metric)
-    lr·a / (sqrt(v / (1 − β₂ᵏ)) + eps)."""
+    threshold factor(k)·lr·a at the k-th step, or with ``adaptive`` (Adam's metric, safeguarded)
+    lr·a / (max(sqrt(v / (1 − β₂ᵏ)), rms(g)) + eps)."""
     opt = make_opt(model.parameters())
     sched = make_sched(opt) if make_sched else None
     weights = [model[0].weight, model[2].weight]
@@ -44,7 +44,8 @@ def reference_run(model, make_opt, steps, x, y, make_sched=None, strength=STRENG
                 if adaptive:
                     state = opt.state[w]
                     bias_correction = 1 - group["betas"][1] ** float(state["step"])
-                    threshold = threshold / ((state["exp_avg_sq"] / bias_correction).sqrt() + group["eps"])
+                    floor = float(w.grad.pow(2).mean().sqrt())
+                    threshold = threshold / ((state["exp_avg_sq"] / bias_correction).sqrt().clamp(min=floor) + group["eps"])
                 w.copy_(torch.sign(w) * torch.clamp(w.abs() - threshold, min=0))
         if sched is not None:
             sched.step()
@@ -146,20 +147,22 @@ def test_blocks_cover_every_element_once(monkeypatch):
     strided = torch.zeros(4, 6).t()  # not contiguous: one block, not sliced
     states = [{"v": torch.zeros(5, 4), "step": torch.tensor(3.0)}, {"v": torch.zeros(3)}, {"v": torch.zeros(2, 2)}, {"v": torch.zeros(4, 6).t()}]
     blocks = list(stepping._blocks([big, small, other, strided], states, paramreg.L1(1.0)))
-    for tensors, block_states in blocks:
+    for indices, tensors, block_states in blocks:
+        assert all(t.data_ptr() >= [big, small, other, strided][i].data_ptr() for i, t in zip(indices, tensors, strict=True))
         for t, state in zip(tensors, block_states, strict=True):
             t += 1
             state["v"] += 1
             assert "step" not in state or state["step"].shape == ()
     for t, state in zip([big, small, other, strided], states, strict=True):
         assert torch.equal(t, torch.ones_like(t)) and torch.equal(state["v"], torch.ones_like(t))
-    assert [len(tensors) for tensors, _ in blocks] == [1, 1, 1, 3]  # 20 → 8 + 8 + 4; then 3, 4 and the strided 24 gathered
+    assert [len(tensors) for _, tensors, _ in blocks] == [1, 1, 1, 3]
+    assert [list(indices) for indices, _, _ in blocks] == [[0], [0], [0], [1, 2, 3]]  # 20 → 8 + 8 + 4; then 3, 4 and the strided 24 gathered
     # a group map whose groups lie in rows: slices of whole rows (2 rows = 8 elements)
-    rows = [t[0].shape for t, _ in stepping._blocks([big], states[:1], paramreg.GroupLasso(1.0))]
+    rows = [t[0].shape for _, t, _ in stepping._blocks([big], states[:1], paramreg.GroupLasso(1.0))]
     assert rows == [(2, 4), (2, 4), (1, 4)]
     # maps that cannot be cut (groups over columns, the nuclear norm) take whole tensors
     for regularizer in (paramreg.GroupLasso(1.0, groups="in"), paramreg.NuclearNorm(1.0)):
-        whole = [t for ts, _ in stepping._blocks([big, small], states[:2], regularizer) for t in ts]
+        whole = [t for _, ts, _ in stepping._blocks([big, small], states[:2], regularizer) for t in ts]
         assert len(whole) == 2 and whole[0] is big and whole[1] is small
 
 

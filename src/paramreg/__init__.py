@@ -15,7 +15,7 @@ from .coupled import CoupledGroupLasso
 from .cost import Comparison, Cost, compare, cost
 from .factorizing import factorize
 from .shrinking import attach_channels, shrink
-from .constraints import NM, Box, MaxNorm, NonNegative, TopK, UnitNorm
+from .constraints import NM, Box, KeepZeros, MaxNorm, NonNegative, TopK, UnitNorm
 from .regularizers import L1, L2, ElasticNet, Regularizer, register
 from .reparametrizations import SoftThreshold
 from .structured import GroupLasso, NuclearNorm, SparseGroupLasso
@@ -57,6 +57,7 @@ __all__ = [
     "UnitNorm",
     "TopK",
     "NM",
+    "KeepZeros",
     "SoftThreshold",
     "CoupledGroupLasso",
     "ParamregError",

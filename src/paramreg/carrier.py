@@ -83,13 +83,18 @@ class Carrier(nn.Module):
     parameters (a learnable threshold) are trained and saved with the model.
     """
 
-    def __init__(self, regularizer: Regularizer, mode: str, step: str = "auto", schedule=None):
+    def __init__(self, regularizer: Regularizer, mode: str, step: str = "auto", schedule=None, budget=None):
         super().__init__()
         self.regularizer = regularizer
         self.mode = mode
-        self.step = step  # the step policy (paramreg.step_sizes)
+        self.step = step  # the step policy asked for (paramreg.step_sizes)
+        self.ran = None  # the step policy the last optimizer step took, e.g. "adaptive(Adam)" (stepping._label)
         self.schedule = schedule  # None, or step count -> factor on the regularizer's strengths
-        self.factor = 1.0 if schedule is None else schedule(0)  # the schedule's current value
+        self.budget = budget  # None, or the sparsity target this tensor shares with its attach call (paramreg.sparsity)
+        # the schedule's current value; a target's strength (its regularizer has strength 1)
+        self.factor = 1.0 if schedule is None else schedule(0)
+        if budget is not None:
+            self.factor = budget.strength or 0.0
         self.transform = regularizer.transform() if mode == "forward" else None
         self.calls = 0  # optimizer steps that updated the tensor (for schedules and every=k)
         self._owner = None  # weakref to the ParametrizationList this carrier sits in
@@ -104,9 +109,16 @@ class Carrier(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        step = "" if self.step == "auto" else f", step={self.step!r}"
+        step = f", step={self.ran}" if self.ran else "" if self.step == "auto" else f", step={self.step!r}"
         schedule = "" if self.schedule is None else ", scheduled"
-        return f"{self.current()!r}, mode={self.mode!r}{step}{schedule}"
+        target = "" if self.budget is None else f", sparsity={self.budget.sparsity:g} by step {self.budget.steps}"
+        return f"{self.current()!r}, mode={self.mode!r}{step}{schedule}{target}"
+
+    def remember(self, w: Tensor) -> None:
+        """Take the regularizer's memory of ``w`` (``Regularizer.remembers``), kept as a buffer
+        that moves with the module and stays out of the state_dict."""
+        if self.regularizer.remembers:
+            self.register_buffer("memory", self.regularizer.remember(w), persistent=False)
 
     def current(self) -> Regularizer:
         """The regularizer at its current strength (a schedule scales it)."""
@@ -520,6 +532,9 @@ def _load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
 
 def _load_post_hook(module, incompatible_keys) -> None:
     _sync(module)  # load_state_dict(assign=True) assigns both slots separately
+    plists = _plists(module)
+    for name, _ in _carried(module):
+        plists[name][0].remember(plists[name].original)  # a memory of the loaded tensor (KeepZeros: its zeros)
 
 
 def _hooks_installed(module: nn.Module) -> bool:
@@ -543,11 +558,12 @@ def _uninstall_hooks(module: nn.Module) -> None:
             del hooks[key]
 
 
-def attach(slot: Slot, regularizer: Regularizer, mode: str, step: str = "auto", schedule=None) -> Carrier:
+def attach(slot: Slot, regularizer: Regularizer, mode: str, step: str = "auto", schedule=None, budget=None) -> Carrier:
     """Register and bind a carrier on ``slot``, which the caller has validated."""
     module, tname = slot.module, slot.tensor_name
-    carrier = Carrier(regularizer, mode, step, schedule)
+    carrier = Carrier(regularizer, mode, step, schedule, budget)
     carrier.name = slot.name  # for messages
+    carrier.remember(slot.value())
     if _parametrized(module):
         _own_class(module)  # torch is about to change the class: a fresh one (Note [Shared classes])
     order = list(module._parameters)

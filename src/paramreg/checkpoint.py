@@ -15,8 +15,9 @@ from torch.nn.utils import parametrize
 
 from . import carrier as _carrier
 from .errors import ParamregError
-from .lifecycle import attach, remove
+from .lifecycle import _carrier_mode, _step_policy, attach_regularizer, remove
 from .regularizers import Regularizer
+from .sparsity import Budget
 
 __all__ = ["spec", "attach_spec", "folded", "check_plain"]
 
@@ -36,15 +37,18 @@ def spec(model: nn.Module) -> dict:
         >>> paramreg.spec(model)
         {'format': 'paramreg.spec', 'version': 1, 'attached': {'weight': {'regularizer': {'type': 'L1', 'strength': 0.0001}, 'mode': 'prox'}}}
     """
-    attached = {
-        s.name: {
-            "regularizer": s.carrier.current().to_dict(),
-            "mode": s.carrier.mode,
-            **({"step": s.carrier.step} if s.carrier.step != "auto" else {}),
-        }
-        for s in _carrier.slots(model)
-        if s.carrier is not None
-    }
+    attached = {}
+    budgets: dict[int, int] = {}  # id(budget) -> its index: the tensors of one target share it
+    for s in _carrier.slots(model):
+        c = s.carrier
+        if c is None:
+            continue
+        entry = {"regularizer": (c.regularizer if c.budget is not None else c.current()).to_dict(), "mode": c.mode}
+        if c.step != "auto":
+            entry["step"] = c.step
+        if c.budget is not None:
+            entry["sparsity"] = {**c.budget.to_dict(), "budget": budgets.setdefault(id(c.budget), len(budgets))}
+        attached[s.name] = entry
     return {"format": FORMAT, "version": VERSION, "attached": attached}
 
 
@@ -66,22 +70,30 @@ def attach_spec(model: nn.Module, spec: dict) -> list[str]:
         raise ParamregError(f"not a paramreg spec (expected a dict with format {FORMAT!r} from paramreg.spec): {spec!r:.200}")
     if spec.get("version") != VERSION:
         raise ParamregError(f"paramreg spec version {spec.get('version')!r} is not supported (this paramreg reads {VERSION})")
-    groups: list[tuple[Regularizer, str, str, list[str]]] = []  # one attach call per equal (regularizer, mode, step)
+    groups: list[tuple[Regularizer, str, str, list[str], object]] = []  # one attach call per equal (regularizer, mode, step, target)
+    budgets: dict[int, Budget] = {}
     for name, entry in spec["attached"].items():
         if not isinstance(entry, dict) or "regularizer" not in entry:
             raise ParamregError(f"paramreg spec entry for {name!r} has no 'regularizer': {entry!r}")
         reg, mode = Regularizer.from_dict(entry["regularizer"]), entry.get("mode", "prox")
         mode = "prox" if mode == "forward" else mode  # a reparametrization's carrier mode
         step = entry.get("step", "auto")
-        group = next((g for g in groups if g[0] == reg and g[1] == mode and g[2] == step), None)
+        budget = None
+        if "sparsity" in entry:
+            target = entry["sparsity"]
+            key = target.get("budget", len(budgets))
+            budget = budgets.get(key) or budgets.setdefault(key, Budget(target["target"], target["steps"]))
+        group = next((g for g in groups if g[0] == reg and g[1] == mode and g[2] == step and g[4] is budget), None)
         if group is None:
-            groups.append((reg, mode, step, [name]))
+            groups.append((reg, mode, step, [name], budget))
         else:
             group[3].append(name)
     done: list[str] = []
     try:
-        for reg, mode, step, names in groups:
-            done += attach(model, names, reg, mode=mode, step=step)
+        for reg, mode, step, names, budget in groups:
+            where = f"attach_spec({names[0]!r}{', ...' if len(names) > 1 else ''})"
+            mode = _carrier_mode(reg, mode, where)
+            done += attach_regularizer(model, names, reg, mode=mode, step=_step_policy(reg, mode, step, where), budget=budget, where=where)
     except BaseException:
         if done:
             remove(model, done)

@@ -22,7 +22,7 @@ from .groups import check_groups, group_norms
 from .regularizers import Regularizer, register
 from .structured import _accurate, _check_groups_option
 
-__all__ = ["NonNegative", "Box", "MaxNorm", "UnitNorm", "TopK", "NM"]
+__all__ = ["NonNegative", "Box", "MaxNorm", "UnitNorm", "TopK", "NM", "KeepZeros"]
 
 _INF = float("inf")
 
@@ -296,3 +296,48 @@ class NM(Constraint):
     def prox_(self, tensors, t):
         for w in tensors:
             w.masked_fill_(~self._mask(w), 0)
+
+
+@register("keep_zeros")
+@dataclass(frozen=True)
+class KeepZeros(Constraint):
+    """C = {w : w_i = 0 wherever the tensor was exactly zero when attached}; projection: zero those
+    entries again, leave the rest.
+
+    The last phase of the sparsity recipe: train with a target (``sparsity=``), then fine-tune with
+    ``attach(model, targets, keep_zeros=True)``, so that the zeros stay while every other weight
+    trains. Each tensor's zero set Z is taken when it is attached (:meth:`remember`) and again when
+    a state_dict is loaded into the attached model (a resumed run takes the checkpoint's zeros).
+    The pure map without a zero set (:meth:`prox`) projects onto Z = ∅, the identity;
+    :meth:`project_` applies it with the remembered sets. ``remove`` leaves the zeros in the plain
+    weights.
+
+    Example:
+        >>> import torch, paramreg
+        >>> w = torch.tensor([0.0, 2.0, 0.0, -1.0])
+        >>> zeros = paramreg.KeepZeros().remember(w)
+        >>> moved = w + 0.5                                   # an optimizer step
+        >>> paramreg.KeepZeros().project_([moved], [zeros]); moved
+        tensor([ 0.0000,  2.5000,  0.0000, -0.5000])
+    """
+
+    adaptive = True
+    remembers = True
+
+    def remember(self, w: Tensor) -> Tensor:
+        """The zero set of ``w``: a bool tensor of its shape."""
+        return w.detach() == 0
+
+    def feasible(self, w):
+        return True  # feasibility is relative to the remembered zero set, which project_ restores
+
+    def prox(self, w, t):
+        return w.clone()
+
+    def prox_(self, tensors, t):
+        pass  # Z = ∅ without a remembered zero set
+
+    def project_(self, tensors, zeros) -> None:
+        """In place: every tensor's remembered zeros set to zero again."""
+        for w, z in zip(tensors, zeros, strict=True):
+            w.masked_fill_(z, 0)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .errors import ParamregError
 from .regularizers import Regularizer, _strength
+from .structured import _group_shrink_diag
 
 __all__ = ["CoupledGroupLasso"]
 
@@ -40,7 +41,11 @@ class CoupledGroupLasso(Regularizer):
 
         prox_{tR}(m)_k = m_k·max(1 − t·a / n_k, 0)
 
-    so a channel becomes exactly zero in all members together. Built by
+    so a channel becomes exactly zero in all members together. In an optimizer's diagonal metric
+    (``step="auto"`` under Adam and the other adaptive optimizers, as for :class:`GroupLasso`),
+    the map is the group lasso's in that metric over the concatenated rows
+    (:meth:`prox_diag_`), so ``attach_channels`` and ``group_lasso`` take strengths in the same
+    units under the same optimizer. Built by
     :func:`paramreg.attach_channels`; ``members`` are the canonical names (for specs and
     messages) and ``shapes`` their shapes. ``prox_`` must receive all members in one call, so they
     must sit in one optimizer parameter group (one learning rate); it raises otherwise.
@@ -68,8 +73,9 @@ class CoupledGroupLasso(Regularizer):
     channels: int
     members: tuple[str, ...] = ()
     shapes: tuple[tuple[int, ...], ...] = ()
-    #: No Adam-metric form: the prox is taken with the group's learning rate only.
-    adaptive = False
+    adaptive = True
+    joint = True
+    unit = "channels"  # what one group of the map is (a sparsity target counts them)
     strengths = ("strength",)
 
     def __post_init__(self):
@@ -117,8 +123,7 @@ class CoupledGroupLasso(Regularizer):
         scale = self._scale([w], float(t) * self.strength)
         return w * scale.view(-1, *[1] * (w.dim() - 1)).to(w.dtype)
 
-    def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
-        tensors = list(tensors)
+    def _check_members(self, tensors: list[Tensor]) -> None:
         got, want = sorted(tuple(w.shape) for w in tensors), sorted(self.shapes)
         if self.shapes and got != want:
             raise ParamregError(
@@ -126,9 +131,34 @@ class CoupledGroupLasso(Regularizer):
                 f"expected all {len(want)} members {want}: put every member in one optimizer parameter group "
                 f"(one learning rate) and do not freeze some of them"
             )
+
+    def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
+        tensors = list(tensors)
+        self._check_members(tensors)
         threshold = float(t) * self.strength
         if threshold == 0.0:
             return
         scale = self._scale(tensors, threshold)
         for w in tensors:
             w.mul_(scale.view(-1, *[1] * (w.dim() - 1)).to(w.dtype))
+
+    def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
+        """The group lasso map in the metric diag(u), u = ``inverse_steps``, over channels: row k of
+        every member concatenated is one group (:func:`paramreg.structured._group_shrink_diag`)."""
+        tensors = list(tensors)
+        self._check_members(tensors)
+        if self.strength == 0.0:
+            return
+        rows = torch.cat([w.reshape(self.channels, -1) for w in tensors], dim=1)
+        steps = torch.cat([u.reshape(self.channels, -1) for u in inverse_steps], dim=1).reciprocal_()
+        mapped = _group_shrink_diag(rows, steps, "out", self.strength)
+        for w, part in zip(tensors, mapped.split([w[0].numel() if w.dim() > 1 else 1 for w in tensors], dim=1), strict=True):
+            w.copy_(part.reshape(w.shape))
+
+    def critical(self, tensors: Sequence[Tensor], inverse_steps: Sequence) -> list[Tensor]:
+        """sqrt(Σ_m ‖m_k / t_k‖²) per channel k: the prox zeroes the channel in every member exactly
+        when the strength is at least that."""
+        tensors = list(tensors)
+        self._check_members(tensors)
+        dtype = torch.float64 if any(w.dtype == torch.float64 for w in tensors) else torch.float32
+        return [sum(_rows(w * u, dtype) for w, u in zip(tensors, inverse_steps, strict=True)).sqrt()]

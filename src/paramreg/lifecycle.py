@@ -15,10 +15,11 @@ import math
 
 from . import carrier as _carrier
 from .errors import ParamregError
-from .regularizers import ElasticNet, Regularizer, build
+from .regularizers import L1, ElasticNet, Regularizer, build
 from .step_sizes import POLICIES
 from .regularizers import keywords as registered_keywords
 from .selection import resolve
+from .sparsity import Budget
 from .stepping import install_hook
 
 __all__ = ["attach", "remove", "set_strength"]
@@ -148,8 +149,44 @@ def _problems(slot: _carrier.Slot, regularizer: Regularizer, mode: str, tied: di
     return None
 
 
+def _target(reg, given: dict, mode: str, schedule, sparsity, sparsity_steps, where: str):
+    """For ``sparsity=``: the regularizer at unit strength and the target's budget (Note [Target
+    sparsity] in sparsity.py); a strength given with it is the budget's first."""
+    if sparsity_steps is None:
+        raise ParamregError(f"{where}: sparsity={sparsity!r} needs sparsity_steps=n, the optimizer steps over which it ramps up")
+    if sparsity is None:
+        raise ParamregError(f"{where}: sparsity_steps={sparsity_steps!r} needs sparsity=s, the fraction of zero groups to reach")
+    budget = Budget(sparsity, sparsity_steps)
+    if schedule is not None or any(_is_schedule(v) for v in given.values()):
+        raise ParamregError(f"{where}: a sparsity target sets the strength at every step; it takes no strength schedule")
+    # a strength keyword may be True (no starting value): the form alone
+    regularizer = _regularizer(reg, {k: 1.0 if v is True else v for k, v in given.items()}, where) if reg is not None or given else L1(1.0)
+    if mode != "prox":
+        raise ParamregError(f"{where}: a sparsity target acts through the proximal step: use mode='prox'")
+    if len(regularizer.strengths) != 1 or type(regularizer).critical is Regularizer.critical:
+        raise ParamregError(
+            f"{where}: {regularizer!r} cannot take a sparsity target; targets work with a regularizer of one "
+            f"strength that zeroes whole groups: l1, group_lasso, or paramreg.attach_channels"
+        )
+    if reg is not None or any(v is not True for v in given.values()):
+        budget.strength = getattr(regularizer, regularizer.strengths[0])
+    return dataclasses.replace(regularizer, **{regularizer.strengths[0]: 1.0}), budget
+
+
 def attach(
-    model: nn.Module, targets, reg=None, *, exclude=None, l1=None, l2=None, mode="prox", step="auto", schedule=None, **keywords
+    model: nn.Module,
+    targets,
+    reg=None,
+    *,
+    exclude=None,
+    l1=None,
+    l2=None,
+    mode="prox",
+    step="auto",
+    schedule=None,
+    sparsity=None,
+    sparsity_steps=None,
+    **keywords,
 ) -> list[str]:
     r"""Attach a regularizer to every parameter that ``targets`` selects; return their canonical names.
 
@@ -182,6 +219,13 @@ def attach(
         schedule: a callable k -> factor that multiplies the regularizer's strengths at step k
             (the number of optimizer steps that have updated the tensor so far);
             :func:`paramreg.report` shows the current strengths.
+        sparsity: a target: the fraction s of exactly zero groups (elements for ``l1``, the
+            default; groups for ``group_lasso``) that the tensors selected by this call reach
+            together after ``sparsity_steps`` optimizer steps, along a cubic ramp, and keep from
+            then on. The strength is then set at every step, the smallest that gives the ramp's
+            fraction on that step (Note [Target sparsity] in :mod:`paramreg.sparsity`); a strength
+            given with it is only the value reported before the first step.
+        sparsity_steps: n, the optimizer steps of the ramp (with ``sparsity``).
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
     parametrization, visible in ``print(model)``). A Parameter tied under several names is
@@ -204,10 +248,21 @@ def attach(
         raise ParamregError(f"attach: model must be a torch.nn.Module, got {type(model).__name__}")
     where = f"attach({targets!r})"
     given = {k: v for k, v in (("l1", l1), ("l2", l2), *keywords.items()) if v is not None}
-    regularizer = _regularizer(reg, given, where)
+    budget = None
+    if sparsity is not None or sparsity_steps is not None:
+        regularizer, budget = _target(reg, given, mode, schedule, sparsity, sparsity_steps, where)
+    else:
+        regularizer = _regularizer(reg, given, where)
     mode = _carrier_mode(regularizer, mode, where)
     step = _step_policy(regularizer, mode, step, where)
     schedule = _schedule(regularizer, given, schedule, where)
+    return attach_regularizer(model, targets, regularizer, exclude=exclude, mode=mode, step=step, schedule=schedule, budget=budget)
+
+
+def attach_regularizer(model: nn.Module, targets, regularizer: Regularizer, *, exclude=None, mode="prox", step="auto",
+                       schedule=None, budget=None, where: str | None = None) -> list[str]:
+    """:func:`attach` with its options checked: select, validate every tensor, then change the model."""
+    where = where or f"attach({targets!r})"
     chosen = resolve(model, targets, exclude)
     tied = {id(s.param): [s.name, *(a.name for a in s.aliases)] for s in _carrier.slots(model) if s.aliases}
     problems = [p for p in (_problems(s, regularizer, mode, tied) for s in chosen) if p is not None]
@@ -219,7 +274,7 @@ def attach(
     done: list[_carrier.Slot] = []
     try:
         for s in chosen:
-            s.carrier = _carrier.attach(s, regularizer, mode, step, schedule)
+            s.carrier = _carrier.attach(s, regularizer, mode, step, schedule, budget)
             s.plist = _carrier._plists(s.module)[s.tensor_name]
             done.append(s)
     except BaseException:
@@ -280,7 +335,9 @@ def set_strength(model: nn.Module, targets, value) -> list[str]:
     ``value`` is a number, or a schedule (a callable of the step count k, as in :func:`attach`).
     For regularizers with one strength (``L1``, ``L2``, ``GroupLasso``, ``NuclearNorm``); for
     others, scale them with ``remove`` and ``attach(..., reg=..., schedule=...)``. Takes effect
-    at the next optimizer step. Returns the canonical names changed.
+    at the next optimizer step. A regularizer that couples tensors (:func:`paramreg.attach_channels`)
+    changes on every tensor it couples, also those not selected. A tensor with a sparsity target is
+    refused (its strength is set at every step). Returns the canonical names changed.
 
     Example:
         >>> import torch, paramreg
@@ -295,7 +352,19 @@ def set_strength(model: nn.Module, targets, value) -> list[str]:
     chosen = [s for s in resolve(model, targets) if s.carrier is not None]
     if not chosen:
         raise ParamregError(f"{where}: no selected tensor has a paramreg regularizer attached")
+    # a map that couples tensors (attach_channels) changes for all of them together
+    coupled = {id(s.carrier.regularizer) for s in chosen if s.carrier.regularizer.joint}
+    picked = {id(s.param) for s in chosen}
+    chosen += [
+        s for s in _carrier.slots(model)
+        if s.carrier is not None and id(s.carrier.regularizer) in coupled and id(s.param) not in picked
+    ]
     for s in chosen:
+        if s.carrier.budget is not None:
+            raise ParamregError(
+                f"{where}: {s.describe()} has a sparsity target, which sets its strength at every step; "
+                f"remove it and attach it again to change the target"
+            )
         if len(s.carrier.regularizer.strengths) != 1:
             raise ParamregError(
                 f"{where}: {s.describe()} has {s.carrier.regularizer!r}, which has strengths "

@@ -222,6 +222,11 @@ class Regularizer:
     #: True when the map has a diagonal-metric form (:meth:`prox_diag`), which ``step="adaptive"``
     #: takes in the optimizer's own metric.
     adaptive = False
+    #: True when the map couples several tensors (one group spans all of them), so that
+    #: :meth:`prox_` and :meth:`prox_diag_` must receive them all in one call.
+    joint = False
+    #: True when the map needs a memory per tensor taken when it is attached (:meth:`remember`).
+    remembers = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -294,6 +299,18 @@ class Regularizer:
         for w, u in zip(tensors, inverse_steps, strict=True):
             w.copy_(self.prox_diag(w, u.reciprocal_()))
 
+    def critical(self, tensors: Sequence[Tensor], inverse_steps: Sequence) -> list[Tensor]:
+        """Per tensor, the critical strength of each of its groups: the smallest strength at which
+        the proximal map with steps t = 1/``inverse_steps`` (a tensor of w's shape, or a number)
+        maps the group to zero, for this regularizer's form (its own strength is ignored). Target
+        sparsity calibrates the strength from these (Note [Target sparsity] in
+        :mod:`paramreg.sparsity`); regularizers without one cannot take a target."""
+        raise NotImplementedError(f"{type(self).__name__} has no critical strength")
+
+    def remember(self, w: Tensor) -> Tensor:
+        """What the map needs to remember of ``w`` when attached (for ``remembers = True``)."""
+        raise NotImplementedError
+
     def scaled(self, c: float) -> "Regularizer":
         """This regularizer with each of its :attr:`strengths` multiplied by ``c``.
 
@@ -330,6 +347,7 @@ class L1(Regularizer):
     """
 
     strength: float
+    unit = "weights"  # what one group of the map is (a sparsity target counts them)
     strengths = ("strength",)
     adaptive = True
     split = _elementwise
@@ -354,6 +372,10 @@ class L1(Regularizer):
     def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
         if self.strength != 0.0:
             _diag_(functools.partial(_elastic_net_metric_, l1=self.strength), tensors, inverse_steps)
+
+    def critical(self, tensors: Sequence[Tensor], inverse_steps: Sequence) -> list[Tensor]:
+        """abs(w_i)/t_i per element: the prox zeroes w_i exactly when the strength is at least that."""
+        return [(w * u).abs() for w, u in zip(tensors, inverse_steps, strict=True)]
 
 
 @register("l2")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .carrier import slots
 from .regularizers import Regularizer
 
-__all__ = ["Report", "Row", "report"]
+__all__ = ["Report", "Row", "Target", "report"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class Row:
     mode: str | None
     penalty: float | None  # R(w) at the current weights (whatever the mode), None if nothing is attached
     nonfinite: int = 0  # NaN and Inf entries: a diverged run, flagged in the table
+    step: str | None = None  # the step policy the last optimizer step took ("adaptive(Adam)", "sgd(SGD)", "lr", ...)
+    strength: float | None = None  # a sparsity target's current strength
 
     @property
     def sparsity(self) -> float:
@@ -34,10 +36,34 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Target:
+    """One sparsity target (``attach(..., sparsity=s, sparsity_steps=n)``) and where it stands."""
+
+    names: tuple[str, ...]
+    sparsity: float  # the fraction of zero groups asked after ``steps`` steps
+    steps: int
+    step: int  # optimizer steps taken so far
+    asked: float  # the fraction the ramp asked at the last step
+    reached: float  # the fraction of groups exactly zero now
+    groups: int
+    strength: float | None  # the strength of the last step
+    unit: str = "groups"  # what a group is: "weights" (L1), "groups", "channels"
+
+    def __str__(self) -> str:
+        names = ", ".join(self.names[:3]) + (f" and {len(self.names) - 3} more" if len(self.names) > 3 else "")
+        strength = "" if self.strength is None else f", strength {self.strength:.4g}"
+        return (
+            f"target: {self.sparsity:.1%} of {self.groups} {self.unit} zero by step {self.steps} ({names}): "
+            f"step {self.step}, asked {self.asked:.1%}, reached {self.reached:.1%}{strength}"
+        )
+
+
+@dataclass(frozen=True)
 class Report:
     """Rows and a total. ``str(report)`` is a table; index by canonical name for one row."""
 
     rows: tuple[Row, ...]
+    targets: tuple[Target, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -72,7 +98,7 @@ class Report:
         def fmt_penalty(p):
             return "-" if p is None else f"{p:.4g}"
 
-        header = ("name", "shape", "numel", "zeros", "sparsity", "regularizer", "penalty")
+        header = ("name", "shape", "numel", "zeros", "sparsity", "regularizer", "step", "penalty")
         body = [
             (
                 r.name,
@@ -81,6 +107,7 @@ class Report:
                 str(r.zeros),
                 f"{r.sparsity:.1%}",
                 "-" if r.regularizer is None else f"{r.regularizer} [{r.mode}]",
+                r.step or "-",
                 fmt_penalty(r.penalty),
             )
             for r in self.rows
@@ -93,11 +120,12 @@ class Report:
             str(self.zeros),
             f"{self.sparsity:.1%}",
             "",
+            "",
             fmt_penalty(self.penalty if has_penalty else None),
         )
         table = [header, *body, total]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-        right = {2, 3, 4, 6}
+        right = {2, 3, 4, 7}
 
         def line(row):
             return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
@@ -109,6 +137,7 @@ class Report:
                 f"{text}  !! {r.nonfinite} NaN/Inf" if r.nonfinite else text for text, r in zip(lines[2 : 2 + len(body)], self.rows, strict=True)
             ]
             lines.append(f"!! {self.nonfinite} NaN/Inf entries in {sum(1 for r in self.rows if r.nonfinite)} tensor(s)")
+        lines += [str(t) for t in self.targets]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -143,10 +172,15 @@ def report(model: nn.Module) -> Report:
         s for s in everything if not isinstance(s.param, nn.parameter.UninitializedParameter) and s.value().is_floating_point()
     ]
     rows = []
+    budgets: dict[int, tuple] = {}  # id(budget) -> (budget, [slots])
     with torch.no_grad():
         for s in chosen:
             w, effective = _whole(s.value()), _whole(s.effective())
-            reg = s.carrier.current() if s.carrier is not None else None
+            c = s.carrier
+            reg = c.current() if c is not None else None
+            budget = c.budget if c is not None else None
+            if budget is not None:
+                budgets.setdefault(id(budget), (budget, []))[1].append(s)
             rows.append(
                 Row(
                     name=s.name,
@@ -154,12 +188,49 @@ def report(model: nn.Module) -> Report:
                     numel=w.numel(),
                     zeros=int((effective == 0).sum()),
                     nonfinite=int((~torch.isfinite(effective)).sum()),
-                    regularizer=None if reg is None else repr(reg) + (" scheduled" if s.carrier.schedule else ""),
-                    mode=None if reg is None else s.carrier.mode,
+                    regularizer=None if reg is None else _describe(c),
+                    mode=None if reg is None else c.mode,
                     penalty=None if reg is None else float(reg.penalty(w)),
+                    step=None if c is None else c.ran,
+                    strength=None if budget is None else budget.strength,
                 )
             )
-    return Report(tuple(rows))
+        targets = tuple(_target(budget, members) for budget, members in budgets.values())
+    return Report(tuple(rows), targets)
+
+
+def _describe(carrier) -> str:
+    """The regularizer column: the call that made it, at its current strength."""
+    if carrier.budget is not None:
+        strength = carrier.budget.strength
+        now = "not stepped yet" if strength is None else f"strength {strength:.4g}"
+        return f"{type(carrier.regularizer).__name__} target {carrier.budget.sparsity:.0%} ({now})"
+    return repr(carrier.current()) + (" scheduled" if carrier.schedule else "")
+
+
+def _target(budget, members: list) -> Target:
+    """Where one sparsity target stands: its groups counted over every tensor that shares it."""
+    regularizer = members[0].carrier.regularizer
+    tensors = [_whole(s.value()) for s in members]
+    zero_groups = total = 0
+    by_regularizer: dict[int, list] = {}
+    for s, w in zip(members, tensors, strict=True):
+        by_regularizer.setdefault(id(s.carrier.regularizer), [s.carrier.regularizer, []])[1].append(w)
+    for regularizer, ws in by_regularizer.values():
+        for c in regularizer.critical(ws, [1.0] * len(ws)):  # a group is zero exactly when its critical strength is
+            zero_groups += int((c == 0).sum())
+            total += c.numel()
+    return Target(
+        names=tuple(s.name for s in members),
+        sparsity=budget.sparsity,
+        steps=budget.steps,
+        step=max(s.carrier.calls for s in members),
+        asked=budget.asked,
+        reached=zero_groups / total if total else 0.0,
+        groups=total,
+        strength=budget.strength,
+        unit=getattr(regularizer, "unit", "groups"),
+    )
 
 
 def tensor_report(tensors: Mapping[str, Tensor], spec: dict | None = None) -> Report:

@@ -43,7 +43,8 @@ from . import carrier as _carrier
 from .checkpoint import check_plain, folded
 from .coupled import CoupledGroupLasso
 from .errors import ParamregError
-from .lifecycle import attach, remove
+from .lifecycle import _step_policy, attach_regularizer, remove
+from .sparsity import Budget
 from .selection import resolve
 
 __all__ = ["attach_channels", "shrink"]
@@ -238,7 +239,10 @@ class _Graph:
         return self.model.get_submodule(name)
 
 
-def attach_channels(model: nn.Module, targets, strength: float, example_inputs, *, exclude=None, step="auto") -> list[str]:
+def attach_channels(
+    model: nn.Module, targets, strength: float | None = None, example_inputs=None, *, exclude=None, step="auto",
+    sparsity: float | None = None, sparsity_steps: int | None = None,
+) -> list[str]:
     r"""Group lasso over whole output channels, each group spanning every tensor coupled to it.
 
     For each conv or linear weight that ``targets`` selects (the same selection rule as
@@ -254,8 +258,15 @@ def attach_channels(model: nn.Module, targets, strength: float, example_inputs, 
     layers are not in the group: once the producers are zero they read zeros, and ``shrink``
     deletes them as well.
 
-    ``step`` is the step policy of :func:`paramreg.attach` (``"auto"``: with SGD and momentum β,
-    t = lr/(1 − β); ``"lr"``: t = lr).
+    ``step`` is the step policy of :func:`paramreg.attach`, with the same units as ``group_lasso``
+    under the same optimizer: ``"auto"`` takes SGD's step lr times its momentum buffer's fill, and
+    under Adam and the other adaptive optimizers the map in the optimizer's metric
+    (:meth:`paramreg.CoupledGroupLasso.prox_diag_`); ``"lr"``: t = lr.
+
+    ``sparsity=s, sparsity_steps=n`` asks for a fraction s of all the selected layers' channels
+    (one budget) to be exactly zero after n optimizer steps, along the ramp of
+    :func:`paramreg.attach` (Note [Target sparsity] in :mod:`paramreg.sparsity`); ``strength`` is
+    then optional (the value reported before the first step).
 
     Returns the canonical names attached (the selected weights and everything coupled to them).
     All members of a group must sit in one optimizer parameter group. Raises
@@ -274,6 +285,18 @@ def attach_channels(model: nn.Module, targets, strength: float, example_inputs, 
     where = f"attach_channels({targets!r})"
     if not isinstance(model, nn.Module):
         raise ParamregError(f"attach_channels: model must be a torch.nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        raise ParamregError(f"{where}: example_inputs are needed to trace the model's dependency graph")
+    budget = None
+    if sparsity is not None or sparsity_steps is not None:
+        if sparsity is None or sparsity_steps is None:
+            raise ParamregError(f"{where}: give sparsity=s and sparsity_steps=n together")
+        budget = Budget(sparsity, sparsity_steps)
+        if strength is not None:
+            budget.strength = CoupledGroupLasso(strength, channels=1).strength
+        strength = 1.0  # the target sets the strength at every step
+    elif strength is None:
+        raise ParamregError(f"{where}: give a strength, or a target with sparsity=s and sparsity_steps=n")
     CoupledGroupLasso(strength, channels=1)  # validates the strength
     chosen = resolve(model, targets, exclude)
     problems = [
@@ -314,7 +337,7 @@ def attach_channels(model: nn.Module, targets, strength: float, example_inputs, 
     done: list[str] = []
     try:
         for names, reg in plans:
-            done += attach(model, names, reg, step=step)
+            done += attach_regularizer(model, names, reg, step=_step_policy(reg, "prox", step, where), budget=budget, where=where)
     except BaseException:
         if done:
             remove(model, done)

@@ -63,7 +63,7 @@ from torch import Tensor
 
 from .errors import ParamregError
 
-__all__ = ["POLICIES", "KNOWN", "FILLING", "FILL_KEY", "metric", "inverse_steps", "sgd_factor", "next_fill"]
+__all__ = ["POLICIES", "KNOWN", "FILLING", "FILL_KEY", "FLOOR", "resolve", "metric", "floors", "inverse_steps", "sgd_factor", "next_fill"]
 
 POLICIES = ("auto", "lr", "adaptive")
 
@@ -87,16 +87,24 @@ def _moments(name: str, states: list[dict], key: str):
 # where the step is t = lr for every coordinate.
 
 
-def _adam(name, group, states, lr):
+def _floored_sqrt(v: list[Tensor], floors: list[Tensor] | None) -> list[Tensor]:
+    """sqrt(v), each tensor raised to its floor (Note [Safeguarded metric])."""
+    roots = torch._foreach_sqrt(v)
+    if floors is not None:
+        torch._foreach_maximum_(roots, floors)
+    return roots
+
+
+def _adam(name, group, states, lr, floors):
     beta2, eps = group["betas"][1], group["eps"]
-    v, counts = _moments(name, states, "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
-    inverse = torch._foreach_sqrt(v)
+    v, counts = _moments(name, states, _adam_key(group))
+    inverse = _floored_sqrt(v, floors)
     torch._foreach_mul_(inverse, [1.0 / (lr * math.sqrt(1.0 - beta2**k)) for k in counts])
     torch._foreach_add_(inverse, eps / lr)
     return inverse
 
 
-def _radam(name, group, states, lr):
+def _radam(name, group, states, lr, floors):
     beta2, eps = group["betas"][1], group["eps"]
     v, counts = _moments(name, states, "exp_avg_sq")
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
@@ -107,31 +115,34 @@ def _radam(name, group, states, lr):
             return None  # an unrectified step is plain momentum SGD: t = lr
         rect = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
         scales.append(lr * rect * math.sqrt(1.0 - beta2**k))
-    inverse = torch._foreach_sqrt(v)
+    inverse = _floored_sqrt(v, floors)
     torch._foreach_add_(inverse, eps)
     torch._foreach_div_(inverse, scales)
     return inverse
 
 
-def _adamax(name, group, states, lr):
+def _adamax(name, group, states, lr, floors):
     u, _ = _moments(name, states, "exp_inf")
-    return torch._foreach_div(u, lr)
+    inverse = torch._foreach_div(u, lr) if floors is None else torch._foreach_maximum(u, floors)
+    if floors is not None:
+        torch._foreach_div_(inverse, lr)
+    return inverse
 
 
-def _rmsprop(name, group, states, lr):
+def _rmsprop(name, group, states, lr, floors):
     v, _ = _moments(name, states, "square_avg")
     if group.get("centered"):
         m, _ = _moments(name, states, "grad_avg")
         v = [a.addcmul(b, b, value=-1) for a, b in zip(v, m, strict=True)]
-    inverse = torch._foreach_sqrt(v)
+    inverse = _floored_sqrt(v, floors)
     torch._foreach_add_(inverse, group["eps"])
     torch._foreach_div_(inverse, lr)  # lr includes the momentum's fill (inverse_steps)
     return inverse
 
 
-def _adagrad(name, group, states, lr):
+def _adagrad(name, group, states, lr, floors):
     sums, counts = _moments(name, states, "sum")
-    inverse = torch._foreach_sqrt(sums)
+    inverse = _floored_sqrt(sums, floors)
     torch._foreach_add_(inverse, group["eps"])
     decay = group.get("lr_decay", 0.0)
     torch._foreach_mul_(inverse, [(1.0 + (k - 1.0) * decay) / lr for k in counts])
@@ -153,7 +164,7 @@ def _first_fill(optimizer, group) -> float:
     if not momentum:
         return 0.0
     states = [optimizer.state.get(p) for p in group["params"]]
-    if type(optimizer) is torch.optim.SGD:
+    if resolve(optimizer) is torch.optim.SGD:
         started = any(s and s.get("momentum_buffer") is not None for s in states)
         return _settled(momentum, group.get("dampening", 0.0)) if started else 0.0
     counts = [float(s["step"]) for s in states if s and "step" in s]  # RMSprop counts its steps
@@ -169,7 +180,7 @@ def next_fill(optimizer, group: dict, previous: float | None) -> float:
     momentum = group.get("momentum", 0.0)
     if not momentum:
         return previous  # no momentum this step: the buffers do not move
-    if type(optimizer) is torch.optim.SGD:
+    if resolve(optimizer) is torch.optim.SGD:
         return momentum * previous + (1.0 - group["dampening"]) if previous else 1.0  # the first step sets buf = g
     return momentum * previous + 1.0
 
@@ -184,6 +195,10 @@ def sgd_factor(group: dict, fill: float | None = None) -> float:
     return 1.0 + momentum * c if group.get("nesterov") else c
 
 
+def _adam_key(group: dict) -> str:
+    return "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+
+
 # Optimizer class -> the function giving its inverse steps 1/t_i (None: t = lr).
 _DIAGONAL = {
     torch.optim.Adam: _adam,
@@ -194,44 +209,103 @@ _DIAGONAL = {
     torch.optim.RMSprop: _rmsprop,
     torch.optim.Adagrad: _adagrad,
 }
+# Diagonal optimizer -> what a coordinate's denominator before eps (in the units of its state, before
+# any bias correction) would be after k steps of a constant gradient of magnitude 1 (Note [Safeguarded metric]).
+_UNIT_DENOMINATOR = {
+    torch.optim.Adam: lambda group, k: math.sqrt(1.0 - group["betas"][1] ** k),
+    torch.optim.AdamW: lambda group, k: math.sqrt(1.0 - group["betas"][1] ** k),
+    torch.optim.NAdam: lambda group, k: math.sqrt(1.0 - group["betas"][1] ** k),
+    torch.optim.RAdam: lambda group, k: math.sqrt(1.0 - group["betas"][1] ** k),
+    torch.optim.Adamax: lambda group, k: 1.0,
+    torch.optim.RMSprop: lambda group, k: math.sqrt(1.0 - group["alpha"] ** k),
+    torch.optim.Adagrad: lambda group, k: math.sqrt(k),
+}
 _SCALAR = (torch.optim.SGD,)
 KNOWN = (*_DIAGONAL, *_SCALAR)
 FILLING = (torch.optim.SGD, torch.optim.RMSprop)  # a momentum buffer whose fill scales the step
 FILL_KEY = "paramreg_momentum_fill"  # where a group's fill goes in the optimizer's state_dict()
+#: The safeguard of the adaptive metric (Note [Safeguarded metric]): each coordinate's denominator
+#: is at least FLOOR times the root mean square of the denominators over its tensor.
+FLOOR = 1.0
+
+
+def resolve(optimizer) -> type | None:
+    """The torch optimizer class whose update ``optimizer`` runs: its own class if paramreg knows
+    it, else the nearest known base class whose ``step`` it does not override; None otherwise.
+
+    >>> import torch
+    >>> class LoggingAdam(torch.optim.Adam):
+    ...     pass
+    >>> class Mine(torch.optim.Adam):
+    ...     def step(self, closure=None):
+    ...         return super().step(closure)
+    >>> p = [torch.nn.Parameter(torch.zeros(1))]
+    >>> resolve(LoggingAdam(p)).__name__, resolve(Mine(p)), resolve(torch.optim.Rprop(p))
+    ('Adam', None, None)
+    """
+    cls = type(optimizer)
+    for base in cls.__mro__:
+        if base in _DIAGONAL or base in _SCALAR:
+            return base if cls.step is base.step else None
+    return None
 
 
 def metric(optimizer) -> str | None:
     """``"diagonal"`` (a step per coordinate), ``"scalar"`` (SGD: one step, lr times a momentum
-    factor), or None when paramreg does not know the optimizer's metric.
-
-    Exact classes only: a subclass may change the update, so it counts as unknown.
+    factor), or None when paramreg does not know the optimizer's metric (:func:`resolve`).
 
     >>> import torch
     >>> p = [torch.nn.Parameter(torch.zeros(1))]
     >>> metric(torch.optim.Adam(p)), metric(torch.optim.SGD(p, lr=0.1)), metric(torch.optim.Rprop(p))
     ('diagonal', 'scalar', None)
     """
-    if type(optimizer) in _DIAGONAL:
+    cls = resolve(optimizer)
+    if cls in _DIAGONAL:
         return "diagonal"
-    if type(optimizer) in _SCALAR:
+    if cls in _SCALAR:
         return "scalar"
     return None
 
 
-def inverse_steps(optimizer, group: dict, states: list[dict], lr: float, fill: float | None = None) -> list[Tensor] | None:
+def floors(optimizer, group: dict, params: list[Tensor], states: list[dict], ratio: float | None = None) -> list[Tensor] | None:
+    """Per parameter in ``params`` (with its optimizer state in ``states``): the floor of its
+    metric's denominators, FLOOR (or ``ratio``) times the root mean square of the gradient it was
+    just stepped with, in the units of the optimizer's state (Note [Safeguarded metric]); a 0-dim
+    tensor each, or None when the ratio is 0. One reduction over each gradient.
+    """
+    ratio = FLOOR if ratio is None else ratio
+    if not ratio:
+        return None
+    unit = _UNIT_DENOMINATOR[resolve(optimizer)]
+    grads = [p.grad for p in params]
+    if all(g.dtype in (torch.float32, torch.float64) for g in grads):
+        out = list(torch._foreach_norm(grads, 2))
+    else:  # half precision: the norm in float32
+        out = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)) for g in grads]
+    counts = [float(s["step"]) if "step" in s else 1.0 for s in states]
+    torch._foreach_mul_(out, [ratio * unit(group, k) / math.sqrt(max(p.numel(), 1)) for p, k in zip(params, counts, strict=True)])
+    return out
+
+
+def inverse_steps(
+    optimizer, group: dict, states: list[dict], lr: float, fill: float | None = None, floors: list[Tensor] | None = None
+) -> list[Tensor] | None:
     """The adaptive step of a diagonal-metric optimizer as inverse steps 1/t_i, one new tensor per
     entry of ``states`` (the optimizer's state of parameters it just stepped in ``group``, or the
     same slices of them), with ``lr`` standing for the group's learning rate; None where the step
     is t = lr for every coordinate (RAdam before rectification). ``fill``: the fill of the group's
     momentum buffers after this step, for RMSprop (None: the settled fill; Note [Momentum fill]).
+    ``floors``: per entry, the floor of the denominators (:func:`floors`, computed over the whole
+    tensors; None: the plain metric).
 
     1/t_i is the metric's weight: the prox minimizes Σ_i (1/t_i)(z_i − w_i)²/2 + R(z). It is
     finite, and positive when the optimizer's eps is (a zero, possible with eps=0, is raised to
     the smallest normal number: a step so large that the prox returns its minimizer, 0 for L1).
     """
-    if type(optimizer) is torch.optim.RMSprop and group.get("momentum", 0.0):
+    cls = resolve(optimizer)
+    if cls is torch.optim.RMSprop and group.get("momentum", 0.0):
         lr *= _settled(group["momentum"]) if fill is None else fill
-    inverse = _DIAGONAL[type(optimizer)](type(optimizer).__name__, group, states, lr)
+    inverse = _DIAGONAL[cls](cls.__name__, group, states, lr, floors)
     if inverse is not None and not group.get("eps", 1.0) > 0:
         torch._foreach_clamp_min_(inverse, torch.finfo(inverse[0].dtype).tiny)
     return inverse

@@ -23,13 +23,33 @@ Note [Plans]
     unbound or changed anywhere, or when the optimizer's parameter groups change. A regularizer
     with ``every = k > 1`` (``NuclearNorm``) is applied to a tensor on every k-th step that
     updates it, with step k·t; each carrier counts its own steps, which is also the step count a
-    strength schedule reads.
+    strength schedule and a sparsity target read.
+
+Note [Which optimizers paramreg knows]
+    An optimizer's step policy depends on the update it runs (Note [Step policies] in
+    step_sizes.py). A subclass that does not override ``step`` (a logging or configuration
+    subclass) runs its base class's update and is treated as that class; one that overrides
+    ``step``, and any optimizer paramreg does not know (``Adafactor``, third-party ones), takes
+    t = lr, and the first step warns once per optimizer, naming it, the tensors and the policy. The
+    policy each tensor's last step took shows in ``report`` and ``print(model)``
+    (``adaptive(Adam)``, ``sgd(SGD)``, ``lr``, ``projection``).
+
+Note [Resume]
+    A run is resumed the way Lightning and the Hugging Face Trainer do it: build the model, make
+    the same ``attach`` calls, then ``model.load_state_dict(...)`` and
+    ``optimizer.load_state_dict(...)``. The model's state_dict keeps its plain keys; what paramreg
+    needs beyond it travels in the optimizer's: each parameter group records the step counts of
+    its scheduled, targeted and ``every``-k tensors under ``STEPS_KEY`` (and SGD's and RMSprop's
+    momentum fill under ``FILL_KEY``). The first step after ``load_state_dict`` sets the carriers'
+    counts from there and removes the key from the live group, so the resumed run continues
+    exactly where the saved one stopped.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import warnings
 import weakref
 
 import torch
@@ -42,11 +62,16 @@ from .errors import ParamregError
 
 __all__ = ["penalty", "prox_step"]
 
+STEPS_KEY = "paramreg_steps"  # where a group's carriers' step counts go in the optimizer's state_dict()
+
 _hook_handle = None
 _pre_hook_handle = None
 _plans: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
 # SGD and RMSprop -> [group, fill] per parameter group, in the optimizer's order (Note [Momentum fill])
 _fills: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list[list]]" = weakref.WeakKeyDictionary()
+# Optimizers whose state_dict() paramreg writes into (Note [Resume]), and those warned about.
+_saving: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+_warned: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 
 
 def install_hook() -> None:
@@ -67,14 +92,14 @@ def _before_step(optimizer, args, kwargs) -> None:
     buffers exist yet. An optimizer is tracked from the first step it takes while a carrier is
     live, and then on every step, so that its fills stay current while nothing is attached.
     """
-    if type(optimizer) not in step_sizes.FILLING:
+    if step_sizes.resolve(optimizer) not in step_sizes.FILLING:
         return
     fills = _fills.get(optimizer)
     if fills is None:
         if not _carrier.live_carriers():
             return
         fills = _fills[optimizer] = []
-        optimizer.register_state_dict_post_hook(_save_fills)
+        _save_with(optimizer)
     groups = optimizer.param_groups
     if len(fills) > len(groups):
         del fills[len(groups) :]
@@ -87,14 +112,46 @@ def _before_step(optimizer, args, kwargs) -> None:
             fills[i][1] = step_sizes.next_fill(optimizer, group, fills[i][1])
 
 
-def _save_fills(optimizer, state_dict) -> None:
-    """``state_dict()`` post-hook: record each group's momentum fill, so ``load_state_dict`` resumes it."""
-    fills = _fills.get(optimizer)
-    if not fills:
-        return
+def _save_with(optimizer) -> None:
+    """Make ``optimizer.state_dict()`` record what a resumed run needs (Note [Resume])."""
+    if optimizer not in _saving:
+        _saving.add(optimizer)
+        optimizer.register_state_dict_post_hook(_save_state)
+
+
+def _save_state(optimizer, state_dict) -> None:
+    """``state_dict()`` post-hook: record each group's momentum fill and its carriers' step counts,
+    so that ``load_state_dict`` resumes them (Note [Resume])."""
+    fills = _fills.get(optimizer) or []
     for (group, fill), live, saved in zip(fills, optimizer.param_groups, state_dict["param_groups"], strict=False):
         if group is live and fill:
             saved[step_sizes.FILL_KEY] = fill
+    cached = _plans.get(optimizer)
+    if cached is None:
+        return
+    for index, group, buckets in cached[1]:
+        counts = {}
+        for bucket in buckets:
+            if bucket.counted:
+                counts.update({id(p): c.calls for p, c in zip(bucket.params, bucket.carriers, strict=True)})
+        if counts and index < len(state_dict["param_groups"]):
+            state_dict["param_groups"][index][STEPS_KEY] = [
+                [position, counts[id(p)]] for position, p in enumerate(group["params"]) if id(p) in counts
+            ]
+
+
+def _restore_counts(group: dict, by_param: dict) -> None:
+    """Set the step counts a loaded optimizer state recorded for ``group`` (Note [Resume])."""
+    saved = group.pop(STEPS_KEY, None)
+    if not saved:
+        return
+    params = group["params"]
+    for position, calls in saved:
+        c = by_param.get(id(params[position])) if position < len(params) else None
+        if c is not None:
+            c.calls = int(calls)
+            if c.schedule is not None:
+                c.factor = _factor(c, c.schedule(c.calls))
 
 
 def _fill(optimizer, index: int, group) -> float | None:
@@ -113,13 +170,14 @@ def _signature(optimizer) -> tuple:
 class _Bucket:
     """Tensors of one parameter group that share a regularizer object and a step policy."""
 
-    __slots__ = ("regularizer", "policy", "params", "carriers", "counted")
+    __slots__ = ("regularizer", "policy", "params", "carriers", "counted", "budget")
 
-    def __init__(self, regularizer, policy: str):
-        self.regularizer, self.policy = regularizer, policy
+    def __init__(self, regularizer, policy: str, budget=None):
+        self.regularizer, self.policy, self.budget = regularizer, policy, budget
         self.params: list[Tensor] = []
         self.carriers: list = []
-        self.counted = False  # True: per-carrier step counts matter (a schedule, every > 1, penalty mode)
+        # True: per-carrier step counts matter (a schedule, a target, every > 1, penalty mode)
+        self.counted = budget is not None
 
 
 def _policy(carrier, metric: str | None, optimizer) -> str:
@@ -131,13 +189,42 @@ def _policy(carrier, metric: str | None, optimizer) -> str:
         known = ", ".join(sorted(c.__name__ for c in step_sizes.KNOWN))
         raise ParamregError(
             f"'{carrier.name}' was attached with step='adaptive', but paramreg does not know the metric of "
-            f"{type(optimizer).__name__} (it knows {known}): attach it with step='lr', or leave step at its default"
+            f"{type(optimizer).__name__} (it knows {known} and subclasses that do not override step()): "
+            f"attach it with step='lr', or leave step at its default"
         )
     if carrier.regularizer.kind == "constraint" or carrier.step == "lr" or metric is None:
         return "lr"  # a projection takes no step size (Constraint.prox_diag)
     if metric == "scalar":
         return "scalar"  # SGD: lr times its momentum factor, for any regularizer
     return "adaptive" if carrier.regularizer.adaptive else "lr"
+
+
+def _label(carrier, policy: str, optimizer) -> str:
+    """What ``report`` and ``print(model)`` show as the step policy that ran (Note [Which optimizers paramreg knows])."""
+    if carrier.regularizer.kind == "constraint":
+        return "projection"
+    known = step_sizes.resolve(optimizer)
+    if policy == "adaptive":
+        return f"adaptive({known.__name__})"
+    if policy == "scalar":
+        return f"sgd({known.__name__})"
+    return "lr"
+
+
+def _warn_unknown(optimizer, carriers: list) -> None:
+    """Once per optimizer: paramreg does not know its update, so t = lr (Note [Which optimizers paramreg knows])."""
+    if optimizer in _warned:
+        return
+    _warned.add(optimizer)
+    names = ", ".join(repr(c.name) for c in carriers[:3]) + (f" and {len(carriers) - 3} more" if len(carriers) > 3 else "")
+    cls = type(optimizer)
+    why = "overrides step()" if any(b in step_sizes.KNOWN for b in cls.__mro__) else "is not one paramreg knows"
+    warnings.warn(
+        f"paramreg: {cls.__name__} {why}, so paramreg cannot take the proximal step in its metric; {names} take "
+        f"the step t = lr (the decoupled form: L1(a) shrinks each weight by lr·a per step), not the step the "
+        f"optimizer took. Attach with step='lr' to say that this is intended.",
+        stacklevel=4,
+    )
 
 
 def _build_plan(optimizer) -> list:
@@ -149,16 +236,21 @@ def _build_plan(optimizer) -> list:
                 by_param[id(leaf)] = c
     metric = step_sizes.metric(optimizer)
     plan = []
+    guessed = []
     for index, group in enumerate(optimizer.param_groups):
+        _restore_counts(group, by_param)
         buckets: dict[tuple, _Bucket] = {}
         for p in group["params"]:
             c = by_param.get(id(p))
             if c is None:
                 continue
             policy = _policy(c, metric, optimizer)
+            if metric is None and c.step == "auto" and c.mode == "prox" and c.regularizer.kind != "constraint":
+                guessed.append(c)
+            c.ran = _label(c, policy, optimizer) if policy != "count" else None
             bucket = buckets.get((id(c.regularizer), policy))
             if bucket is None:
-                bucket = buckets[id(c.regularizer), policy] = _Bucket(c.regularizer, policy)
+                bucket = buckets[id(c.regularizer), policy] = _Bucket(c.regularizer, policy, c.budget)
             bucket.params.append(p)
             bucket.carriers.append(c)
             bucket.counted |= c.schedule is not None or getattr(c.regularizer, "every", 1) != 1 or policy == "count"
@@ -170,6 +262,10 @@ def _build_plan(optimizer) -> list:
                     f"or attach with mode='penalty'"
                 )
             plan.append((index, group, list(buckets.values())))
+    if guessed:
+        _warn_unknown(optimizer, guessed)
+    if plan:
+        _save_with(optimizer)
     return plan
 
 
@@ -195,7 +291,8 @@ def _after_step(optimizer, args, kwargs) -> None:
         _plans[optimizer] = cached
     if not cached[1]:
         return
-    filling = type(optimizer) in step_sizes.FILLING
+    filling = step_sizes.resolve(optimizer) in step_sizes.FILLING
+    targeted: dict[int, tuple] = {}  # id(budget) -> (budget, [(bucket, tensors, lr, group, fill)])
     with torch.no_grad():
         for index, group, buckets in cached[1]:
             lr = float(group["lr"]) if "lr" in group else 0.0
@@ -205,6 +302,16 @@ def _after_step(optimizer, args, kwargs) -> None:
                     stepped = [p for p in bucket.params if p.grad is not None]
                     if stepped:
                         _apply(bucket, stepped, lr, optimizer, group, fill)
+                    continue
+                if bucket.budget is not None:
+                    stepped = []
+                    for p, c in zip(bucket.params, bucket.carriers, strict=True):
+                        if p.grad is not None:
+                            c.calls += 1
+                            stepped.append(p)
+                    if stepped:
+                        work = targeted.setdefault(id(bucket.budget), (bucket.budget, []))[1]
+                        work.append((bucket, stepped, lr, group, fill))
                     continue
                 # per tensor: advance its step count; group the tensors due now by their multiplier
                 due: dict[float, list[Tensor]] = {}
@@ -220,6 +327,8 @@ def _after_step(optimizer, args, kwargs) -> None:
                         due.setdefault(factor, []).append(p)
                 for factor, tensors in due.items():
                     _apply(bucket, tensors, lr * factor * every, optimizer, group, fill)
+        for budget, work in targeted.values():
+            _apply_target(budget, work, optimizer)
 
 
 def _factor(carrier, value) -> float:
@@ -234,25 +343,67 @@ def _factor(carrier, value) -> float:
     return float(value)
 
 
+def _inverse(bucket: _Bucket, tensors: list[Tensor], t: float, optimizer, group, fill: float | None, states=None, floors=None):
+    """The step of ``bucket``'s policy for ``tensors``: inverse steps 1/t_i (a tensor per tensor) in
+    an optimizer's metric, else the step t itself (a number)."""
+    if bucket.policy == "scalar":
+        return t * step_sizes.sgd_factor(group, fill)
+    if bucket.policy == "adaptive":
+        if states is None:
+            states = [optimizer.state[p] for p in tensors]
+            floors = step_sizes.floors(optimizer, group, tensors, states)
+        inverse = step_sizes.inverse_steps(optimizer, group, states, t, fill, floors)
+        if inverse is not None:
+            return list(inverse)
+    return t
+
+
+def _map(regularizer, tensors: list[Tensor], step) -> None:
+    """The proximal map over ``tensors`` with ``step`` from :func:`_inverse` (inverse steps are consumed)."""
+    if isinstance(step, list):
+        regularizer.prox_diag_(tensors, step)
+    else:
+        regularizer.prox_(tensors, step)
+
+
 def _apply(bucket: _Bucket, tensors: list[Tensor], t: float, optimizer, group, fill: float | None) -> None:
     """One multi-tensor proximal map over ``tensors`` with step ``t`` (scaled by SGD's momentum
     factor, or per coordinate by the optimizer's metric under the adaptive policy; ``fill``: the
     group's momentum fill, Note [Momentum fill])."""
-    if t == 0.0 and bucket.regularizer.kind != "constraint":
+    regularizer = bucket.regularizer
+    if regularizer.remembers:
+        memories = {id(p): c.memory for p, c in zip(bucket.params, bucket.carriers, strict=True)}
+        regularizer.project_(tensors, [memories[id(p)] for p in tensors])
         return
-    if bucket.policy == "scalar":
-        t *= step_sizes.sgd_factor(group, fill)
-    elif bucket.policy == "adaptive":
-        regularizer = bucket.regularizer
-        states = [optimizer.state[p] for p in tensors]
-        for block, block_states in _blocks(tensors, states, regularizer):
-            inverse = step_sizes.inverse_steps(optimizer, group, block_states, t, fill)
-            if inverse is None:
-                regularizer.prox_(block, t)
-            else:
-                regularizer.prox_diag_(block, inverse)
+    if t == 0.0 and regularizer.kind != "constraint":
         return
-    bucket.regularizer.prox_(tensors, t)
+    if bucket.policy != "adaptive":
+        _map(regularizer, tensors, _inverse(bucket, tensors, t, optimizer, group, fill))
+        return
+    states = [optimizer.state[p] for p in tensors]
+    floors = step_sizes.floors(optimizer, group, tensors, states)
+    for indices, block, block_states in _blocks(tensors, states, regularizer):
+        block_floors = None if floors is None else [floors[i] for i in indices]
+        _map(regularizer, block, _inverse(bucket, block, t, optimizer, group, fill, block_states, block_floors))
+
+
+def _apply_target(budget, work: list[tuple], optimizer) -> None:
+    """The proximal maps of one sparsity target over everything the step updated, with the strength
+    calibrated on this step's iterate (Note [Target sparsity] in sparsity.py)."""
+    steps, criticals = [], []
+    k = 0
+    for bucket, tensors, lr, group, fill in work:
+        step = _inverse(bucket, tensors, lr, optimizer, group, fill)
+        steps.append(step)
+        inverse = step if isinstance(step, list) else [1.0 / step if step else math.inf] * len(tensors)
+        criticals += bucket.regularizer.critical(tensors, inverse)
+        k = max(k, max(c.calls for p, c in zip(bucket.params, bucket.carriers, strict=True) if p.grad is not None))
+    strength = budget.calibrate(criticals, k)
+    for (bucket, tensors, *_), step in zip(work, steps, strict=True):
+        for c in bucket.carriers:
+            c.factor = strength
+        if strength:
+            _map(bucket.regularizer.scaled(strength), tensors, step)
 
 
 # Elements per block of the adaptive prox on the CPU: its scratch tensors (the inverse steps) and
@@ -261,7 +412,7 @@ BLOCK = 1 << 17
 
 
 def _blocks(tensors: list[Tensor], states: list[dict], regularizer):
-    """(tensors, optimizer states) in blocks of about ``BLOCK`` elements.
+    """(indices into ``tensors``, tensors, optimizer states) in blocks of about ``BLOCK`` elements.
 
     Note [Blocks]
         The adaptive prox takes several elementwise passes (the optimizer's steps from its state,
@@ -275,33 +426,33 @@ def _blocks(tensors: list[Tensor], states: list[dict], regularizer):
         (``Regularizer.split``): an elementwise map into flat slices, a group map whose groups lie
         within rows into slices of rows, each with the same slices of the optimizer's state.
         Small tensors are gathered until a block is full. Anything else (an accelerator, a
-        tensor subclass such as DTensor, a non-contiguous tensor or state) is one block.
+        tensor subclass such as DTensor, a non-contiguous tensor or state, a map that couples
+        tensors) is one block. The safeguard's floors (Note [Safeguarded metric]) are taken over
+        whole tensors before blocking, so blocks change no value.
     """
-    if tensors[0].device.type != "cpu":
-        yield tensors, states
+    if tensors[0].device.type != "cpu" or regularizer.joint:
+        yield range(len(tensors)), tensors, states
         return
-    small: list[Tensor] = []
-    small_states: list[dict] = []
+    small: list[int] = []
     filled = 0
-    for p, state in zip(tensors, states, strict=True):
+    for i, (p, state) in enumerate(zip(tensors, states, strict=True)):
         n = p.numel()
         split = regularizer.split(p.dim()) if n > BLOCK and _sliceable(p, state) else None
         if split is None:
-            small.append(p)
-            small_states.append(state)
+            small.append(i)
             filled += n
             if filled >= BLOCK:
-                yield small, small_states
-                small, small_states, filled = [], [], 0
+                yield small, [tensors[j] for j in small], [states[j] for j in small]
+                small, filled = [], 0
             continue
         if split == "elements":
             p, state = p.view(-1), {k: v.view(-1) if _alike(v, p) else v for k, v in state.items()}
         step = max(1, BLOCK * p.shape[0] // n)  # elements: BLOCK; rows: as many rows as fit
         for start in range(0, p.shape[0], step):
             end = start + step
-            yield [p[start:end]], [{k: v[start:end] if _alike(v, p) else v for k, v in state.items()}]
+            yield [i], [p[start:end]], [{k: v[start:end] if _alike(v, p) else v for k, v in state.items()}]
     if small:
-        yield small, small_states
+        yield small, [tensors[j] for j in small], [states[j] for j in small]
 
 
 def _alike(value, p: Tensor) -> bool:

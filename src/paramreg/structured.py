@@ -194,6 +194,10 @@ class GroupLasso(Regularizer):
         if self.strength != 0.0:
             _diag_rows_together_(self, tensors, inverse_steps)
 
+    def critical(self, tensors: Sequence[Tensor], inverse_steps: Sequence) -> list[Tensor]:
+        """‖w_g / t_g‖₂ / c_g per group: the prox zeroes group g exactly when the strength is at least that."""
+        return [group_norms(w * u, self.groups, dtype=_accurate(w)) / self._c(w) for w, u in zip(tensors, inverse_steps, strict=True)]
+
 
 @register("sparse_group_lasso")
 @dataclass(frozen=True)

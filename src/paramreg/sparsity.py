@@ -1,0 +1,95 @@
+"""Target sparsity: a strength set at every step so that a chosen fraction of groups is exactly zero.
+
+Note [Target sparsity]
+    ``attach(..., sparsity=s, sparsity_steps=n)`` asks that after n optimizer steps the tensors
+    selected by that call hold, together, the fraction s of exactly zero groups (elements for
+    ``l1``, groups for ``group_lasso``, channels for ``attach_channels``), and keep it from then
+    on. The fraction asked at step k (k = 1 for the first step) is the cubic ramp of Zhu & Gupta
+    (2017), which prunes fast while the network has redundancy and slowly near the end::
+
+        s_k = s·(1 − (1 − min(k, n)/n)³)
+
+    The strength is calibrated on each step's own iterate. After the optimizer's update w⁺, every
+    group g has a *critical strength* c_g: the smallest strength at which the proximal map, with
+    the step its step policy gives (t_g, or t_i per coordinate in an optimizer's metric), maps the
+    group to zero (``Regularizer.critical``)::
+
+        L1                  c_i = abs(w⁺_i) / t_i
+        group lasso         c_g = ‖w⁺_g / t_g‖₂ / c          (c = sqrt(group size) if weighted)
+        coupled channels    c_k = sqrt(Σ_m ‖m⁺_k / t_k‖²)     (every member m of channel k)
+
+    With N groups in the tensors that the step updated and m = round(s_k·N), the step's strength
+    is the m-th smallest c_g (0 while m = 0), and the proximal map is applied with it: exactly the
+    m groups of smallest critical strength become zero (more only where several share the m-th
+    value), every other group is shrunk as L1 or group lasso shrinks it at that strength. It is
+    the smallest strength that reaches s_k on this step, so the method stays a proximal method
+    whose strength follows a path, not a mask: zeros come back when their gradient outweighs it.
+    In an optimizer's metric c_i = abs(w⁺_i)·(sqrt(v̂_i) + eps)/lr for Adam, a weight's magnitude
+    times its gradient scale; with SGD it is the magnitude over lr·fill.
+
+    The step count k is the count of steps that updated the tensors (``Carrier.calls``), which a
+    resumed run restores from the optimizer's state_dict (Note [Resume] in stepping.py), so a
+    resumed run continues the ramp exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import ParamregError
+
+__all__ = ["Budget", "ramp"]
+
+
+def ramp(sparsity: float, steps: int, k: int) -> float:
+    """The fraction of zero groups asked at step k: s·(1 − (1 − min(k, n)/n)³).
+
+    >>> [round(ramp(0.9, 10, k), 4) for k in (0, 1, 5, 10, 20)]
+    [0.0, 0.2439, 0.7875, 0.9, 0.9]
+    """
+    done = min(max(k, 0), steps) / steps
+    return sparsity * (1.0 - (1.0 - done) ** 3)
+
+
+def _fraction(label: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ParamregError(f"{label} must be a number strictly between 0 and 1 (a fraction of groups), got {value!r}")
+    return float(value)
+
+
+@dataclass
+class Budget:
+    """One sparsity target shared by the tensors of one ``attach`` call (Note [Target sparsity]).
+
+    ``strength`` is the strength the last step used (None before the first step), ``asked`` the
+    fraction that step asked for.
+    """
+
+    sparsity: float
+    steps: int
+    strength: float | None = None
+    asked: float = 0.0
+
+    def __post_init__(self):
+        self.sparsity = _fraction("sparsity", self.sparsity)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ParamregError(
+                f"sparsity_steps must be an int >= 1 (the optimizer steps over which sparsity ramps up to "
+                f"{self.sparsity}), got {self.steps!r}"
+            )
+
+    def calibrate(self, criticals: list[Tensor], k: int) -> float:
+        """The strength of step ``k`` from the critical strengths of every group the step updated."""
+        self.asked = ramp(self.sparsity, self.steps, k)
+        values = torch.cat([c.reshape(-1).float() for c in criticals]) if criticals else torch.zeros(0)
+        m = round(self.asked * values.numel())
+        strength = float(values.kthvalue(m).values) if m else 0.0
+        self.strength = strength if math.isfinite(strength) else 0.0
+        return self.strength
+
+    def to_dict(self) -> dict:
+        return {"target": self.sparsity, "steps": self.steps}

@@ -1,0 +1,403 @@
+"""What a strength means, and asking for sparsity instead: the step policy that ran, near-zero
+strengths, target sparsity, keep_zeros, resuming schedules and targets, set_strength on coupled
+groups (issue: "Say the sparsity you want")."""
+
+import copy
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import paramreg
+from paramreg import ParamregError
+from paramreg.sparsity import ramp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from quickstart import SmallCNN, load_data  # noqa: E402
+
+DIGITS = load_data()
+TARGETS = ["conv*.weight", "fc*.weight"]
+OPTIMIZERS = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "Adam": lambda p: torch.optim.Adam(p, lr=3e-3),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=3e-3),
+}
+
+
+def train(model, opt, steps, seed=0, start=0):
+    """``steps`` minibatch steps on the digits, batches drawn from ``seed`` (from step ``start`` on)."""
+    x, _, y, _ = DIGITS
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, len(x), (32,), generator=g) for _ in range(start + steps)][start:]
+    for b in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x[b]), y[b]).backward()
+        opt.step()
+    return model
+
+
+@torch.no_grad()
+def accuracy(model):
+    _, x, _, y = DIGITS
+    model.eval()
+    out = float((model(x).argmax(1) == y).float().mean())
+    model.train()
+    return out
+
+
+# ---- 1. one visible meaning -----------------------------------------------------------------
+
+
+class LoggingAdam(torch.optim.Adam):
+    """A subclass that only adds a method: it runs Adam's update."""
+
+    def lr(self):
+        return self.param_groups[0]["lr"]
+
+
+class OverridingAdam(torch.optim.Adam):
+    def step(self, closure=None):
+        return super().step(closure)
+
+
+def test_a_subclass_that_does_not_override_step_is_its_base_class():
+    results = {}
+    for cls in (torch.optim.Adam, LoggingAdam):
+        torch.manual_seed(0)
+        model = SmallCNN()
+        paramreg.attach(model, TARGETS, l1=3e-3)
+        train(model, cls(model.parameters(), lr=3e-3), 60)
+        results[cls] = model
+        assert paramreg.report(model)["fc1.weight"].step == "adaptive(Adam)"
+    for a, b in zip(results[torch.optim.Adam].parameters(), results[LoggingAdam].parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert paramreg.report(results[LoggingAdam]).sparsity > 0.1
+
+
+def test_an_optimizer_paramreg_cannot_map_warns_once_naming_it_the_tensor_and_the_policy():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    paramreg.attach(model, "fc2.weight", l1=1e-3)
+    opt = OverridingAdam(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, 3)
+    ours = [w for w in caught if "paramreg" in str(w.message)]
+    assert len(ours) == 1
+    message = str(ours[0].message)
+    assert "OverridingAdam" in message and "'fc2.weight'" in message and "t = lr" in message
+    assert paramreg.report(model)["fc2.weight"].step == "lr"
+    with warnings.catch_warnings(record=True) as caught:  # step='lr' says it is intended: silent
+        warnings.simplefilter("always")
+        other = SmallCNN()
+        paramreg.attach(other, "fc2.weight", l1=1e-3, step="lr")
+        train(other, OverridingAdam(other.parameters(), lr=1e-3), 2)
+    assert not [w for w in caught if "paramreg" in str(w.message)]
+
+
+def test_adafactor_warns_and_takes_t_equal_lr():
+    model = nn.Linear(4, 3)
+    paramreg.attach(model, "weight", l1=1.0)
+    opt = torch.optim.Adafactor(model.parameters(), lr=0.01)
+    with pytest.warns(UserWarning, match="Adafactor is not one paramreg knows"):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    assert paramreg.report(model)["weight"].step == "lr"
+
+
+@pytest.mark.parametrize(
+    "make_opt, label",
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1), "sgd(SGD)"),
+        (lambda p: torch.optim.Adam(p), "adaptive(Adam)"),
+        (lambda p: torch.optim.AdamW(p), "adaptive(AdamW)"),
+        (lambda p: torch.optim.RMSprop(p), "adaptive(RMSprop)"),
+    ],
+)
+def test_report_and_repr_show_the_step_policy_that_ran(make_opt, label):
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    paramreg.attach(model, "0.weight", l1=1e-3)
+    paramreg.attach(model, "2.weight", max_norm=1.0)
+    paramreg.attach(model, "0.bias", l2=1e-3, step="lr")
+    assert "step=" not in repr(model[0].parametrizations.weight[0])  # nothing ran yet
+    assert paramreg.report(model)["0.weight"].step is None
+    opt = make_opt(model.parameters())
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    r = paramreg.report(model)
+    assert (r["0.weight"].step, r["2.weight"].step, r["0.bias"].step) == (label, "projection", "lr")
+    assert f"step={label}" in repr(model[0].parametrizations.weight[0])
+    assert label in str(r)
+
+
+def test_attach_channels_and_group_lasso_take_the_same_units_under_adam():
+    """A conv with no bias and no BatchNorm: its coupled channel group is its filter, so the two
+    regularizers are the same function, and under Adam they must give the same weights."""
+    models = []
+    for how in ("group_lasso", "attach_channels"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+        if how == "group_lasso":
+            paramreg.attach(model, "0.weight", group_lasso=0.3)
+        else:
+            paramreg.attach_channels(model, "0.weight", 0.3, torch.randn(1, 1, 8, 8))
+        train(model, torch.optim.Adam(model.parameters(), lr=3e-3), 30)
+        assert paramreg.report(model)["0.weight"].step == "adaptive(Adam)"
+        models.append(model)
+    torch.testing.assert_close(models[0][0].weight, models[1][0].weight, rtol=1e-5, atol=1e-7)
+    zero = models[0][0].weight.flatten(1).norm(dim=1) == 0
+    assert 0 < int(zero.sum()) < 8, "the strength zeroes some filters, not all"
+
+
+# ---- 2. a near-zero strength is nearly off ------------------------------------------------------
+
+
+class Bag(nn.Module):
+    """Mean of token embeddings -> class. Tokens 0-89 are frequent; 90-99 appear in one batch in 100."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(100, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        return self.head(self.embedding(tokens).mean(1))
+
+
+def bag_run(make_opt, l1, steps=300, floor=None):
+    torch.manual_seed(0)
+    model = Bag()
+    if l1:
+        paramreg.attach(model, ["embedding.weight", "head.weight"], l1=l1)
+    opt = make_opt(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    for k in range(steps):
+        tokens = torch.randint(0, 90, (32, 8), generator=g)
+        if k % 100 == 0:
+            tokens[:, 0] = torch.randint(90, 100, (32,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(tokens), tokens[:, 1] % 4).backward()
+        opt.step()
+    weights = torch.cat([model.embedding.weight.detach().flatten(), model.head.weight.detach().flatten()])
+    rare_wiped = int((model.embedding.weight[90:] == 0).all(1).sum())
+    return float((weights == 0).float().mean()), rare_wiped
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_a_strength_a_thousand_times_below_half_sparsity_is_nearly_off(name):
+    make_opt = {"SGD": lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9), "Adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+                "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2)}[name]
+    tiny = {"SGD": 3e-6, "Adam": 1e-6, "AdamW": 1e-6}[name]
+    half, _ = bag_run(make_opt, 1000 * tiny)
+    assert half >= 0.5, "1000x the tiny strength gives at least half zeros, so the tiny one is <= a50/1000"
+    base, _ = bag_run(make_opt, None)
+    small, wiped = bag_run(make_opt, tiny)
+    assert small - base <= 0.01
+    assert wiped == 0, "rows whose gradient is zero on most steps are not wiped by a tiny strength"
+
+
+def test_the_plain_metric_wipes_rare_rows_and_the_safeguarded_default_does_not(monkeypatch):
+    """What the safeguard prevents: in Adam's plain metric a row whose gradient is zero on most
+    steps has v near 0 and a step near lr/eps, so l1=1e-4 (a tenth of a50 here) wipes it."""
+    _, kept = bag_run(lambda p: torch.optim.Adam(p, lr=1e-2), 1e-4)
+    monkeypatch.setattr(paramreg.step_sizes, "FLOOR", 0.0)
+    _, wiped = bag_run(lambda p: torch.optim.Adam(p, lr=1e-2), 1e-4)
+    assert kept == 0 and wiped >= 5
+
+
+# ---- 3. target sparsity ---------------------------------------------------------------------------
+
+
+def test_ramp_is_cubic_and_holds():
+    assert ramp(0.8, 100, 0) == 0.0
+    assert ramp(0.8, 100, 100) == pytest.approx(0.8) and ramp(0.8, 100, 1000) == pytest.approx(0.8)
+    assert ramp(0.8, 100, 50) == pytest.approx(0.8 * (1 - 0.5**3))
+    values = [ramp(0.8, 100, k) for k in range(101)]
+    assert values == sorted(values)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_target_sparsity_is_reached_on_every_seed_without_collapse(name, seed):
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    names = paramreg.attach(model, TARGETS, sparsity=0.9, sparsity_steps=120)
+    opt = OPTIMIZERS[name](model.parameters())
+    train(model, opt, 120, seed=seed)
+    target = paramreg.report(model).targets[0]
+    assert target.names == tuple(names) and target.step == 120
+    assert abs(target.reached - 0.9) <= 0.01
+    train(model, opt, 40, seed=seed, start=120)  # held after the ramp
+    r = paramreg.report(model)
+    zeros = sum(r[n].zeros for n in names) / sum(r[n].numel for n in names)
+    assert abs(zeros - 0.9) <= 0.01 and abs(r.targets[0].reached - zeros) < 1e-12
+    assert accuracy(model) > 0.6, "far above chance (0.1)"
+
+
+class ChannelNet(nn.Module):
+    """Two conv-BN-ReLU layers (16 and 32 channels), pooling and a classifier, for the digits."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_attach_channels_target_removes_the_asked_fraction_of_channels(name, seed):
+    torch.manual_seed(seed)
+    model = ChannelNet()
+    paramreg.attach_channels(model, "conv*.weight", example_inputs=torch.randn(2, 1, 8, 8), sparsity=0.5, sparsity_steps=80)
+    opt = OPTIMIZERS[name](model.parameters())
+    train(model, opt, 100, seed=seed)
+    target = paramreg.report(model).targets[0]
+    assert target.groups == 48 and abs(target.reached - 0.5) <= 0.01
+    zero = sum(int((conv.weight.flatten(1).norm(dim=1) == 0).sum()) for conv in (model.conv1, model.conv2))
+    assert zero == 24
+    paramreg.remove(model)
+    small = paramreg.shrink(model, torch.randn(2, 1, 8, 8))
+    assert small.conv1.out_channels + small.conv2.out_channels == 24
+    assert accuracy(small) > 0.8, "far above chance (0.1); dense reaches 0.97-0.98 in these 100 steps"
+
+
+def test_target_options_are_checked_and_leave_the_model_unchanged():
+    model = SmallCNN()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cases = [
+        ({"sparsity": 1.5, "sparsity_steps": 10}, "sparsity must be a number strictly between 0 and 1"),
+        ({"sparsity": 0.5}, "needs sparsity_steps"),
+        ({"sparsity_steps": 10}, "needs sparsity=s"),
+        ({"sparsity": 0.5, "sparsity_steps": 0}, "sparsity_steps must be an int >= 1"),
+        ({"sparsity": 0.5, "sparsity_steps": 10, "l2": 1e-3}, "cannot take a sparsity target"),
+        ({"sparsity": 0.5, "sparsity_steps": 10, "l1": 1e-3, "mode": "penalty"}, "use mode='prox'"),
+        ({"sparsity": 0.5, "sparsity_steps": 10, "l1": lambda k: 1.0}, "takes no strength schedule"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ParamregError, match=message):
+            paramreg.attach(model, TARGETS, **options)
+    assert type(model) is SmallCNN and paramreg.spec(model)["attached"] == {}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_group_lasso_target_counts_groups_and_the_spec_round_trips():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    paramreg.attach(model, "fc1.weight", group_lasso=True, sparsity=0.25, sparsity_steps=30)
+    train(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), 30)
+    rows = model.fc1.weight.norm(dim=1)
+    assert int((rows == 0).sum()) == 16  # 25% of 64 rows
+    fresh = SmallCNN()
+    paramreg.attach_spec(fresh, paramreg.spec(model))
+    assert fresh.fc1.parametrizations.weight[0].budget.to_dict() == {"target": 0.25, "steps": 30}
+    assert paramreg.spec(fresh)["attached"]["fc1.weight"] == paramreg.spec(model)["attached"]["fc1.weight"]
+
+
+def test_set_strength_refuses_a_target():
+    model = SmallCNN()
+    paramreg.attach(model, TARGETS, sparsity=0.5, sparsity_steps=10)
+    with pytest.raises(ParamregError, match="has a sparsity target"):
+        paramreg.set_strength(model, "fc1.weight", 1e-3)
+
+
+# ---- 4. keep the zeros while fine-tuning -----------------------------------------------------------
+
+
+def test_keep_zeros_holds_every_zero_through_100_adam_steps_and_folds():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    paramreg.attach(model, TARGETS, sparsity=0.8, sparsity_steps=40)
+    train(model, torch.optim.Adam(model.parameters(), lr=3e-3), 40)
+    paramreg.remove(model)
+    zeros = {n: p.detach() == 0 for n, p in model.named_parameters() if n.endswith("weight")}
+    assert paramreg.attach(model, TARGETS, keep_zeros=True) == list(zeros)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)  # Adam's momentum moves zeros: the projection restores them
+    train(model, opt, 100, seed=1)
+    for n, p in model.named_parameters():
+        if n in zeros:
+            assert bool((p[zeros[n]] == 0).all()), n
+            assert bool((p[~zeros[n]] != before[n][~zeros[n]]).any()), "everything else trains"
+    assert paramreg.report(model)["fc1.weight"].step == "projection"
+    paramreg.remove(model)
+    assert type(model) is SmallCNN
+    assert all(bool((dict(model.named_parameters())[n][z] == 0).all()) for n, z in zeros.items())
+
+
+def test_keep_zeros_takes_the_zeros_of_a_loaded_state_dict():
+    trained = nn.Linear(4, 3)
+    with torch.no_grad():
+        trained.weight[0] = 0.0
+    model = nn.Linear(4, 3)
+    paramreg.attach(model, "weight", keep_zeros=True)  # a fresh model: no zeros yet
+    model.load_state_dict(trained.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    opt.step()
+    assert bool((model.weight[0] == 0).all()) and bool((model.weight[1:] != trained.weight[1:]).all())
+
+
+# ---- 5. resuming schedules and targets; set_strength on coupled groups -------------------------
+
+
+def _resumable(seed, name, how):
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    if how == "target":
+        paramreg.attach(model, TARGETS, sparsity=0.8, sparsity_steps=30)
+    else:
+        paramreg.attach(model, TARGETS, l1=lambda k: 2e-3 * min(1.0, k / 20))
+    return model, OPTIMIZERS[name](model.parameters())
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+@pytest.mark.parametrize("how", ["target", "schedule"])
+def test_a_resumed_run_is_bitwise_the_uninterrupted_one(name, how, tmp_path):
+    model, opt = _resumable(0, name, how)
+    train(model, opt, 40)
+    # interrupted at step 15, as Lightning and the HF Trainer resume: build, attach, load both
+    first, first_opt = _resumable(0, name, how)
+    train(first, first_opt, 15)
+    torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict()}, tmp_path / "ckpt.pt")
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all("parametrizations" not in k for k in checkpoint["model"]), "plain keys"
+    resumed, resumed_opt = _resumable(1, name, how)  # another init: everything comes from the checkpoint
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt.load_state_dict(checkpoint["optimizer"])
+    train(resumed, resumed_opt, 25, start=15)
+    for (n, a), b in zip(model.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), n
+    if how == "target":
+        assert paramreg.report(resumed).targets[0].step == 40
+
+
+def test_set_strength_on_one_member_of_a_coupled_group_changes_the_whole_group():
+    torch.manual_seed(0)
+    model = ChannelNet()
+    names = paramreg.attach_channels(model, "conv1.weight", 1e-3, torch.randn(2, 1, 8, 8))
+    assert sorted(names) == ["bn1.bias", "bn1.weight", "conv1.bias", "conv1.weight"]
+    assert sorted(paramreg.set_strength(model, "bn1.weight", 5e-2)) == sorted(names)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train(model, opt, 5)  # one coupled map over all four tensors: no "received tensors of shapes" error
+    strengths = {paramreg.report(model)[n].regularizer for n in names}
+    assert len(strengths) == 1 and "strength=0.05" in strengths.pop()
+
+
+def test_a_deep_copy_shares_its_own_target():
+    model = SmallCNN()
+    paramreg.attach(model, TARGETS, sparsity=0.5, sparsity_steps=10)
+    copied = copy.deepcopy(model)
+    budgets = {id(m.parametrizations.weight[0].budget) for m in (copied.conv1, copied.conv2, copied.fc1, copied.fc2)}
+    assert len(budgets) == 1 and budgets != {id(model.conv1.parametrizations.weight[0].budget)}
+    assert math.isclose(copied.conv1.parametrizations.weight[0].budget.sparsity, 0.5)
