@@ -1,11 +1,15 @@
 """paramreg quickstart: a sparse CNN on scikit-learn's 8x8 digits, with your own training loop.
 
 What it shows:
-  1. ``paramreg.attach`` selects weights by name ("conv*.weight", "fc*.weight") and attaches L1.
-  2. A plain PyTorch loop trains the model; after every ``optimizer.step()`` paramreg applies
-     the exact L1 proximal step (soft-thresholding), so many weights become exactly zero.
-  3. ``paramreg.report`` prints per-tensor sparsity; ``paramreg.remove`` turns the model back
-     into a plain ``nn.Module`` whose state_dict loads into a fresh, paramreg-free model.
+  1. ``paramreg.attach`` selects weights by name ("conv*.weight", "fc*.weight") and asks for a
+     target: 90% of those weights exactly zero after 8 epochs (``sparsity=0.9``). paramreg's L1
+     prox runs after every ``optimizer.step()`` with the strength that follows the ramp to 90%.
+  2. A plain PyTorch loop trains the model; nothing paramreg-specific happens in it.
+  3. The recipe's last phase: ``keep_zeros=True`` holds those zeros while every other weight
+     fine-tunes for 2 epochs.
+  4. ``paramreg.report`` prints per-tensor sparsity, the target and the step policy that ran;
+     ``paramreg.remove`` turns the model back into a plain ``nn.Module`` whose state_dict loads
+     into a fresh, paramreg-free model.
 
 Run it (CPU, well under a minute, no download):
 
@@ -24,9 +28,11 @@ from tqdm import tqdm
 
 import paramreg
 
-L1_STRENGTH = 4e-4  # the L1 penalty is L1_STRENGTH * sum(|w|)
+SPARSITY = 0.9  # the fraction of the selected weights to be exactly zero
 LR = 0.05
-EPOCHS = 12
+EPOCHS = 10  # with the target: its ramp takes the first RAMP_EPOCHS, then it is held
+RAMP_EPOCHS = 8
+FINE_TUNE_EPOCHS = 2  # with the zeros kept
 BATCH_SIZE = 32
 
 
@@ -54,10 +60,10 @@ class SmallCNN(nn.Module):
         return self.fc2(x)
 
 
-def train(model, x, y):
+def train(model, x, y, epochs, desc):
     """An ordinary training loop: nothing paramreg-specific happens here."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    bar = tqdm(range(EPOCHS), desc="training", unit="epoch")
+    bar = tqdm(range(epochs), desc=desc, unit="epoch")
     for _ in bar:
         model.train()
         losses = []
@@ -65,7 +71,7 @@ def train(model, x, y):
             loss = F.cross_entropy(model(x[batch]), y[batch])
             optimizer.zero_grad()
             loss.backward()
-            optimizer.step()  # paramreg's L1 proximal step runs right after this
+            optimizer.step()  # paramreg's proximal step (or projection) runs right after this
             losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")  # mean loss of the epoch
 
@@ -76,22 +82,37 @@ def logits_of(model, x):
     return model(x)
 
 
+def accuracy_of(model, x, y):
+    return (logits_of(model, x).argmax(1) == y).float().mean().item()
+
+
 def main():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     x_train, x_test, y_train, y_test = load_data()
 
     model = SmallCNN()
-    names = paramreg.attach(model, ["conv*.weight", "fc*.weight"], l1=L1_STRENGTH)
-    print(f"L1 (strength {L1_STRENGTH}) attached to: {', '.join(names)}")
+    targets = ["conv*.weight", "fc*.weight"]
+    ramp_steps = RAMP_EPOCHS * -(-len(x_train) // BATCH_SIZE)  # optimizer steps in RAMP_EPOCHS
+    names = paramreg.attach(model, targets, sparsity=SPARSITY, sparsity_steps=ramp_steps)
+    print(f"target: {SPARSITY:.0%} of {', '.join(names)} exactly zero after {ramp_steps} steps")
+    train(model, x_train, y_train, EPOCHS, "L1 with the target")
+    report = paramreg.report(model)
+    print(f"reached: {report.targets[0].reached:.1%} zero, test accuracy {accuracy_of(model, x_test, y_test):.3f}")
+    print(report)
 
-    train(model, x_train, y_train)
+    # The recipe's last phase: the zeros stay exactly zero, every other weight fine-tunes.
+    paramreg.remove(model)
+    paramreg.attach(model, targets, keep_zeros=True)
+    train(model, x_train, y_train, FINE_TUNE_EPOCHS, "fine-tune, zeros kept")
     logits = logits_of(model, x_test)
     accuracy = (logits.argmax(1) == y_test).float().mean().item()
     print(f"test accuracy: {accuracy:.3f}")
-    print(paramreg.report(model))
+    print(report)
 
-    # Fold the regularizers away: a plain SmallCNN with plain state_dict keys, zeros kept.
+    print(f"after fine-tuning: {paramreg.report(model).sparsity:.1%} zero")
+
+    # Fold the constraint away: a plain SmallCNN with plain state_dict keys, zeros kept.
     paramreg.remove(model)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "small_cnn.pt"
