@@ -270,7 +270,7 @@ def test_coupled_spec_round_trips():
     import json
 
     assert paramreg.Regularizer.from_dict(json.loads(json.dumps(reg.to_dict()))) == reg
-    assert CoupledGroupLasso.adaptive is False
+    assert CoupledGroupLasso.adaptive is True  # a map in an optimizer's metric, as GroupLasso
 
 
 def test_attach_channels_groups_bn_and_residual_partners():

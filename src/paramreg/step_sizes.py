@@ -9,7 +9,7 @@ Note [Step policies]
 
     ``step="adaptive"``: the proximal map is taken in the optimizer's own metric, with a step
     equal to the scaling the optimizer applied to the gradient, per coordinate for the adaptive
-    ones:
+    ones (whose denominators are safeguarded, Note [Safeguarded metric]):
 
         SGD                    t = lr·c_k   (nesterov: lr·(1 + μ·c_k))
         Adam, AdamW, NAdam     t_i = lr / (sqrt(v̂_i) + eps),  v̂ = v / (1 − β₂ᵏ)  (max v with amsgrad)
@@ -27,6 +27,31 @@ Note [Step policies]
     ``step="auto"`` (the default) is ``"adaptive"`` where it applies and ``"lr"`` elsewhere: an
     optimizer listed above, and for the per-coordinate metrics a regularizer with a
     diagonal-metric map (SGD's scalar step suits every regularizer).
+
+Note [Safeguarded metric]
+    In an adaptive optimizer's metric a coordinate's step is lr/(sqrt(v̂_i) + eps). A coordinate
+    that gets no gradient (an input that is always 0, an embedding row unused for a while, a dead
+    unit) has v̂_i near 0 and a step up to lr/eps = 1e8·lr, so the prox in the plain metric zeroes
+    it at any strength, however small: on the quickstart's CNN under Adam, a50/1000 (a50 the
+    strength that gives 50% zeros) zeroed 24.5% of the weights (benchmarks/near_zero.py). The
+    default therefore floors each denominator at F, what it would be for a coordinate that had
+    seen a gradient of the size r at every step, r the root mean square of the gradient the
+    tensor was just stepped with:
+
+        Adam, AdamW, NAdam     max(sqrt(v̂_i), r)           (in v's raw units: r·sqrt(1 − β₂ᵏ))
+        RAdam                  max(sqrt(v_i), r·sqrt(1 − β₂ᵏ))
+        Adamax                 max(u_i, r)
+        RMSprop                max(sqrt(v_i), r·sqrt(1 − αᵏ))
+        Adagrad                max(sqrt(Σ g²), r·sqrt(k))
+
+    so no coordinate's step exceeds lr/r (times the optimizer's scalar factors). A proximal
+    method in a metric has the fixed points of the penalized problem exactly where the prox's
+    metric is the gradient step's; the floor changes the prox's metric only on coordinates whose
+    denominator is below F, and at a lasso optimum every gradient is at most a in magnitude, so
+    r <= a and such a coordinate is held at zero as the lasso holds it. Adam + L1(a) reaches
+    scikit-learn's lasso with the floor (tested); a tiny strength stays nearly off. FLOOR = 0
+    gives the plain metric. The floor is computed over whole tensors (one reduction of each
+    gradient), before the CPU's cache-sized blocks (Note [Blocks] in stepping.py).
 
 Note [Momentum fill]
     c_k is how much the momentum buffer of SGD or RMSprop has multiplied a constant gradient
@@ -87,12 +112,21 @@ def _moments(name: str, states: list[dict], key: str):
 # where the step is t = lr for every coordinate.
 
 
-def _floored_sqrt(v: list[Tensor], floors: list[Tensor] | None) -> list[Tensor]:
+def _raise_(tensors: list[Tensor], floors: list | None) -> list[Tensor]:
+    """In place: each tensor raised to its floor (a 0-dim tensor, or a number for a DTensor)."""
+    if floors is None:
+        return tensors
+    if isinstance(floors[0], Tensor):
+        torch._foreach_maximum_(tensors, floors)
+    else:  # DTensor has no sharding rule for the multi-tensor maximum with numbers
+        for x, f in zip(tensors, floors, strict=True):
+            x.clamp_(min=f)
+    return tensors
+
+
+def _floored_sqrt(v: list[Tensor], floors: list | None) -> list[Tensor]:
     """sqrt(v), each tensor raised to its floor (Note [Safeguarded metric])."""
-    roots = torch._foreach_sqrt(v)
-    if floors is not None:
-        torch._foreach_maximum_(roots, floors)
-    return roots
+    return _raise_(list(torch._foreach_sqrt(v)), floors)
 
 
 def _adam(name, group, states, lr, floors):
@@ -123,10 +157,7 @@ def _radam(name, group, states, lr, floors):
 
 def _adamax(name, group, states, lr, floors):
     u, _ = _moments(name, states, "exp_inf")
-    inverse = torch._foreach_div(u, lr) if floors is None else torch._foreach_maximum(u, floors)
-    if floors is not None:
-        torch._foreach_div_(inverse, lr)
-    return inverse
+    return _raise_(list(torch._foreach_div(u, lr)), None if floors is None else [f / lr for f in floors])
 
 
 def _rmsprop(name, group, states, lr, floors):
@@ -151,7 +182,32 @@ def _adagrad(name, group, states, lr, floors):
 
 def _settled(momentum: float, dampening: float = 0.0) -> float:
     """The fill a momentum buffer approaches at constant momentum: (1 − dampening)/(1 − μ) for
-    SGD, 1/(1 − μ) for RMSprop (Note [Momentum fill])."""
+    SGD, 1/(1 − μ) for RMSprop (Note [Safeguarded metric]
+    In an adaptive optimizer's metric a coordinate's step is lr/(sqrt(v̂_i) + eps). A coordinate
+    that gets no gradient (an input that is always 0, an embedding row unused for a while, a dead
+    unit) has v̂_i near 0 and a step up to lr/eps = 1e8·lr, so the prox in the plain metric zeroes
+    it at any strength, however small: on the quickstart's CNN under Adam, a50/1000 (a50 the
+    strength that gives 50% zeros) zeroed 24.5% of the weights (benchmarks/near_zero.py). The
+    default therefore floors each denominator at F, what it would be for a coordinate that had
+    seen a gradient of the size r at every step, r the root mean square of the gradient the
+    tensor was just stepped with:
+
+        Adam, AdamW, NAdam     max(sqrt(v̂_i), r)           (in v's raw units: r·sqrt(1 − β₂ᵏ))
+        RAdam                  max(sqrt(v_i), r·sqrt(1 − β₂ᵏ))
+        Adamax                 max(u_i, r)
+        RMSprop                max(sqrt(v_i), r·sqrt(1 − αᵏ))
+        Adagrad                max(sqrt(Σ g²), r·sqrt(k))
+
+    so no coordinate's step exceeds lr/r (times the optimizer's scalar factors). A proximal
+    method in a metric has the fixed points of the penalized problem exactly where the prox's
+    metric is the gradient step's; the floor changes the prox's metric only on coordinates whose
+    denominator is below F, and at a lasso optimum every gradient is at most a in magnitude, so
+    r <= a and such a coordinate is held at zero as the lasso holds it. Adam + L1(a) reaches
+    scikit-learn's lasso with the floor (tested); a tiny strength stays nearly off. FLOOR = 0
+    gives the plain metric. The floor is computed over whole tensors (one reduction of each
+    gradient), before the CPU's cache-sized blocks (Note [Blocks] in stepping.py).
+
+Note [Momentum fill])."""
     return (1.0 - dampening) / (1.0 - momentum)
 
 
@@ -174,7 +230,32 @@ def _first_fill(optimizer, group) -> float:
 def next_fill(optimizer, group: dict, previous: float | None) -> float:
     """Before a step of ``optimizer`` (one of FILLING) over ``group``: the fill c of the group's
     momentum buffers after that step, from the fill after the previous step (None: a group not
-    seen before). Note [Momentum fill]."""
+    seen before). Note [Safeguarded metric]
+    In an adaptive optimizer's metric a coordinate's step is lr/(sqrt(v̂_i) + eps). A coordinate
+    that gets no gradient (an input that is always 0, an embedding row unused for a while, a dead
+    unit) has v̂_i near 0 and a step up to lr/eps = 1e8·lr, so the prox in the plain metric zeroes
+    it at any strength, however small: on the quickstart's CNN under Adam, a50/1000 (a50 the
+    strength that gives 50% zeros) zeroed 24.5% of the weights (benchmarks/near_zero.py). The
+    default therefore floors each denominator at F, what it would be for a coordinate that had
+    seen a gradient of the size r at every step, r the root mean square of the gradient the
+    tensor was just stepped with:
+
+        Adam, AdamW, NAdam     max(sqrt(v̂_i), r)           (in v's raw units: r·sqrt(1 − β₂ᵏ))
+        RAdam                  max(sqrt(v_i), r·sqrt(1 − β₂ᵏ))
+        Adamax                 max(u_i, r)
+        RMSprop                max(sqrt(v_i), r·sqrt(1 − αᵏ))
+        Adagrad                max(sqrt(Σ g²), r·sqrt(k))
+
+    so no coordinate's step exceeds lr/r (times the optimizer's scalar factors). A proximal
+    method in a metric has the fixed points of the penalized problem exactly where the prox's
+    metric is the gradient step's; the floor changes the prox's metric only on coordinates whose
+    denominator is below F, and at a lasso optimum every gradient is at most a in magnitude, so
+    r <= a and such a coordinate is held at zero as the lasso holds it. Adam + L1(a) reaches
+    scikit-learn's lasso with the floor (tested); a tiny strength stays nearly off. FLOOR = 0
+    gives the plain metric. The floor is computed over whole tensors (one reduction of each
+    gradient), before the CPU's cache-sized blocks (Note [Blocks] in stepping.py).
+
+Note [Momentum fill]."""
     if previous is None:
         previous = _first_fill(optimizer, group)
     momentum = group.get("momentum", 0.0)
@@ -267,23 +348,32 @@ def metric(optimizer) -> str | None:
     return None
 
 
+def _whole(t: Tensor) -> Tensor:
+    """A DTensor's full value (its partial norms reduced); any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def floors(optimizer, group: dict, params: list[Tensor], states: list[dict], ratio: float | None = None) -> list[Tensor] | None:
     """Per parameter in ``params`` (with its optimizer state in ``states``): the floor of its
     metric's denominators, FLOOR (or ``ratio``) times the root mean square of the gradient it was
     just stepped with, in the units of the optimizer's state (Note [Safeguarded metric]); a 0-dim
-    tensor each, or None when the ratio is 0. One reduction over each gradient.
+    tensor each (a number each for sharded DTensor gradients), or None when the ratio is 0. One
+    reduction over each gradient.
     """
     ratio = FLOOR if ratio is None else ratio
     if not ratio:
         return None
     unit = _UNIT_DENOMINATOR[resolve(optimizer)]
     grads = [p.grad for p in params]
+    counts = [float(s["step"]) if "step" in s else 1.0 for s in states]
+    factors = [ratio * unit(group, k) / math.sqrt(max(p.numel(), 1)) for p, k in zip(params, counts, strict=True)]
+    if any(type(g) is not Tensor for g in grads):  # a sharded gradient (DTensor): its whole norm, as numbers
+        return [float(_whole(torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)))) * f for g, f in zip(grads, factors, strict=True)]
     if all(g.dtype in (torch.float32, torch.float64) for g in grads):
         out = list(torch._foreach_norm(grads, 2))
     else:  # half precision: the norm in float32
         out = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)) for g in grads]
-    counts = [float(s["step"]) if "step" in s else 1.0 for s in states]
-    torch._foreach_mul_(out, [ratio * unit(group, k) / math.sqrt(max(p.numel(), 1)) for p, k in zip(params, counts, strict=True)])
+    torch._foreach_mul_(out, factors)
     return out
 
 
@@ -294,7 +384,32 @@ def inverse_steps(
     entry of ``states`` (the optimizer's state of parameters it just stepped in ``group``, or the
     same slices of them), with ``lr`` standing for the group's learning rate; None where the step
     is t = lr for every coordinate (RAdam before rectification). ``fill``: the fill of the group's
-    momentum buffers after this step, for RMSprop (None: the settled fill; Note [Momentum fill]).
+    momentum buffers after this step, for RMSprop (None: the settled fill; Note [Safeguarded metric]
+    In an adaptive optimizer's metric a coordinate's step is lr/(sqrt(v̂_i) + eps). A coordinate
+    that gets no gradient (an input that is always 0, an embedding row unused for a while, a dead
+    unit) has v̂_i near 0 and a step up to lr/eps = 1e8·lr, so the prox in the plain metric zeroes
+    it at any strength, however small: on the quickstart's CNN under Adam, a50/1000 (a50 the
+    strength that gives 50% zeros) zeroed 24.5% of the weights (benchmarks/near_zero.py). The
+    default therefore floors each denominator at F, what it would be for a coordinate that had
+    seen a gradient of the size r at every step, r the root mean square of the gradient the
+    tensor was just stepped with:
+
+        Adam, AdamW, NAdam     max(sqrt(v̂_i), r)           (in v's raw units: r·sqrt(1 − β₂ᵏ))
+        RAdam                  max(sqrt(v_i), r·sqrt(1 − β₂ᵏ))
+        Adamax                 max(u_i, r)
+        RMSprop                max(sqrt(v_i), r·sqrt(1 − αᵏ))
+        Adagrad                max(sqrt(Σ g²), r·sqrt(k))
+
+    so no coordinate's step exceeds lr/r (times the optimizer's scalar factors). A proximal
+    method in a metric has the fixed points of the penalized problem exactly where the prox's
+    metric is the gradient step's; the floor changes the prox's metric only on coordinates whose
+    denominator is below F, and at a lasso optimum every gradient is at most a in magnitude, so
+    r <= a and such a coordinate is held at zero as the lasso holds it. Adam + L1(a) reaches
+    scikit-learn's lasso with the floor (tested); a tiny strength stays nearly off. FLOOR = 0
+    gives the plain metric. The floor is computed over whole tensors (one reduction of each
+    gradient), before the CPU's cache-sized blocks (Note [Blocks] in stepping.py).
+
+Note [Momentum fill]).
     ``floors``: per entry, the floor of the denominators (:func:`floors`, computed over the whole
     tensors; None: the plain metric).
 
