@@ -117,6 +117,19 @@ def _carrier_mode(regularizer: Regularizer, mode, where: str) -> str:
     return mode
 
 
+def _attached_already(slot: _carrier.Slot, regularizer: Regularizer, mode: str, step: str, schedule) -> bool:
+    """Whether ``slot`` already carries this very attachment: an equal regularizer, the same mode,
+    step policy and schedule. Attaching it again is then a no-op for that tensor (Lightning runs
+    ``configure_optimizers``, where an ``attach`` may sit, once per ``fit`` and for ``lr_find``)."""
+    c = slot.carrier
+    if c is None or c.mode != mode or c.step != step or c.schedule is not schedule:
+        return False
+    try:
+        return type(c.regularizer) is type(regularizer) and bool(c.regularizer == regularizer)
+    except Exception:  # a user's regularizer whose == does not give one bool
+        return False
+
+
 def _problems(slot: _carrier.Slot, regularizer: Regularizer, mode: str, tied: dict) -> str | None:
     """Why ``slot`` cannot take ``regularizer`` in ``mode``, or None. ``tied``: Parameter id ->
     all its names, for Parameters reachable under several names."""
@@ -127,8 +140,8 @@ def _problems(slot: _carrier.Slot, regularizer: Regularizer, mode: str, tied: di
         return f"{slot.describe()} is not a floating-point tensor; regularizers need float weights, exclude it"
     if slot.carrier is not None:
         return (
-            f"{slot.describe()} already has {slot.carrier.regularizer!r} attached (mode={slot.carrier.mode!r}); "
-            f"to replace it, call paramreg.remove(model, {slot.name!r}) first"
+            f"{slot.describe()} already has {slot.carrier.current()!r} attached (mode={slot.carrier.mode!r}); "
+            f"attaching the same again is a no-op, to replace it call paramreg.remove(model, {slot.name!r}) first"
         )
     if mode != "penalty" and slot.plist is not None:
         kinds = ", ".join(type(m).__name__ for m in slot.plist)
@@ -185,7 +198,10 @@ def attach(
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
     parametrization, visible in ``print(model)``). A Parameter tied under several names is
-    regularized once. Bad input raises :class:`paramreg.ParamregError` and changes nothing.
+    regularized once. Attaching again what a tensor already carries (an equal regularizer, the
+    same mode, step and schedule object) leaves it as it is, so ``attach`` may sit in code that runs
+    more than once (Lightning's ``configure_optimizers``); a different regularizer on an attached
+    tensor is an error. Bad input raises :class:`paramreg.ParamregError` and changes nothing.
 
     Example:
         >>> import torch, paramreg
@@ -210,7 +226,8 @@ def attach(
     schedule = _schedule(regularizer, given, schedule, where)
     chosen = resolve(model, targets, exclude)
     tied = {id(s.param): [s.name, *(a.name for a in s.aliases)] for s in _carrier.slots(model) if s.aliases}
-    problems = [p for p in (_problems(s, regularizer, mode, tied) for s in chosen) if p is not None]
+    fresh = [s for s in chosen if not _attached_already(s, regularizer, mode, step, schedule)]
+    problems = [p for p in (_problems(s, regularizer, mode, tied) for s in fresh) if p is not None]
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -218,7 +235,7 @@ def attach(
 
     done: list[_carrier.Slot] = []
     try:
-        for s in chosen:
+        for s in fresh:
             s.carrier = _carrier.attach(s, regularizer, mode, step, schedule)
             s.plist = _carrier._plists(s.module)[s.tensor_name]
             done.append(s)
