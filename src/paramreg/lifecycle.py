@@ -183,15 +183,17 @@ def attach(
             ``cls()``, a number ``cls(value)``, a tuple ``cls(*value)``, a dict ``cls(**value)``.
         exclude: names to leave out, in the same forms as ``targets``.
         mode: ``"prox"`` (default): after every ``step()`` of any torch optimizer that updates the
-            parameter, w ← prox_{tR}(w) with t the learning rate of its parameter group, which gives
-            exact zeros for L1. ``"penalty"``: nothing happens at step time; add
+            parameter, w ← prox_{tR}(w) with t the step that optimizer took (``step`` below), which
+            gives exact zeros for L1. ``"penalty"``: nothing happens at step time; add
             :func:`paramreg.penalty` to the loss. Constraints act in ``"prox"`` mode only;
             reparametrizations (``SoftThreshold``) act in the forward pass (leave mode as it is).
         step: the proximal step size policy (Note [Step policies] in :mod:`paramreg.step_sizes`):
             ``"lr"``: t = the group's lr. ``"adaptive"``: per coordinate in the optimizer's own
             metric, t_i = lr / (sqrt(v̂_i) + eps) for Adam (also AdamW, NAdam, RAdam, Adamax,
-            RMSprop, Adagrad; SGD: t = lr). ``"auto"`` (default): adaptive where the optimizer and
-            the regularizer have that form, else lr.
+            RMSprop, Adagrad); for SGD t = lr·c_k, c_k the fill of its momentum buffer after k
+            steps (1 without momentum; with momentum μ, 1 on the first step, rising to
+            (1 − dampening)/(1 − μ): Note [Momentum fill]). ``"auto"`` (default): adaptive where
+            the optimizer and the regularizer have that form, else lr.
         schedule: a callable k -> factor that multiplies the regularizer's strengths at step k
             (the number of optimizer steps that have updated the tensor so far);
             :func:`paramreg.report` shows the current strengths.

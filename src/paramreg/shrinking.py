@@ -255,8 +255,9 @@ def attach_channels(model: nn.Module, targets, strength: float, example_inputs, 
     layers are not in the group: once the producers are zero they read zeros, and ``shrink``
     deletes them as well.
 
-    ``step`` is the step policy of :func:`paramreg.attach` (``"auto"``: with SGD and momentum β,
-    t = lr/(1 − β); ``"lr"``: t = lr).
+    ``step`` is the step policy of :func:`paramreg.attach` (``"auto"``: with SGD, t = lr·c_k, where
+    c_k is the fill of the momentum buffer after k steps, 1 on the first step and rising to
+    (1 − dampening)/(1 − β) at momentum β, Note [Momentum fill]; ``"lr"``: t = lr).
 
     Returns the canonical names attached (the selected weights and everything coupled to them).
     All members of a group must sit in one optimizer parameter group. Raises
