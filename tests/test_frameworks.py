@@ -59,7 +59,7 @@ def test_hf_trainer_with_accumulation_matches_a_hand_written_loop(tmp_path, acce
         (scale * reference(input_ids=ids, labels=labels).loss).backward()
         opt.step()
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")  # micro-batch sums in another order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")  # sums in another order
     weight = model.bert.encoder.layer[0].output.dense.weight
     assert (weight == 0).any() and (weight != 0).any()
 
@@ -89,7 +89,7 @@ def test_lightning_two_fits_with_accumulation_match_a_hand_written_loop():
             max_epochs=2, accelerator="cpu", accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False,
         )
-        trainer.fit(module, torch.utils.data.DataLoader(list(zip(x, y)), batch_size=8))
+        trainer.fit(module, torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=8))
 
     reference = Classifier().net
     paramreg.attach(reference, "*.weight", l1=0.05)
