@@ -346,9 +346,9 @@ def _guarded_parametrizations(self) -> nn.ModuleDict:
         bypassing ``register_parametrization`` (``plist.append(p)`` while the module has the
         shared class) is not seen; ``module.weight`` would keep returning the stored Parameter.
     """
-    if torch.jit._trace._trace_module_map is not None:  # torch.jit.trace builds its ScriptModule (Note [Export guard])
+    if getattr(torch.jit._trace, "_trace_module_map", None) is not None:  # torch.jit.trace builds its module (Note [Export guard])
         _refuse_export(self, "torch.jit.trace")
-    if torch.compiler.is_exporting():  # torch.export.export, torch.onnx.export(dynamo=True)
+    if _is_exporting():  # torch.export.export, torch.onnx.export(dynamo=True)
         _refuse_export(self, "torch.export")
     modules = self._modules
     owner = type(self).__dict__.get("_paramreg_owner")
@@ -360,6 +360,10 @@ def _guarded_parametrizations(self) -> nn.ModuleDict:
 
 
 _PARAMETRIZATIONS = property(_guarded_parametrizations)
+
+
+# torch.compiler.is_exporting is newer than the oldest torch paramreg supports
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def _refuse_export(module: nn.Module, how: str):
