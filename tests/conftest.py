@@ -1,5 +1,10 @@
 """Shared models and helpers for the tests."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -72,3 +77,40 @@ def assert_same_snapshot(before, after):
     for k in before["state"]:  # bitwise, NaN where NaN was
         torch.testing.assert_close(after["state"][k], before["state"][k], rtol=0, atol=0, equal_nan=True, msg=k)
     assert after["repr"] == before["repr"]
+
+
+def assert_close_to_scale(got, expected, rtol=1e-5):
+    """Equal within ``rtol`` of the largest magnitude of ``expected`` (and 1e-5 near zero): outputs
+    computed in another order (fewer or factorized layers, another runtime) differ by float32
+    roundings of their own size, not by a fixed absolute amount."""
+    expected = torch.as_tensor(expected)
+    torch.testing.assert_close(torch.as_tensor(got), expected, rtol=0, atol=rtol * float(expected.abs().max()) + 1e-5)
+
+
+def start_job(*args) -> subprocess.Popen:
+    """``python ARGS...`` in a process group of its own, so that :func:`end_job` reaches every
+    process it starts (``mp.spawn`` workers too)."""
+    return subprocess.Popen(
+        [sys.executable, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def end_job(job: subprocess.Popen) -> None:
+    """Kill whatever is left of ``job``'s process group, and reap the job."""
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group is already empty
+    job.communicate()
+
+
+def run_job(*args, timeout: float = 300) -> str:
+    """Run ``python ARGS...`` to its end and return its stdout; on a failure or a timeout, every
+    process it started is ended before the test fails (no orphans)."""
+    job = start_job(*args)
+    try:
+        out, err = job.communicate(timeout=timeout)
+    finally:
+        end_job(job)
+    assert job.returncode == 0, err[-3000:]
+    return out

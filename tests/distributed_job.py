@@ -1,15 +1,24 @@
 """Multi-process jobs for test_training_setups.py: two CPU processes (gloo), the prox after each step.
 
-    python distributed_job.py KIND PORT OUTDIR
+    python distributed_job.py KIND OUTDIR
+
+The ranks meet through a file in OUTDIR (``init_method="file://..."``): no port is chosen in advance,
+so runs on the same machine (two test suites at once) never meet each other; gloo's own
+connections take ports the OS hands out. Process-group setup and every collective time out after
+``TIMEOUT``, so a rank that waits for a peer that died fails instead of hanging.
 
 KIND: "ddp" (DistributedDataParallel, SGD with momentum, L1), "zero" (DDP with
 ZeroRedundancyOptimizer around Adam, L1 in Adam's metric), "fsdp" (FSDP2 ``fully_shard``, Adam:
 L1 in Adam's metric, group lasso over input columns, which span both shards, and the nuclear norm).
 Rank 0 writes the trained full state_dict to OUTDIR/<kind>-rank<r>.pt (every rank for ddp/zero).
+KIND "hang": each rank writes its pid to OUTDIR/started-rank<r>, then rank 0 sleeps and rank 1
+waits for it in a barrier (the test that a hung job is ended with all its processes).
 """
 
+import datetime
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -19,6 +28,7 @@ from torch import nn
 import paramreg
 
 STEPS = 5
+TIMEOUT = datetime.timedelta(seconds=120)
 REGULARIZERS = {
     "ddp": [("*.weight", {"l1": 0.05})],
     "zero": [("*.weight", {"l1": 0.002})],
@@ -47,10 +57,17 @@ def batch(step, rank):
     return torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
 
 
-def worker(rank, kind, port, out):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def worker(rank, kind, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    store = os.path.join(os.path.abspath(out), "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=TIMEOUT)
+    if kind == "hang":
+        with open(os.path.join(out, f"started-rank{rank}"), "w") as f:
+            f.write(str(os.getpid()))
+        if rank == 0:
+            time.sleep(3600)
+        dist.barrier()
+        return
     model = build(kind)
     if kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -81,4 +98,4 @@ def worker(rank, kind, port, out):
 
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=(sys.argv[1], int(sys.argv[2]), sys.argv[3]), nprocs=2)
+    mp.spawn(worker, args=(sys.argv[1], sys.argv[2]), nprocs=2)

@@ -1,18 +1,17 @@
 """Exact resume: N steps, save, rebuild in a fresh process, M more steps == N + M steps at once (bitwise)."""
 
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from conftest import run_job
 
 JOB = pathlib.Path(__file__).with_name("resume_job.py")
 
 
 def run(*args):
-    done = subprocess.run([sys.executable, str(JOB), *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_job(JOB, *args, timeout=300)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

@@ -8,9 +8,9 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 import paramreg
-from paramreg.carrier import Carrier
+from paramreg.carrier import Carrier, slots
 
-from conftest import SmallCNN, TiedLM, cnn_batch, mlp, mlp_batch
+from conftest import SmallCNN, TiedLM, assert_same_snapshot, cnn_batch, mlp, mlp_batch, snapshot
 
 
 def train(model, steps=3, lr=0.1, opt=None, device="cpu"):
@@ -336,3 +336,25 @@ def test_deep_copies_of_a_module_with_its_own_class_get_their_own():
     x = torch.randn(2, 4)
     assert torch.equal(model(x), nn.functional.linear(x, 2 * model.parametrizations.weight.original, model.bias))
     assert torch.equal(clone(x), nn.functional.linear(x, clone.parametrizations.weight.original, clone.bias))
+
+
+def test_attaching_the_same_again_is_a_no_op_for_that_tensor():
+    """Lightning runs configure_optimizers (where attach may sit) once per fit and for lr_find."""
+    model = mlp()
+    first = paramreg.attach(model, "*.weight", l1=1e-3)
+    carriers = [s.carrier for s in slots(model) if s.carrier is not None]  # read without the property, which moves classes
+    before = snapshot(model)
+    assert paramreg.attach(model, "*.weight", l1=1e-3) == first
+    assert paramreg.attach(model, "*.weight", reg=paramreg.L1(1e-3)) == first  # an equal regularizer
+    assert_same_snapshot(before, snapshot(model))
+    assert [s.carrier for s in slots(model) if s.carrier is not None] == carriers
+    # a tensor not yet attached is attached; the attached one is left as it is
+    assert paramreg.attach(model, "*", l1=1e-3, exclude="2.bias") == ["0.weight", "0.bias", "2.weight"]
+    assert [s.carrier for s in slots(model) if s.carrier is not None][::2] == carriers
+    assert [r.regularizer for r in paramreg.report(model).rows] == ["L1(strength=0.001)"] * 3
+    # anything else on an attached tensor is still refused: another strength, mode, step or schedule
+    for change in ({"l1": 2e-3}, {"l1": 1e-3, "mode": "penalty"}, {"l1": 1e-3, "step": "lr"}, {"l1": lambda k: 1e-3}):
+        with pytest.raises(paramreg.ParamregError, match="already has L1.*attaching the same again is a no-op"):
+            paramreg.attach(model, "0.weight", **change)
+    paramreg.remove(model)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())

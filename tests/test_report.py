@@ -54,3 +54,23 @@ def test_after_remove_it_reports_every_parameter():
 def test_report_skips_uninitialized_lazy_parameters():
     model = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.Linear(3, 2))
     assert [row.name for row in paramreg.report(model).rows] == ["1.weight", "1.bias"]
+
+
+def test_iterating_a_report_yields_its_rows_and_to_dict_gives_flat_numbers():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    paramreg.attach(model, "conv*.weight", l1=0.5)
+    with torch.no_grad():
+        model.conv1.weight[0] = 0
+    r = paramreg.report(model)
+    assert [row.name for row in r] == ["conv1.weight", "conv2.weight"]
+    assert list(r) == list(r.rows)
+    logged = r.to_dict(prefix="paramreg/")
+    assert set(logged) == {f"paramreg/{n}/{k}" for n in ("conv1.weight", "conv2.weight", "total") for k in ("sparsity", "zeros", "penalty")}
+    assert logged["paramreg/conv1.weight/zeros"] == 9 == int((model.conv1.weight == 0).sum())
+    assert logged["paramreg/conv1.weight/sparsity"] == 9 / 36
+    assert logged["paramreg/total/zeros"] == r.zeros and logged["paramreg/total/penalty"] == r.penalty
+    assert abs(logged["paramreg/conv2.weight/penalty"] - 0.5 * float(model.conv2.weight.detach().abs().sum())) < 1e-5
+    assert all(type(v) in (int, float) for v in logged.values())
+    paramreg.remove(model)  # nothing attached: rows of every parameter, no penalties
+    assert not any(k.endswith("/penalty") for k in paramreg.report(model).to_dict())

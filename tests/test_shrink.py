@@ -3,13 +3,14 @@ stay equal, parameter counts drop by exactly the removed slices, ONNX runs the s
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import paramreg
 from paramreg import CoupledGroupLasso, ParamregError
+
+from conftest import assert_close_to_scale
 
 import torch_pruning  # noqa: F401  (the `test` extra installs it: a missing one fails here, never skips)
 
@@ -76,10 +77,11 @@ def zero_rows(*tensors, idx):
 
 
 def assert_same_outputs(big, small, x):
+    """Equal up to float32 roundings of the outputs' own size: deleting channels reorders sums."""
     big.eval(), small.eval()
     with torch.no_grad():
         for inputs in (x, torch.randn_like(x), 10 * torch.randn_like(x)):
-            torch.testing.assert_close(small(inputs), big(inputs), atol=1e-5, rtol=0)
+            assert_close_to_scale(small(inputs), big(inputs))
 
 
 def assert_onnx_runs(small, x, tmp_path):
@@ -91,7 +93,7 @@ def assert_onnx_runs(small, x, tmp_path):
     session = onnxruntime.InferenceSession(str(path))
     (got,) = session.run(None, {"x": x.numpy()})
     with torch.no_grad():
-        np.testing.assert_allclose(got, small(x).numpy(), atol=1e-5, rtol=0)
+        assert_close_to_scale(torch.from_numpy(got), small(x))
 
 
 def test_residual_cnn_shrinks_with_bn_and_residual_partners(tmp_path):
@@ -230,6 +232,45 @@ def test_an_op_that_maps_zero_elsewhere_fails_the_check_and_changes_nothing():
     with pytest.raises(ParamregError, match="changed the outputs"):
         paramreg.shrink(model, torch.randn(3, 4))
     assert model.a.out_features == 6
+
+
+def large_output_mlp(hidden=512, scale=2e4):
+    """An MLP whose outputs are ~1e4 (a regression head, unnormalized logits), half its hidden neurons zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, hidden), nn.ReLU(), nn.Linear(hidden, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(scale)
+    zero_rows(model[0].weight, model[0].bias, idx=list(range(0, hidden, 2)))
+    return model.eval()
+
+
+def test_large_outputs_shrink_within_roundings_of_their_size():
+    model, x = large_output_mlp(), torch.randn(64, 32)
+    with torch.no_grad():
+        assert 3e3 < float(model(x).abs().max()) < 1e5
+    # the removal really moves the outputs by more than an absolute 1e-5 (reordered float32 sums) ...
+    with pytest.raises(ParamregError, match="changed the outputs"):
+        paramreg.shrink(model, x, rtol=0)
+    # ... which the default, relative to the outputs' magnitude, accepts
+    small = paramreg.shrink(model, x)
+    assert small[0].out_features == 256
+    assert_same_outputs(model, small, x)
+
+
+def test_a_zero_neuron_behind_a_sigmoid_is_refused_at_any_output_scale():
+    for scale in (1.0, 1e4):
+        model = Sigmoid()
+        with torch.no_grad():
+            model.b.weight.mul_(scale)
+        zero_rows(model.a.weight, model.a.bias, idx=2)  # sigmoid(0) = 0.5 still reaches b
+        with pytest.raises(ParamregError, match="changed the outputs"):
+            paramreg.shrink(model, torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("option", [{"rtol": -1.0}, {"atol": float("nan")}, {"rtol": "1e-5"}])
+def test_shrink_tolerances_must_be_finite_numbers(option):
+    with pytest.raises(ParamregError, match="shrink: (rtol|atol) must be"):
+        paramreg.shrink(large_output_mlp(hidden=8), torch.randn(2, 32), **option)
 
 
 def test_shrink_refuses_an_attached_model():

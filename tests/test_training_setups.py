@@ -1,9 +1,9 @@
 """Training setups beyond the plain loop: clipping, several optimizers, torch.compile, DDP."""
 
+import os
 import pathlib
-import socket
-import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -12,7 +12,9 @@ from torch.nn import functional as F
 
 import paramreg
 
-from conftest import mlp, mlp_batch
+from conftest import end_job, mlp, mlp_batch, run_job, start_job
+
+JOB = pathlib.Path(__file__).with_name("distributed_job.py")
 
 
 def test_gradient_clipping_before_the_step():
@@ -55,14 +57,42 @@ def test_torch_compile_forward_has_no_graph_break_and_matches_eager():
 
 
 def _run_distributed(kind, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    done = subprocess.run(
-        [sys.executable, str(pathlib.Path(__file__).with_name("distributed_job.py")), kind, str(port), str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_job(JOB, kind, tmp_path, timeout=300)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped by init, does not)."""
+    if os.path.isdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    try:  # no /proc: ask the kernel
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_hung_distributed_job_is_ended_with_every_process_it_started(tmp_path):
+    """What the test helpers do when a job hangs: its workers (mp.spawn's children) go with it."""
+    job = start_job(JOB, "hang", tmp_path)
+    try:
+        started = [tmp_path / f"started-rank{r}" for r in (0, 1)]
+        deadline = time.monotonic() + 240  # generous: the workers only have to start (a busy machine is slow)
+        while not all(f.exists() and f.read_text() for f in started):
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        workers = [int(f.read_text()) for f in started]
+        assert all(_alive(pid) for pid in workers)
+    finally:
+        end_job(job)
+    deadline = time.monotonic() + 60  # killed at once; init reaps the orphaned zombies when it gets to them
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)
 
 
 def _one_process(kind):

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
+from .errors import ParamregError
 from .regularizers import Regularizer
 
 MODES = ("prox", "penalty")
@@ -109,6 +110,8 @@ class Carrier(nn.Module):
         return x
 
     def extra_repr(self) -> str:
+        if torch.onnx.is_in_onnx_export():  # torch.onnx.export(dynamo=True) prints the model first (Note [Export guard])
+            _refuse_carrier_export(f"'{self.name}'", "torch.onnx.export")
         step = f", step={self.ran}" if self.ran else "" if self.step == "auto" else f", step={self.step!r}"
         schedule = "" if self.schedule is None else ", scheduled"
         target = "" if self.budget is None else f", sparsity={self.budget.sparsity:g} by step {self.budget.steps}"
@@ -319,7 +322,7 @@ class _CarrierModuleMixin:
 
 _OVERRIDES = ("__setattr__", "_apply")
 # What paramreg puts into the classes it makes, on top of torch's Parametrized<Cls> namespace.
-_OURS = (*_OVERRIDES, "parametrizations", "_paramreg_owner", "__deepcopy__", "__dict__", "__weakref__")
+_OURS = (*_OVERRIDES, "parametrizations", "_paramreg_owner", "__deepcopy__", "__prepare_scriptable__", "__dict__", "__weakref__")
 
 
 def _guarded_parametrizations(self) -> nn.ModuleDict:
@@ -355,8 +358,10 @@ def _guarded_parametrizations(self) -> nn.ModuleDict:
         bypassing ``register_parametrization`` (``plist.append(p)`` while the module has the
         shared class) is not seen; ``module.weight`` would keep returning the stored Parameter.
     """
-    # TorchScript compiles this property and stops at ``_modules`` ("has no attribute"), so an
-    # attached model does not script: script a folded one (``paramreg.folded``).
+    if getattr(torch.jit._trace, "_trace_module_map", None) is not None:  # torch.jit.trace builds its module (Note [Export guard])
+        _refuse_export(self, "torch.jit.trace")
+    if _is_exporting():  # torch.export.export, torch.onnx.export(dynamo=True)
+        _refuse_export(self, "torch.export")
     modules = self._modules
     owner = type(self).__dict__.get("_paramreg_owner")
     if owner is None or owner() is not self:
@@ -367,6 +372,46 @@ def _guarded_parametrizations(self) -> nn.ModuleDict:
 
 
 _PARAMETRIZATIONS = property(_guarded_parametrizations)
+
+
+# torch.compiler.is_exporting is newer than the oldest torch paramreg supports
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def _refuse_export(module: nn.Module, how: str):
+    """Raise: ``module`` is being exported while paramreg is attached to it.
+
+    Note [Export guard]
+        An export of an attached model records paramreg's carriers: ``torch.export`` and the ONNX
+        exporters store each carried tensor twice (also as ``...parametrizations.weight.original``),
+        ``torch.jit.trace`` keeps the ``parametrizations`` submodules, ``torch.jit.script`` stops
+        at them. paramreg sees each of these while it happens and raises with the fix instead:
+        TorchScript asks every module for ``__prepare_scriptable__`` before compiling it;
+        ``torch.jit.trace`` and ``torch.export`` (which ``torch.onnx.export(dynamo=True)`` uses)
+        read ``module.parametrizations``, this class's property, while ``torch.jit._trace``'s
+        module map is set or ``torch.compiler.is_exporting()`` holds; the TorchScript ONNX exporter
+        reads ``state_dict()``, whose hook sees ``torch.onnx.is_in_onnx_export()``; the dynamo ONNX
+        exporter prints the model before each capture (it would fall back from a refused
+        non-strict capture to a strict one), which calls ``Carrier.extra_repr``. ``torch.compile``
+        reads none of them, so it keeps working while attached. Not seen: ``torch.export.export(...,
+        strict=True)`` (dynamo reads the parameters without paramreg's code); ``check_plain`` is the
+        guard there.
+    """
+    names = ", ".join(f"'{pl[0].name}'" for pl in (_plists(module) or {}).values() if isinstance(pl[0], Carrier))
+    _refuse_carrier_export(names or type(module).__name__, how)
+
+
+def _refuse_carrier_export(names: str, how: str):
+    raise ParamregError(
+        f"{how} of a model with paramreg attached ({names}): the export would record "
+        f"paramreg's carriers. Call paramreg.remove(model) before exporting, or export paramreg.folded(model) "
+        f"(a plain copy; the model stays attached)"
+    )
+
+
+def _prepare_scriptable(self):
+    """``torch.jit.script`` calls this on every module before compiling it (Note [Export guard])."""
+    _refuse_export(self, "torch.jit.script")
 
 
 def _shareable(module: nn.Module) -> bool:
@@ -466,6 +511,7 @@ def _class_extras(owner: nn.Module | None) -> dict:
         "parametrizations": _PARAMETRIZATIONS,
         "_paramreg_owner": None if owner is None else weakref.ref(owner),
         "__deepcopy__": _deepcopy,
+        "__prepare_scriptable__": _prepare_scriptable,
     }
 
 
@@ -499,8 +545,10 @@ def _settle(module: nn.Module, without: tuple[str, ...] = ()) -> None:
 
 def _save_hook(module, state_dict, prefix, local_metadata) -> None:
     """Keep, for each carried tensor, exactly the key the model would have without paramreg."""
-    metadata = getattr(state_dict, "_metadata", {})
     carried = _carried(module)
+    if carried and torch.onnx.is_in_onnx_export():  # the TorchScript ONNX exporter (Note [Export guard])
+        _refuse_export(module, "torch.onnx.export")
+    metadata = getattr(state_dict, "_metadata", {})
     for name, alone in carried:
         inner = f"{prefix}parametrizations.{name}.original"
         if alone:

@@ -123,8 +123,9 @@ def folded(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Module:
 def check_plain(model: nn.Module) -> nn.Module:
     """Raise :class:`ParamregError` unless ``model`` has no parametrization left; return ``model``.
 
-    Call it before ``torch.jit.script``, ``torch.onnx.export`` or pickling a model with
-    ``torch.save(model)``: those fail or store raw parametrized tensors when carriers are attached.
+    Call it before exporting or pickling a model with ``torch.save(model)``. paramreg refuses most
+    exports of an attached model by itself, but not ``torch.export.export(..., strict=True)``, which
+    would store each carried tensor twice (Note [Export guard] in carrier.py), nor a pickle.
     The message names every parameter still attached and how to fix it.
 
     Example:

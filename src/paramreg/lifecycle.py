@@ -118,6 +118,22 @@ def _carrier_mode(regularizer: Regularizer, mode, where: str) -> str:
     return mode
 
 
+def _attached_already(slot: _carrier.Slot, regularizer: Regularizer, mode: str, step: str, schedule, budget=None) -> bool:
+    """Whether ``slot`` already carries this very attachment: an equal regularizer, the same mode,
+    step policy and schedule, and an equal sparsity target. Attaching it again is then a no-op for
+    that tensor (Lightning runs ``configure_optimizers``, where an ``attach`` may sit, once per
+    ``fit`` and for ``lr_find``)."""
+    c = slot.carrier
+    if c is None or c.mode != mode or c.step != step or c.schedule is not schedule:
+        return False
+    if (c.budget is None) != (budget is None) or (budget is not None and c.budget.to_dict() != budget.to_dict()):
+        return False
+    try:
+        return type(c.regularizer) is type(regularizer) and bool(c.regularizer == regularizer)
+    except Exception:  # a user's regularizer whose == does not give one bool
+        return False
+
+
 def _problems(slot: _carrier.Slot, regularizer: Regularizer, mode: str, tied: dict) -> str | None:
     """Why ``slot`` cannot take ``regularizer`` in ``mode``, or None. ``tied``: Parameter id ->
     all its names, for Parameters reachable under several names."""
@@ -128,8 +144,8 @@ def _problems(slot: _carrier.Slot, regularizer: Regularizer, mode: str, tied: di
         return f"{slot.describe()} is not a floating-point tensor; regularizers need float weights, exclude it"
     if slot.carrier is not None:
         return (
-            f"{slot.describe()} already has {slot.carrier.regularizer!r} attached (mode={slot.carrier.mode!r}); "
-            f"to replace it, call paramreg.remove(model, {slot.name!r}) first"
+            f"{slot.describe()} already has {slot.carrier.current()!r} attached (mode={slot.carrier.mode!r}); "
+            f"attaching the same again is a no-op, to replace it call paramreg.remove(model, {slot.name!r}) first"
         )
     if mode != "penalty" and slot.plist is not None:
         kinds = ", ".join(type(m).__name__ for m in slot.plist)
@@ -207,15 +223,17 @@ def attach(
             ``cls()``, a number ``cls(value)``, a tuple ``cls(*value)``, a dict ``cls(**value)``.
         exclude: names to leave out, in the same forms as ``targets``.
         mode: ``"prox"`` (default): after every ``step()`` of any torch optimizer that updates the
-            parameter, w ← prox_{tR}(w) with t the learning rate of its parameter group, which gives
-            exact zeros for L1. ``"penalty"``: nothing happens at step time; add
+            parameter, w ← prox_{tR}(w) with t the step that optimizer took (``step`` below), which
+            gives exact zeros for L1. ``"penalty"``: nothing happens at step time; add
             :func:`paramreg.penalty` to the loss. Constraints act in ``"prox"`` mode only;
             reparametrizations (``SoftThreshold``) act in the forward pass (leave mode as it is).
         step: the proximal step size policy (Note [Step policies] in :mod:`paramreg.step_sizes`):
             ``"lr"``: t = the group's lr. ``"adaptive"``: per coordinate in the optimizer's own
             metric, t_i = lr / (sqrt(v̂_i) + eps) for Adam (also AdamW, NAdam, RAdam, Adamax,
-            RMSprop, Adagrad; SGD: t = lr). ``"auto"`` (default): adaptive where the optimizer and
-            the regularizer have that form, else lr.
+            RMSprop, Adagrad); for SGD t = lr·c_k, c_k the fill of its momentum buffer after k
+            steps (1 without momentum; with momentum μ, 1 on the first step, rising to
+            (1 − dampening)/(1 − μ): Note [Momentum fill]). ``"auto"`` (default): adaptive where
+            the optimizer and the regularizer have that form, else lr.
         schedule: a callable k -> factor that multiplies the regularizer's strengths at step k
             (the number of optimizer steps that have updated the tensor so far);
             :func:`paramreg.report` shows the current strengths.
@@ -229,7 +247,10 @@ def attach(
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
     parametrization, visible in ``print(model)``). A Parameter tied under several names is
-    regularized once. Bad input raises :class:`paramreg.ParamregError` and changes nothing.
+    regularized once. Attaching again what a tensor already carries (an equal regularizer, the
+    same mode, step and schedule object) leaves it as it is, so ``attach`` may sit in code that runs
+    more than once (Lightning's ``configure_optimizers``); a different regularizer on an attached
+    tensor is an error. Bad input raises :class:`paramreg.ParamregError` and changes nothing.
 
     Example:
         >>> import torch, paramreg
@@ -265,7 +286,8 @@ def attach_regularizer(model: nn.Module, targets, regularizer: Regularizer, *, e
     where = where or f"attach({targets!r})"
     chosen = resolve(model, targets, exclude)
     tied = {id(s.param): [s.name, *(a.name for a in s.aliases)] for s in _carrier.slots(model) if s.aliases}
-    problems = [p for p in (_problems(s, regularizer, mode, tied) for s in chosen) if p is not None]
+    fresh = [s for s in chosen if not _attached_already(s, regularizer, mode, step, schedule, budget)]
+    problems = [p for p in (_problems(s, regularizer, mode, tied) for s in fresh) if p is not None]
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -273,7 +295,7 @@ def attach_regularizer(model: nn.Module, targets, regularizer: Regularizer, *, e
 
     done: list[_carrier.Slot] = []
     try:
-        for s in chosen:
+        for s in fresh:
             s.carrier = _carrier.attach(s, regularizer, mode, step, schedule, budget)
             s.plist = _carrier._plists(s.module)[s.tensor_name]
             done.append(s)

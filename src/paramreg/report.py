@@ -60,7 +60,8 @@ class Target:
 
 @dataclass(frozen=True)
 class Report:
-    """Rows and a total. ``str(report)`` is a table; index by canonical name for one row."""
+    """Rows and a total. ``str(report)`` is a table; iterating yields the rows; index by canonical
+    name for one row; :meth:`to_dict` gives flat numbers for a logger."""
 
     rows: tuple[Row, ...]
     targets: tuple[Target, ...] = ()
@@ -93,6 +94,43 @@ class Report:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def to_dict(self, prefix: str = "") -> dict[str, float]:
+        """Flat numbers for a logger: ``"<name>/sparsity"``, ``"<name>/zeros"`` and, where a
+        regularizer is attached, ``"<name>/penalty"`` per row, the same under ``"total/"``, and
+        ``"target<i>/asked"``, ``"/reached"`` and ``"/strength"`` per sparsity target.
+
+        Each value is a plain ``float`` or ``int``, which ``wandb.log``, TensorBoard's
+        ``add_scalars`` and Lightning's ``self.log_dict`` take as they are.
+
+        Example:
+            >>> import torch, paramreg
+            >>> model = torch.nn.Linear(2, 1, bias=False)
+            >>> with torch.no_grad():
+            ...     _ = model.weight.copy_(torch.tensor([[0.0, -2.0]]))
+            >>> _ = paramreg.attach(model, "weight", l1=0.5)
+            >>> paramreg.report(model).to_dict(prefix="reg/")
+            {'reg/weight/sparsity': 0.5, 'reg/weight/zeros': 1, 'reg/weight/penalty': 1.0, 'reg/total/sparsity': 0.5, 'reg/total/zeros': 1, 'reg/total/penalty': 1.0}
+        """
+        out: dict[str, float] = {}
+        for r in self.rows:
+            out[f"{prefix}{r.name}/sparsity"] = r.sparsity
+            out[f"{prefix}{r.name}/zeros"] = r.zeros
+            if r.penalty is not None:
+                out[f"{prefix}{r.name}/penalty"] = r.penalty
+        out[f"{prefix}total/sparsity"] = self.sparsity
+        out[f"{prefix}total/zeros"] = self.zeros
+        for i, t in enumerate(self.targets):  # each sparsity target: what was asked, reached, and its strength
+            out[f"{prefix}target{i}/asked"] = t.asked
+            out[f"{prefix}target{i}/reached"] = t.reached
+            if t.strength is not None:
+                out[f"{prefix}target{i}/strength"] = t.strength
+        if any(r.penalty is not None for r in self.rows):
+            out[f"{prefix}total/penalty"] = self.penalty
+        return out
 
     def __str__(self) -> str:
         def fmt_penalty(p):

@@ -16,6 +16,20 @@ Note [Step size]
     the optimizer's own metric. A parameter whose ``.grad`` is None was not updated by the
     optimizer (frozen, or unused this step) and receives no prox either.
 
+Note [Nested steps]
+    An optimizer that wraps another (``ZeroRedundancyOptimizer``, a SAM-style or lookahead-style
+    wrapper, accelerate's ``AcceleratedOptimizer``) calls the inner optimizer's ``step()`` inside
+    its own, and the global hooks fire for both. The prox belongs to the inner step: that
+    optimizer updated the tensor, and its group's lr, momentum fill or metric is the step size.
+    So the pre-step hook pushes each optimizer onto a per-thread stack and the post-step hook pops
+    it; an optimizer inside whose ``step()`` another optimizer stepped is remembered as a wrapper,
+    and a wrapper's own post-step hook applies nothing, also on a later step in which its inner
+    optimizer does not step (a skipped or accumulating step). A ``step()`` that raised (an
+    interrupt in a notebook) never reaches its post-step hook, so each entry also holds the
+    Python frame running that step (torch's hook-calling wrapper), and an entry whose frame is no
+    longer on the call stack is dropped when the next step begins: a step is nested only in steps
+    that are still running.
+
 Note [Plans]
     The hook must be cheap. For each optimizer it caches a plan: per parameter group, the
     attached parameters bucketed by (regularizer, step policy), so that each regularizer's
@@ -48,7 +62,9 @@ Note [Resume]
 from __future__ import annotations
 
 import math
+import os
 import sys
+import threading
 import warnings
 import weakref
 
@@ -72,6 +88,9 @@ _fills: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list[list]]" = weakref
 # Optimizers whose state_dict() paramreg writes into (Note [Resume]), and those warned about.
 _saving: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 _warned: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+# Note [Nested steps]: the optimizers whose step() is running, per thread, and the known wrappers
+_running = threading.local()
+_wrappers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 
 
 def install_hook() -> None:
@@ -91,7 +110,9 @@ def _before_step(optimizer, args, kwargs) -> None:
     buffers already hold momentum (attached mid-training, a loaded state) only by whether the
     buffers exist yet. An optimizer is tracked from the first step it takes while a carrier is
     live, and then on every step, so that its fills stay current while nothing is attached.
+    Also notes that ``optimizer`` is stepping (Note [Nested steps]).
     """
+    _enter(optimizer)
     if step_sizes.resolve(optimizer) not in step_sizes.FILLING:
         return
     fills = _fills.get(optimizer)
@@ -269,20 +290,43 @@ def _build_plan(optimizer) -> list:
     return plan
 
 
-def _is_wrapper(optimizer) -> bool:
-    """True for an optimizer that steps an inner torch optimizer: the hook acts on the inner step.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_DYNAMO = f"{os.sep}torch{os.sep}_dynamo{os.sep}"
 
-    ``ZeroRedundancyOptimizer.step`` steps the shard this rank owns with its inner optimizer
-    (whose hook applies the prox, in that optimizer's metric), then broadcasts every shard: acting
-    again after its own step would apply the prox twice. (Looked up only if the user imported it.)
-    """
-    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
-    return zero is not None and isinstance(optimizer, zero.ZeroRedundancyOptimizer)
+
+def _enter(optimizer) -> None:
+    """Push ``optimizer`` and the frame running its step onto this thread's stack (Note [Nested steps])."""
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith(_HERE) or _DYNAMO in frame.f_code.co_filename):
+        frame = frame.f_back  # above paramreg's hook and torch.compiler.disable's wrapper: torch's step wrapper
+    stack = getattr(_running, "stack", None)
+    if stack is None:
+        stack = _running.stack = []
+    if stack:  # keep only the steps still running around this one (a step that raised left its entry)
+        running, f = set(), frame
+        while f is not None:
+            running.add(id(f))
+            f = f.f_back
+        stack[:] = [entry for entry in stack if id(entry[1]) in running]
+    stack.append((weakref.ref(optimizer), frame))
+
+
+def _leave(optimizer) -> bool:
+    """Pop ``optimizer``'s step; True if it is a wrapper, whose step applies no prox (Note [Nested steps])."""
+    stack = getattr(_running, "stack", None) or []
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i][0]() is optimizer:
+            del stack[i:]
+            outer = stack[-1][0]() if stack else None
+            if outer is not None and outer is not optimizer:
+                _wrappers.add(outer)
+            break
+    return optimizer in _wrappers
 
 
 @torch.compiler.disable  # bookkeeping in Python: runs eagerly after a compiled optimizer step
 def _after_step(optimizer, args, kwargs) -> None:
-    if not _carrier.live_carriers() or _is_wrapper(optimizer):
+    if _leave(optimizer) or not _carrier.live_carriers():
         return
     signature = _signature(optimizer)
     cached = _plans.get(optimizer)
