@@ -344,7 +344,8 @@ def test_auto_with_an_optimizer_of_unknown_metric_takes_the_lr():
     paramreg.attach(model, "0.weight", l1=0.5)
     opt = torch.optim.Rprop(model.parameters(), lr=0.01)
     F.cross_entropy(model(x), y).backward()
-    opt.step()
+    with pytest.warns(UserWarning, match="Rprop is not one paramreg knows.*'0.weight' take the step t = lr"):
+        opt.step()
     reference = mlp()
     ref_opt = torch.optim.Rprop(reference.parameters(), lr=0.01)
     F.cross_entropy(reference(x), y).backward()
