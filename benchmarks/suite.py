@@ -34,12 +34,23 @@ Variants (strength 1e-4 everywhere; "the weights" are every parameter with two o
 - ``prox group lasso``: ``paramreg.attach(model, weights, group_lasso=a)`` (rows, default step);
 - ``prox adaptive L1``: ``paramreg.attach(model, weights, l1=a, step="adaptive")``: the prox in
   Adam's own metric. Skipped, with a note, where ``attach`` has no ``step=`` keyword or refuses the
-  combination (an optimizer without a diagonal metric).
+  combination (an optimizer without a diagonal metric);
+- ``penalty L1``: ``paramreg.attach(model, weights, l1=a, mode="penalty")`` and
+  ``loss + paramreg.penalty(model)``: the same loss as ``manual L1``.
+
+With ``--before REV`` the ``prox group lasso`` and ``penalty L1`` variants also run with paramreg
+as it was at git revision REV (``git archive`` of ``src/paramreg`` into a temporary folder,
+imported as a second package), labelled ``@REV`` and interleaved with the others: a before/after
+comparison measured in one process.
+
+4. Penalty value. ``paramreg.penalty(model)`` alone (no backward) against the hand-written
+   ``a * sum(p.abs().sum() for p in weights)`` over the same tensors, interleaved, per model (and
+   ``@REV``'s ``penalty``).
 
 Optimizers are built with ``foreach=False`` (torch's default on CPU; fixed here because that
 setting alone moves small-layer step times by 8-14%); torch uses 2 threads unless ``--threads``.
 
-Run:  python benchmarks/suite.py [--markdown]     (about 15 minutes on 2 CPU cores)
+Run:  python benchmarks/suite.py [--markdown] [--before REV]    (about 15 minutes on 2 CPU cores)
       python benchmarks/suite.py --tiny           (seconds; a smoke test, nothing is asserted)
 """
 
@@ -47,12 +58,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import inspect
 import json
+import pathlib
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -72,7 +86,9 @@ VARIANTS = (
     "prox L1",
     "prox group lasso",
     "prox adaptive L1",
+    "penalty L1",
 )
+BEFORE_VARIANTS = ("prox group lasso", "penalty L1")  # also measured at --before REV
 OPTIMIZERS = {
     "SGD momentum": lambda params, wd: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=wd, foreach=False),
     "Adam": lambda params, wd: torch.optim.Adam(params, lr=1e-3, weight_decay=wd, foreach=False),
@@ -143,29 +159,51 @@ def _weights(name: str, tensor) -> bool:
 # --- variants ---------------------------------------------------------------------------------
 
 
+def load_before(rev: str):
+    """paramreg as it was at git revision ``rev``, imported as the package ``paramreg_before``."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="paramreg_before_"))
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "src/paramreg"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    package = folder / "src" / "paramreg"
+    spec = importlib.util.spec_from_file_location("paramreg_before", package / "__init__.py", submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["paramreg_before"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+LIBS = {"": paramreg}  # label suffix -> paramreg package ("@REV" -> the --before one)
+
+
 def make_step(variant: str, base: nn.Module, optimizer_name: str, x, y):
     """A fresh copy of ``base`` regularized as ``variant``; return (model, one-training-step function)."""
     model = copy.deepcopy(base)
     weights = [p for n, p in model.named_parameters() if _weights(n, p)]
-    if variant.startswith("prox"):
+    variant, _, rev = variant.partition(" @")
+    lib = LIBS["@" + rev if rev else ""]
+    if variant.startswith("prox") or variant == "penalty L1":
         try:
             if variant == "prox L1":
-                paramreg.attach(model, _weights, l1=STRENGTH, **({"step": "lr"} if HAS_STEP else {}))
+                lib.attach(model, _weights, l1=STRENGTH, **({"step": "lr"} if HAS_STEP else {}))
             elif variant == "prox group lasso":
-                paramreg.attach(model, _weights, group_lasso=STRENGTH)
+                lib.attach(model, _weights, group_lasso=STRENGTH)
+            elif variant == "penalty L1":
+                lib.attach(model, _weights, l1=STRENGTH, mode="penalty")
             else:
                 if not HAS_STEP:
                     raise Skip("paramreg.attach has no step= keyword yet")
-                paramreg.attach(model, _weights, l1=STRENGTH, step="adaptive")
-        except paramreg.ParamregError as e:
+                lib.attach(model, _weights, l1=STRENGTH, step="adaptive")
+        except lib.ParamregError as e:
             raise Skip(str(e).splitlines()[0]) from None
     optimizer = OPTIMIZERS[optimizer_name](model.parameters(), STRENGTH if variant == "weight_decay" else 0.0)
     if variant == "grad hook":
         for p in weights:
             p.register_hook(lambda grad, p=p: grad + STRENGTH * p.detach().sign())
     penalty = {
-        "manual L1": lambda: sum(p.abs().sum() for p in weights),
-        "manual norm": lambda: sum(torch.norm(p, 1) for p in weights),
+        "manual L1": lambda: STRENGTH * sum(p.abs().sum() for p in weights),
+        "manual norm": lambda: STRENGTH * sum(torch.norm(p, 1) for p in weights),
+        "penalty L1": lambda: lib.penalty(model),
     }.get(variant)
 
     extra_pass = variant == "extra pass"
@@ -173,7 +211,7 @@ def make_step(variant: str, base: nn.Module, optimizer_name: str, x, y):
     def step():
         loss = F.cross_entropy(model(x), y)
         if penalty is not None:
-            loss = loss + STRENGTH * penalty()
+            loss = loss + penalty()
         loss.backward()
         optimizer.step()
         if extra_pass:
@@ -201,7 +239,7 @@ def measure_steps(model_name: str, optimizer_name: str, args, device, notes: lis
     """Median seconds per step of every variant that runs, interleaved round-robin."""
     base, x, y = build_model(model_name, args.tiny, device)
     built = {}
-    for v in VARIANTS:
+    for v in all_variants():
         try:
             built[v] = make_step(v, base, optimizer_name, x, y)
         except Skip as e:
@@ -213,9 +251,37 @@ def measure_steps(model_name: str, optimizer_name: str, args, device, notes: lis
     for _ in range(args.rounds):
         for v, (_, step) in built.items():
             times[v].extend(timed(step, device) for _ in range(args.steps_per_round))
-    for model, _ in built.values():
-        paramreg.remove(model, allow_nonfinite=True)  # no carriers left behind for the next measurement
+    for v, (model, _) in built.items():
+        lib = LIBS["@" + v.partition(" @")[2] if " @" in v else ""]
+        lib.remove(model, allow_nonfinite=True)  # no carriers left behind for the next measurement
     return {v: statistics.median(t) for v, t in times.items()}
+
+
+def all_variants() -> list[str]:
+    return [*VARIANTS, *(f"{v} {label}" for label in LIBS if label for v in BEFORE_VARIANTS)]
+
+
+def measure_penalty(model_name: str, args, device) -> dict[str, float]:
+    """Median seconds of one penalty value (no backward): hand-written, paramreg.penalty (and @REV's),
+    interleaved round-robin (``args.rounds`` rounds of 10 calls each)."""
+    base, _, _ = build_model(model_name, args.tiny, device)
+    calls = {}
+    for label, lib in LIBS.items():
+        model = copy.deepcopy(base)
+        lib.attach(model, _weights, l1=STRENGTH, mode="penalty")
+        calls[f"penalty{' ' + label if label else ''}"] = (lib, model, lambda lib=lib, model=model: lib.penalty(model))
+    weights = [p for n, p in base.named_parameters() if _weights(n, p)]
+    calls = {"hand-written": (None, None, lambda: STRENGTH * sum(p.abs().sum() for p in weights)), **calls}
+    for _, _, fn in calls.values():
+        fn()
+    times = {k: [] for k in calls}
+    for _ in range(args.rounds):
+        for k, (_, _, fn) in calls.items():
+            times[k].extend(timed(fn, device) for _ in range(10))
+    for lib, model, _ in calls.values():
+        if lib is not None:
+            lib.remove(model)
+    return {k: statistics.median(t) for k, t in times.items()}
 
 
 # --- memory: one fresh process per variant ----------------------------------------------------
@@ -305,16 +371,29 @@ def render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
 
 
 def step_table(results: dict, markdown: bool) -> str:
-    headers = ["model, optimizer", "none ms/step", *VARIANTS[1:], "manual L1 / prox L1", "prox L1 − extra pass"]
+    variants = all_variants()[1:]
+    headers = ["model, optimizer", "none ms/step", *variants, "manual L1 / prox L1", "prox L1 − extra pass", "penalty L1 / manual L1"]
     rows = []
     for (model_name, optimizer_name), medians in results.items():
         none = medians["none"]
         cells = [f"{model_name}, {optimizer_name}", f"{1e3 * none:.2f}"]
-        cells += [f"{medians[v] / none:.3f}" if v in medians else "skipped" for v in VARIANTS[1:]]
+        cells += [f"{medians[v] / none:.3f}" if v in medians else "skipped" for v in variants]
         both = "manual L1" in medians and "prox L1" in medians
         cells.append(f"{medians['manual L1'] / medians['prox L1']:.2f}" if both else "-")
         cells.append(f"{(medians['prox L1'] - medians['extra pass']) / none:+.3f}" if "prox L1" in medians else "-")
+        both = "manual L1" in medians and "penalty L1" in medians
+        cells.append(f"{medians['penalty L1'] / medians['manual L1']:.3f}" if both else "-")
         rows.append(cells)
+    return render(headers, rows, markdown)
+
+
+def penalty_table(results: dict, markdown: bool) -> str:
+    labels = [k for k in next(iter(results.values())) if k != "hand-written"]
+    headers = ["model", "hand-written µs", *(f"{k} / hand-written" for k in labels)]
+    rows = [
+        [model_name, f"{1e6 * medians['hand-written']:.0f}", *(f"{medians[k] / medians['hand-written']:.3f}" for k in labels)]
+        for model_name, medians in results.items()
+    ]
     return render(headers, rows, markdown)
 
 
@@ -357,6 +436,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-steps", action="store_true", help="skip the step-time measurement")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     parser.add_argument("--no-scaling", action="store_true", help="skip the prox-pass scaling row")
+    parser.add_argument("--no-penalty", action="store_true", help="skip the penalty-value table")
+    parser.add_argument("--before", metavar="REV", help="also measure paramreg at git revision REV (variants labelled @REV)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     tiny = {"rounds": 2, "steps_per_round": 1, "warmup": 1, "memory_steps": 2}
@@ -374,6 +455,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.before:
+        LIBS["@" + args.before] = load_before(args.before)
     h = "### " if args.markdown else ""
     print(f"torch {torch.__version__}, paramreg {paramreg.__version__}, device {device}, threads {torch.get_num_threads()}")
     print(f"settings: tiny={args.tiny} rounds={args.rounds} steps_per_round={args.steps_per_round} warmup={args.warmup} "
@@ -404,6 +487,10 @@ def main() -> None:
         print(f"\n{h}{what} / unregularized peak, one process per variant ({args.memory_steps} steps; "
               f"in brackets: MiB the peak grew during the steps)\n")
         print(memory_table(memory, args.markdown))
+    if not args.no_penalty:
+        penalties = {m: measure_penalty(m, args, device) for m in args.models}
+        print(f"\n{h}paramreg.penalty(model) against the hand-written sum over the same tensors (value only, median)\n")
+        print(penalty_table(penalties, args.markdown))
     if not args.no_scaling:
         sizes = [10_000, 100_000] if args.tiny else [1_000_000, 10_000_000, 100_000_000]
         rows = measure_scaling(sizes, chunk=1_000_000, rounds=3 if args.tiny else 15, device=device)

@@ -37,6 +37,7 @@ def test_attaching_to_and_dropping_a_thousand_models_leaks_nothing():
     gc.collect()
     # counted relative to the start: other tests' objects may still be alive in this process
     hooks, live, plans = len(torch_optimizer._global_optimizer_post_hooks), len(carrier.live_carriers()), len(stepping._plans)
+    penalty_plans = len(stepping._penalty_plans)
     pre_hooks, fills = len(torch_optimizer._global_optimizer_pre_hooks), len(stepping._fills)
     start = rss_bytes()
     refs = [one_run(seed) for seed in range(1000)]
@@ -44,6 +45,7 @@ def test_attaching_to_and_dropping_a_thousand_models_leaks_nothing():
     assert all(r() is None for run in refs for r in run), "a model, module, parameter or optimizer was kept alive"
     assert len(carrier.live_carriers()) == live
     assert len(stepping._plans) == plans
+    assert len(stepping._penalty_plans) == penalty_plans  # each model's cached penalty plan went with it
     assert len(torch_optimizer._global_optimizer_post_hooks) == hooks
     assert len(torch_optimizer._global_optimizer_pre_hooks) == pre_hooks
     assert len(stepping._fills) == fills  # the momentum fills of the SGD optimizers went with them

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import paramreg
-from paramreg import stepping
+from paramreg import carrier, stepping
 
 from conftest import TiedLM, mlp, mlp_batch
 
@@ -307,6 +307,111 @@ def test_penalty_is_zero_without_penalty_mode_regularizers():
     assert float(paramreg.penalty(model)) == 0.0
     paramreg.attach(model, "*.weight", l1=1.0)
     assert float(paramreg.penalty(model)) == 0.0
+
+
+def _l1_of(*tensors, a=STRENGTH):
+    return a * sum(float(t.detach().abs().sum()) for t in tensors)
+
+
+def _penalty(model) -> float:
+    return float(paramreg.penalty(model).detach())
+
+
+def _walks(monkeypatch):
+    """Count the plans paramreg.penalty builds (each one walks the model with carrier.slots)."""
+    calls = []
+
+    class Counted(stepping._PenaltyPlan):
+        __slots__ = ()
+
+        def __init__(self, *args):
+            calls.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(stepping, "_PenaltyPlan", Counted)
+    return calls
+
+
+def test_penalty_caches_its_plan_and_rebuilds_it_when_carriers_change(monkeypatch):
+    # Note [Penalty plans]: one walk per model while nothing changes; attach, remove and
+    # set_strength (the carrier generation) each make the next call walk again
+    walks = _walks(monkeypatch)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3), nn.ReLU(), nn.Linear(3, 2))
+    paramreg.attach(model, "0.weight", l1=STRENGTH, mode="penalty")
+    for _ in range(3):
+        assert _penalty(model) == pytest.approx(_l1_of(model[0].weight))
+    assert len(walks) == 1
+    paramreg.attach(model, "2.weight", l1=STRENGTH, mode="penalty")
+    assert _penalty(model) == pytest.approx(_l1_of(model[0].weight, model[2].weight))
+    paramreg.set_strength(model, "2.weight", 2 * STRENGTH)
+    expected = _l1_of(model[0].weight) + _l1_of(model[2].weight, a=2 * STRENGTH)
+    assert _penalty(model) == pytest.approx(expected)
+    paramreg.remove(model, "0.weight")
+    assert _penalty(model) == pytest.approx(_l1_of(model[2].weight, a=2 * STRENGTH))
+    assert len(walks) == 4
+    paramreg.penalty(model)
+    assert len(walks) == 4
+
+
+def test_penalty_sees_a_submodule_swapped_added_or_deleted_after_attach(monkeypatch):
+    walks = _walks(monkeypatch)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    paramreg.attach(model, "*.weight", l1=STRENGTH, mode="penalty")
+    assert _penalty(model) == pytest.approx(_l1_of(model[0].weight, model[2].weight))
+    # replaced by a plain layer: its penalty goes (the old layer's carrier is still alive and bound)
+    old = model[2]
+    model[2] = nn.Linear(8, 3)
+    assert _penalty(model) == pytest.approx(_l1_of(model[0].weight))
+    # a layer that carries a regularizer already, appended (no carrier is bound or unbound here)
+    model.append(old)
+    assert _penalty(model) == pytest.approx(_l1_of(model[0].weight, old.weight))
+    # a deeper swap: inside a submodule
+    inner = nn.Sequential(nn.Linear(3, 3))
+    paramreg.attach(inner, "0.weight", l1=STRENGTH, mode="penalty")
+    model.append(inner)
+    assert _penalty(model) == pytest.approx(_l1_of(model[0].weight, old.weight, inner[0].weight))
+    inner[0] = nn.Linear(3, 3)
+    assert _penalty(model) == pytest.approx(_l1_of(model[0].weight, old.weight))
+    del model[0]
+    assert _penalty(model) == pytest.approx(_l1_of(old.weight))
+    assert len(walks) == 6  # one per change, none for an unchanged model
+    paramreg.penalty(model)
+    assert len(walks) == 6
+
+
+def test_penalty_follows_a_replaced_parameter_and_a_schedule_without_a_stale_plan():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    paramreg.attach(model, "0.weight", l1=STRENGTH, mode="penalty", schedule=lambda k: 0.5 * k)
+    paramreg.attach(model, "2.weight", l2=0.3, mode="penalty")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = mlp_batch()
+    for k in range(3):
+        expected = 0.5 * k * _l1_of(model[0].weight) + 0.15 * float(model[2].weight.detach().pow(2).sum())
+        penalty = paramreg.penalty(model)
+        assert float(penalty) == pytest.approx(expected)
+        opt.zero_grad()
+        (loss_of(model, x, y) + penalty).backward()
+        opt.step()
+    model[2].weight = nn.Parameter(torch.ones(3, 8))  # the carrier now regularizes the new Parameter
+    assert _penalty(model) == pytest.approx(0.5 * 3 * _l1_of(model[0].weight) + 0.15 * 24)
+
+
+def test_penalty_under_a_users_own_parametrization_is_computed_through_it():
+    # the user's parametrization comes first: the penalty sees its output (2·stored), on every call
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", Double())
+    paramreg.attach(model, "*.weight", l1=STRENGTH, mode="penalty")
+    stored = model[0].parametrizations.weight.original
+    for _ in range(2):
+        assert _penalty(model) == pytest.approx(_l1_of(2 * stored, model[2].weight))
+    with torch.no_grad():
+        stored.mul_(3)
+    assert _penalty(model) == pytest.approx(_l1_of(2 * stored, model[2].weight))
+    assert model not in stepping._penalty_plans  # a slot holds modules: not cached (Note [Penalty plans])
 
 
 def test_prox_step_without_an_optimizer():

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .errors import ParamregError
 from .regularizers import Regularizer, _strength
-from .structured import _group_shrink_diag
+from .structured import _group_shrink_diag_
 
 __all__ = ["CoupledGroupLasso"]
 
@@ -144,15 +144,15 @@ class CoupledGroupLasso(Regularizer):
 
     def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
         """The group lasso map in the metric diag(u), u = ``inverse_steps``, over channels: row k of
-        every member concatenated is one group (:func:`paramreg.structured._group_shrink_diag`)."""
+        every member concatenated is one group (:func:`paramreg.structured._group_shrink_diag_`)."""
         tensors = list(tensors)
         self._check_members(tensors)
         if self.strength == 0.0:
             return
         rows = torch.cat([w.reshape(self.channels, -1) for w in tensors], dim=1)
-        steps = torch.cat([u.reshape(self.channels, -1) for u in inverse_steps], dim=1).reciprocal_()
-        mapped = _group_shrink_diag(rows, steps, "out", self.strength)
-        for w, part in zip(tensors, mapped.split([w[0].numel() if w.dim() > 1 else 1 for w in tensors], dim=1), strict=True):
+        inverse = torch.cat([u.reshape(self.channels, -1) for u in inverse_steps], dim=1)
+        _group_shrink_diag_(rows, inverse, "out", self.strength)
+        for w, part in zip(tensors, rows.split([w[0].numel() if w.dim() > 1 else 1 for w in tensors], dim=1), strict=True):
             w.copy_(part.reshape(w.shape))
 
     def critical(self, tensors: Sequence[Tensor], inverse_steps: Sequence) -> list[Tensor]:

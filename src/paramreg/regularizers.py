@@ -99,6 +99,15 @@ def _elastic_net_metric_(tensors: list[Tensor], inverse_steps: list[Tensor], l1:
     torch._foreach_div_(tensors, inverse_steps)
 
 
+def _sum_of(terms) -> Tensor:
+    """The sum of a non-empty iterable of tensors, left to right (no leading 0 + first)."""
+    terms = iter(terms)
+    total = next(terms)
+    for term in terms:
+        total = total + term
+    return total
+
+
 def _soft_threshold_(tensors: Sequence[Tensor], threshold: float) -> None:
     """In place: w ← sign(w)·max(abs(w) − threshold, 0) over every tensor.
 
@@ -278,6 +287,19 @@ class Regularizer:
         """R(w), a differentiable scalar tensor."""
         raise NotImplementedError
 
+    def penalty_sum(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Σ_k R(w_k) over several tensors, differentiable (``paramreg.penalty`` calls it once per
+        regularizer); subclasses may override it with a faster form.
+
+        >>> import torch, paramreg
+        >>> paramreg.L1(0.5).penalty_sum([torch.tensor([1.0, -2.0]), torch.tensor([4.0])])
+        tensor(3.5000)
+        """
+        total = self.penalty(tensors[0])
+        for w in tensors[1:]:
+            total = total + self.penalty(w)
+        return total
+
     def prox(self, w: Tensor, t: float) -> Tensor:
         """argmin_z ½‖z − w‖² + t·R(z), as a new tensor of w's shape and dtype."""
         raise NotImplementedError
@@ -358,6 +380,9 @@ class L1(Regularizer):
     def penalty(self, w: Tensor) -> Tensor:
         return self.strength * w.abs().sum()
 
+    def penalty_sum(self, tensors: Sequence[Tensor]) -> Tensor:
+        return self.strength * _sum_of(w.abs().sum() for w in tensors)
+
     def prox(self, w: Tensor, t: float) -> Tensor:
         return F.softshrink(w, float(t) * self.strength) if float(t) * self.strength else w.clone()
 
@@ -410,6 +435,9 @@ class L2(Regularizer):
     def penalty(self, w: Tensor) -> Tensor:
         return 0.5 * self.strength * w.pow(2).sum()
 
+    def penalty_sum(self, tensors: Sequence[Tensor]) -> Tensor:
+        return 0.5 * self.strength * _sum_of(w.pow(2).sum() for w in tensors)
+
     def prox(self, w: Tensor, t: float) -> Tensor:
         return w / (1.0 + float(t) * self.strength)
 
@@ -456,6 +484,9 @@ class ElasticNet(Regularizer):
 
     def penalty(self, w: Tensor) -> Tensor:
         return self.l1 * w.abs().sum() + 0.5 * self.l2 * w.pow(2).sum()
+
+    def penalty_sum(self, tensors: Sequence[Tensor]) -> Tensor:
+        return self.l1 * _sum_of(w.abs().sum() for w in tensors) + 0.5 * self.l2 * _sum_of(w.pow(2).sum() for w in tensors)
 
     def prox(self, w: Tensor, t: float) -> Tensor:
         shrunk = F.softshrink(w, float(t) * self.l1) if float(t) * self.l1 else w

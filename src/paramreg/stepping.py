@@ -556,12 +556,106 @@ def penalty(model: nn.Module) -> Tensor:
         >>> paramreg.penalty(model)  # (0.1 / 2) * (9 + 16)
         tensor(1.2500, grad_fn=<MulBackward0>)
     """
-    terms = [
-        s.carrier.current().penalty(s.value())
-        for s in _carrier.slots(model)
-        if s.carrier is not None and s.carrier.mode == "penalty"
-    ]
-    if not terms:
+    plan = _penalty_plan(model)
+    total = None
+    for regularizer, values, plain, carriers in plan.buckets:
+        tensors = values if plain else [v if isinstance(v, Tensor) else v.value() for v in values]
+        if carriers is None:  # no schedule: every factor is 1
+            terms = [regularizer.penalty_sum(tensors)]
+        else:  # a schedule: the tensors at each current factor together
+            by_factor: dict[float, list[Tensor]] = {}
+            for ref, tensor in zip(carriers, tensors, strict=True):
+                by_factor.setdefault(ref().factor, []).append(tensor)
+            terms = [regularizer.scaled(f).penalty_sum(ts) for f, ts in by_factor.items()]
+        for term in terms:
+            total = term if total is None else total + term
+    if total is None:
         first = next(model.parameters(), None)
         return torch.zeros((), device=first.device if first is not None else None)
-    return sum(terms[1:], terms[0])
+    return total
+
+
+class _PenaltyPlan:
+    """Note [Penalty plans]
+        ``penalty(model)`` runs every training step, and finding the penalty-mode carriers means
+        walking every parameter of the model under its canonical name (``carrier.slots``): on
+        200 small layers that took three times as long as the penalties themselves. So each
+        model caches its plan: per regularizer object, the tensors it penalizes (the stored
+        Parameters, or the slot whose ``value()`` computes the tensor under a user's
+        parametrization). The plan is rebuilt when a carrier is bound, unbound or changed
+        anywhere (the generation counter the step plans use), or when the model's module tree
+        is no longer the one the plan was built from: a submodule replaced, added or deleted.
+        That check compares the modules by identity, found by a walk of ``_modules`` that skips
+        the parametrization containers (what changes in them is a carrier change): about one
+        dict per module, against a Slot per parameter for ``slots``. Schedules move a
+        carrier's factor every step without a rebuild; the plan reads it at each call.
+
+        A cached plan holds the Parameters (which reference no module), the tree through weak
+        references, and carriers only where a schedule is (weakly): nothing in it keeps the
+        model alive through the weak-keyed cache. A tensor under a user's own parametrization
+        is penalized through its slot's ``value()``, and a slot holds its module, list and
+        carrier; a plan with such a slot is not cached (when it was, carriers of an earlier
+        test's models outlived it into the leak test), and that model takes the walk on every
+        call as before, as does a model that cannot be a weak dictionary key (unhashable).
+    """
+
+    __slots__ = ("generation", "tree", "buckets")
+
+    def __init__(self, generation: int, tree: list, buckets: list):
+        self.generation, self.tree, self.buckets = generation, tree, buckets
+
+
+# model -> its _PenaltyPlan (Note [Penalty plans]); weak, so paramreg never keeps a model alive
+_penalty_plans: "weakref.WeakKeyDictionary[nn.Module, _PenaltyPlan]" = weakref.WeakKeyDictionary()
+
+
+def _submodules(model: nn.Module) -> list[nn.Module]:
+    """Every submodule of ``model`` once, depth first, without the parametrization containers
+    (a parametrized module's ``parametrizations``, a ``ModuleDict``)."""
+    found, seen, stack = [], {id(model)}, [model]
+    while stack:
+        for name, child in stack.pop()._modules.items():
+            if child is None or (name == "parametrizations" and type(child) is nn.ModuleDict):
+                continue
+            if id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+                stack.append(child)
+    return found
+
+
+def _penalty_plan(model: nn.Module) -> _PenaltyPlan:
+    try:
+        plan = _penalty_plans.get(model)
+    except TypeError:  # unhashable: no cache
+        plan = None
+    if plan is not None and plan.generation == _carrier.generation():
+        tree = _submodules(model)
+        if len(tree) == len(plan.tree) and all(ref() is m for ref, m in zip(plan.tree, tree)):
+            return plan
+    buckets: dict[int, tuple] = {}
+    for s in _carrier.slots(model):  # may bump the generation (carrier._sync): read it after
+        c = s.carrier
+        if c is not None and c.mode == "penalty":
+            bucket = buckets.setdefault(id(c.regularizer), (c.regularizer, [], []))
+            bucket[1].append(s.param if s.param is not None else s)
+            bucket[2].append(c)
+    plan = _PenaltyPlan(
+        _carrier.generation(),
+        [weakref.ref(m) for m in _submodules(model)],
+        [
+            (
+                regularizer,
+                values,
+                all(isinstance(v, Tensor) for v in values),
+                [weakref.ref(c) for c in carriers] if any(c.schedule is not None for c in carriers) else None,
+            )
+            for regularizer, values, carriers in buckets.values()
+        ],
+    )
+    if all(plain for _, _, plain, _ in plan.buckets):
+        try:
+            _penalty_plans[model] = plan
+        except TypeError:
+            pass
+    return plan

@@ -99,30 +99,118 @@ def _group_shrink_diag(w: Tensor, t: Tensor, groups, threshold: float) -> Tensor
     return torch.where(zero, 0.0, x * (r / (r + lt))).to(w.dtype)
 
 
-def _diag_rows_together_(regularizer, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
-    """``regularizer.prox_diag`` in place on every tensor, with steps 1/``inverse_steps``. Plain
-    tensors of one dtype and device whose groups lie within rows (``split`` is ``"rows"``) and
-    whose rows have the same shape are concatenated along dim 0 and mapped in one call: a model of
-    many small layers then takes one group solve (a few dozen small ops) instead of one per layer.
+def _group_view(x: Tensor, groups) -> Tensor:
+    """``x`` viewed as (A, G, B) with one group per index of the middle dim: the kept dims of a
+    grouping are consecutive (``"out"``: (0,), ``"kernel"``: (0, 1), an int d: (d,)), so every
+    group is the slice ``[:, g, :]`` and its norm reduces over dims 0 and 2."""
+    keep = kept_dims(groups, x.dim())
+    lo, hi = keep[0], keep[-1] + 1
+    shape = x.shape
+    return x.view(math.prod(shape[:lo]), math.prod(shape[lo:hi]), math.prod(shape[hi:]))
+
+
+def _group_shrink_diag_(w: Tensor, u: Tensor, groups, threshold: float, l1: float = 0.0) -> None:
+    """In place: w ← argmin_z Σ_i u_i·(z_i − w_i)²/2 + l1·Σ abs(z) + threshold·Σ_g ‖z_g‖₂, with
+    u = 1/t the inverse steps (finite, > 0; consumed).
+
+    Note [Group lasso in a diagonal metric, fast]
+        The same root as :func:`_group_shrink_diag` (the reference, which ``prox_diag`` keeps),
+        found in far fewer passes over the tensor. With c_i = threshold·t_i, g(r) =
+        S(r)^(-1/2) − 1 is concave and increasing in r, with g'(r) >= 1/‖w_g‖: S^(-1/2)·‖w_g‖ is
+        the weighted power mean M_(-2) of r + c_i (weights w_i²/‖w_g‖²), concave in r with
+        slope >= 1. Hence:
+
+        - the start r_0 = ‖w_g‖ − m, m the weighted mean of c_i, is never right of the root
+          (M_(-2) <= M_1), and is the root when the c_i are equal (one shared step);
+        - from a point r left of the root, Newton's step lands at or left of the root (the
+          tangent of a concave function lies above it), and r − ‖w_g‖·g(r) is at or right of it
+          (the slope is at least 1/‖w_g‖): every evaluation brackets the root, and the iterates
+          rise monotonically without a safeguard;
+        - a group whose start is 0 and whose g(0) >= 0 (‖w_g/c_g‖ <= 1) is zero: its Newton step
+          from 0 is <= 0 (from a left point it is >= 0), and the iterate is clamped at 0.
+
+        The iteration stops when every group's bracket is narrower than ``NEWTON_RTOL`` times
+        its Newton point, and maps with that point: a proof of the tolerance, where the reference
+        stops on a small step. On Adam's steps in the benchmarks one evaluation suffices. The
+        passes: the inverse steps to steps (1), ‖w_g‖ and m (4), per evaluation S and S' (7), the
+        map (3); all in place or in two scratch tensors, and the per-group arithmetic on (G,)
+        tensors. With ``l1`` > 0 (the sparse group lasso) the metric soft-threshold comes first
+        (the composition is exact, as in ``SparseGroupLasso.prox_diag``). A tensor subclass or a
+        tensor with no (A, G, B) view (not contiguous) takes the reference.
+    """
+    dtype = torch.promote_types(_accurate(w) or w.dtype, u.dtype)
+    plain = type(w) in (Tensor, torch.nn.Parameter) and type(u) is Tensor
+    if not (plain and w.is_contiguous() and u.is_contiguous() and u.shape == w.shape):
+        t = u.reciprocal_()
+        x = L1(l1).prox_diag(w, t) if l1 else w
+        w.copy_(_group_shrink_diag(x, t, groups, threshold))
+        return
+    x = w if w.dtype == dtype else w.to(dtype)
+    ws = u if u.dtype == dtype else u.to(dtype)  # the inverse steps, then the steps t
+    if l1:
+        x.mul_(ws)
+        torch._C._nn.softshrink(x, l1, out=x)
+        x.div_(ws)
+    x3, t3 = _group_view(x, groups), _group_view(ws, groups)
+    dims = (0, 2)
+    t3.reciprocal_()
+    norm = torch.linalg.vector_norm(x3, dim=dims, keepdim=True)
+    y = torch.mul(x3, t3)
+    y.mul_(x3)
+    mean = y.sum(dim=dims, keepdim=True).mul_(threshold).div_((norm * norm).clamp_(min=torch.finfo(dtype).tiny))
+    r = (norm - mean).clamp_(min=0.0)
+    d = torch.empty_like(x3)
+    rtol = NEWTON_RTOL.get(dtype, 1e-6)
+    tiny = torch.finfo(dtype).tiny
+    for _ in range(NEWTON_MAX_ITERATIONS):
+        torch.add(r, t3, alpha=threshold, out=d)  # r + c_i
+        torch.div(x3, d, out=y)
+        s = torch.linalg.vector_norm(y, dim=dims, keepdim=True).square_()  # S(r) = Σ w_i²/(r + c_i)²
+        torch.div(y, d, out=d)
+        d.mul_(y)
+        slope = d.sum(dim=dims, keepdim=True).clamp_(min=tiny)  # Σ w_i²/(r + c_i)³ = −S'(r)/2
+        root = s.sqrt()
+        below = root - 1.0  # −g(r)·√S
+        # Newton's step −g/g' = S·(√S − 1)/(−S'/2); at r = 0 a step <= 0 (g(0) >= 0) means the
+        # group is zero: the clamp makes it so (an all-zero group: S = 0, a step of −0)
+        new = torch.addcdiv(r, s.mul_(below), slope).clamp_(min=0.0)
+        # the bracket's far end: r − ‖w_g‖·g(r) = r + ‖w_g‖·(1 − 1/√S), or r when r is right of the root
+        upper = torch.addcmul(r, norm, below.div_(root).clamp_(min=0.0))
+        r = new
+        if bool(((upper.sub_(new) <= new * rtol) | (new == 0)).all()):
+            break
+    torch.add(r, t3, alpha=threshold, out=d)
+    torch.div(r, d, out=d)  # r/(r + c_i); 0 for a zero group
+    x3.mul_(d)
+    if x is not w:
+        w.copy_(x)
+
+
+def _diag_rows_together_(tensors: Sequence[Tensor], inverse_steps: list[Tensor], split, map_) -> None:
+    """``map_(w, u)`` (in place on w, u its inverse steps, consumed) on every tensor. Plain
+    tensors of one dtype and device whose groups lie within rows (``split(ndim)`` is ``"rows"``)
+    and whose rows have the same shape are concatenated along dim 0 and mapped in one call: a
+    model of many small layers then takes one group solve (a few dozen small ops) instead of one
+    per layer.
     """
     together: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
-    alone: tuple[list[Tensor], list[Tensor]] = ([], [])
+    alone: list[tuple[Tensor, Tensor]] = []
     for w, u in zip(tensors, inverse_steps, strict=True):
         plain = type(w) in (Tensor, torch.nn.Parameter) and type(u) is Tensor
-        if plain and w.dim() and regularizer.split(w.dim()) == "rows":
+        if plain and w.dim() and split(w.dim()) == "rows":
             together.setdefault((w.shape[1:], w.dtype, u.dtype, w.device), []).append((w, u))
         else:
-            alone[0].append(w)
-            alone[1].append(u)
+            alone.append((w, u))
     for pairs in together.values():
         if len(pairs) == 1:
-            alone[0].append(pairs[0][0])
-            alone[1].append(pairs[0][1])
+            alone.append(pairs[0])
             continue
         ws = [w for w, _ in pairs]
-        mapped = regularizer.prox_diag(torch.cat(ws), torch.cat([u for _, u in pairs]).reciprocal_())
-        torch._foreach_copy_(ws, list(mapped.split([w.shape[0] for w in ws])))
-    Regularizer.prox_diag_(regularizer, *alone)  # one tensor at a time
+        joined = torch.cat(ws)
+        map_(joined, torch.cat([u for _, u in pairs]))
+        torch._foreach_copy_(ws, list(joined.split([w.shape[0] for w in ws])))
+    for w, u in alone:
+        map_(w, u)
 
 
 @register("group_lasso")
@@ -192,7 +280,10 @@ class GroupLasso(Regularizer):
 
     def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
         if self.strength != 0.0:
-            _diag_rows_together_(self, tensors, inverse_steps)
+            _diag_rows_together_(tensors, inverse_steps, self.split, self._shrink_)
+
+    def _shrink_(self, w: Tensor, u: Tensor) -> None:
+        _group_shrink_diag_(w, u, self.groups, self.strength * self._c(w))
 
     def critical(self, tensors: Sequence[Tensor], inverse_steps: Sequence) -> list[Tensor]:
         """‖w_g / t_g‖₂ / c_g per group: the prox zeroes group g exactly when the strength is at least that."""
@@ -257,7 +348,13 @@ class SparseGroupLasso(Regularizer):
         return self._group_lasso().prox_diag(L1(self.l1).prox_diag(w, t), t)
 
     def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
-        _diag_rows_together_(self, tensors, inverse_steps)
+        if self.group != 0.0:
+            _diag_rows_together_(tensors, inverse_steps, self.split, self._shrink_)
+        elif self.l1 != 0.0:
+            L1(self.l1).prox_diag_(tensors, inverse_steps)
+
+    def _shrink_(self, w: Tensor, u: Tensor) -> None:
+        _group_shrink_diag_(w, u, self.groups, self.group * self._group_lasso()._c(w), l1=self.l1)
 
 
 @register("nuclear_norm")
