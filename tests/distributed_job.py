@@ -16,6 +16,7 @@ waits for it in a barrier (the test that a hung job is ended with all its proces
 """
 
 import datetime
+import gc
 import os
 import sys
 import time
@@ -94,6 +95,12 @@ def worker(rank, kind, out):
     state["report.zeros"] = torch.tensor([row.zeros for row in paramreg.report(model).rows])  # on every rank
     if kind != "fsdp" or rank == 0:
         torch.save(state, os.path.join(out, f"{kind}-rank{rank}.pt"))
+    # Both ranks are done before anything is torn down, and the wrapped model (DDP's reducer
+    # holds the process group) goes before the group: freed after it, at the worker's return,
+    # gloo's teardown hung now and then (seen under load and on a quiet machine)
+    dist.barrier()
+    del wrapped, opt
+    gc.collect()
     dist.destroy_process_group()
 
 
