@@ -182,32 +182,7 @@ def _adagrad(name, group, states, lr, floors):
 
 def _settled(momentum: float, dampening: float = 0.0) -> float:
     """The fill a momentum buffer approaches at constant momentum: (1 − dampening)/(1 − μ) for
-    SGD, 1/(1 − μ) for RMSprop (Note [Safeguarded metric]
-    In an adaptive optimizer's metric a coordinate's step is lr/(sqrt(v̂_i) + eps). A coordinate
-    that gets no gradient (an input that is always 0, an embedding row unused for a while, a dead
-    unit) has v̂_i near 0 and a step up to lr/eps = 1e8·lr, so the prox in the plain metric zeroes
-    it at any strength, however small: on the quickstart's CNN under Adam, a50/1000 (a50 the
-    strength that gives 50% zeros) zeroed 24.5% of the weights (benchmarks/near_zero.py). The
-    default therefore floors each denominator at F, what it would be for a coordinate that had
-    seen a gradient of the size r at every step, r the root mean square of the gradient the
-    tensor was just stepped with:
-
-        Adam, AdamW, NAdam     max(sqrt(v̂_i), r)           (in v's raw units: r·sqrt(1 − β₂ᵏ))
-        RAdam                  max(sqrt(v_i), r·sqrt(1 − β₂ᵏ))
-        Adamax                 max(u_i, r)
-        RMSprop                max(sqrt(v_i), r·sqrt(1 − αᵏ))
-        Adagrad                max(sqrt(Σ g²), r·sqrt(k))
-
-    so no coordinate's step exceeds lr/r (times the optimizer's scalar factors). A proximal
-    method in a metric has the fixed points of the penalized problem exactly where the prox's
-    metric is the gradient step's; the floor changes the prox's metric only on coordinates whose
-    denominator is below F, and at a lasso optimum every gradient is at most a in magnitude, so
-    r <= a and such a coordinate is held at zero as the lasso holds it. Adam + L1(a) reaches
-    scikit-learn's lasso with the floor (tested); a tiny strength stays nearly off. FLOOR = 0
-    gives the plain metric. The floor is computed over whole tensors (one reduction of each
-    gradient), before the CPU's cache-sized blocks (Note [Blocks] in stepping.py).
-
-Note [Momentum fill])."""
+    SGD, 1/(1 − μ) for RMSprop (Note [Momentum fill])."""
     return (1.0 - dampening) / (1.0 - momentum)
 
 
@@ -230,32 +205,7 @@ def _first_fill(optimizer, group) -> float:
 def next_fill(optimizer, group: dict, previous: float | None) -> float:
     """Before a step of ``optimizer`` (one of FILLING) over ``group``: the fill c of the group's
     momentum buffers after that step, from the fill after the previous step (None: a group not
-    seen before). Note [Safeguarded metric]
-    In an adaptive optimizer's metric a coordinate's step is lr/(sqrt(v̂_i) + eps). A coordinate
-    that gets no gradient (an input that is always 0, an embedding row unused for a while, a dead
-    unit) has v̂_i near 0 and a step up to lr/eps = 1e8·lr, so the prox in the plain metric zeroes
-    it at any strength, however small: on the quickstart's CNN under Adam, a50/1000 (a50 the
-    strength that gives 50% zeros) zeroed 24.5% of the weights (benchmarks/near_zero.py). The
-    default therefore floors each denominator at F, what it would be for a coordinate that had
-    seen a gradient of the size r at every step, r the root mean square of the gradient the
-    tensor was just stepped with:
-
-        Adam, AdamW, NAdam     max(sqrt(v̂_i), r)           (in v's raw units: r·sqrt(1 − β₂ᵏ))
-        RAdam                  max(sqrt(v_i), r·sqrt(1 − β₂ᵏ))
-        Adamax                 max(u_i, r)
-        RMSprop                max(sqrt(v_i), r·sqrt(1 − αᵏ))
-        Adagrad                max(sqrt(Σ g²), r·sqrt(k))
-
-    so no coordinate's step exceeds lr/r (times the optimizer's scalar factors). A proximal
-    method in a metric has the fixed points of the penalized problem exactly where the prox's
-    metric is the gradient step's; the floor changes the prox's metric only on coordinates whose
-    denominator is below F, and at a lasso optimum every gradient is at most a in magnitude, so
-    r <= a and such a coordinate is held at zero as the lasso holds it. Adam + L1(a) reaches
-    scikit-learn's lasso with the floor (tested); a tiny strength stays nearly off. FLOOR = 0
-    gives the plain metric. The floor is computed over whole tensors (one reduction of each
-    gradient), before the CPU's cache-sized blocks (Note [Blocks] in stepping.py).
-
-Note [Momentum fill]."""
+    seen before). Note [Momentum fill]."""
     if previous is None:
         previous = _first_fill(optimizer, group)
     momentum = group.get("momentum", 0.0)
@@ -306,7 +256,8 @@ KNOWN = (*_DIAGONAL, *_SCALAR)
 FILLING = (torch.optim.SGD, torch.optim.RMSprop)  # a momentum buffer whose fill scales the step
 FILL_KEY = "paramreg_momentum_fill"  # where a group's fill goes in the optimizer's state_dict()
 #: The safeguard of the adaptive metric (Note [Safeguarded metric]): each coordinate's denominator
-#: is at least FLOOR times the root mean square of the denominators over its tensor.
+#: is at least what a coordinate would have after seeing FLOOR times the root mean square of its
+#: tensor's gradient at every step (0: the plain metric).
 FLOOR = 1.0
 
 
@@ -384,32 +335,7 @@ def inverse_steps(
     entry of ``states`` (the optimizer's state of parameters it just stepped in ``group``, or the
     same slices of them), with ``lr`` standing for the group's learning rate; None where the step
     is t = lr for every coordinate (RAdam before rectification). ``fill``: the fill of the group's
-    momentum buffers after this step, for RMSprop (None: the settled fill; Note [Safeguarded metric]
-    In an adaptive optimizer's metric a coordinate's step is lr/(sqrt(v̂_i) + eps). A coordinate
-    that gets no gradient (an input that is always 0, an embedding row unused for a while, a dead
-    unit) has v̂_i near 0 and a step up to lr/eps = 1e8·lr, so the prox in the plain metric zeroes
-    it at any strength, however small: on the quickstart's CNN under Adam, a50/1000 (a50 the
-    strength that gives 50% zeros) zeroed 24.5% of the weights (benchmarks/near_zero.py). The
-    default therefore floors each denominator at F, what it would be for a coordinate that had
-    seen a gradient of the size r at every step, r the root mean square of the gradient the
-    tensor was just stepped with:
-
-        Adam, AdamW, NAdam     max(sqrt(v̂_i), r)           (in v's raw units: r·sqrt(1 − β₂ᵏ))
-        RAdam                  max(sqrt(v_i), r·sqrt(1 − β₂ᵏ))
-        Adamax                 max(u_i, r)
-        RMSprop                max(sqrt(v_i), r·sqrt(1 − αᵏ))
-        Adagrad                max(sqrt(Σ g²), r·sqrt(k))
-
-    so no coordinate's step exceeds lr/r (times the optimizer's scalar factors). A proximal
-    method in a metric has the fixed points of the penalized problem exactly where the prox's
-    metric is the gradient step's; the floor changes the prox's metric only on coordinates whose
-    denominator is below F, and at a lasso optimum every gradient is at most a in magnitude, so
-    r <= a and such a coordinate is held at zero as the lasso holds it. Adam + L1(a) reaches
-    scikit-learn's lasso with the floor (tested); a tiny strength stays nearly off. FLOOR = 0
-    gives the plain metric. The floor is computed over whole tensors (one reduction of each
-    gradient), before the CPU's cache-sized blocks (Note [Blocks] in stepping.py).
-
-Note [Momentum fill]).
+    momentum buffers after this step, for RMSprop (None: the settled fill; Note [Momentum fill]).
     ``floors``: per entry, the floor of the denominators (:func:`floors`, computed over the whole
     tensors; None: the plain metric).
 
