@@ -631,7 +631,7 @@ def _penalty_plan(model: nn.Module) -> _PenaltyPlan:
         plan = None
     if plan is not None and plan.generation == _carrier.generation():
         tree = _submodules(model)
-        if len(tree) == len(plan.tree) and all(ref() is m for ref, m in zip(plan.tree, tree)):
+        if len(tree) == len(plan.tree) and all(ref() is m for ref, m in zip(plan.tree, tree, strict=True)):
             return plan
     buckets: dict[int, tuple] = {}
     for s in _carrier.slots(model):  # may bump the generation (carrier._sync): read it after
