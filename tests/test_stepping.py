@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import paramreg
-from paramreg import carrier, stepping
+from paramreg import stepping
 
 from conftest import TiedLM, mlp, mlp_batch
 
