@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .carrier import slots
 from .regularizers import Regularizer
+from .step_sizes import _whole
 
 __all__ = ["Report", "Row", "Target", "report"]
 
@@ -179,11 +180,6 @@ class Report:
         return "\n".join(lines)
 
     __repr__ = __str__
-
-
-def _whole(t: Tensor) -> Tensor:
-    """A sharded tensor (DTensor) gathered; any other tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def report(model: nn.Module) -> Report:
