@@ -54,6 +54,28 @@ class TransformerMLP(nn.Module):
         return x + self.fc2(nn.functional.gelu(self.fc1(self.ln(x))))
 
 
+class AttentionBlock(nn.Module):
+    """A pre-norm decoder block with the attention written out, as in nanoGPT-style models: one qkv
+    Linear reshaped into heads, then ``scaled_dot_product_attention`` or ``softmax(q @ k^T) @ v``."""
+
+    def __init__(self, d=8, heads=2, fused=True):
+        super().__init__()
+        self.heads, self.fused = heads, fused
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if self.fused:
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = torch.softmax(q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5, -1) @ v
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
 def count(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -158,6 +180,24 @@ def test_transformer_mlp_block_shrinks_hidden_neurons_only(tmp_path):
     assert before - count(small) == 11 * (8 + 1 + 8)
     assert_same_outputs(model, small, x)
     assert_onnx_runs(small, x, tmp_path)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "q@k^T"])
+def test_attention_block_shrinks_mlp_neurons_and_never_the_heads(fused):
+    """Torch-Pruning's tracer passes channels through attention as if it were element-wise, which
+    coupled qkv's 3d outputs to proj's d inputs; shrink then deleted 2/3 of qkv and the model no
+    longer ran. Attention ops now mix channels: zero q rows are kept, the MLP still shrinks."""
+    torch.manual_seed(0)
+    model = AttentionBlock(fused=fused).eval()
+    zero_rows(model.fc1.weight, model.fc1.bias, idx=[1, 5, 6])
+    zero_rows(model.qkv.weight, model.qkv.bias, idx=[0, 1])  # two query channels: not removable
+    x = torch.randn(2, 5, 8)
+    small = paramreg.shrink(model, x)
+    assert (small.qkv.out_features, small.proj.in_features, small.fc1.out_features) == (24, 8, 29)
+    assert_same_outputs(model, small, x)
+    with pytest.raises(ParamregError, match=r"'qkv.weight'.*(Attention|Bmm)"):
+        paramreg.attach_channels(model, "qkv.weight", 0.1, x)
+    assert paramreg.attach_channels(model, "fc1.weight", 0.1, x) == ["fc1.weight", "fc1.bias"]
 
 
 def test_concatenation_partners(tmp_path):

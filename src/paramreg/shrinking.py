@@ -15,13 +15,14 @@ Note [Which channels are removable]
     - every consumer slice of k is exactly zero, so nothing reads the channel;
 
     and in both cases the channel must not be an output of the model. A group that also holds a
-    layer mixing channels (LayerNorm, GroupNorm, attention, an RNN, a bare Parameter) is never
-    shrunk: its statistics would change. A conv followed by BatchNorm is removable only when BN's
-    scale *and* shift are zero too (a zero filter still outputs BN's shift): that is why
-    :func:`attach_channels` puts all producer slices into one group. After pruning, the outputs
-    are compared with the original's on the example inputs and on fresh random inputs; an op that
-    maps 0 to a non-zero value (a sigmoid, an added constant) makes that check fail with an
-    error, and the model is left unchanged.
+    layer mixing channels (LayerNorm, GroupNorm, attention, an RNN, a bare Parameter, and the ops
+    the tracer would pass through as element-wise but that mix channels: functional attention and
+    products of two activations, ``_MIXING_OPS``) is never shrunk: its statistics would change.
+    A conv followed by BatchNorm is removable only when BN's scale *and* shift are zero too (a zero
+    filter still outputs BN's shift): that is why :func:`attach_channels` puts all producer slices
+    into one group. After pruning, the outputs are compared with the original's on the example
+    inputs and on fresh random inputs; an op that maps 0 to a non-zero value (a sigmoid, an added
+    constant) makes that check fail with an error, and the model is left unchanged.
 
 Note [What Torch-Pruning does not do here]
     It prunes whatever indices it is given; deciding that a channel is *exactly* removable (the
@@ -125,6 +126,12 @@ class _Group:
         return producers_zero | consumers_zero
 
 
+#: Ops that Torch-Pruning's tracer passes channels through as if element-wise, but that mix them:
+#: attention (``F.scaled_dot_product_attention`` and its kernels) and products of two activations
+#: (``q @ k.transpose(-2, -1)``: bmm, baddbmm). Matched in the autograd node's name, lower case.
+_MIXING_OPS = ("attention", "bmm")
+
+
 class _Graph:
     """Torch-Pruning's dependency graph of a model, with paramreg's reading of its groups."""
 
@@ -217,7 +224,10 @@ class _Graph:
                     result.producers.append(_Slice(self._param(m, "weight"), m.weight, 0, local, root))
                     result.producers.append(_Slice(self._param(m, "bias"), m.bias, 0, local, root))
             elif isinstance(m, nn.Module) and type(m).__module__.startswith("torch_pruning") and not list(m.parameters()):
-                pass  # an element-wise op, concat, split, reshape or flatten: passes channels through
+                op = dep.target.grad_fn.name() if dep.target.grad_fn is not None else ""
+                if any(word in op.lower() for word in _MIXING_OPS):
+                    result.mixing.append(f"an {op.removesuffix('Backward0')} op")
+                # otherwise an element-wise op, concat, split, reshape or flatten: passes channels through
             else:
                 result.mixing.append(named)
         return result
@@ -453,7 +463,15 @@ def shrink(model: nn.Module, example_inputs, *, rtol: float = 1e-5, atol: float 
             pruner = graph.dg.get_pruner_of_module(g.root)
             graph.dg.get_pruning_group(g.root, pruner.prune_out_channels, idxs).prune()
         with torch.no_grad():
-            got = [small(*inputs), small(*_fresh(inputs))]
+            try:
+                got = [small(*inputs), small(*_fresh(inputs))]
+            except Exception as e:
+                layers = ", ".join(f"'{g.root_name}' ({len(i)})" for g, i in plan)
+                raise ParamregError(
+                    f"shrink: after removing the zero channels of {layers} the model no longer runs "
+                    f"({type(e).__name__}: {str(e)[:200]}): the dependency graph coupled channels through an op it "
+                    f"does not understand (a reshape into heads, a custom kernel). The model is unchanged"
+                ) from None
         diff, allowed = max((_excess(a, b, rtol, atol) for a, b in zip(expected, got, strict=True)), key=_ratio)
         if not diff <= allowed:
             layers = ", ".join(f"'{g.root_name}' ({len(i)})" for g, i in plan)
