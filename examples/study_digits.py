@@ -12,6 +12,11 @@ The methods, all on the same small CNN, data split, batch order and training bud
   magnitude-pruning     dense SGD training, torch.nn.utils.prune.global_unstructured (L1 magnitude)
                         to a target sparsity, fine-tuning with the mask for FINETUNE_EPOCHS
                         (half the training epochs) more epochs, prune.remove
+  paramreg-target       paramreg.attach(model, WEIGHTS, sparsity=s, sparsity_steps=...) from the
+                        start: L1 whose strength follows a cubic ramp to s over TARGET_RAMPS epochs
+                        (a setting, chosen on validation like the strengths) of the training epochs,
+                        then keep_zeros=True for FINETUNE_EPOCHS: the same number of steps as
+                        magnitude pruning, one run per target and ramp, no strength search
   paramreg-group-lasso  paramreg.attach(..., group_lasso=a): whole conv filters and fc1 neurons
                         (groups="out"), fc2 input columns (groups="in"), SGD
   dense                 no regularization (the reference, and the start of magnitude pruning)
@@ -62,6 +67,7 @@ MARK_BEGIN, MARK_END = "<!-- study-summary:begin -->", "<!-- study-summary:end -
 WEIGHTS = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
 LEVELS = (0.5, 0.8, 0.9, 0.95)  # sparsity levels of the summary table
 PRUNE_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97)
+TARGET_RAMPS = (1 / 2, 3 / 4, 1)  # paramreg-target's ramp, as a fraction of the training epochs
 THRESHOLD_QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97)
 BATCH_SIZE = 32
 SGD_LR, MOMENTUM, ADAM_LR = 0.05, 0.9, 3e-3
@@ -73,11 +79,12 @@ METHODS = {
     "paramreg-l1-adam": "paramreg L1 prox (Adam, default step)",
     "penalty-threshold": "L1 penalty in the loss + threshold (SGD)",
     "magnitude-pruning": "magnitude pruning + fine-tune (SGD)",
+    "paramreg-target": "paramreg target sparsity, then zeros kept (SGD)",
     "paramreg-group-lasso": "paramreg group lasso, filters/neurons (SGD)",
     "dense": "dense, no regularization (SGD)",
 }
 START = {"paramreg-l1-sgd": 2e-4, "paramreg-l1-adam": 1e-2, "paramreg-group-lasso": 2e-4}
-FIELDS = ["method", "strength", "quantile", "threshold", "sparsity", "accuracy", "val_accuracy", "seed", "optimizer", "steps",
+FIELDS = ["method", "strength", "quantile", "ramp_epochs", "threshold", "sparsity", "accuracy", "val_accuracy", "seed", "optimizer", "steps",
           *(f"sparsity:{n}" for n in WEIGHTS)]
 
 
@@ -142,10 +149,10 @@ def global_sparsity(model):
     return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
 
 
-def row(method, strength, model, data, *, seed, steps, optimizer="sgd", quantile="", threshold=""):
+def row(method, strength, model, data, *, seed, steps, optimizer="sgd", quantile="", threshold="", ramp_epochs=""):
     per_layer = layer_sparsity(model)
     return {
-        "method": method, "strength": strength, "quantile": quantile, "threshold": threshold, "sparsity": round(global_sparsity(model), 6),
+        "method": method, "strength": strength, "quantile": quantile, "ramp_epochs": ramp_epochs, "threshold": threshold, "sparsity": round(global_sparsity(model), 6),
         "accuracy": round(accuracy(model, data["test"]), 6), "val_accuracy": round(accuracy(model, data["val"]), 6),
         "seed": seed, "optimizer": optimizer, "steps": steps, **{f"sparsity:{n}": round(v, 6) for n, v in per_layer.items()},
     }
@@ -214,6 +221,20 @@ def run_pruning(dense, target, data, seed, finetune_epochs, dense_steps):
     for n in WEIGHTS:
         prune.remove(modules[n.rsplit(".", 1)[0]], "weight")
     return [row("magnitude-pruning", target, model, data, seed=seed, steps=dense_steps + steps)], model
+
+
+def run_target(target, ramp_epochs, data, seed, epochs, finetune_epochs):
+    """paramreg's L1 with a target from the first step (the ramp over ramp_epochs, then held), then
+    finetune_epochs with its zeros kept: as many steps as magnitude pruning."""
+    model = fresh_model(seed)
+    ramp_steps = ramp_epochs * math.ceil(len(data["train"][0]) / BATCH_SIZE)
+    paramreg.attach(model, WEIGHTS, sparsity=target, sparsity_steps=ramp_steps)
+    steps = train(model, data, seed=seed, epochs=epochs)
+    paramreg.remove(model)
+    paramreg.attach(model, WEIGHTS, keep_zeros=True)
+    steps += train(model, data, seed=seed + 500, epochs=finetune_epochs)
+    paramreg.remove(model)
+    return [row("paramreg-target", target, model, data, seed=seed, steps=steps, ramp_epochs=ramp_epochs)], model
 
 
 # --- the sweep -----------------------------------------------------------------------------------
@@ -319,6 +340,16 @@ def sweep(data, *, seeds, epochs, finetune_epochs, max_strengths):
                 if seed == seeds[0]:
                     seed0_models[("magnitude-pruning", target)] = model
                 bar.update(1)
+    ramps = sorted({max(1, round(f * epochs)) for f in TARGET_RAMPS})
+    with tqdm(desc="paramreg-target", unit="run", total=len(PRUNE_TARGETS) * len(ramps) * len(seeds)) as bar:
+        for seed in seeds:
+            for target in PRUNE_TARGETS:
+                for ramp in ramps:
+                    new, model = run_target(target, ramp, data, seed, epochs, finetune_epochs)
+                    rows += new
+                    if seed == seeds[0]:
+                        seed0_models[("paramreg-target", target, ramp)] = model
+                    bar.update(1)
     seed0_models[("dense", 0.0)] = dense[seeds[0]]
     return rows, seed0_models
 
@@ -331,10 +362,10 @@ def read_csv(path):
 
 
 def configurations(rows):
-    """{(method, strength, quantile): {"sparsity", "accuracy", "val_accuracy" (means), "std", "seeds"}}."""
+    """{(method, strength, quantile, ramp_epochs): {"sparsity", "accuracy", "val_accuracy" (means), "std", "seeds"}}."""
     by = {}
     for r in rows:
-        by.setdefault((r["method"], float(r["strength"]), str(r["quantile"])), []).append(r)
+        by.setdefault((r["method"], float(r["strength"]), str(r["quantile"]), str(r.get("ramp_epochs", ""))), []).append(r)
     out = {}
     for key, rs in by.items():
         acc = [float(r["accuracy"]) for r in rs]
@@ -372,7 +403,8 @@ def summary_markdown(rows):
     lines = [
         f"Mean test accuracy over seeds {', '.join(map(str, seeds))} (± standard deviation over seeds) of the "
         f"configuration with the best mean validation accuracy among those whose mean sparsity reaches the level; "
-        f"in brackets its mean sparsity and its strength (pruning: the target; manual recipe: strength / the "
+        f"in brackets its mean sparsity and its strength (pruning: the target; paramreg target: the target / the ramp's "
+        f"length; manual recipe: strength / the "
         f"fraction of weights cut by the threshold).",
         "",
         "| method | " + " | ".join(f">= {level:.0%} sparse" for level in LEVELS) + " |",
@@ -385,13 +417,13 @@ def summary_markdown(rows):
             if found is None:
                 cells.append("not reached")
                 continue
-            (_, strength, quantile), s = found
-            setting = f"{strength:.3g}" + (f" / {float(quantile):.0%}" if quantile else "")
+            (_, strength, quantile, ramp), s = found
+            setting = f"{strength:.3g}" + (f" / {float(quantile):.0%}" if quantile else "") + (f" / ramp {ramp} epochs" if ramp else "")
             cells.append(f"{s['accuracy']:.3f} ± {s['std']:.3f} ({s['sparsity']:.1%}, {setting})")
         lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
     if dense:
         lines += ["", f"Dense reference (no regularization): test accuracy {dense[0]['accuracy']:.3f} ± {dense[0]['std']:.3f}."]
-    for ours in ("paramreg-l1-sgd", "paramreg-l1-sgd-finetune"):
+    for ours in ("paramreg-target", "paramreg-l1-sgd", "paramreg-l1-sgd-finetune"):
         lines += ["", f"Does {METHODS[ours]} at least match each alternative (mean test accuracy)?", ""]
         lines += compare(best, ours)
     return "\n".join(lines) + "\n"
@@ -403,9 +435,10 @@ def compare(best, ours):
         for level in LEVELS:
             mine, theirs = best[ours][level], best[other][level]
             if mine is None or theirs is None:
-                verdict = "paramreg L1 did not reach this level" if mine is None else "the alternative did not reach it"
+                verdict = "paramreg did not reach this level" if mine is None else "the alternative did not reach it"
             else:
                 diff = mine[1]["accuracy"] - theirs[1]["accuracy"]
+                diff = 0.0 if abs(diff) < 1e-5 else diff  # the CSV's 6-digit rounding: a tie
                 noise = max(mine[1]["std"], theirs[1]["std"])
                 word = "yes" if diff >= 0 else ("no, within one seed std" if -diff <= noise else "no")
                 verdict = f"{word} ({mine[1]['accuracy']:.3f} vs {theirs[1]['accuracy']:.3f}, {100 * diff:+.1f} points)"
@@ -422,19 +455,20 @@ def update_docs_page(summary, page=DOCS_PAGE):
 
 # --- plots ---------------------------------------------------------------------------------------
 
-COLORS = {"paramreg-l1-sgd": "C0", "paramreg-l1-sgd-finetune": "C3", "paramreg-l1-adam": "C9", "penalty-threshold": "C1", "magnitude-pruning": "C2",
+COLORS = {"paramreg-target": "C5", "paramreg-l1-sgd": "C0", "paramreg-l1-sgd-finetune": "C3", "paramreg-l1-adam": "C9", "penalty-threshold": "C1", "magnitude-pruning": "C2",
           "paramreg-group-lasso": "C4", "dense": "k"}
 
 
 def frontier(rows, method):
     """Per configuration (pruning: target; paramreg: strength; manual recipe: per threshold quantile the
-    strength with the best validation accuracy) the mean sparsity, mean test accuracy and its std."""
+    strength with the best validation accuracy; target: per target the ramp with the best validation
+    accuracy) the mean sparsity, mean test accuracy and its std."""
     configs = {k: s for k, s in configurations(rows).items() if k[0] == method}
-    if method == "penalty-threshold":
+    if method in ("penalty-threshold", "paramreg-target"):
         by_level = {}
         for key, s in configs.items():
-            level = key[2]  # the fraction cut by the threshold
-            if level not in by_level or s["val_accuracy"] > by_level[level]["val_accuracy"]:  # best strength per cut
+            level = key[2] if method == "penalty-threshold" else key[1]  # the fraction cut / the target
+            if level not in by_level or s["val_accuracy"] > by_level[level]["val_accuracy"]:  # best setting per level
                 by_level[level] = s
         points = list(by_level.values())
     else:
@@ -472,10 +506,11 @@ def plot_all(rows, seed0_models, out):
     for method, levels in best.items():
         found = levels[0.9]
         if found is not None:
-            (_, strength, quantile), _ = found
+            (_, strength, quantile, ramp), _ = found
             chosen[method] = next(
                 r for r in rows if r["method"] == method and float(r["strength"]) == strength
-                and str(r["quantile"]) == quantile and int(r["seed"]) == min(int(q["seed"]) for q in rows)
+                and str(r["quantile"]) == quantile and str(r.get("ramp_epochs", "")) == ramp
+                and int(r["seed"]) == min(int(q["seed"]) for q in rows)
             )
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     width = 0.8 / max(1, len(chosen))
@@ -524,7 +559,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a model this small runs fastest on one thread
     if args.quick:
-        seeds, epochs, finetune, max_strengths = [0], 1, 1, 3
+        seeds, epochs, finetune, max_strengths = [0], 1, 2, 3
     else:
         seeds, epochs, finetune, max_strengths = list(range(args.seeds)), args.epochs, args.epochs // 2, 22
     args.out.mkdir(parents=True, exist_ok=True)
