@@ -13,6 +13,7 @@ import paramreg.groups
 from paramreg.regularizers import keywords
 
 EXAMPLES = {
+    "l0": paramreg.L0(0.3),
     "l1": paramreg.L1(0.3),
     "l2": paramreg.L2(0.7),
     "elastic_net": paramreg.ElasticNet(l1=0.3, l2=0.7),

@@ -122,3 +122,27 @@ def test_the_multi_tensor_soft_threshold_equals_softshrink(dtype):
     _soft_threshold_multi_(tensors, 0.25)
     for got, want in zip(tensors, expected, strict=True):
         assert torch.equal(got, want)  # equal values; a zero may be +0 here where softshrink gives -0
+
+
+@pytest.mark.parametrize("t", [0.0, 0.1, 1.0])
+def test_l0_prox_is_the_argmin_over_keep_or_zero(t):
+    """R(w) = a·count(w != 0) is separable: per entry the argmin of (z - w)²/2 + t·a·[z != 0] is w
+    or 0, whichever is lower (0 on a tie); the map keeps the entries it keeps exactly."""
+    reg = paramreg.L0(0.3)
+    w = torch.linspace(-2, 2, 41, dtype=torch.float64)
+    keep = w * w / 2 > t * 0.3
+    expected = torch.where(keep, w, torch.zeros_like(w))
+    assert torch.equal(reg.prox(w, t), expected)
+    metric = torch.full_like(w, t)
+    assert torch.equal(reg.prox_diag(w, metric), expected)
+    inplace = [w.clone()]
+    reg.prox_diag_(inplace, [1.0 / metric if t else torch.full_like(w, math.inf)])
+    assert torch.equal(inplace[0], expected if t else w * (w != 0))
+    assert float(reg.penalty(w)) == pytest.approx(0.3 * int((w != 0).sum()))
+
+
+def test_l0_has_no_penalty_mode():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(paramreg.ParamregError, match="no gradient.*mode='prox'"):
+        paramreg.attach(model, "weight", l0=0.1, mode="penalty")
+    assert paramreg.spec(model)["attached"] == {}

@@ -414,3 +414,29 @@ def test_the_selection_is_the_kthvalue_element():
     values = values[torch.randperm(values.numel(), generator=g)]
     for m in (1, 2, 299, 300, 301, 2000, values.numel() - 40, values.numel() - 39, values.numel()):
         assert _smallest(values, m) == float(values.kthvalue(m).values)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_an_l0_target_zeroes_the_smallest_in_the_metric_and_leaves_the_rest_as_the_optimizer_put_them(name):
+    """l0=True with a target: after one step the m entries with the smallest w²/(2·t_i) are zero
+    and every other entry is bitwise what the optimizer alone computed (no shrinkage, unlike L1)."""
+    torch.manual_seed(0)
+    plain = nn.Linear(16, 8)
+    model = copy.deepcopy(plain)
+    paramreg.attach(model, "weight", l0=True, sparsity=0.25, sparsity_steps=1)
+    x, y = torch.randn(32, 16), torch.randn(32, 8)
+    made = {"SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "Adam": lambda p: torch.optim.Adam(p, lr=1e-2)}[name]
+    for m in (plain, model):
+        opt = made(m.parameters())
+        F.mse_loss(m(x), y).backward()
+        opt.step()
+    w, reference, g = model.weight.detach(), plain.weight.detach(), plain.weight.grad
+    zero = w == 0
+    assert int(zero.sum()) == 32  # 25% of 128
+    assert torch.equal(w[~zero], reference[~zero])
+    # the metric's weights u_i = 1/t_i up to one factor: SGD's step is one number; Adam's first
+    # step has sqrt(v̂_i) = abs(g_i), floored at the gradient's RMS (Note [Safeguarded metric])
+    u = torch.ones_like(g) if name == "SGD" else g.abs().clamp_min(g.pow(2).mean().sqrt()) + 1e-8
+    score = reference * reference * u
+    assert float(score[zero].max()) <= float(score[~zero].min())
+    assert paramreg.report(model).targets[0].reached == 0.25

@@ -16,7 +16,7 @@ from .cost import Comparison, Cost, compare, cost
 from .factorizing import factorize
 from .shrinking import attach_channels, shrink
 from .constraints import NM, Box, KeepZeros, MaxNorm, NonNegative, TopK, UnitNorm
-from .regularizers import L1, L2, ElasticNet, Regularizer, register
+from .regularizers import L0, L1, L2, ElasticNet, Regularizer, register
 from .reparametrizations import SoftThreshold
 from .structured import GroupLasso, NuclearNorm, SparseGroupLasso
 from .report import Report, report
@@ -45,6 +45,7 @@ __all__ = [
     "Report",
     "register",
     "Regularizer",
+    "L0",
     "L1",
     "L2",
     "ElasticNet",

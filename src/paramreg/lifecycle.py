@@ -111,6 +111,8 @@ def _carrier_mode(regularizer: Regularizer, mode, where: str) -> str:
         if mode == "penalty":
             raise ParamregError(f"{where}: {regularizer!r} acts in the forward pass; it has no penalty mode")
         return "forward"
+    if not regularizer.differentiable and mode == "penalty":
+        raise ParamregError(f"{where}: {regularizer!r} has no gradient (it counts non-zeros); it acts by its proximal map, use mode='prox'")
     if regularizer.kind == "constraint" and mode == "penalty":
         raise ParamregError(
             f"{where}: {regularizer!r} is a constraint: it acts by projection after each step, use mode='prox'"

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from .errors import ParamregError
 
-__all__ = ["Regularizer", "L1", "L2", "ElasticNet", "register", "keywords"]
+__all__ = ["Regularizer", "L0", "L1", "L2", "ElasticNet", "register", "keywords"]
 
 
 def _strength(label: str, value) -> float:
@@ -225,6 +225,8 @@ class Regularizer:
     kind = "penalty"
     #: True when the map is the proximal map of a convex function (so it is non-expansive).
     convex = True
+    #: False when R has no useful gradient (a count), so that ``mode="penalty"`` is refused.
+    differentiable = True
     #: The fields that are strengths; R is linear in them, so a schedule's factor c scales them
     #: all (:meth:`scaled`), and prox_{t·R_{c·a}} = prox_{(c·t)·R_a}.
     strengths = ()
@@ -401,6 +403,82 @@ class L1(Regularizer):
     def critical(self, tensors: Sequence[Tensor], inverse_steps: Sequence) -> list[Tensor]:
         """abs(w_i)/t_i per element: the prox zeroes w_i exactly when the strength is at least that."""
         return [(w * u).abs() for w, u in zip(tensors, inverse_steps, strict=True)]
+
+
+def _hard_threshold_metric_(tensors: list[Tensor], inverse_steps: list[Tensor], l0: float) -> None:
+    """In place: w_i ← w_i where w_i²·u_i > 2a, else 0 (u = ``inverse_steps`` = 1/t, consumed).
+
+    The score w_i²·u_i is rounded exactly as :meth:`L0.critical` rounds it (times 2), so that a
+    strength equal to an entry's critical strength zeroes it."""
+    for w, u in zip(tensors, inverse_steps, strict=True):
+        u.mul_(w * w)
+        w.masked_fill_(u <= 2.0 * l0, 0.0)
+
+
+@register("l0")
+@dataclass(frozen=True)
+class L0(Regularizer):
+    r"""Best subset: R(w) = a·(number of non-zero entries of w), with a = ``strength``.
+
+    Proximal map (hard thresholding; R is not convex, the map is still exact)::
+
+        prox_{tR}(w)_i = w_i  if w_i²/(2t) > a,  else 0
+
+    Unlike L1 it does not shrink the entries it keeps: it decides which entries are zero and
+    leaves the others to the optimizer. With a target (``l0=True, sparsity=s``) the strength
+    is calibrated on every step so that the fraction s of entries with the smallest
+    w_i²/(2·t_i) is zero: in Adam's metric t_i = lr/(sqrt(v̂_i) + eps) this is gradual pruning
+    by abs(w)·(sqrt(v̂) + eps)^½ in which zeros come back when their gradient moves them. R has no
+    gradient, so there is no ``mode="penalty"``.
+
+    Example:
+        >>> import torch, paramreg
+        >>> w = torch.tensor([2.0, 0.3, -1.5])
+        >>> paramreg.L0(0.5).penalty(w)
+        tensor(1.5000)
+        >>> paramreg.L0(0.5).prox(w, t=1.0)
+        tensor([ 2.0000,  0.0000, -1.5000])
+
+    Reference: Blumensath & Davies (2008), "Iterative thresholding for sparse approximations";
+    Bolte, Sabach & Teboulle (2014), "Proximal alternating linearized minimization for
+    nonconvex and nonsmooth problems".
+    """
+
+    strength: float
+    unit = "weights"
+    strengths = ("strength",)
+    adaptive = True
+    convex = False
+    differentiable = False
+    split = _elementwise
+
+    def __post_init__(self):
+        object.__setattr__(self, "strength", _strength("L0 strength", self.strength))
+
+    def penalty(self, w: Tensor) -> Tensor:
+        return self.strength * torch.count_nonzero(w).to(torch.promote_types(w.dtype, torch.float32))
+
+    # Every form compares the score w²·(1/t) with 2a, rounded as critical() rounds w²·(1/t)/2.
+
+    def prox(self, w: Tensor, t: float) -> Tensor:
+        return w.masked_fill(w * w * (1.0 / float(t)) <= 2.0 * self.strength, 0.0) if float(t) * self.strength else w.clone()
+
+    def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
+        if float(t) * self.strength:
+            for w in tensors:
+                w.masked_fill_(w * w * (1.0 / float(t)) <= 2.0 * self.strength, 0.0)
+
+    def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
+        x = w.to(torch.promote_types(w.dtype, t.dtype))
+        return x.masked_fill(x * x * t.reciprocal() <= 2.0 * self.strength, 0.0).to(w.dtype)
+
+    def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
+        if self.strength != 0.0:
+            _diag_(functools.partial(_hard_threshold_metric_, l0=self.strength), tensors, inverse_steps)
+
+    def critical(self, tensors: Sequence[Tensor], inverse_steps: Sequence) -> list[Tensor]:
+        """w_i²/(2·t_i) per element: the prox zeroes w_i exactly when the strength is at least that."""
+        return [w * w * u / 2 for w, u in zip(tensors, inverse_steps, strict=True)]
 
 
 @register("l2")
