@@ -67,3 +67,39 @@ def test_study_page_shows_the_committed_results():
     assert shown.strip() == study.summary_markdown(rows).strip()
     assert {r["method"] for r in rows} == set(study.METHODS)
     assert len({r["seed"] for r in rows}) == 3
+
+
+def _text_study():
+    spec = importlib.util.spec_from_file_location("study_text", ROOT / "examples" / "study_text.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study_text"] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_text_study_smoke_run(tmp_path):
+    """--quick runs every method of the transformer study end to end and writes its CSV and plots
+    (nothing is asserted about the results of a run this small)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "study_text.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = _text_study()
+    rows = study.read_csv(tmp_path / "results.csv")
+    assert {r["method"] for r in rows} == set(study.METHODS)
+    assert len({r["steps"] for r in rows}) == 1  # the same budget for every method
+    for name in ("bits_vs_sparsity.png", "layer_sparsity.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_text_study_page_shows_the_committed_results():
+    """docs/study.md's transformer table is the summary of the committed docs/study/text/results.csv."""
+    study = _text_study()
+    rows = study.read_csv(ROOT / "docs" / "study" / "text" / "results.csv")
+    page = (ROOT / "docs" / "study.md").read_text()
+    shown = page.split(study.MARK_BEGIN, 1)[1].split(study.MARK_END, 1)[0]
+    assert shown.strip() == study.summary_markdown(rows, study.about_of(rows)).strip()
+    assert {r["method"] for r in rows} == set(study.METHODS)
+    assert len({r["seed"] for r in rows}) == 3
+    assert len({r["steps"] for r in rows}) == 1
