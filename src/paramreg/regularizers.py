@@ -402,7 +402,7 @@ class L1(Regularizer):
 
     def critical(self, tensors: Sequence[Tensor], inverse_steps: Sequence) -> list[Tensor]:
         """abs(w_i)/t_i per element: the prox zeroes w_i exactly when the strength is at least that."""
-        return [(w * u).abs() for w, u in zip(tensors, inverse_steps, strict=True)]
+        return [(w * u).abs_() for w, u in zip(tensors, inverse_steps, strict=True)]
 
 
 def _hard_threshold_metric_(tensors: list[Tensor], inverse_steps: list[Tensor], l0: float) -> None:

@@ -90,7 +90,7 @@ class Budget:
     def calibrate(self, criticals: list[Tensor], k: int) -> float:
         """The strength of step ``k`` from the critical strengths of every group the step updated."""
         self.asked = ramp(self.sparsity, self.steps, k)
-        values = torch.cat([c.reshape(-1).float() for c in criticals]) if criticals else torch.zeros(0)
+        values = torch.cat([c.reshape(-1).float() for c in criticals]) if criticals else torch.zeros(0)  # a new tensor
         m = round(self.asked * values.numel())
         strength = _smallest(values, m) if m else 0.0
         self.strength = strength if math.isfinite(strength) else 0.0
@@ -102,11 +102,14 @@ class Budget:
 
 def _smallest(values: Tensor, m: int) -> float:
     """The m-th smallest of the 1-D ``values`` (1-based), as ``values.kthvalue(m)`` gives it
-    (Note [Target sparsity]: by ``numpy.partition`` on the CPU).
+    (Note [Target sparsity]: by ``numpy.ndarray.partition`` on the CPU, which reorders
+    ``values`` in place: pass a scratch tensor).
 
     >>> _smallest(torch.tensor([3.0, 1.0, 2.0, 2.0]), 3)
     2.0
     """
     if type(values) is Tensor and values.device.type == "cpu":
-        return float(np.partition(values.numpy(), m - 1)[m - 1])
+        array = values.numpy()
+        array.partition(m - 1)
+        return float(array[m - 1])
     return float(values.kthvalue(m).values)
