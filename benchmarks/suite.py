@@ -6,7 +6,8 @@ Three measurements, all against baselines measured in the same run:
    ``optimizer.step()``, ``optimizer.zero_grad()``) of every variant below, for four models (an MLP
    784-1024-1024-10 with batch 64; a small CNN conv32-conv64-maxpool-linear on 1x28x28 with batch 64;
    a 4-layer transformer encoder, d_model 256, 4 heads, feed-forward 1024, sequence 64, batch 16;
-   200 x Linear(32, 32) with batch 64) and two optimizers (SGD with momentum 0.9, Adam), reported as
+   200 x Linear(32, 32) with batch 64) and three optimizers (SGD with momentum 0.9, Adam, AdamW with
+   its usual weight_decay=0.01 in every variant), reported as
    ratios against the unregularized step. Each variant has its own deep copy of one initial model
    and its own optimizer; after a warm-up the variants run round-robin (a few steps each per
    round, many rounds), so that drifts in machine speed hit all of them alike.
@@ -35,10 +36,13 @@ Variants (strength 1e-4 everywhere; "the weights" are every parameter with two o
 - ``prox adaptive L1``: ``paramreg.attach(model, weights, l1=a, step="adaptive")``: the prox in
   Adam's own metric. Skipped, with a note, where ``attach`` has no ``step=`` keyword or refuses the
   combination (an optimizer without a diagonal metric);
+- ``prox target``: ``paramreg.attach(model, weights, sparsity=0.5, sparsity_steps=10**6)``: L1 with
+  the strength calibrated on every step (the critical strengths of all weights and one
+  ``kthvalue``), default step policy;
 - ``penalty L1``: ``paramreg.attach(model, weights, l1=a, mode="penalty")`` and
   ``loss + paramreg.penalty(model)``: the same loss as ``manual L1``.
 
-With ``--before REV`` the ``prox group lasso`` and ``penalty L1`` variants also run with paramreg
+With ``--before REV`` the ``prox group lasso``, ``penalty L1``, ``prox adaptive L1`` and ``prox target`` variants also run with paramreg
 as it was at git revision REV (``git archive`` of ``src/paramreg`` into a temporary folder,
 imported as a second package), labelled ``@REV`` and interleaved with the others: a before/after
 comparison measured in one process.
@@ -86,12 +90,14 @@ VARIANTS = (
     "prox L1",
     "prox group lasso",
     "prox adaptive L1",
+    "prox target",
     "penalty L1",
 )
-BEFORE_VARIANTS = ("prox group lasso", "penalty L1")  # also measured at --before REV
+BEFORE_VARIANTS = ("prox group lasso", "penalty L1", "prox adaptive L1", "prox target")  # also measured at --before REV
 OPTIMIZERS = {
     "SGD momentum": lambda params, wd: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=wd, foreach=False),
     "Adam": lambda params, wd: torch.optim.Adam(params, lr=1e-3, weight_decay=wd, foreach=False),
+    "AdamW": lambda params, wd: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01 + wd, foreach=False),
 }
 HAS_STEP = "step" in inspect.signature(paramreg.attach).parameters
 
@@ -190,6 +196,10 @@ def make_step(variant: str, base: nn.Module, optimizer_name: str, x, y):
                 lib.attach(model, _weights, group_lasso=STRENGTH)
             elif variant == "penalty L1":
                 lib.attach(model, _weights, l1=STRENGTH, mode="penalty")
+            elif variant == "prox target":
+                if "sparsity" not in inspect.signature(lib.attach).parameters:
+                    raise Skip("paramreg.attach has no sparsity= keyword yet")
+                lib.attach(model, _weights, sparsity=0.5, sparsity_steps=10**6)
             else:
                 if not HAS_STEP:
                     raise Skip("paramreg.attach has no step= keyword yet")
@@ -372,7 +382,8 @@ def render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
 
 def step_table(results: dict, markdown: bool) -> str:
     variants = all_variants()[1:]
-    headers = ["model, optimizer", "none ms/step", *variants, "manual L1 / prox L1", "prox L1 − extra pass", "penalty L1 / manual L1"]
+    headers = ["model, optimizer", "none ms/step", *variants, "manual L1 / prox L1", "prox L1 − extra pass", "penalty L1 / manual L1",
+               "adaptive, target: <= 1.10 and <= manual L1"]
     rows = []
     for (model_name, optimizer_name), medians in results.items():
         none = medians["none"]
@@ -383,8 +394,18 @@ def step_table(results: dict, markdown: bool) -> str:
         cells.append(f"{(medians['prox L1'] - medians['extra pass']) / none:+.3f}" if "prox L1" in medians else "-")
         both = "manual L1" in medians and "penalty L1" in medians
         cells.append(f"{medians['penalty L1'] / medians['manual L1']:.3f}" if both else "-")
+        cells.append(", ".join(_held(medians, v) for v in ("prox adaptive L1", "prox target")) if optimizer_name != "SGD momentum" else "-")
         rows.append(cells)
     return render(headers, rows, markdown)
+
+
+def _held(medians: dict, variant: str) -> str:
+    """Issue 17's target for the Adam-family default paths: at most 1.10x the unregularized step and
+    never above the hand-written L1 penalty."""
+    if variant not in medians:
+        return "-"
+    ratio = medians[variant] / medians["none"]
+    return "held" if ratio <= 1.10 and medians[variant] <= medians.get("manual L1", float("inf")) else "not held"
 
 
 def penalty_table(results: dict, markdown: bool) -> str:
@@ -429,6 +450,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="MODEL", help=f"subset of {MODELS}")
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS), metavar="OPTIMIZER",
+                        help=f"subset of {list(OPTIMIZERS)}")
     parser.add_argument("--rounds", type=int, help="round-robin rounds per (model, optimizer) (default 20; 2 with --tiny)")
     parser.add_argument("--steps-per-round", type=int, help="timed steps per variant per round (default 5; 1 with --tiny)")
     parser.add_argument("--warmup", type=int, help="untimed steps per variant first (default 5; 1 with --tiny)")
@@ -464,7 +487,7 @@ def main() -> None:
     notes: list[tuple[str, str, str]] = []  # (variant, why skipped, where)
     steps = {}
     for model_name in [] if args.no_steps else args.models:
-        for optimizer_name in OPTIMIZERS:
+        for optimizer_name in args.optimizers:
             steps[model_name, optimizer_name] = measure_steps(model_name, optimizer_name, args, device, notes)
             print(f"  measured {model_name}, {optimizer_name}", file=sys.stderr, flush=True)
     if steps:
