@@ -17,6 +17,8 @@ The methods, all on the same small CNN, data split, batch order and training bud
                         (a setting, chosen on validation like the strengths) of the training epochs,
                         then keep_zeros=True for FINETUNE_EPOCHS: the same number of steps as
                         magnitude pruning, one run per target and ramp, no strength search
+  paramreg-target-l0    the same with l0=True (paramreg.L0: hard thresholding, which zeroes
+                        weights without shrinking the ones it keeps)
   paramreg-group-lasso  paramreg.attach(..., group_lasso=a): whole conv filters and fc1 neurons
                         (groups="out"), fc2 input columns (groups="in"), SGD
   dense                 no regularization (the reference, and the start of magnitude pruning)
@@ -80,6 +82,7 @@ METHODS = {
     "penalty-threshold": "L1 penalty in the loss + threshold (SGD)",
     "magnitude-pruning": "magnitude pruning + fine-tune (SGD)",
     "paramreg-target": "paramreg target sparsity, then zeros kept (SGD)",
+    "paramreg-target-l0": "paramreg target sparsity with l0=True, then zeros kept (SGD)",
     "paramreg-group-lasso": "paramreg group lasso, filters/neurons (SGD)",
     "dense": "dense, no regularization (SGD)",
 }
@@ -223,18 +226,19 @@ def run_pruning(dense, target, data, seed, finetune_epochs, dense_steps):
     return [row("magnitude-pruning", target, model, data, seed=seed, steps=dense_steps + steps)], model
 
 
-def run_target(target, ramp_epochs, data, seed, epochs, finetune_epochs):
-    """paramreg's L1 with a target from the first step (the ramp over ramp_epochs, then held), then
-    finetune_epochs with its zeros kept: as many steps as magnitude pruning."""
+def run_target(target, ramp_epochs, data, seed, epochs, finetune_epochs, l0=False):
+    """paramreg's L1 (or L0) with a target from the first step (the ramp over ramp_epochs, then
+    held), then finetune_epochs with its zeros kept: as many steps as magnitude pruning."""
     model = fresh_model(seed)
     ramp_steps = ramp_epochs * math.ceil(len(data["train"][0]) / BATCH_SIZE)
-    paramreg.attach(model, WEIGHTS, sparsity=target, sparsity_steps=ramp_steps)
+    paramreg.attach(model, WEIGHTS, sparsity=target, sparsity_steps=ramp_steps, **({"l0": True} if l0 else {}))
     steps = train(model, data, seed=seed, epochs=epochs)
     paramreg.remove(model)
     paramreg.attach(model, WEIGHTS, keep_zeros=True)
     steps += train(model, data, seed=seed + 500, epochs=finetune_epochs)
     paramreg.remove(model)
-    return [row("paramreg-target", target, model, data, seed=seed, steps=steps, ramp_epochs=ramp_epochs)], model
+    method = "paramreg-target-l0" if l0 else "paramreg-target"
+    return [row(method, target, model, data, seed=seed, steps=steps, ramp_epochs=ramp_epochs)], model
 
 
 # --- the sweep -----------------------------------------------------------------------------------
@@ -340,18 +344,23 @@ def sweep(data, *, seeds, epochs, finetune_epochs, max_strengths):
                 if seed == seeds[0]:
                     seed0_models[("magnitude-pruning", target)] = model
                 bar.update(1)
-    ramps = sorted({max(1, round(f * epochs)) for f in TARGET_RAMPS})
-    with tqdm(desc="paramreg-target", unit="run", total=len(PRUNE_TARGETS) * len(ramps) * len(seeds)) as bar:
-        for seed in seeds:
-            for target in PRUNE_TARGETS:
-                for ramp in ramps:
-                    new, model = run_target(target, ramp, data, seed, epochs, finetune_epochs)
-                    rows += new
-                    if seed == seeds[0]:
-                        seed0_models[("paramreg-target", target, ramp)] = model
-                    bar.update(1)
+    rows += sweep_targets(data, seeds=seeds, epochs=epochs, finetune_epochs=finetune_epochs)
     seed0_models[("dense", 0.0)] = dense[seeds[0]]
     return rows, seed0_models
+
+
+def sweep_targets(data, *, seeds, epochs, finetune_epochs, methods=("paramreg-target", "paramreg-target-l0")):
+    """The target methods: one run per target, ramp length and seed (they need no dense model)."""
+    rows = []
+    ramps = sorted({max(1, round(f * epochs)) for f in TARGET_RAMPS})
+    for method in methods:
+        with tqdm(desc=method, unit="run", total=len(PRUNE_TARGETS) * len(ramps) * len(seeds)) as bar:
+            for seed in seeds:
+                for target in PRUNE_TARGETS:
+                    for ramp in ramps:
+                        rows += run_target(target, ramp, data, seed, epochs, finetune_epochs, l0=method.endswith("-l0"))[0]
+                        bar.update(1)
+    return rows
 
 
 # --- summary -------------------------------------------------------------------------------------
@@ -423,7 +432,7 @@ def summary_markdown(rows):
         lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
     if dense:
         lines += ["", f"Dense reference (no regularization): test accuracy {dense[0]['accuracy']:.3f} ± {dense[0]['std']:.3f}."]
-    for ours in ("paramreg-target", "paramreg-l1-sgd", "paramreg-l1-sgd-finetune"):
+    for ours in ("paramreg-target", "paramreg-target-l0", "paramreg-l1-sgd", "paramreg-l1-sgd-finetune"):
         lines += ["", f"Does {METHODS[ours]} at least match each alternative (mean test accuracy)?", ""]
         lines += compare(best, ours)
     return "\n".join(lines) + "\n"
@@ -455,7 +464,7 @@ def update_docs_page(summary, page=DOCS_PAGE):
 
 # --- plots ---------------------------------------------------------------------------------------
 
-COLORS = {"paramreg-target": "C5", "paramreg-l1-sgd": "C0", "paramreg-l1-sgd-finetune": "C3", "paramreg-l1-adam": "C9", "penalty-threshold": "C1", "magnitude-pruning": "C2",
+COLORS = {"paramreg-target": "C5", "paramreg-target-l0": "C6", "paramreg-l1-sgd": "C0", "paramreg-l1-sgd-finetune": "C3", "paramreg-l1-adam": "C9", "penalty-threshold": "C1", "magnitude-pruning": "C2",
           "paramreg-group-lasso": "C4", "dense": "k"}
 
 
@@ -527,6 +536,8 @@ def plot_all(rows, seed0_models, out):
     fig.savefig(out / "layer_sparsity.png", dpi=110)
     plt.close(fig)
 
+    if seed0_models is None:  # --targets-only: the trained models of the other methods are not at hand
+        return
     # weight histograms: dense, the manual penalty before thresholding, paramreg L1 (the 90% choices)
     panels = [("dense (before)", seed0_models.get(("dense", 0.0)))]
     for method, label in (("penalty-threshold", "L1 penalty in the loss, before thresholding"),
@@ -556,6 +567,9 @@ def main(argv=None):
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="output folder (default docs/study/)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--targets-only", action="store_true",
+                        help="rerun only the target methods; the other rows are kept from --out's results.csv "
+                             "and weight_histograms.png is left as it is")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a model this small runs fastest on one thread
     if args.quick:
@@ -564,7 +578,12 @@ def main(argv=None):
         seeds, epochs, finetune, max_strengths = list(range(args.seeds)), args.epochs, args.epochs // 2, 22
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows, seed0_models = sweep(load_data(), seeds=seeds, epochs=epochs, finetune_epochs=finetune, max_strengths=max_strengths)
+    if args.targets_only:  # rerun the target methods, keep every other row of --out's results.csv
+        kept = [{k: v for k, v in r.items() if k in FIELDS} for r in read_csv(args.out / "results.csv")
+                if not r["method"].startswith("paramreg-target")]
+        rows, seed0_models = kept + sweep_targets(load_data(), seeds=seeds, epochs=epochs, finetune_epochs=finetune), None
+    else:
+        rows, seed0_models = sweep(load_data(), seeds=seeds, epochs=epochs, finetune_epochs=finetune, max_strengths=max_strengths)
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
@@ -573,7 +592,7 @@ def main(argv=None):
     summary = summary_markdown(rows)
     plot_all(rows, seed0_models, args.out)
     elapsed = time.perf_counter() - started
-    command = "python examples/study_digits.py" + (" --quick" if args.quick else "")
+    command = "python examples/study_digits.py" + (" --quick" if args.quick else "") + (" --targets-only" if args.targets_only else "")
     (args.out / "summary.md").write_text(
         f"{summary}\n`{command}`: {len(rows)} result rows in {elapsed:.0f} s "
         f"(torch {torch.__version__}, {torch.get_num_threads()} thread).\n"
