@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 import paramreg
 from quickstart import SmallCNN  # the demo's CNN (examples/ is on the path when run as a script)
+from study_pages import read_csv, write_between
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "study"
@@ -365,11 +366,6 @@ def sweep_targets(data, *, seeds, epochs, finetune_epochs, methods=("paramreg-ta
 
 # --- summary -------------------------------------------------------------------------------------
 
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def configurations(rows):
     """{(method, strength, quantile, ramp_epochs): {"sparsity", "accuracy", "val_accuracy" (means), "std", "seeds"}}."""
     by = {}
@@ -456,10 +452,7 @@ def compare(best, ours):
 
 
 def update_docs_page(summary, page=DOCS_PAGE):
-    text = page.read_text()
-    head, rest = text.split(MARK_BEGIN, 1)
-    _, tail = rest.split(MARK_END, 1)
-    page.write_text(f"{head}{MARK_BEGIN}\n{summary}{MARK_END}{tail}")
+    write_between(page, MARK_BEGIN, MARK_END, summary)
 
 
 # --- plots ---------------------------------------------------------------------------------------

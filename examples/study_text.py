@@ -75,6 +75,7 @@ from torch.nn.utils import prune
 from tqdm import tqdm
 
 import paramreg
+from study_pages import read_csv, write_between  # examples/ is on the path when run as a script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "study" / "text"
@@ -451,11 +452,6 @@ def sweep(setup, seeds, levels, workers, methods=tuple(METHODS)):
 
 # --- summary -------------------------------------------------------------------------------------
 
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def configurations(rows):
     """{(method, level, strength): mean sparsity, val and test bits, test std, latency ratio, seeds}."""
     by = {}
@@ -543,10 +539,7 @@ def _against_magnitude(best, ours, levels):
 
 
 def update_docs_page(summary, page=DOCS_PAGE):
-    text = page.read_text()
-    head, rest = text.split(MARK_BEGIN, 1)
-    _, tail = rest.split(MARK_END, 1)
-    page.write_text(f"{head}{MARK_BEGIN}\n{summary}{MARK_END}{tail}")
+    write_between(page, MARK_BEGIN, MARK_END, summary)
 
 
 COLORS = {"paramreg-target": "C3", "paramreg-target-plain": "C9", "paramreg-target-l0": "C6", "gradual-magnitude": "C2", "magnitude-pruning": "C1",

@@ -26,14 +26,21 @@ def test_quickstart_demo():
     assert "reloaded plain state_dict: predictions identical" in out
 
 
-def _study():
-    # as `python examples/study_digits.py` does, put examples/ on the path: it imports the quickstart's CNN
+def _example(name):
+    """examples/<name>.py as a module, loaded as `python examples/<name>.py` runs it: with examples/ on
+    the path (the studies import the quickstart's CNN and study_pages) and registered in sys.modules
+    (a dataclass looks its module up there)."""
     if str(ROOT / "examples") not in sys.path:
         sys.path.insert(0, str(ROOT / "examples"))
-    spec = importlib.util.spec_from_file_location("study_digits", ROOT / "examples" / "study_digits.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _study():
+    return _example("study_digits")
 
 
 def test_study_smoke_run(tmp_path):
@@ -70,11 +77,7 @@ def test_study_page_shows_the_committed_results():
 
 
 def _text_study():
-    spec = importlib.util.spec_from_file_location("study_text", ROOT / "examples" / "study_text.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["study_text"] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+    return _example("study_text")
 
 
 def test_text_study_smoke_run(tmp_path):
