@@ -1,7 +1,7 @@
 """Where the time of paramreg's default L1 step under Adam goes, pass by pass, on the suite's MLP.
 
 The default step under Adam is the L1 prox in Adam's metric, safeguarded (Note [Safeguarded
-metric] in paramreg/step_sizes.py), taken on the CPU in blocks of paramreg.stepping.BLOCK
+metric] in paramreg/optim/step_sizes.py), taken on the CPU in blocks of paramreg.optim.applying.BLOCK
 elements (Note [Blocks]). Its work after ``optimizer.step()``:
 
   floors     one reduction over each gradient (the safeguard's RMS)
@@ -35,8 +35,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import paramreg
-from paramreg import step_sizes
-from paramreg.stepping import _blocks
+from paramreg.optim import step_sizes
+from paramreg.optim.applying import _blocks
 
 
 def build(tiny: bool):

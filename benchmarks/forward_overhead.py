@@ -2,13 +2,14 @@
 
 Measures, in one process with the variants interleaved, the median time of
 
-- an inference forward (``no_grad``) and a forward+backward (gradients cleared through the list of
-  parameters, as ``optimizer.zero_grad()`` does) of 200 x Linear(32, 32), batch 64: a plain model
-  against the same model with L1 attached to every weight (both deep copies of one model);
+- an inference forward (``no_grad``), a forward+backward (gradients cleared through the list of
+  parameters, as ``optimizer.zero_grad()`` does) and an SGD training step of 200 x Linear(32, 32),
+  batch 64: a plain model against the same model with L1 attached to every weight, and against
+  the attached model with a class per module (paramreg's class copied for each module: what the
+  shared class of Note [Module classes] in modules/classes.py saves; all deep copies of one model);
 - ``model.zero_grad()``, which walks the module tree, where the carriers are modules too;
 - one read of ``module.weight`` (timeit): a plain ``nn.Linear``, one with paramreg's identity
-  carrier (on the shared class, Note [Shared classes] in carrier.py), the same on a class of its
-  own (after a ``parametrize`` call on it, Note [Fast identity reads]), and torch's own identity
+  carrier (Note [Fast identity reads] in modules/classes.py), and torch's own identity
   parametrization (parametrize's property calls the ``ParametrizationList`` on every read).
 
 Run:  python benchmarks/forward_overhead.py [--layers 200] [--rounds 30]
@@ -43,9 +44,14 @@ def _timed(fn, inner: int) -> float:
 
 def model_rows(layers: int, rounds: int) -> None:
     base = nn.Sequential(*[nn.Linear(32, 32) for _ in range(layers)])
-    models = {"plain": copy.deepcopy(base), "attached": copy.deepcopy(base)}
+    models = {"plain": copy.deepcopy(base), "attached": copy.deepcopy(base), "class per module": copy.deepcopy(base)}
     paramreg.attach(models["attached"], "*.weight", l1=1e-4)
+    paramreg.attach(models["class per module"], "*.weight", l1=1e-4)
+    for m in models["class per module"]:  # the same class, copied for each module
+        cls = type(m)
+        m.__class__ = type(cls)(cls.__name__, cls.__bases__, {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
     params = {k: list(m.parameters()) for k, m in models.items()}
+    optimizers = {k: torch.optim.SGD(params[k], lr=1e-3, momentum=0.9, foreach=False) for k in models}
     x = torch.randn(64, 32)
 
     def infer(key):
@@ -57,10 +63,16 @@ def model_rows(layers: int, rounds: int) -> None:
             p.grad = None
         models[key](x).sum().backward()
 
+    def step(key):
+        optimizers[key].zero_grad()
+        models[key](x).sum().backward()
+        optimizers[key].step()
+
     def walk(key):
         models[key].zero_grad(set_to_none=True)
 
-    for label, fn in (("inference forward", infer), ("forward+backward", train), ("model.zero_grad()", walk)):
+    rows = (("inference forward", infer), ("forward+backward", train), ("SGD training step", step), ("model.zero_grad()", walk))
+    for label, fn in rows:
         times = {k: [] for k in models}
         for k in models:
             for _ in range(3):
@@ -68,23 +80,19 @@ def model_rows(layers: int, rounds: int) -> None:
         for _ in range(rounds):  # interleaved
             for k in models:
                 times[k].append(_timed(lambda f=fn, k=k: f(k), 5))
-        p, a = statistics.median(times["plain"]), statistics.median(times["attached"])
-        print(f"{label:18s}  plain {p:8.3f} ms  attached {a:8.3f} ms  ratio {a / p:.3f}")
+        p, a, own = (statistics.median(times[k]) for k in models)
+        print(f"{label:18s}  plain {p:8.3f} ms  attached {a:8.3f} ms  ratio {a / p:.3f}  (a class per module: {own / p:.3f})")
 
 
 def read_rows(number: int) -> None:
     plain = nn.Linear(32, 32)
-    shared = copy.deepcopy(plain)
-    paramreg.attach(shared, "weight", l1=1e-4)
-    own = copy.deepcopy(plain)
-    paramreg.attach(own, "weight", l1=1e-4)
-    parametrize.is_parametrized(own, "weight")  # a parametrize call: the module gets a class of its own
+    carried = copy.deepcopy(plain)
+    paramreg.attach(carried, "weight", l1=1e-4)
     torch_identity = copy.deepcopy(plain)
     parametrize.register_parametrization(torch_identity, "weight", Identity())
     variants = {
         "plain nn.Linear": plain,
-        "paramreg carrier (shared class)": shared,
-        "paramreg carrier (own class)": own,
+        "paramreg carrier": carried,
         "torch identity parametrization": torch_identity,
     }
     best = {k: float("inf") for k in variants}

@@ -23,7 +23,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import paramreg  # noqa: E402
-from paramreg import step_sizes  # noqa: E402
 from quickstart import SmallCNN, load_data  # noqa: E402
 
 OPTIMIZERS = {
@@ -71,11 +70,10 @@ def run(task, optimizer, policy, steps, *, l1=None, sparsity=None):
     model = SmallCNN() if task == "cnn" else Bag()
     targets = ["conv*.weight", "fc*.weight"] if task == "cnn" else ["embedding.weight", "head.weight"]
     step, floor = POLICIES[policy]
-    step_sizes.FLOOR = floor
     if sparsity is not None:
-        paramreg.attach(model, targets, sparsity=sparsity, sparsity_steps=steps // 2, step=step)
+        paramreg.attach(model, targets, sparsity=sparsity, sparsity_steps=steps // 2, step=step, metric_floor=floor)
     elif l1 is not None:
-        paramreg.attach(model, targets, l1=l1, step=step)
+        paramreg.attach(model, targets, l1=l1, step=step, metric_floor=floor)
     opt = OPTIMIZERS[optimizer](model.parameters())
     for x, y in (cnn_batches if task == "cnn" else bag_batches)(steps):
         opt.zero_grad()
@@ -121,7 +119,6 @@ def main():
                     f"{100 * (tiny - base):+.1f} pt | {wiped} |",
                     flush=True,
                 )
-    step_sizes.FLOOR = 1.0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ DENSE + PRUNE for one-shot magnitude pruning, which prunes a fully trained dense
   paramreg-target       paramreg.attach(model, WEIGHTS, sparsity=s, sparsity_steps=PRUNE): L1 whose
                         strength follows the cubic ramp to s (AdamW, the default step policy: the prox
                         in Adam's metric, safeguarded), then keep_zeros=True for FINE_TUNE steps
-  paramreg-target-plain the same with Adam's plain metric (step_sizes.FLOOR = 0): the policy the
+  paramreg-target-plain the same with Adam's plain metric (metric_floor=0): the policy the
                         safeguard replaced, side by side
   paramreg-target-l0    the same target with l0=True (paramreg.L0: hard thresholding, the exact
                         proximal map of a·count(w != 0), which zeroes without shrinking the rest)
@@ -326,17 +326,13 @@ def job_dense(ctx, seed):
 def job_target(ctx, seed, level, plain=False, l0=False):
     started, s = time.perf_counter(), ctx.setup
     model, opt = ctx.resume(seed, s.dense)
-    floor = paramreg.step_sizes.FLOOR
-    paramreg.step_sizes.FLOOR = 0.0 if plain else floor
-    try:
-        paramreg.attach(model, WEIGHTS, sparsity=level, sparsity_steps=s.prune, **({"l0": True} if l0 else {}))
-        steps = s.dense + train(model, opt, ctx, seed, s.dense, s.dense + s.prune)
-        paramreg.remove(model)
-        paramreg.attach(model, WEIGHTS, keep_zeros=True)
-        steps += train(model, opt, ctx, seed, steps, s.total)
-        paramreg.remove(model)
-    finally:
-        paramreg.step_sizes.FLOOR = floor
+    floor = 0.0 if plain else 1.0
+    paramreg.attach(model, WEIGHTS, sparsity=level, sparsity_steps=s.prune, metric_floor=floor, **({"l0": True} if l0 else {}))
+    steps = s.dense + train(model, opt, ctx, seed, s.dense, s.dense + s.prune)
+    paramreg.remove(model)
+    paramreg.attach(model, WEIGHTS, keep_zeros=True)
+    steps += train(model, opt, ctx, seed, steps, s.total)
+    paramreg.remove(model)
     method = "paramreg-target-plain" if plain else "paramreg-target-l0" if l0 else "paramreg-target"
     return [ctx.row(method, model, seed, steps, started, level)]
 

@@ -11,12 +11,16 @@ KIND: "ddp" (DistributedDataParallel, SGD with momentum, L1), "zero" (DDP with
 ZeroRedundancyOptimizer around Adam, L1 in Adam's metric), "fsdp" (FSDP2 ``fully_shard``, Adam:
 L1 in Adam's metric, group lasso over input columns, which span both shards, and the nuclear norm).
 Rank 0 writes the trained full state_dict to OUTDIR/<kind>-rank<r>.pt (every rank for ddp/zero).
+KIND "fsdp-classes": L1 attached before ``fully_shard``, DCP's ``get_state_dict`` in the middle of
+training, more steps, then ``paramreg.remove``; each rank writes the class of every Linear at each
+of those points, and that a forward ran after each, to OUTDIR/fsdp-classes-rank<r>.json.
 KIND "hang": each rank writes its pid to OUTDIR/started-rank<r>, then rank 0 sleeps and rank 1
 waits for it in a barrier (the test that a hung job is ended with all its processes).
 """
 
 import datetime
 import gc
+import json
 import os
 import sys
 import time
@@ -38,6 +42,7 @@ REGULARIZERS = {
         ("2.weight", {"group_lasso": {"strength": 0.1, "groups": "in"}}),  # zeroes 8 of 16 columns in Adam's safeguarded metric
         ("4.weight", {"nuclear_norm": 10.0}),  # lr·a = 0.1 a step: the smallest singular value (0.38) goes
     ],
+    "fsdp-classes": [("*.weight", {"l1": 0.002})],
 }
 
 
@@ -70,31 +75,27 @@ def worker(rank, kind, out):
         dist.barrier()
         return
     model = build(kind)
-    if kind == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        wrapped = fully_shard(model)
-        opt = optimizer(kind, model.parameters())
+    if kind == "fsdp-classes":
+        wrapped, opt = fsdp_classes(model, rank, out)
     else:
-        wrapped = nn.parallel.DistributedDataParallel(model)
-        if kind == "zero":
-            from torch.distributed.optim import ZeroRedundancyOptimizer
+        if kind == "fsdp":
+            from torch.distributed.fsdp import fully_shard
 
-            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.01)
-        else:
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer)
+            wrapped = fully_shard(model)
             opt = optimizer(kind, model.parameters())
-    for step in range(STEPS):
-        x, y = batch(step, rank)
-        opt.zero_grad()
-        nn.functional.cross_entropy(wrapped(x), y).backward()
-        opt.step()
-    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
-    state["report.zeros"] = torch.tensor([row.zeros for row in paramreg.report(model).rows])  # on every rank
-    if kind != "fsdp" or rank == 0:
-        torch.save(state, os.path.join(out, f"{kind}-rank{rank}.pt"))
+        else:
+            wrapped = nn.parallel.DistributedDataParallel(model)
+            if kind == "zero":
+                from torch.distributed.optim import ZeroRedundancyOptimizer
+
+                opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.01)
+            else:
+                opt = optimizer(kind, model.parameters())
+        train(wrapped, opt, rank, range(STEPS))
+        save(model, kind, rank, out)
     # Both ranks are done before anything is torn down, and the wrapped model (DDP's reducer
     # holds the process group) goes before the group: freed after it, at the worker's return,
     # gloo's teardown hung now and then (seen under load and on a quiet machine)
@@ -102,6 +103,52 @@ def worker(rank, kind, out):
     del wrapped, opt
     gc.collect()
     dist.destroy_process_group()
+
+
+def train(model, opt, rank, steps):
+    for step in steps:
+        x, y = batch(step, rank)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def fsdp_classes(model, rank, out):
+    """Attached before fully_shard, read by DCP mid-training, removed after: every module keeps
+    the class FSDP2 gave it and stays callable (Note [Module classes] in modules/classes.py)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp._fully_shard._fully_shard import get_cls_to_fsdp_cls
+
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = optimizer("fsdp-classes", model.parameters())
+    seen = {"sharded": [type(m).__name__ for m in layers]}
+    given = [type(m) for m in layers]
+    train(model, opt, rank, range(2))
+    get_state_dict(model, opt)  # DCP reads every module's parametrizations
+    seen["after get_state_dict"] = [type(m) is c for m, c in zip(layers, given, strict=True)]
+    train(model, opt, rank, range(2, 4))  # the modules are still callable
+    seen["trained after get_state_dict"] = True
+    paramreg.remove(model)
+    seen["removed"] = [type(m).__name__ for m in layers]
+    seen["fsdp class of Linear"] = [type(m) is get_cls_to_fsdp_cls().get(nn.Linear) for m in layers]
+    seen["fsdp modules"] = [isinstance(m, FSDPModule) for m in layers]
+    seen["parametrized"] = [hasattr(m, "parametrizations") for m in layers]
+    train(model, opt, rank, range(4, 6))  # callable after remove, and no prox any more
+    seen["trained after remove"] = True
+    with open(os.path.join(out, f"fsdp-classes-rank{rank}.json"), "w") as f:
+        json.dump(seen, f)
+    return model, opt
+
+
+def save(model, kind, rank, out):
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    state["report.zeros"] = torch.tensor([row.zeros for row in paramreg.report(model).rows])  # on every rank
+    if kind != "fsdp" or rank == 0:
+        torch.save(state, os.path.join(out, f"{kind}-rank{rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import paramreg
-import paramreg.groups
-from paramreg.regularizers import keywords
+import paramreg.catalogue.groups
+from paramreg.catalogue.base import keywords
 
 EXAMPLES = {
     "l0": paramreg.L0(0.3),
@@ -103,7 +103,7 @@ def slow_group_prox(w, t, a, groups, weighted, l1=0.0):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_group_lasso_against_a_per_group_loop(groups, weighted):
     w = torch.randn(5, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    norms = paramreg.groups.group_norms(w, groups)
+    norms = paramreg.catalogue.groups.group_norms(w, groups)
     c = math.sqrt(w.numel() / norms.numel()) if weighted else 1.0
     a = float(norms.median()) / (0.7 * c)  # about half of the groups fall below the threshold
     reg = paramreg.GroupLasso(a, groups=groups, weighted=weighted)

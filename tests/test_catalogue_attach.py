@@ -179,7 +179,7 @@ def test_user_registered_regularizer():
     assert spec["attached"]["fc.weight"]["regularizer"] == {"type": "ShrinkToMean", "strength": 1.0}
     fresh = SmallCNN()
     paramreg.attach_spec(fresh, spec)
-    with pytest.raises(paramreg.ParamregError, match="keyword 'l1' is taken by paramreg.regularizers.L1"):
+    with pytest.raises(paramreg.ParamregError, match="keyword 'l1' is taken by paramreg.catalogue.elementwise.L1"):
         paramreg.register("l1")(ShrinkToMean)
     with pytest.raises(paramreg.ParamregError, match="cannot be an attach\\(\\) keyword"):
         paramreg.register("mode")
@@ -245,7 +245,7 @@ def test_register_refuses_to_shadow_builtins():
         def prox(self, w, t):
             return w
 
-    with pytest.raises(paramreg.ParamregError, match="type name 'GroupLasso' is taken by paramreg.structured.GroupLasso"):
+    with pytest.raises(paramreg.ParamregError, match="type name 'GroupLasso' is taken by paramreg.catalogue.structured.GroupLasso"):
         paramreg.register("my_group_lasso")(GroupLasso)
     assert paramreg.Regularizer.from_dict({"type": "GroupLasso", "strength": 1.0, "groups": "in"}) == paramreg.GroupLasso(1.0, "in")
 

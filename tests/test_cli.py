@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import paramreg
-from paramreg.cli import main
+from paramreg.tools.cli import main
 
 from conftest import SmallCNN
 

@@ -9,7 +9,9 @@ from torch import nn
 from torch.optim import optimizer as torch_optimizer
 
 import paramreg
-from paramreg import carrier, stepping
+from paramreg.modules import carrier
+from paramreg.optim import penalty as optim_penalty
+from paramreg.optim import state as optim_state
 
 
 def rss_bytes():
@@ -36,19 +38,18 @@ def test_attaching_to_and_dropping_a_thousand_models_leaks_nothing():
         one_run(seed)
     gc.collect()
     # counted relative to the start: other tests' objects may still be alive in this process
-    hooks, live, plans = len(torch_optimizer._global_optimizer_post_hooks), len(carrier.live_carriers()), len(stepping._plans)
-    penalty_plans = len(stepping._penalty_plans)
-    pre_hooks, fills = len(torch_optimizer._global_optimizer_pre_hooks), len(stepping._fills)
+    hooks, live, plans = len(torch_optimizer._global_optimizer_post_hooks), len(carrier.live_carriers()), len(optim_state._STATES)
+    penalty_plans = len(optim_penalty._penalty_plans)
+    pre_hooks = len(torch_optimizer._global_optimizer_pre_hooks)
     start = rss_bytes()
     refs = [one_run(seed) for seed in range(1000)]
     gc.collect()
     assert all(r() is None for run in refs for r in run), "a model, module, parameter or optimizer was kept alive"
     assert len(carrier.live_carriers()) == live
-    assert len(stepping._plans) == plans
-    assert len(stepping._penalty_plans) == penalty_plans  # each model's cached penalty plan went with it
+    assert len(optim_state._STATES) == plans  # each optimizer's plan and momentum fills went with it
+    assert len(optim_penalty._penalty_plans) == penalty_plans  # each model's cached penalty plan went with it
     assert len(torch_optimizer._global_optimizer_post_hooks) == hooks
     assert len(torch_optimizer._global_optimizer_pre_hooks) == pre_hooks
-    assert len(stepping._fills) == fills  # the momentum fills of the SGD optimizers went with them
     assert rss_bytes() - start < 50 * 2**20  # flat: well under the ~0.7 GB that 1000 kept models would take
 
 

@@ -113,7 +113,7 @@ def test_numpy_and_tensor_strengths_are_accepted():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_the_multi_tensor_soft_threshold_equals_softshrink(dtype):
     """The accelerator path (three foreach ops over all tensors) against the per-tensor one."""
-    from paramreg.regularizers import _soft_threshold_multi_
+    from paramreg.catalogue.elementwise import _soft_threshold_multi_
 
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(shape, generator=g).to(dtype) for shape in [(7, 3), (5,), (4, 2, 3, 3), (1,)]]

@@ -15,7 +15,7 @@ from torch import nn
 
 import paramreg
 from paramreg import ParamregError
-from paramreg.sparsity import ramp
+from paramreg.optim.targets import ramp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from quickstart import SmallCNN, load_data  # noqa: E402
@@ -169,11 +169,11 @@ class Bag(nn.Module):
         return self.head(self.embedding(tokens).mean(1))
 
 
-def bag_run(make_opt, l1, steps=300, floor=None):
+def bag_run(make_opt, l1, steps=300, floor=1.0):
     torch.manual_seed(0)
     model = Bag()
     if l1:
-        paramreg.attach(model, ["embedding.weight", "head.weight"], l1=l1)
+        paramreg.attach(model, ["embedding.weight", "head.weight"], l1=l1, metric_floor=floor)
     opt = make_opt(model.parameters())
     g = torch.Generator().manual_seed(0)
     for k in range(steps):
@@ -201,12 +201,11 @@ def test_a_strength_a_thousand_times_below_half_sparsity_is_nearly_off(name):
     assert wiped == 0, "rows whose gradient is zero on most steps are not wiped by a tiny strength"
 
 
-def test_the_plain_metric_wipes_rare_rows_and_the_safeguarded_default_does_not(monkeypatch):
+def test_the_plain_metric_wipes_rare_rows_and_the_safeguarded_default_does_not():
     """What the safeguard prevents: in Adam's plain metric a row whose gradient is zero on most
     steps has v near 0 and a step near lr/eps, so l1=1e-4 (a tenth of a50 here) wipes it."""
     _, kept = bag_run(lambda p: torch.optim.Adam(p, lr=1e-2), 1e-4)
-    monkeypatch.setattr(paramreg.step_sizes, "FLOOR", 0.0)
-    _, wiped = bag_run(lambda p: torch.optim.Adam(p, lr=1e-2), 1e-4)
+    _, wiped = bag_run(lambda p: torch.optim.Adam(p, lr=1e-2), 1e-4, floor=0.0)  # the plain metric
     assert kept == 0 and wiped >= 5
 
 
@@ -300,7 +299,7 @@ def test_group_lasso_target_counts_groups_and_the_spec_round_trips():
     assert int((rows == 0).sum()) == 16  # 25% of 64 rows
     fresh = SmallCNN()
     paramreg.attach_spec(fresh, paramreg.spec(model))
-    assert fresh.fc1.parametrizations.weight[0].budget.to_dict() == {"target": 0.25, "steps": 30}
+    assert fresh.fc1.parametrizations.weight[0].target.to_dict() == {"target": 0.25, "steps": 30}
     assert paramreg.spec(fresh)["attached"]["fc1.weight"] == paramreg.spec(model)["attached"]["fc1.weight"]
 
 
@@ -398,15 +397,15 @@ def test_a_deep_copy_shares_its_own_target():
     model = SmallCNN()
     paramreg.attach(model, TARGETS, sparsity=0.5, sparsity_steps=10)
     copied = copy.deepcopy(model)
-    budgets = {id(m.parametrizations.weight[0].budget) for m in (copied.conv1, copied.conv2, copied.fc1, copied.fc2)}
-    assert len(budgets) == 1 and budgets != {id(model.conv1.parametrizations.weight[0].budget)}
-    assert math.isclose(copied.conv1.parametrizations.weight[0].budget.sparsity, 0.5)
+    targets = {id(m.parametrizations.weight[0].target) for m in (copied.conv1, copied.conv2, copied.fc1, copied.fc2)}
+    assert len(targets) == 1 and targets != {id(model.conv1.parametrizations.weight[0].target)}
+    assert math.isclose(copied.conv1.parametrizations.weight[0].target.sparsity, 0.5)
 
 
 def test_the_selection_is_the_kthvalue_element():
     """The CPU selection (numpy.partition) returns exactly what torch.kthvalue returns, ties and
     infinities included."""
-    from paramreg.sparsity import _smallest
+    from paramreg.optim.targets import _smallest
 
     g = torch.Generator().manual_seed(0)
     values = torch.cat([torch.rand(5000, generator=g).pow(3), torch.zeros(300), torch.full((40,), math.inf),

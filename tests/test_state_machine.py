@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import paramreg
-from paramreg.carrier import Carrier
+from paramreg.modules.carrier import Carrier
 
 settings.register_profile(
     "ci", max_examples=100, stateful_step_count=20, deadline=None, suppress_health_check=list(HealthCheck)

@@ -11,9 +11,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import paramreg
-from paramreg import stepping, structured
-from paramreg.groups import group_norms
-from paramreg.step_sizes import metric
+from paramreg.catalogue import structured
+from paramreg.optim import state as optimizer_state
+from paramreg.catalogue.groups import group_norms
+from paramreg.optim.step_sizes import metric
 
 from conftest import mlp, mlp_batch
 
@@ -145,13 +146,12 @@ WRITTEN_OUT = {
 
 
 @pytest.mark.parametrize("name", WRITTEN_OUT)
-def test_adaptive_l1_thresholds_each_coordinate_with_the_step_the_optimizer_took(name, monkeypatch):
-    monkeypatch.setattr(paramreg.step_sizes, "FLOOR", 0.0)  # the plain metric; the safeguard is tested below
+def test_adaptive_l1_thresholds_each_coordinate_with_the_step_the_optimizer_took(name):
     make_opt, step_of = WRITTEN_OUT[name]
     x, y = mlp_batch()
     strength = 0.02
     model, reference = mlp(), mlp()
-    paramreg.attach(model, "*.weight", l1=strength)  # default step policy
+    paramreg.attach(model, "*.weight", l1=strength, metric_floor=0.0)  # default step policy, plain metric (safeguard tested below)
     opt, ref_opt = make_opt(model.parameters()), make_opt(reference.parameters())
     for k in range(1, 9):  # RAdam rectifies from its 6th step: cover both of its regimes
         for m, o in ((model, opt), (reference, ref_opt)):
@@ -208,7 +208,7 @@ def test_sgd_prox_step_is_lr_times_the_fill_of_the_momentum_buffer_at_each_step(
         fill = _sgd_fill(k, mu, dampening)
         assert float(opt.state[model.weight]["momentum_buffer"][0, 0]) == pytest.approx(fill, rel=1e-12)
         assert t == pytest.approx(lr * (1 + mu * fill if nesterov else fill), rel=1e-9), k
-    assert t == pytest.approx(lr * paramreg.step_sizes.sgd_factor(opt.param_groups[0]), rel=1e-2)  # settled by step 60
+    assert t == pytest.approx(lr * paramreg.optim.step_sizes.sgd_factor(opt.param_groups[0]), rel=1e-2)  # settled by step 60
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -281,7 +281,7 @@ def test_a_group_first_seen_with_filled_buffers_starts_settled_for_sgd_and_from_
     for _ in range(3):
         plain.weight.grad, plain.bias.grad = torch.ones_like(plain.weight), torch.ones_like(plain.bias)
         late.step()
-    stepping._fills.pop(late, None)  # untracked (here other tests' carriers may be live)
+    optimizer_state._STATES.pop(late, None)  # untracked (here other tests' carriers may be live)
     with torch.no_grad():
         plain.weight.fill_(100.0)
         plain.bias.fill_(100.0)
@@ -498,7 +498,7 @@ def test_fast_group_solve_equals_the_reference_solve(shape, groups, dtype):
             w, inverse = w.to(dtype), (1 / t).to(dtype)
             reference = structured._group_shrink_diag(w, inverse.reciprocal(), groups, a)
             fast = w.clone()
-            structured._group_shrink_diag_(fast, inverse.clone(), groups, a)
+            structured.group_shrink_diag_(fast, inverse.clone(), groups, a)
             assert torch.equal(fast == 0, reference == 0)
             assert int((reference == 0).sum()) > int((w == 0).sum()) and bool((reference != 0).any())  # some groups vanish
             if dtype == torch.float64:
@@ -517,7 +517,7 @@ def test_fast_group_solve_takes_one_evaluation_where_the_start_is_the_root(monke
     w = torch.randn(50, 9, generator=g, dtype=torch.float64)
     t = (torch.rand(50, 1, generator=g, dtype=torch.float64) + 0.1).expand(50, 9).contiguous()
     got = w.clone()
-    structured._group_shrink_diag_(got, 1 / t, "out", 4.0)
+    structured.group_shrink_diag_(got, 1 / t, "out", 4.0)
     want = w * (1 - 4.0 * t / w.norm(dim=1, keepdim=True)).clamp(min=0)
     assert 0 < int((got == 0).all(dim=1).sum()) < 50
     torch.testing.assert_close(got, want, rtol=1e-13, atol=0.0)
@@ -528,24 +528,23 @@ def test_fast_group_solve_of_half_precision_and_non_contiguous_tensors():
     # bfloat16 weights with float32 steps: solved in float32 and rounded once
     half = w.to(torch.bfloat16)
     got = half.clone()
-    structured._group_shrink_diag_(got, 1 / t, "out", a)
+    structured.group_shrink_diag_(got, 1 / t, "out", a)
     in_float32 = half.float()
-    structured._group_shrink_diag_(in_float32, 1 / t, "out", a)
+    structured.group_shrink_diag_(in_float32, 1 / t, "out", a)
     assert got.dtype == torch.bfloat16 and torch.equal(got, in_float32.to(torch.bfloat16))
     # a tensor with no (A, G, B) view takes the reference solve: bitwise the reference
     strided = w.t().contiguous().t()
     inverse = (1 / t).t().contiguous().t()
     got = strided.clone().t().contiguous().t()
-    structured._group_shrink_diag_(got, inverse.clone(), "out", a)
+    structured.group_shrink_diag_(got, inverse.clone(), "out", a)
     assert not got.is_contiguous()
     assert torch.equal(got, structured._group_shrink_diag(strided, inverse.reciprocal(), "out", a))
 
 
-def test_adaptive_prox_of_bfloat16_weights_is_computed_in_float32_and_rounded_once(monkeypatch):
-    monkeypatch.setattr(paramreg.step_sizes, "FLOOR", 0.0)  # the plain metric, written out below
+def test_adaptive_prox_of_bfloat16_weights_is_computed_in_float32_and_rounded_once():
     torch.manual_seed(0)
     model = nn.Linear(64, 32).to(torch.bfloat16)
-    paramreg.attach(model, "weight", l1=0.05)
+    paramreg.attach(model, "weight", l1=0.05, metric_floor=0.0)  # the plain metric, written out below
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     x = torch.randn(16, 64, dtype=torch.bfloat16)
     model(x).float().pow(2).mean().backward()
@@ -617,15 +616,14 @@ def test_the_default_metric_is_floored_at_the_rms_of_the_gradient(name):
     assert int((model[0].weight[:, :4] == 0).sum()) == 0, "a tiny strength leaves the dead coordinates alone"
 
 
-def test_the_plain_metric_wipes_coordinates_without_gradient_and_the_default_does_not(monkeypatch):
+def test_the_plain_metric_wipes_coordinates_without_gradient_and_the_default_does_not():
     x, y = mlp_batch()
     x[:, :4] = 0.0
     dead = {}
-    for floor in (0.0, paramreg.step_sizes.FLOOR):
-        monkeypatch.setattr(paramreg.step_sizes, "FLOOR", floor)
+    for floor in (0.0, None):  # the plain metric, the default
         torch.manual_seed(0)
         model = mlp()
-        paramreg.attach(model, "0.weight", l1=1e-6)
+        paramreg.attach(model, "0.weight", l1=1e-6, **({} if floor is None else {"metric_floor": floor}))
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
         for _ in range(5):
             opt.zero_grad()
@@ -633,4 +631,30 @@ def test_the_plain_metric_wipes_coordinates_without_gradient_and_the_default_doe
             opt.step()
         dead[floor] = int((model[0].weight[:, :4] == 0).sum())
     assert dead[0.0] == model[0].weight[:, :4].numel()  # t = lr/eps = 1e6: gone in one step
-    assert dead[paramreg.step_sizes.FLOOR] == 0
+    assert dead[None] == 0
+
+
+def test_metric_floor_is_an_option_of_attach_that_specs_carry():
+    model = mlp()
+    paramreg.attach(model, "0.weight", l1=1e-3, metric_floor=0.0)
+    paramreg.attach(model, "2.weight", l1=1e-3)
+    assert paramreg.spec(model)["attached"]["0.weight"]["metric_floor"] == 0.0
+    assert "metric_floor" not in paramreg.spec(model)["attached"]["2.weight"]  # the default is not written
+    assert "metric_floor=0" in repr(model[0].parametrizations.weight[0])
+    fresh = mlp()
+    paramreg.attach_spec(fresh, paramreg.spec(model))
+    assert fresh[0].parametrizations.weight[0].metric_floor == 0.0 and fresh[2].parametrizations.weight[0].metric_floor == 1.0
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"metric_floor": -1.0}, "metric_floor must be a finite number >= 0"),
+    ({"metric_floor": float("nan")}, "metric_floor must be a finite number >= 0"),
+    ({"metric_floor": True}, "metric_floor must be a finite number >= 0"),
+    ({"metric_floor": 0.0, "step": "lr"}, "metric_floor=0.0 sets the safeguard of the adaptive proximal step"),
+    ({"metric_floor": 0.0, "mode": "penalty"}, "metric_floor=0.0 sets the safeguard of the adaptive proximal step"),
+])
+def test_a_bad_metric_floor_is_refused_and_changes_nothing(bad, match):
+    model = mlp()
+    with pytest.raises(paramreg.ParamregError, match=match):
+        paramreg.attach(model, "*.weight", l1=1e-3, **bad)
+    assert paramreg.spec(model)["attached"] == {}

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import paramreg
-from paramreg import stepping
+from paramreg.optim import applying, penalty as optim_penalty
 
 from conftest import TiedLM, mlp, mlp_batch
 
@@ -89,7 +89,7 @@ def test_prox_after_every_step_matches_the_written_out_reference(name, built, st
 
 def _adaptive_run(block, monkeypatch, make_opt, regularize):
     """Ten steps of a small MLP, ``regularize(model)`` attaching, with blocks of ``block`` elements."""
-    monkeypatch.setattr(stepping, "BLOCK", block)
+    monkeypatch.setattr(applying, "BLOCK", block)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 3))
     regularize(model)
@@ -142,11 +142,11 @@ def test_adaptive_group_lasso_in_row_blocks_equals_one_pass(monkeypatch):
 
 
 def test_blocks_cover_every_element_once(monkeypatch):
-    monkeypatch.setattr(stepping, "BLOCK", 8)
+    monkeypatch.setattr(applying, "BLOCK", 8)
     big, small, other = torch.zeros(5, 4), torch.zeros(3), torch.zeros(2, 2)
     strided = torch.zeros(4, 6).t()  # not contiguous: one block, not sliced
     states = [{"v": torch.zeros(5, 4), "step": torch.tensor(3.0)}, {"v": torch.zeros(3)}, {"v": torch.zeros(2, 2)}, {"v": torch.zeros(4, 6).t()}]
-    blocks = list(stepping._blocks([big, small, other, strided], states, paramreg.L1(1.0)))
+    blocks = list(applying._blocks([big, small, other, strided], states, paramreg.L1(1.0)))
     for indices, tensors, block_states in blocks:
         assert all(t.data_ptr() >= [big, small, other, strided][i].data_ptr() for i, t in zip(indices, tensors, strict=True))
         for t, state in zip(tensors, block_states, strict=True):
@@ -158,11 +158,11 @@ def test_blocks_cover_every_element_once(monkeypatch):
     assert [len(tensors) for _, tensors, _ in blocks] == [1, 1, 1, 3]
     assert [list(indices) for indices, _, _ in blocks] == [[0], [0], [0], [1, 2, 3]]  # 20 → 8 + 8 + 4; then 3, 4 and the strided 24 gathered
     # a group map whose groups lie in rows: slices of whole rows (2 rows = 8 elements)
-    rows = [t[0].shape for _, t, _ in stepping._blocks([big], states[:1], paramreg.GroupLasso(1.0))]
+    rows = [t[0].shape for _, t, _ in applying._blocks([big], states[:1], paramreg.GroupLasso(1.0))]
     assert rows == [(2, 4), (2, 4), (1, 4)]
     # maps that cannot be cut (groups over columns, the nuclear norm) take whole tensors
     for regularizer in (paramreg.GroupLasso(1.0, groups="in"), paramreg.NuclearNorm(1.0)):
-        whole = [t for _, ts, _ in stepping._blocks([big, small], states[:2], regularizer) for t in ts]
+        whole = [t for _, ts, _ in applying._blocks([big, small], states[:2], regularizer) for t in ts]
         assert len(whole) == 2 and whole[0] is big and whole[1] is small
 
 
@@ -321,14 +321,14 @@ def _walks(monkeypatch):
     """Count the plans paramreg.penalty builds (each one walks the model with carrier.slots)."""
     calls = []
 
-    class Counted(stepping._PenaltyPlan):
+    class Counted(optim_penalty._PenaltyPlan):
         __slots__ = ()
 
         def __init__(self, *args):
             calls.append(1)
             super().__init__(*args)
 
-    monkeypatch.setattr(stepping, "_PenaltyPlan", Counted)
+    monkeypatch.setattr(optim_penalty, "_PenaltyPlan", Counted)
     return calls
 
 
@@ -411,7 +411,7 @@ def test_penalty_under_a_users_own_parametrization_is_computed_through_it():
     with torch.no_grad():
         stored.mul_(3)
     assert _penalty(model) == pytest.approx(_l1_of(2 * stored, model[2].weight))
-    assert model not in stepping._penalty_plans  # a slot holds modules: not cached (Note [Penalty plans])
+    assert model not in optim_penalty._penalty_plans  # a slot holds modules: not cached (Note [Penalty plans])
 
 
 def test_prox_step_without_an_optimizer():

@@ -1,5 +1,6 @@
 """Training setups beyond the plain loop: clipping, several optimizers, torch.compile, DDP."""
 
+import json
 import os
 import pathlib
 import sys
@@ -138,6 +139,20 @@ def test_fsdp2_sharded_training_matches_one_process(tmp_path):
     columns = got["2.weight"].norm(dim=0)
     assert (columns == 0).any() and (columns != 0).any()
     assert torch.linalg.matrix_rank(got["4.weight"]) < 4
+
+
+def test_fsdp2_classes_survive_dcp_and_remove(tmp_path):
+    """Attached before fully_shard, DCP's get_state_dict in the middle of training, more steps,
+    then remove: every module keeps the class FSDP2 gave it, stays callable, and after remove is
+    FSDP2's class for a plain Linear (Note [Module classes] in modules/classes.py)."""
+    _run_distributed("fsdp-classes", tmp_path)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"fsdp-classes-rank{rank}.json").read_text())
+        assert seen["sharded"] == ["FSDPParametrizedLinear"] * 3
+        assert seen["after get_state_dict"] == [True] * 3 and seen["trained after get_state_dict"]
+        assert seen["removed"] == ["FSDPLinear"] * 3 and seen["fsdp class of Linear"] == [True] * 3
+        assert seen["fsdp modules"] == [True] * 3 and seen["parametrized"] == [False] * 3
+        assert seen["trained after remove"]
 
 
 def test_autocast_bfloat16_with_float32_weights_applies_the_prox_to_the_float32_weights():

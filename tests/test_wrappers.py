@@ -1,5 +1,5 @@
 """Optimizers that wrap a torch optimizer and call its step() inside their own: one prox per outer
-step, with the inner optimizer's step size (Note [Nested steps] in stepping.py).
+step, with the inner optimizer's step size (Note [Nested steps] in optim/hooks.py).
 ZeroRedundancyOptimizer is covered by test_training_setups.py's two-process test."""
 
 import pytest

@@ -8,20 +8,23 @@ Conventions: L1 with strength a is a·Σ abs(w); L2 with strength b is (b/2)·Σ
 ``weight_decay=b``); the proximal map of step t is argmin_z ½‖z − w‖² + t·R(z).
 """
 
-from .checkpoint import attach_spec, check_plain, folded, spec
+from .catalogue.base import Regularizer, register
+from .catalogue.constraints import NM, Box, KeepZeros, MaxNorm, NonNegative, TopK, UnitNorm
+from .catalogue.coupled import CoupledGroupLasso
+from .catalogue.elementwise import L0, L1, L2, ElasticNet
+from .catalogue.reparametrizations import SoftThreshold
+from .catalogue.structured import GroupLasso, NuclearNorm, SparseGroupLasso
 from .errors import ParamregError
-from .lifecycle import attach, remove, set_strength
-from .coupled import CoupledGroupLasso
-from .cost import Comparison, Cost, compare, cost
-from .factorizing import factorize
-from .shrinking import attach_channels, shrink
-from .constraints import NM, Box, KeepZeros, MaxNorm, NonNegative, TopK, UnitNorm
-from .regularizers import L0, L1, L2, ElasticNet, Regularizer, register
-from .reparametrizations import SoftThreshold
-from .structured import GroupLasso, NuclearNorm, SparseGroupLasso
-from .report import Report, report
-from .selection import select
-from .stepping import penalty, prox_step
+from .lifecycle.attaching import attach, set_strength
+from .lifecycle.removing import remove
+from .modules.selection import select
+from .optim.penalty import penalty, prox_step
+from .tools.checkpoint import attach_spec, spec
+from .tools.cost import Comparison, Cost, compare, cost
+from .tools.factorizing import factorize
+from .tools.folding import check_plain, folded
+from .tools.report import Report, report
+from .tools.shrinking import attach_channels, shrink
 
 __all__ = [
     "attach",

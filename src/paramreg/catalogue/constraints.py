@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import ParamregError
-from .groups import check_groups, group_norms
-from .regularizers import Regularizer, register
-from .structured import _accurate, _check_groups_option
+from ..errors import ParamregError
+from .groups import accurate_dtype, check_groups, check_groups_option, group_norms
+from .base import Regularizer, register
 
 __all__ = ["NonNegative", "Box", "MaxNorm", "UnitNorm", "TopK", "NM", "KeepZeros"]
 
@@ -140,7 +139,7 @@ class MaxNorm(_GroupScaling):
     """C = {w : ‖w_g‖₂ <= c for every group}; projection w_g·min(1, c/‖w_g‖₂). Keras ``MaxNorm``.
 
     ``groups="out"`` (default) bounds each output unit's incoming weights, as Keras ``MaxNorm``
-    does on a Dense kernel with ``axis=0``; see :mod:`paramreg.groups` for the other groupings.
+    does on a Dense kernel with ``axis=0``; see :mod:`paramreg.catalogue.groups` for the other groupings.
 
     Example:
         >>> import torch, paramreg
@@ -154,11 +153,11 @@ class MaxNorm(_GroupScaling):
 
     def __post_init__(self):
         object.__setattr__(self, "max_value", _positive("MaxNorm max_value", self.max_value))
-        _check_groups_option("MaxNorm", self.groups)
+        check_groups_option("MaxNorm", self.groups)
 
     def _scale(self, w):
         # groups feasible within the tolerance are left bit for bit, so projecting twice changes nothing
-        norms = group_norms(w, self.groups, dtype=_accurate(w))
+        norms = group_norms(w, self.groups, dtype=accurate_dtype(w))
         inside = norms <= self.max_value * (1 + _tolerance(w))
         return torch.where(inside, torch.ones_like(norms), self.max_value / norms).to(w.dtype)
 
@@ -183,11 +182,11 @@ class UnitNorm(_GroupScaling):
     convex = False
 
     def __post_init__(self):
-        _check_groups_option("UnitNorm", self.groups)
+        check_groups_option("UnitNorm", self.groups)
 
     def _scale(self, w):
         # groups already of unit norm within the tolerance (and zero groups) are left bit for bit
-        norms = group_norms(w, self.groups, dtype=_accurate(w))
+        norms = group_norms(w, self.groups, dtype=accurate_dtype(w))
         keep = ((norms - 1).abs() <= _tolerance(w)) | (norms == 0)
         return torch.where(keep, torch.ones_like(norms), 1 / norms).to(w.dtype)
 

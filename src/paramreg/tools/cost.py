@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import ParamregError
+from ..errors import ParamregError
 
 __all__ = ["Cost", "Comparison", "cost", "compare"]
 

@@ -1,4 +1,4 @@
-"""Target sparsity: a strength set at every step so that a chosen fraction of groups is exactly zero.
+"""Sparsity targets: a strength set at every step so that a chosen fraction of groups is exactly zero.
 
 Note [Target sparsity]
     ``attach(..., sparsity=s, sparsity_steps=n)`` asks that after n optimizer steps the tensors
@@ -33,7 +33,7 @@ Note [Target sparsity]
     it was ``torch.kthvalue``), ``torch.kthvalue`` elsewhere; both return the same element.
 
     The step count k is the count of steps that updated the tensors (``Carrier.calls``), which a
-    resumed run restores from the optimizer's state_dict (Note [Resume] in stepping.py), so a
+    resumed run restores from the optimizer's state_dict (Note [Resume] in optim/state.py), so a
     resumed run continues the ramp exactly.
 """
 
@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import ParamregError
+from ..errors import ParamregError
 
-__all__ = ["Budget", "ramp"]
+__all__ = ["SparsityTarget", "ramp"]
 
 
 def ramp(sparsity: float, steps: int, k: int) -> float:
@@ -67,7 +67,7 @@ def _fraction(label: str, value) -> float:
 
 
 @dataclass
-class Budget:
+class SparsityTarget:
     """One sparsity target shared by the tensors of one ``attach`` call (Note [Target sparsity]).
 
     ``strength`` is the strength the last step used (None before the first step), ``asked`` the

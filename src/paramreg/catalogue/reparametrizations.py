@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import ParamregError
-from .regularizers import Regularizer, _strength, register
+from ..errors import ParamregError
+from .base import Regularizer, check_strength, register
 
 __all__ = ["SoftThreshold"]
 
@@ -69,7 +69,7 @@ class SoftThreshold(Regularizer):
     kind = "reparametrization"
 
     def __post_init__(self):
-        object.__setattr__(self, "init", _strength("SoftThreshold init", self.init))
+        object.__setattr__(self, "init", check_strength("SoftThreshold init", self.init))
         if not isinstance(self.learnable, bool):
             raise ParamregError(f"SoftThreshold learnable must be True or False, got {self.learnable!r}")
         if self.learnable and self.init == 0.0:

@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from .carrier import Slot, slots
-from .errors import ParamregError
+from .walk import Slot, slots
+from ..errors import ParamregError
 
 __all__ = ["select"]
 
@@ -111,7 +111,7 @@ def select(model: nn.Module, targets, exclude=None) -> list[str]:
     r"""Dry run: the canonical names that ``targets`` minus ``exclude`` select, in model order.
 
     Uses the same rule as :func:`paramreg.attach` and :func:`paramreg.remove` (see
-    :mod:`paramreg.selection`).
+    :mod:`paramreg.modules.selection`).
 
     Example:
         >>> import torch, paramreg

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import ParamregError
-from .regularizers import Regularizer, _strength
-from .structured import _group_shrink_diag_
+from ..errors import ParamregError
+from .base import Regularizer, check_strength
+from .structured import group_shrink_diag_
 
 __all__ = ["CoupledGroupLasso"]
 
@@ -79,7 +79,7 @@ class CoupledGroupLasso(Regularizer):
     strengths = ("strength",)
 
     def __post_init__(self):
-        object.__setattr__(self, "strength", _strength("CoupledGroupLasso strength", self.strength))
+        object.__setattr__(self, "strength", check_strength("CoupledGroupLasso strength", self.strength))
         if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
             raise ParamregError(f"CoupledGroupLasso channels must be an int >= 1, got {self.channels!r}")
         members = tuple(self.members)
@@ -144,14 +144,14 @@ class CoupledGroupLasso(Regularizer):
 
     def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
         """The group lasso map in the metric diag(u), u = ``inverse_steps``, over channels: row k of
-        every member concatenated is one group (:func:`paramreg.structured._group_shrink_diag_`)."""
+        every member concatenated is one group (:func:`paramreg.catalogue.structured.group_shrink_diag_`)."""
         tensors = list(tensors)
         self._check_members(tensors)
         if self.strength == 0.0:
             return
         rows = torch.cat([w.reshape(self.channels, -1) for w in tensors], dim=1)
         inverse = torch.cat([u.reshape(self.channels, -1) for u in inverse_steps], dim=1)
-        _group_shrink_diag_(rows, inverse, "out", self.strength)
+        group_shrink_diag_(rows, inverse, "out", self.strength)
         for w, part in zip(tensors, rows.split([w[0].numel() if w.dim() > 1 else 1 for w in tensors], dim=1), strict=True):
             w.copy_(part.reshape(w.shape))
 

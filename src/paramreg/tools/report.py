@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .carrier import slots
-from .regularizers import Regularizer
-from .step_sizes import _whole
+from ..catalogue.base import Regularizer
+from ..modules.walk import slots
+from ..optim.step_sizes import whole
 
-__all__ = ["Report", "Row", "Target", "report"]
+__all__ = ["Report", "Row", "TargetRow", "report", "tensor_report"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Row:
 
 
 @dataclass(frozen=True)
-class Target:
+class TargetRow:
     """One sparsity target (``attach(..., sparsity=s, sparsity_steps=n)``) and where it stands."""
 
     names: tuple[str, ...]
@@ -65,7 +65,7 @@ class Report:
     name for one row; :meth:`to_dict` gives flat numbers for a logger."""
 
     rows: tuple[Row, ...]
-    targets: tuple[Target, ...] = ()
+    targets: tuple[TargetRow, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -206,15 +206,15 @@ def report(model: nn.Module) -> Report:
         s for s in everything if not isinstance(s.param, nn.parameter.UninitializedParameter) and s.value().is_floating_point()
     ]
     rows = []
-    budgets: dict[int, tuple] = {}  # id(budget) -> (budget, [slots])
+    shared: dict[int, tuple] = {}  # id(target) -> (target, [slots])
     with torch.no_grad():
         for s in chosen:
-            w, effective = _whole(s.value()), _whole(s.effective())
+            w, effective = whole(s.value()), whole(s.effective())
             c = s.carrier
             reg = c.current() if c is not None else None
-            budget = c.budget if c is not None else None
-            if budget is not None:
-                budgets.setdefault(id(budget), (budget, []))[1].append(s)
+            target = c.target if c is not None else None
+            if target is not None:
+                shared.setdefault(id(target), (target, []))[1].append(s)
             rows.append(
                 Row(
                     name=s.name,
@@ -226,26 +226,26 @@ def report(model: nn.Module) -> Report:
                     mode=None if reg is None else c.mode,
                     penalty=None if reg is None else float(reg.penalty(w)),
                     step=None if c is None else c.ran,
-                    strength=None if budget is None else budget.strength,
+                    strength=None if target is None else target.strength,
                 )
             )
-        targets = tuple(_target(budget, members) for budget, members in budgets.values())
+        targets = tuple(_target_row(target, members) for target, members in shared.values())
     return Report(tuple(rows), targets)
 
 
 def _describe(carrier) -> str:
     """The regularizer column: the call that made it, at its current strength."""
-    if carrier.budget is not None:
-        strength = carrier.budget.strength
+    if carrier.target is not None:
+        strength = carrier.target.strength
         now = "not stepped yet" if strength is None else f"strength {strength:.4g}"
-        return f"{type(carrier.regularizer).__name__} target {carrier.budget.sparsity:.0%} ({now})"
+        return f"{type(carrier.regularizer).__name__} target {carrier.target.sparsity:.0%} ({now})"
     return repr(carrier.current()) + (" scheduled" if carrier.schedule else "")
 
 
-def _target(budget, members: list) -> Target:
+def _target_row(target, members: list) -> TargetRow:
     """Where one sparsity target stands: its groups counted over every tensor that shares it."""
     regularizer = members[0].carrier.regularizer
-    tensors = [_whole(s.value()) for s in members]
+    tensors = [whole(s.value()) for s in members]
     zero_groups = total = 0
     by_regularizer: dict[int, list] = {}
     for s, w in zip(members, tensors, strict=True):
@@ -254,16 +254,16 @@ def _target(budget, members: list) -> Target:
         for c in regularizer.critical(ws, [1.0] * len(ws)):  # a group is zero exactly when its critical strength is
             zero_groups += int((c == 0).sum())
             total += c.numel()
-    return Target(
+    return TargetRow(
         names=tuple(s.name for s in members),
-        sparsity=budget.sparsity,
-        steps=budget.steps,
+        sparsity=target.sparsity,
+        steps=target.steps,
         step=max(s.carrier.calls for s in members),
-        asked=budget.asked,
+        asked=target.asked,
         reached=zero_groups / total if total else 0.0,
         groups=total,
-        strength=budget.strength,
-        unit=getattr(regularizer, "unit", "groups"),
+        strength=target.strength,
+        unit=regularizer.unit,
     )
 
 

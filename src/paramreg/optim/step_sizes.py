@@ -49,34 +49,13 @@ Note [Safeguarded metric]
     metric is the gradient step's; the floor changes the prox's metric only on coordinates whose
     denominator is below F, and at a lasso optimum every gradient is at most a in magnitude, so
     r <= a and such a coordinate is held at zero as the lasso holds it. Adam + L1(a) reaches
-    scikit-learn's lasso with the floor (tested); a tiny strength stays nearly off. FLOOR = 0
-    gives the plain metric. The floor is computed over whole tensors (one reduction of each
-    gradient), before the CPU's cache-sized blocks (Note [Blocks] in stepping.py).
+    scikit-learn's lasso with the floor (tested); a tiny strength stays nearly off. The floor's
+    multiple of r is an option of ``attach``, ``metric_floor`` (default 1; 0 gives the plain
+    metric). The floor is computed over whole tensors (one reduction of each
+    gradient), before the CPU's cache-sized blocks (Note [Blocks] in optim/applying.py).
 
-Note [Momentum fill]
-    c_k is how much the momentum buffer of SGD or RMSprop has multiplied a constant gradient
-    after k steps: the buffer's fill, tracked per optimizer and parameter group by the step hooks
-    (stepping.py) with the group's momentum μ_k read at each step, so a momentum schedule
-    (``OneCycleLR`` cycles μ) is followed step by step:
-
-        SGD      c_1 = 1,  c_k = μ_k·c_{k−1} + (1 − dampening)   (torch sets buf = g on the first step, undamped)
-        RMSprop  c_0 = 0,  c_k = μ_k·c_{k−1} + 1                 (its buffer starts at zero: buf = μ·buf + g/avg)
-
-    At constant μ it rises to the settled value the buffer approaches, (1 − dampening)/(1 − μ)
-    for SGD and 1/(1 − μ) for RMSprop (without dampening c_k = (1 − μᵏ)/(1 − μ), whose 1 − μᵏ is
-    what Adam's bias correction divides out of its first moment). There SGD + L1(a) solves the
-    lasso with strength a (tested against scikit-learn), where t = lr would solve it with
-    strength (1 − μ)·a. The first step scales by 1, as the optimizer's did, so the prox does not
-    run ahead of the buffer early in training or jump with a momentum schedule.
-
-    Approximations: c is kept per group, and a parameter with no gradient on a step keeps its
-    buffer unmoved while its group's c advances. A group first seen with momentum buffers
-    already in place (attached mid-training, or an optimizer state loaded from a checkpoint that
-    did not record c) starts at the settled value for SGD, and for RMSprop at the value its step
-    count gives at the current μ. A group's c goes into the optimizer's ``state_dict()`` under
-    ``FILL_KEY`` and is read back from the group after ``load_state_dict()``, so a resumed run
-    continues exactly (the live group dicts are not written during training: a value that
-    changed every step would make a compiled ``optimizer.step`` recompile).
+The momentum fill c_k of SGD and RMSprop, and how it is tracked and resumed: Note [Momentum fill]
+in optim/state.py.
 """
 
 from __future__ import annotations
@@ -86,9 +65,9 @@ import math
 import torch
 from torch import Tensor
 
-from .errors import ParamregError
+from ..errors import ParamregError
 
-__all__ = ["POLICIES", "KNOWN", "FILLING", "FILL_KEY", "FLOOR", "resolve", "metric", "floors", "inverse_steps", "sgd_factor", "next_fill"]
+__all__ = ["POLICIES", "KNOWN", "FILLING", "DEFAULT_METRIC_FLOOR", "resolve", "metric", "floors", "inverse_steps", "sgd_factor", "settled", "whole"]
 
 POLICIES = ("auto", "lr", "adaptive")
 
@@ -180,40 +159,10 @@ def _adagrad(name, group, states, lr, floors):
     return inverse
 
 
-def _settled(momentum: float, dampening: float = 0.0) -> float:
+def settled(momentum: float, dampening: float = 0.0) -> float:
     """The fill a momentum buffer approaches at constant momentum: (1 − dampening)/(1 − μ) for
     SGD, 1/(1 − μ) for RMSprop (Note [Momentum fill])."""
     return (1.0 - dampening) / (1.0 - momentum)
-
-
-def _first_fill(optimizer, group) -> float:
-    """The fill of ``group``'s momentum buffers before the step about to run, for a group the
-    hooks see for the first time: 0.0 where the buffers have not started."""
-    if FILL_KEY in group:  # recorded by a state_dict() and restored by load_state_dict()
-        return float(group[FILL_KEY])
-    momentum = group.get("momentum", 0.0)
-    if not momentum:
-        return 0.0
-    states = [optimizer.state.get(p) for p in group["params"]]
-    if resolve(optimizer) is torch.optim.SGD:
-        started = any(s and s.get("momentum_buffer") is not None for s in states)
-        return _settled(momentum, group.get("dampening", 0.0)) if started else 0.0
-    counts = [float(s["step"]) for s in states if s and "step" in s]  # RMSprop counts its steps
-    return (1.0 - momentum ** max(counts)) / (1.0 - momentum) if counts else 0.0
-
-
-def next_fill(optimizer, group: dict, previous: float | None) -> float:
-    """Before a step of ``optimizer`` (one of FILLING) over ``group``: the fill c of the group's
-    momentum buffers after that step, from the fill after the previous step (None: a group not
-    seen before). Note [Momentum fill]."""
-    if previous is None:
-        previous = _first_fill(optimizer, group)
-    momentum = group.get("momentum", 0.0)
-    if not momentum:
-        return previous  # no momentum this step: the buffers do not move
-    if resolve(optimizer) is torch.optim.SGD:
-        return momentum * previous + (1.0 - group["dampening"]) if previous else 1.0  # the first step sets buf = g
-    return momentum * previous + 1.0
 
 
 def sgd_factor(group: dict, fill: float | None = None) -> float:
@@ -222,7 +171,7 @@ def sgd_factor(group: dict, fill: float | None = None) -> float:
     momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
     if not momentum:
         return 1.0
-    c = _settled(momentum, dampening) if fill is None else fill
+    c = settled(momentum, dampening) if fill is None else fill
     return 1.0 + momentum * c if group.get("nesterov") else c
 
 
@@ -254,11 +203,10 @@ _UNIT_DENOMINATOR = {
 _SCALAR = (torch.optim.SGD,)
 KNOWN = (*_DIAGONAL, *_SCALAR)
 FILLING = (torch.optim.SGD, torch.optim.RMSprop)  # a momentum buffer whose fill scales the step
-FILL_KEY = "paramreg_momentum_fill"  # where a group's fill goes in the optimizer's state_dict()
-#: The safeguard of the adaptive metric (Note [Safeguarded metric]): each coordinate's denominator
-#: is at least what a coordinate would have after seeing FLOOR times the root mean square of its
-#: tensor's gradient at every step (0: the plain metric).
-FLOOR = 1.0
+#: The default safeguard of the adaptive metric, ``attach(..., metric_floor=...)`` (Note [Safeguarded
+#: metric]): each coordinate's denominator is at least what a coordinate would have after seeing
+#: this multiple of the root mean square of its tensor's gradient at every step (0: the plain metric).
+DEFAULT_METRIC_FLOOR = 1.0
 
 
 def resolve(optimizer) -> type | None:
@@ -299,19 +247,18 @@ def metric(optimizer) -> str | None:
     return None
 
 
-def _whole(t: Tensor) -> Tensor:
+def whole(t: Tensor) -> Tensor:
     """A DTensor's full value (its partial norms reduced); any other tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def floors(optimizer, group: dict, params: list[Tensor], states: list[dict], ratio: float | None = None) -> list[Tensor] | None:
+def floors(optimizer, group: dict, params: list[Tensor], states: list[dict], ratio: float = DEFAULT_METRIC_FLOOR) -> list[Tensor] | None:
     """Per parameter in ``params`` (with its optimizer state in ``states``): the floor of its
-    metric's denominators, FLOOR (or ``ratio``) times the root mean square of the gradient it was
+    metric's denominators, ``ratio`` (``attach(..., metric_floor=...)``) times the root mean square of the gradient it was
     just stepped with, in the units of the optimizer's state (Note [Safeguarded metric]); a 0-dim
     tensor each (a number each for sharded DTensor gradients), or None when the ratio is 0. One
     reduction over each gradient.
     """
-    ratio = FLOOR if ratio is None else ratio
     if not ratio:
         return None
     unit = _UNIT_DENOMINATOR[resolve(optimizer)]
@@ -319,7 +266,7 @@ def floors(optimizer, group: dict, params: list[Tensor], states: list[dict], rat
     counts = [float(s["step"]) if "step" in s else 1.0 for s in states]
     factors = [ratio * unit(group, k) / math.sqrt(max(p.numel(), 1)) for p, k in zip(params, counts, strict=True)]
     if any(type(g) is not Tensor for g in grads):  # a sharded gradient (DTensor): its whole norm, as numbers
-        return [float(_whole(torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)))) * f for g, f in zip(grads, factors, strict=True)]
+        return [float(whole(torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)))) * f for g, f in zip(grads, factors, strict=True)]
     if all(g.dtype in (torch.float32, torch.float64) for g in grads):
         out = list(torch._foreach_norm(grads, 2))
     else:  # half precision: the norm in float32
@@ -345,7 +292,7 @@ def inverse_steps(
     """
     cls = resolve(optimizer)
     if cls is torch.optim.RMSprop and group.get("momentum", 0.0):
-        lr *= _settled(group["momentum"]) if fill is None else fill
+        lr *= settled(group["momentum"]) if fill is None else fill
     inverse = _DIAGONAL[cls](cls.__name__, group, states, lr, floors)
     if inverse is not None and not group.get("eps", 1.0) > 0:
         torch._foreach_clamp_min_(inverse, torch.finfo(inverse[0].dtype).tiny)

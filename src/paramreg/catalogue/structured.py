@@ -1,6 +1,6 @@
 """Structured sparsity and low rank: group lasso, sparse group lasso, nuclear norm.
 
-How a tensor is split into groups lives in :mod:`paramreg.groups`; the maps here apply one formula
+How a tensor is split into groups lives in :mod:`paramreg.catalogue.groups`; the maps here apply one formula
 per group. All are proximal maps of convex penalties, exact in closed form.
 """
 
@@ -14,16 +14,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .errors import ParamregError
-from .groups import NAMED, check_groups, group_norms, group_size, kept_dims, reduced_dims
-from .regularizers import L1, Regularizer, _soft_threshold_, _strength, register
+from ..errors import ParamregError
+from .base import Regularizer, check_strength, register
+from .elementwise import L1, soft_threshold_
+from .groups import accurate_dtype, check_groups, check_groups_option, group_norms, group_size, kept_dims, reduced_dims
 
 __all__ = ["GroupLasso", "SparseGroupLasso", "NuclearNorm"]
-
-
-def _accurate(w: Tensor):
-    """The dtype to compute norms and factorizations in: float32 for half precision."""
-    return torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else None
 
 
 def _check_bool(label: str, value) -> None:
@@ -31,14 +27,9 @@ def _check_bool(label: str, value) -> None:
         raise ParamregError(f"{label} must be True or False, got {value!r}")
 
 
-def _check_groups_option(label: str, groups) -> None:
-    if isinstance(groups, bool) or not (isinstance(groups, int) or groups in NAMED):
-        raise ParamregError(f"{label} groups must be 'out', 'in', 'kernel' or a dim (int), got {groups!r}")
-
-
 def _group_scale(w: Tensor, groups, threshold: float) -> Tensor:
     """max(1 − threshold/‖w_g‖, 0) per group, broadcastable against w, in w's dtype (threshold > 0)."""
-    norms = group_norms(w, groups, dtype=_accurate(w))
+    norms = group_norms(w, groups, dtype=accurate_dtype(w))
     return (1 - threshold / norms).clamp_(min=0).to(w.dtype)  # a zero group stays zero: 1 − c/0 = −inf → 0
 
 
@@ -58,7 +49,7 @@ def _group_shrink_diag(w: Tensor, t: Tensor, groups, threshold: float) -> Tensor
     until r changes by less than ``NEWTON_RTOL`` relative (at most ``NEWTON_MAX_ITERATIONS``).
     Deleu & Bengio (2021), "Structured sparsity inducing adaptive optimizers for deep learning".
     """
-    dtype = torch.promote_types(_accurate(w) or w.dtype, t.dtype)
+    dtype = torch.promote_types(accurate_dtype(w) or w.dtype, t.dtype)
     x, lt = w.to(dtype), t.to(dtype) * threshold
     dims = reduced_dims(groups, w.dim())
 
@@ -109,7 +100,7 @@ def _group_view(x: Tensor, groups) -> Tensor:
     return x.view(math.prod(shape[:lo]), math.prod(shape[lo:hi]), math.prod(shape[hi:]))
 
 
-def _group_shrink_diag_(w: Tensor, u: Tensor, groups, threshold: float, l1: float = 0.0) -> None:
+def group_shrink_diag_(w: Tensor, u: Tensor, groups, threshold: float, l1: float = 0.0) -> None:
     """In place: w ← argmin_z Σ_i u_i·(z_i − w_i)²/2 + l1·Σ abs(z) + threshold·Σ_g ‖z_g‖₂, with
     u = 1/t the inverse steps (finite, > 0; consumed).
 
@@ -138,7 +129,7 @@ def _group_shrink_diag_(w: Tensor, u: Tensor, groups, threshold: float, l1: floa
         (the composition is exact, as in ``SparseGroupLasso.prox_diag``). A tensor subclass or a
         tensor with no (A, G, B) view (not contiguous) takes the reference.
     """
-    dtype = torch.promote_types(_accurate(w) or w.dtype, u.dtype)
+    dtype = torch.promote_types(accurate_dtype(w) or w.dtype, u.dtype)
     plain = type(w) in (Tensor, torch.nn.Parameter) and type(u) is Tensor
     if not (plain and w.is_contiguous() and u.is_contiguous() and u.shape == w.shape):
         t = u.reciprocal_()
@@ -218,7 +209,7 @@ def _diag_rows_together_(tensors: Sequence[Tensor], inverse_steps: list[Tensor],
 class GroupLasso(Regularizer):
     r"""Group lasso: R(w) = a·Σ_g c_g·‖w_g‖₂, with a = ``strength``.
 
-    ``groups`` says what a group is (:mod:`paramreg.groups`): ``"out"`` (default; rows, output
+    ``groups`` says what a group is (:mod:`paramreg.catalogue.groups`): ``"out"`` (default; rows, output
     units, conv filters), ``"in"`` (columns, input features or channels), ``"kernel"`` or an int
     dim. c_g = sqrt(group size) when ``weighted=True``, else 1.
 
@@ -245,8 +236,8 @@ class GroupLasso(Regularizer):
     adaptive = True
 
     def __post_init__(self):
-        object.__setattr__(self, "strength", _strength("GroupLasso strength", self.strength))
-        _check_groups_option("GroupLasso", self.groups)
+        object.__setattr__(self, "strength", check_strength("GroupLasso strength", self.strength))
+        check_groups_option("GroupLasso", self.groups)
         _check_bool("GroupLasso weighted", self.weighted)
 
     def check(self, shape):
@@ -283,11 +274,11 @@ class GroupLasso(Regularizer):
             _diag_rows_together_(tensors, inverse_steps, self.split, self._shrink_)
 
     def _shrink_(self, w: Tensor, u: Tensor) -> None:
-        _group_shrink_diag_(w, u, self.groups, self.strength * self._c(w))
+        group_shrink_diag_(w, u, self.groups, self.strength * self._c(w))
 
     def critical(self, tensors: Sequence[Tensor], inverse_steps: Sequence) -> list[Tensor]:
         """‖w_g / t_g‖₂ / c_g per group: the prox zeroes group g exactly when the strength is at least that."""
-        return [group_norms(w * u, self.groups, dtype=_accurate(w)) / self._c(w) for w, u in zip(tensors, inverse_steps, strict=True)]
+        return [group_norms(w * u, self.groups, dtype=accurate_dtype(w)) / self._c(w) for w, u in zip(tensors, inverse_steps, strict=True)]
 
 
 @register("sparse_group_lasso")
@@ -317,9 +308,9 @@ class SparseGroupLasso(Regularizer):
     adaptive = True
 
     def __post_init__(self):
-        object.__setattr__(self, "l1", _strength("SparseGroupLasso l1", self.l1))
-        object.__setattr__(self, "group", _strength("SparseGroupLasso group", self.group))
-        _check_groups_option("SparseGroupLasso", self.groups)
+        object.__setattr__(self, "l1", check_strength("SparseGroupLasso l1", self.l1))
+        object.__setattr__(self, "group", check_strength("SparseGroupLasso group", self.group))
+        check_groups_option("SparseGroupLasso", self.groups)
         _check_bool("SparseGroupLasso weighted", self.weighted)
 
     def _group_lasso(self) -> GroupLasso:
@@ -339,7 +330,7 @@ class SparseGroupLasso(Regularizer):
         return self._group_lasso().prox(shrunk, t)
 
     def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
-        _soft_threshold_(tensors, float(t) * self.l1)
+        soft_threshold_(tensors, float(t) * self.l1)
         self._group_lasso().prox_(tensors, t)
 
     def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
@@ -354,7 +345,7 @@ class SparseGroupLasso(Regularizer):
             L1(self.l1).prox_diag_(tensors, inverse_steps)
 
     def _shrink_(self, w: Tensor, u: Tensor) -> None:
-        _group_shrink_diag_(w, u, self.groups, self.group * self._group_lasso()._c(w), l1=self.l1)
+        group_shrink_diag_(w, u, self.groups, self.group * self._group_lasso()._c(w), l1=self.l1)
 
 
 @register("nuclear_norm")
@@ -387,7 +378,7 @@ class NuclearNorm(Regularizer):
     strengths = ("strength",)
 
     def __post_init__(self):
-        object.__setattr__(self, "strength", _strength("NuclearNorm strength", self.strength))
+        object.__setattr__(self, "strength", check_strength("NuclearNorm strength", self.strength))
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ParamregError(f"NuclearNorm every must be an int >= 1, got {self.every!r}")
 
@@ -396,7 +387,7 @@ class NuclearNorm(Regularizer):
 
     def penalty(self, w: Tensor) -> Tensor:
         matrix = w.reshape(w.shape[0], -1)
-        dtype = _accurate(w)
+        dtype = accurate_dtype(w)
         singular = torch.linalg.svdvals(matrix if dtype is None else matrix.to(dtype))
         return (self.strength * singular.sum()).to(w.dtype)
 
@@ -404,7 +395,7 @@ class NuclearNorm(Regularizer):
         if float(t) * self.strength == 0.0:
             return w.clone()
         matrix = w.reshape(w.shape[0], -1)
-        dtype = _accurate(w)
+        dtype = accurate_dtype(w)
         u, s, vh = torch.linalg.svd(matrix if dtype is None else matrix.to(dtype), full_matrices=False)
         s = (s - float(t) * self.strength).clamp_(min=0)
         return ((u * s) @ vh).reshape(w.shape).to(w.dtype)

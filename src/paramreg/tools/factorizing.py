@@ -10,9 +10,9 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import check_plain
-from .errors import ParamregError
-from .selection import resolve
+from .folding import check_plain
+from ..errors import ParamregError
+from ..modules.selection import resolve
 
 __all__ = ["factorize"]
 

@@ -24,7 +24,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["kept_dims", "reduced_dims", "group_norms", "group_size", "check_groups"]
+from ..errors import ParamregError
+
+__all__ = ["kept_dims", "reduced_dims", "group_norms", "group_size", "check_groups", "check_groups_option", "accurate_dtype"]
 
 NAMED = {"out": (0,), "in": (1,), "kernel": (0, 1)}
 
@@ -66,3 +68,13 @@ def group_norms(w: Tensor, groups, dtype=None) -> Tensor:
     if not dims:
         return w.abs() if dtype is None else w.abs().to(dtype)
     return torch.linalg.vector_norm(w, dim=dims, keepdim=True, dtype=dtype)
+
+
+def check_groups_option(label: str, groups) -> None:
+    if isinstance(groups, bool) or not (isinstance(groups, int) or groups in NAMED):
+        raise ParamregError(f"{label} groups must be 'out', 'in', 'kernel' or a dim (int), got {groups!r}")
+
+
+def accurate_dtype(w: Tensor):
+    """The dtype to compute norms and factorizations in: float32 for half precision."""
+    return torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else None

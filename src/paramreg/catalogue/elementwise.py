@@ -1,0 +1,335 @@
+"""Elementwise regularizers: L0, L1, L2 and ElasticNet, with their in-place multi-tensor maps.
+
+Conventions: L1 with strength a is a·Σ abs(w); L2 with strength b is (b/2)·Σ w² (torch's
+``weight_decay=b``); the proximal map of step t is argmin_z ½‖z − w‖² + t·R(z)
+(:mod:`paramreg.catalogue.base`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .base import Regularizer, check_strength, register
+
+__all__ = ["L0", "L1", "L2", "ElasticNet", "soft_threshold_"]
+
+
+def _by_precision(tensors: Sequence[Tensor], steps: Sequence[Tensor]):
+    """Split (tensors, steps) into the pairs that share a dtype, to be mapped in place as they
+    are, and half-precision tensors, to be mapped on float32 copies and rounded once."""
+    same = ([], [])
+    low = []
+    for w, t in zip(tensors, steps, strict=True):
+        if w.dtype == t.dtype:
+            same[0].append(w)
+            same[1].append(t)
+        else:
+            low.append((w, t))
+    return same, low
+
+
+def _diag_(fn, tensors: Sequence[Tensor], steps: Sequence[Tensor]) -> None:
+    """Apply ``fn(tensors, steps)`` (an in-place multi-tensor map) to ``tensors``; a tensor whose
+    dtype differs from its steps' (bfloat16 or float16 weights, float32 steps) is mapped in float32
+    and the result stored in its own dtype."""
+    (ws, ts), low = _by_precision(tensors, steps)
+    if ws:
+        fn(ws, ts)
+    for w, t in low:
+        accurate = [w.to(t.dtype)]
+        fn(accurate, [t])
+        w.copy_(accurate[0])
+
+
+def _elementwise(self, ndim: int) -> str:
+    return "elements"
+
+
+def _elastic_net_metric_(tensors: list[Tensor], inverse_steps: list[Tensor], l1: float = 0.0, l2: float = 0.0) -> None:
+    """In place: the elastic-net prox in the metric diag(u), u = ``inverse_steps`` = 1/t (finite,
+    > 0; consumed), which is L1's with l2 = 0 and L2's with l1 = 0::
+
+        w ← sign(w)·max(abs(w) − a/u, 0)/(1 + b/u) = softshrink(u·w, a)/(u + b)
+
+    The right-hand form takes three passes (a product, a scalar soft-threshold, a quotient) where
+    w − clamp(w, −t·a, t·a) takes six; entries with u·abs(w) <= a become exact zeros.
+    """
+    torch._foreach_mul_(tensors, inverse_steps)
+    soft_threshold_(tensors, l1)
+    if l2 != 0.0:
+        torch._foreach_add_(inverse_steps, l2)
+    torch._foreach_div_(tensors, inverse_steps)
+
+
+def _sum_of(terms) -> Tensor:
+    """The sum of a non-empty iterable of tensors, left to right (no leading 0 + first)."""
+    terms = iter(terms)
+    total = next(terms)
+    for term in terms:
+        total = total + term
+    return total
+
+
+def soft_threshold_(tensors: Sequence[Tensor], threshold: float) -> None:
+    """In place: w ← sign(w)·max(abs(w) − threshold, 0) over every tensor.
+
+    On the CPU, ``softshrink`` written through ``out=`` into its own input is one pass per tensor
+    with no temporary (aliasing is safe for an elementwise op), the memory-bound floor. On an
+    accelerator, where a launch per tensor dominates for many small tensors, three multi-tensor
+    ops do it for all tensors at once: w − clamp(w, −θ, θ), the same arithmetic (w − θ, w + θ, or
+    w − w = 0), so the values are equal (a zero is +0 where softshrink may give −0).
+    """
+    if threshold == 0.0:
+        return
+    if len(tensors) > 1 and tensors[0].device.type != "cpu":
+        _soft_threshold_multi_(list(tensors), threshold)
+        return
+    for w in tensors:
+        torch._C._nn.softshrink(w, threshold, out=w)
+
+
+def _soft_threshold_multi_(tensors: list[Tensor], threshold: float) -> None:
+    clipped = torch._foreach_clamp_max(tensors, threshold)
+    torch._foreach_clamp_min_(clipped, -threshold)
+    torch._foreach_sub_(tensors, clipped)
+
+
+@register("l1")
+@dataclass(frozen=True)
+class L1(Regularizer):
+    r"""Lasso: R(w) = a·Σ abs(w), with a = ``strength``.
+
+    Proximal map (soft-thresholding)::
+
+        prox_{tR}(w) = sign(w)·max(abs(w) − t·a, 0)
+
+    Entries whose magnitude is at most t·a become exact zeros.
+
+    Example:
+        >>> import torch, paramreg
+        >>> w = torch.tensor([2.0, 0.3, -1.0])
+        >>> paramreg.L1(0.5).penalty(w)
+        tensor(1.6500)
+        >>> paramreg.L1(0.5).prox(w, t=1.0)
+        tensor([ 1.5000,  0.0000, -0.5000])
+
+    Reference: Tibshirani (1996), "Regression shrinkage and selection via the lasso";
+    Parikh & Boyd (2014), "Proximal Algorithms", section 6.5.2.
+    """
+
+    strength: float
+    unit = "weights"  # what one group of the map is (a sparsity target counts them)
+    strengths = ("strength",)
+    adaptive = True
+    split = _elementwise
+
+    def __post_init__(self):
+        object.__setattr__(self, "strength", check_strength("L1 strength", self.strength))
+
+    def penalty(self, w: Tensor) -> Tensor:
+        return self.strength * w.abs().sum()
+
+    def penalty_sum(self, tensors: Sequence[Tensor]) -> Tensor:
+        return self.strength * _sum_of(w.abs().sum() for w in tensors)
+
+    def prox(self, w: Tensor, t: float) -> Tensor:
+        return F.softshrink(w, float(t) * self.strength) if float(t) * self.strength else w.clone()
+
+    def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
+        soft_threshold_(tensors, float(t) * self.strength)
+
+    def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
+        x = w.to(torch.promote_types(w.dtype, t.dtype))
+        threshold = t * self.strength
+        return (x - torch.clamp(x, -threshold, threshold)).to(w.dtype)
+
+    def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
+        if self.strength != 0.0:
+            _diag_(functools.partial(_elastic_net_metric_, l1=self.strength), tensors, inverse_steps)
+
+    def critical(self, tensors: Sequence[Tensor], inverse_steps: Sequence) -> list[Tensor]:
+        """abs(w_i)/t_i per element: the prox zeroes w_i exactly when the strength is at least that."""
+        return [(w * u).abs_() for w, u in zip(tensors, inverse_steps, strict=True)]
+
+
+def _hard_threshold_metric_(tensors: list[Tensor], inverse_steps: list[Tensor], l0: float) -> None:
+    """In place: w_i ← w_i where w_i²·u_i > 2a, else 0 (u = ``inverse_steps`` = 1/t, consumed).
+
+    The score w_i²·u_i is rounded exactly as :meth:`L0.critical` rounds it (times 2), so that a
+    strength equal to an entry's critical strength zeroes it."""
+    for w, u in zip(tensors, inverse_steps, strict=True):
+        u.mul_(w * w)
+        w.masked_fill_(u <= 2.0 * l0, 0.0)
+
+
+@register("l0")
+@dataclass(frozen=True)
+class L0(Regularizer):
+    r"""Best subset: R(w) = a·(number of non-zero entries of w), with a = ``strength``.
+
+    Proximal map (hard thresholding; R is not convex, the map is still exact)::
+
+        prox_{tR}(w)_i = w_i  if w_i²/(2t) > a,  else 0
+
+    Unlike L1 it does not shrink the entries it keeps: it decides which entries are zero and
+    leaves the others to the optimizer. With a target (``l0=True, sparsity=s``) the strength
+    is calibrated on every step so that the fraction s of entries with the smallest
+    w_i²/(2·t_i) is zero: in Adam's metric t_i = lr/(sqrt(v̂_i) + eps) this is gradual pruning
+    by abs(w)·(sqrt(v̂) + eps)^½ in which zeros come back when their gradient moves them. R has no
+    gradient, so there is no ``mode="penalty"``.
+
+    Example:
+        >>> import torch, paramreg
+        >>> w = torch.tensor([2.0, 0.3, -1.5])
+        >>> paramreg.L0(0.5).penalty(w)
+        tensor(1.5000)
+        >>> paramreg.L0(0.5).prox(w, t=1.0)
+        tensor([ 2.0000,  0.0000, -1.5000])
+
+    Reference: Blumensath & Davies (2008), "Iterative thresholding for sparse approximations";
+    Bolte, Sabach & Teboulle (2014), "Proximal alternating linearized minimization for
+    nonconvex and nonsmooth problems".
+    """
+
+    strength: float
+    unit = "weights"
+    strengths = ("strength",)
+    adaptive = True
+    convex = False
+    differentiable = False
+    split = _elementwise
+
+    def __post_init__(self):
+        object.__setattr__(self, "strength", check_strength("L0 strength", self.strength))
+
+    def penalty(self, w: Tensor) -> Tensor:
+        return self.strength * torch.count_nonzero(w).to(torch.promote_types(w.dtype, torch.float32))
+
+    # Every form compares the score w²·(1/t) with 2a, rounded as critical() rounds w²·(1/t)/2.
+
+    def prox(self, w: Tensor, t: float) -> Tensor:
+        return w.masked_fill(w * w * (1.0 / float(t)) <= 2.0 * self.strength, 0.0) if float(t) * self.strength else w.clone()
+
+    def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
+        if float(t) * self.strength:
+            for w in tensors:
+                w.masked_fill_(w * w * (1.0 / float(t)) <= 2.0 * self.strength, 0.0)
+
+    def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
+        x = w.to(torch.promote_types(w.dtype, t.dtype))
+        return x.masked_fill(x * x * t.reciprocal() <= 2.0 * self.strength, 0.0).to(w.dtype)
+
+    def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
+        if self.strength != 0.0:
+            _diag_(functools.partial(_hard_threshold_metric_, l0=self.strength), tensors, inverse_steps)
+
+    def critical(self, tensors: Sequence[Tensor], inverse_steps: Sequence) -> list[Tensor]:
+        """w_i²/(2·t_i) per element: the prox zeroes w_i exactly when the strength is at least that."""
+        return [w * w * u / 2 for w, u in zip(tensors, inverse_steps, strict=True)]
+
+
+@register("l2")
+@dataclass(frozen=True)
+class L2(Regularizer):
+    r"""Ridge: R(w) = (b/2)·Σ w², with b = ``strength``.
+
+    This is the convention of torch's ``weight_decay=b`` (its gradient is b·w); Keras ``L2(c)``
+    penalizes c·Σ w², which is ``L2(2c)`` here.
+
+    Proximal map (shrinkage)::
+
+        prox_{tR}(w) = w / (1 + t·b)
+
+    Example:
+        >>> import torch, paramreg
+        >>> w = torch.tensor([2.0, -1.0])
+        >>> paramreg.L2(0.5).penalty(w)
+        tensor(1.2500)
+        >>> paramreg.L2(1.0).prox(w, t=1.0)
+        tensor([ 1.0000, -0.5000])
+    """
+
+    strength: float
+    strengths = ("strength",)
+    adaptive = True
+    split = _elementwise
+
+    def __post_init__(self):
+        object.__setattr__(self, "strength", check_strength("L2 strength", self.strength))
+
+    def penalty(self, w: Tensor) -> Tensor:
+        return 0.5 * self.strength * w.pow(2).sum()
+
+    def penalty_sum(self, tensors: Sequence[Tensor]) -> Tensor:
+        return 0.5 * self.strength * _sum_of(w.pow(2).sum() for w in tensors)
+
+    def prox(self, w: Tensor, t: float) -> Tensor:
+        return w / (1.0 + float(t) * self.strength)
+
+    def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
+        if self.strength != 0.0:
+            torch._foreach_div_(list(tensors), 1.0 + float(t) * self.strength)
+
+    def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
+        return (w.to(torch.promote_types(w.dtype, t.dtype)) / (1.0 + t * self.strength)).to(w.dtype)
+
+    def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
+        if self.strength != 0.0:
+            _diag_(functools.partial(_elastic_net_metric_, l2=self.strength), tensors, inverse_steps)
+
+
+@register("elastic_net")
+@dataclass(frozen=True)
+class ElasticNet(Regularizer):
+    r"""Elastic net: R(w) = a·Σ abs(w) + (b/2)·Σ w², with a = ``l1`` and b = ``l2``.
+
+    Its proximal map is exact in closed form (soft-threshold, then shrink)::
+
+        prox_{tR}(w) = sign(w)·max(abs(w) − t·a, 0) / (1 + t·b)
+
+    scikit-learn's ``ElasticNet(alpha, l1_ratio=r)`` is ``ElasticNet(l1=alpha·r, l2=alpha·(1 − r))``
+    on the loss (1/(2n))‖y − Xw‖².
+
+    Example:
+        >>> import torch, paramreg
+        >>> w = torch.tensor([2.0, 0.3])
+        >>> paramreg.ElasticNet(l1=0.5, l2=1.0).prox(w, t=1.0)
+        tensor([0.7500, 0.0000])
+    """
+
+    l1: float
+    l2: float
+    strengths = ("l1", "l2")
+    adaptive = True
+    split = _elementwise
+
+    def __post_init__(self):
+        object.__setattr__(self, "l1", check_strength("ElasticNet l1", self.l1))
+        object.__setattr__(self, "l2", check_strength("ElasticNet l2", self.l2))
+
+    def penalty(self, w: Tensor) -> Tensor:
+        return self.l1 * w.abs().sum() + 0.5 * self.l2 * w.pow(2).sum()
+
+    def penalty_sum(self, tensors: Sequence[Tensor]) -> Tensor:
+        return self.l1 * _sum_of(w.abs().sum() for w in tensors) + 0.5 * self.l2 * _sum_of(w.pow(2).sum() for w in tensors)
+
+    def prox(self, w: Tensor, t: float) -> Tensor:
+        shrunk = F.softshrink(w, float(t) * self.l1) if float(t) * self.l1 else w
+        return shrunk / (1.0 + float(t) * self.l2)
+
+    def prox_(self, tensors: Sequence[Tensor], t: float) -> None:
+        soft_threshold_(tensors, float(t) * self.l1)
+        if self.l2 != 0.0:
+            torch._foreach_div_(list(tensors), 1.0 + float(t) * self.l2)
+
+    def prox_diag(self, w: Tensor, t: Tensor) -> Tensor:
+        return L2(self.l2).prox_diag(L1(self.l1).prox_diag(w, t), t)
+
+    def prox_diag_(self, tensors: Sequence[Tensor], inverse_steps: list[Tensor]) -> None:
+        _diag_(functools.partial(_elastic_net_metric_, l1=self.l1, l2=self.l2), tensors, inverse_steps)

@@ -1,0 +1,1 @@
+"""The lifecycle: ``attach`` (its options checked, then all or nothing), ``set_strength`` and ``remove``."""

@@ -1,0 +1,113 @@
+"""The optimizer hooks: one global pre-step and post-step hook for every torch optimizer, and nesting.
+
+Note [Why a global optimizer post-step hook]
+    ``torch.optim.optimizer.register_optimizer_step_post_hook`` runs after the ``step()`` of every
+    ``torch.optim.Optimizer``, whether it was built before or after ``attach``, with no extra line
+    in the user's loop. ``GradScaler`` does not call ``step()`` on a step with inf/NaN gradients,
+    so the prox is skipped exactly when the step is; with gradient accumulation it runs once per
+    real step. Nothing is ever added to gradients (a backward hook would see AMP-scaled gradients
+    and fire once per micro-batch). A global pre-step hook, skipped with the step in the same
+    way, keeps the momentum fill of SGD and RMSprop (Note [Momentum fill] in optim/state.py).
+
+Note [Nested steps]
+    An optimizer that wraps another (``ZeroRedundancyOptimizer``, a SAM-style or lookahead-style
+    wrapper, accelerate's ``AcceleratedOptimizer``) calls the inner optimizer's ``step()`` inside
+    its own, and the global hooks fire for both. The prox belongs to the inner step: that
+    optimizer updated the tensor, and its group's lr, momentum fill or metric is the step size.
+    So the pre-step hook pushes each optimizer onto a per-thread stack and the post-step hook pops
+    it; an optimizer inside whose ``step()`` another optimizer stepped is remembered as a wrapper,
+    and a wrapper's own post-step hook applies nothing, also on a later step in which its inner
+    optimizer does not step (a skipped or accumulating step). A ``step()`` that raised (an
+    interrupt in a notebook) never reaches its post-step hook, so each entry also holds the
+    Python frame running that step (torch's hook-calling wrapper), and an entry whose frame is no
+    longer on the call stack is dropped when the next step begins: a step is nested only in steps
+    that are still running.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import weakref
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from ..modules.carrier import live_carriers
+from . import applying, plans, state
+
+__all__ = ["install"]
+
+_handles: list = []  # the two global hooks, once registered
+# Note [Nested steps]: the optimizers whose step() is running, per thread
+_running = threading.local()
+
+
+def install() -> None:
+    """Register the global post-step hook (and the pre-step hook that tracks momentum fills) once per process."""
+    if not _handles:
+        _handles.append(register_optimizer_step_pre_hook(_before_step))
+        _handles.append(register_optimizer_step_post_hook(_after_step))
+
+
+@torch.compiler.disable  # bookkeeping in Python, like _after_step
+def _before_step(optimizer, args, kwargs) -> None:
+    """Note that ``optimizer`` is stepping (Note [Nested steps]), and advance its momentum fills
+    (Note [Momentum fill] in optim/state.py)."""
+    _enter(optimizer)
+    state.advance_fills(optimizer)
+
+
+@torch.compiler.disable  # bookkeeping in Python: runs eagerly after a compiled optimizer step
+def _after_step(optimizer, args, kwargs) -> None:
+    if _leave(optimizer) or not live_carriers():
+        return
+    found = state.of(optimizer)
+    signature = plans.signature(optimizer)
+    if found.signature != signature:
+        by_param = plans.carriers_by_param()
+        state.restore_counts(optimizer, by_param)  # a loaded state_dict's counts (Note [Resume] in optim/state.py)
+        found.plan, guessed = plans.build(optimizer, by_param)
+        found.signature = signature
+        if guessed:
+            plans.warn_unknown(optimizer, guessed)
+        if found.plan:
+            state.save_with(optimizer)
+    if found.plan:
+        applying.run(optimizer, found.plan)
+
+
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the paramreg package
+_DYNAMO = f"{os.sep}torch{os.sep}_dynamo{os.sep}"
+
+
+def _enter(optimizer) -> None:
+    """Push ``optimizer`` and the frame running its step onto this thread's stack (Note [Nested steps])."""
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith(_HERE) or _DYNAMO in frame.f_code.co_filename):
+        frame = frame.f_back  # above paramreg's hook and torch.compiler.disable's wrapper: torch's step wrapper
+    stack = getattr(_running, "stack", None)
+    if stack is None:
+        stack = _running.stack = []
+    if stack:  # keep only the steps still running around this one (a step that raised left its entry)
+        running, f = set(), frame
+        while f is not None:
+            running.add(id(f))
+            f = f.f_back
+        stack[:] = [entry for entry in stack if id(entry[1]) in running]
+    stack.append((weakref.ref(optimizer), frame))
+
+
+def _leave(optimizer) -> bool:
+    """Pop ``optimizer``'s step; True if it is a wrapper, whose step applies no prox (Note [Nested steps])."""
+    stack = getattr(_running, "stack", None) or []
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i][0]() is optimizer:
+            del stack[i:]
+            outer = stack[-1][0]() if stack else None
+            if outer is not None and outer is not optimizer:
+                state.of(outer).wrapper = True
+            break
+    found = state.get(optimizer)
+    return found is not None and found.wrapper

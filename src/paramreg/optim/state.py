@@ -1,0 +1,221 @@
+"""Per-optimizer state: what paramreg keeps of each optimizer, and what travels in its state_dict.
+
+One :class:`OptimizerState` per optimizer (weakly keyed: paramreg never keeps an optimizer
+alive) holds everything paramreg knows of it: the momentum fills of its parameter groups, its
+cached plan, whether its ``state_dict()`` records paramreg's counts, whether it was warned about,
+and whether it wraps another optimizer. Nothing is written into the live ``param_groups``
+during training: a value that changed every step would make a compiled ``optimizer.step``
+recompile.
+
+Note [Resume]
+    A run is resumed the way Lightning and the Hugging Face Trainer do it: build the model, make
+    the same ``attach`` calls, then ``model.load_state_dict(...)`` and
+    ``optimizer.load_state_dict(...)``. The model's state_dict keeps its plain keys; what paramreg
+    needs beyond it travels in the optimizer's: each parameter group records the step counts of
+    its scheduled, targeted and ``every``-k tensors under ``STEPS_KEY`` and SGD's and RMSprop's
+    momentum fill under ``FILL_KEY``. When the hook first sees the loaded groups (new group
+    dicts), :func:`restore_counts` sets the carriers' counts from there and removes the key from
+    the live group, before the plan is built; the fill is read back by :func:`first_fill`. So
+    the resumed run continues exactly where the saved one stopped.
+
+Note [Momentum fill]
+    c_k is how much the momentum buffer of SGD or RMSprop has multiplied a constant gradient
+    after k steps: the buffer's fill, tracked per optimizer and parameter group by the step hooks
+    (optim/hooks.py) with the group's momentum μ_k read at each step, so a momentum schedule
+    (``OneCycleLR`` cycles μ) is followed step by step:
+
+        SGD      c_1 = 1,  c_k = μ_k·c_{k−1} + (1 − dampening)   (torch sets buf = g on the first step, undamped)
+        RMSprop  c_0 = 0,  c_k = μ_k·c_{k−1} + 1                 (its buffer starts at zero: buf = μ·buf + g/avg)
+
+    At constant μ it rises to the settled value the buffer approaches, (1 − dampening)/(1 − μ)
+    for SGD and 1/(1 − μ) for RMSprop (without dampening c_k = (1 − μᵏ)/(1 − μ), whose 1 − μᵏ is
+    what Adam's bias correction divides out of its first moment). There SGD + L1(a) solves the
+    lasso with strength a (tested against scikit-learn), where t = lr would solve it with
+    strength (1 − μ)·a. The first step scales by 1, as the optimizer's did, so the prox does not
+    run ahead of the buffer early in training or jump with a momentum schedule.
+
+    Approximations: c is kept per group, and a parameter with no gradient on a step keeps its
+    buffer unmoved while its group's c advances. A group first seen with momentum buffers
+    already in place (attached mid-training, or an optimizer state loaded from a checkpoint that
+    did not record c) starts at the settled value for SGD, and for RMSprop at the value its step
+    count gives at the current μ. A group's c goes into the optimizer's ``state_dict()`` under
+    ``FILL_KEY`` and is read back from the group after ``load_state_dict()``, so a resumed run
+    continues exactly (the live group dicts are not written during training: a value that
+    changed every step would make a compiled ``optimizer.step`` recompile).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+from torch import Tensor
+
+from ..errors import ParamregError
+from ..modules.carrier import live_carriers
+from . import step_sizes
+
+__all__ = ["OptimizerState", "of", "get", "STEPS_KEY", "FILL_KEY", "advance_fills", "fill_of", "save_with", "restore_counts",
+           "schedule_value"]
+
+STEPS_KEY = "paramreg_steps"  # where a group's carriers' step counts go in the optimizer's state_dict()
+FILL_KEY = "paramreg_momentum_fill"  # where a group's momentum fill goes in the optimizer's state_dict()
+
+
+class OptimizerState:
+    """What paramreg keeps of one optimizer."""
+
+    __slots__ = ("fills", "signature", "plan", "saving", "warned", "wrapper")
+
+    def __init__(self):
+        self.fills: list[list] | None = None  # SGD and RMSprop: [group, fill] per parameter group (Note [Momentum fill])
+        self.signature: tuple | None = None  # what the plan was built for (optim/plans.py)
+        self.plan: list | None = None  # per parameter group: (index, group, buckets) (Note [Plans] in optim/plans.py)
+        self.saving = False  # its state_dict() records paramreg's counts and fills (Note [Resume])
+        self.warned = False  # warned that paramreg does not know its update (Note [Which optimizers paramreg knows])
+        self.wrapper = False  # another optimizer steps inside its step() (Note [Nested steps] in optim/hooks.py)
+
+
+_STATES: "weakref.WeakKeyDictionary[torch.optim.Optimizer, OptimizerState]" = weakref.WeakKeyDictionary()
+
+
+def get(optimizer) -> OptimizerState | None:
+    """paramreg's state of ``optimizer``, or None if it has none."""
+    return _STATES.get(optimizer)
+
+
+def of(optimizer) -> OptimizerState:
+    """paramreg's state of ``optimizer``, made on first use."""
+    found = _STATES.get(optimizer)
+    if found is None:
+        found = _STATES[optimizer] = OptimizerState()
+    return found
+
+
+def advance_fills(optimizer) -> None:
+    """Before a step of ``optimizer``: advance the momentum fill of each of its parameter groups
+    to its value after the step about to run (SGD and RMSprop; Note [Momentum fill]).
+
+    Before the step, because a group seen for the first time is told apart from one whose
+    buffers already hold momentum (attached mid-training, a loaded state) only by whether the
+    buffers exist yet. An optimizer is tracked from the first step it takes while a carrier is
+    live, and then on every step, so that its fills stay current while nothing is attached.
+    """
+    if step_sizes.resolve(optimizer) not in step_sizes.FILLING:
+        return
+    found = _STATES.get(optimizer)
+    fills = None if found is None else found.fills
+    if fills is None:
+        if not live_carriers():
+            return
+        found = of(optimizer)
+        fills = found.fills = []
+        save_with(optimizer)
+    groups = optimizer.param_groups
+    if len(fills) > len(groups):
+        del fills[len(groups) :]
+    for i, group in enumerate(groups):
+        if i == len(fills):
+            fills.append([group, next_fill(optimizer, group, None)])
+        elif fills[i][0] is not group:  # load_state_dict() installs new group dicts
+            fills[i] = [group, next_fill(optimizer, group, None)]
+        else:
+            fills[i][1] = next_fill(optimizer, group, fills[i][1])
+
+
+def fill_of(optimizer, index: int, group) -> float | None:
+    """The momentum fill of ``group`` after the step just taken (None: not tracked)."""
+    found = _STATES.get(optimizer)
+    fills = None if found is None else found.fills
+    if fills is None or index >= len(fills) or fills[index][0] is not group:
+        return None
+    return fills[index][1]
+
+
+def first_fill(optimizer, group) -> float:
+    """The fill of ``group``'s momentum buffers before the step about to run, for a group the
+    hooks see for the first time: 0.0 where the buffers have not started."""
+    if FILL_KEY in group:  # recorded by a state_dict() and restored by load_state_dict()
+        return float(group[FILL_KEY])
+    momentum = group.get("momentum", 0.0)
+    if not momentum:
+        return 0.0
+    states = [optimizer.state.get(p) for p in group["params"]]
+    if step_sizes.resolve(optimizer) is torch.optim.SGD:
+        started = any(s and s.get("momentum_buffer") is not None for s in states)
+        return step_sizes.settled(momentum, group.get("dampening", 0.0)) if started else 0.0
+    counts = [float(s["step"]) for s in states if s and "step" in s]  # RMSprop counts its steps
+    return (1.0 - momentum ** max(counts)) / (1.0 - momentum) if counts else 0.0
+
+
+def next_fill(optimizer, group: dict, previous: float | None) -> float:
+    """Before a step of ``optimizer`` (one of FILLING) over ``group``: the fill c of the group's
+    momentum buffers after that step, from the fill after the previous step (None: a group not
+    seen before). Note [Momentum fill]."""
+    if previous is None:
+        previous = first_fill(optimizer, group)
+    momentum = group.get("momentum", 0.0)
+    if not momentum:
+        return previous  # no momentum this step: the buffers do not move
+    if step_sizes.resolve(optimizer) is torch.optim.SGD:
+        return momentum * previous + (1.0 - group["dampening"]) if previous else 1.0  # the first step sets buf = g
+    return momentum * previous + 1.0
+
+
+def save_with(optimizer) -> None:
+    """Make ``optimizer.state_dict()`` record what a resumed run needs (Note [Resume])."""
+    found = of(optimizer)
+    if not found.saving:
+        found.saving = True
+        optimizer.register_state_dict_post_hook(_save_state)
+
+
+def _save_state(optimizer, state_dict) -> None:
+    """``state_dict()`` post-hook: record each group's momentum fill and its carriers' step counts,
+    so that ``load_state_dict`` resumes them (Note [Resume])."""
+    found = _STATES.get(optimizer)
+    if found is None:
+        return
+    for (group, fill), live, saved in zip(found.fills or [], optimizer.param_groups, state_dict["param_groups"], strict=False):
+        if group is live and fill:
+            saved[FILL_KEY] = fill
+    for index, group, buckets in found.plan or []:
+        counts = {}
+        for bucket in buckets:
+            if bucket.counted:
+                counts.update({id(p): c.calls for p, c in zip(bucket.params, bucket.carriers, strict=True)})
+        if counts and index < len(state_dict["param_groups"]):
+            state_dict["param_groups"][index][STEPS_KEY] = [
+                [position, counts[id(p)]] for position, p in enumerate(group["params"]) if id(p) in counts
+            ]
+
+
+def restore_counts(optimizer, by_param: dict) -> None:
+    """Set the step counts a loaded optimizer state recorded (``STEPS_KEY`` of each group) on the
+    carriers of ``by_param`` (id(Parameter) -> carrier), and take the key off the live groups
+    (Note [Resume])."""
+    for group in optimizer.param_groups:
+        saved = group.pop(STEPS_KEY, None)
+        if not saved:
+            continue
+        params = group["params"]
+        for position, calls in saved:
+            c = by_param.get(id(params[position])) if position < len(params) else None
+            if c is not None:
+                c.calls = int(calls)
+                if c.schedule is not None:
+                    c.scale = schedule_value(c, c.calls)
+
+
+def schedule_value(carrier, k: int) -> float:
+    """The carrier's strength schedule at step ``k``, checked: a finite number >= 0."""
+    value = carrier.schedule(k)
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ParamregError(
+            f"the strength schedule of '{carrier.name}' returned {value!r} at step {k}; "
+            f"it must return a finite number >= 0"
+        )
+    return float(value)
