@@ -104,6 +104,7 @@ def test_non_contiguous_chunks_and_inputs_left_unchanged():
 
 
 def test_many_chunks_share_the_staging_buffer(monkeypatch):
+    monkeypatch.setattr(order_statistic, "BLOCK", 64)
     monkeypatch.setattr(order_statistic, "STAGE", 64)
     x = spread(5000)
     sizes = [1, 0, 63, 64, 65, 7, 300, 1, 2, 1000]
