@@ -224,6 +224,11 @@ def test_complex_chunks_are_refused():
         kth_smallest(lambda: [torch.ones(3, dtype=torch.complex64)], 1)
 
 
+def test_chunks_on_two_devices_are_refused():
+    with pytest.raises(TypeError, match="on one device"):
+        kth_smallest(lambda: [torch.ones(3), torch.ones(3, device="meta")], 1)
+
+
 values = st.floats(min_value=0.0, allow_infinity=True, allow_subnormal=True, width=32) | st.sampled_from([NAN, -NAN, -0.0])
 
 
