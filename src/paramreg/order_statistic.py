@@ -48,14 +48,17 @@ Note [Exact selection]
         25M in 25    3.4          81.2          331.4           67.5          40.1       110.5
 
     A pass costs 1.4-1.8 ns a value, 8-30 in-place elementwise passes (``torch._foreach_mul_``,
-    0.07-0.2 ns a value here): the CPU's ``torch.bincount`` is a serial loop (0.6 ns a value when
-    the keys spread over the bins; 1.9 when they crowd into bin 0 and bin bins + 1, as in a
-    window's pass; the whole window pass 1.2 with Note [Lanes]), and so are its alternatives
-    (``scatter_add_`` 1.8, ``index_add_`` 3.3, ``histc`` 2-4, ``bucketize`` 30 ns a value; masking
-    and indexing the window's keys 1.3). Counting with comparisons and a reduction costs about 0.35
-    ns a value per threshold. So on this CPU the
-    selection costs what the concatenation and partition cost without a hint, half with one, and
-    needs no concatenated copy; on an accelerator ``bincount`` counts with atomics (not measured
+    0.07-0.2 ns a value here), not the 1-2 hoped for: every way torch has to count is a serial
+    loop or worse (``--primitives``, ns a key over 1M keys: ``x.mul_`` 0.05; ``bincount`` 0.59
+    when the keys spread over the bins, 1.94 when most land in bin 0 or bins + 1 as in a window's
+    pass, 0.74 in Note [Lanes]; ``index_add_`` 1.69, ``histc`` 1.78, ``scatter_add_`` with its
+    int64 index 2.53, ``bucketize`` 7.05; masking and indexing the window's keys 1.42; one
+    threshold by a comparison and ``count_nonzero`` 0.33, so a pass per threshold). So on this CPU
+    the selection costs what the concatenation and partition cost without a hint, half with one,
+    and needs no concatenated copy. With another process busy on both cores, the waits of the
+    intra-op threads dominate (``--sizes 25000000 --threads 1``, then 2): 25M values took 108 ms
+    cold and 67 ms with a hint on 1 thread, 3.2 s and 154 ms on 2, the concatenation and partition
+    98-101 ms on either. On an accelerator ``bincount`` counts with atomics (not measured
     here; it reads its input's extremes to the host, a sync per flush of STAGE keys).
 """
 
@@ -259,9 +262,9 @@ class _Counter:
             counts += torch.bincount(keys, minlength=bins + 2)
             return
         # Note [Lanes]: most keys of a window's pass land in bin 0 or bins + 1, and the CPU's
-        # bincount, a serial loop, then waits on one counter at every key (1.9 ns a key, 0.6 when
-        # the keys spread). Key i counts in histogram i % LANES: 1M keys of a window's pass took
-        # 2.4 ms with 1 histogram, 1.7 with 2, 1.3 with 4 or 8, 1.5 with 16.
+        # bincount, a serial loop, then waits on one counter at every key. Key i counts in
+        # histogram i % LANES, and the loop has LANES counters to go round: 1.94 ns a key in one
+        # histogram, 0.74 in 4 (``benchmarks/order_statistic.py --primitives``).
         offsets = torch.arange(0, LANES * (bins + 2), bins + 2, dtype=torch.int32)
         whole = fill - fill % LANES
         keys[:whole].view(-1, LANES).add_(offsets)
