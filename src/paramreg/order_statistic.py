@@ -126,7 +126,8 @@ def kth_smallest(
             same ``m``, ``hint`` and ``bins``.
         hint: a value expected near the answer (the last step's); a window of ``bins`` float32
             values centred on it is counted first.
-        bins: the bins of a histogram, a power of two from 2^9 to 2^22.
+        bins: the bins of a histogram, a power of two 2^k from 2^9 to 2^22: ceil(31 / k) passes
+            without a hint, one more after a hint that missed, the hint's window +-2^(k - 1) floats.
         device: where the counts live when ``chunks()`` yields no tensor (default: the CPU).
 
     Returns:
@@ -135,7 +136,7 @@ def kth_smallest(
     Raises:
         ValueError: m outside [1, number of values] (raised on every rank, after the first pass's
             ``reduce``), or ``bins`` not a power of two in range.
-        TypeError: a complex chunk, or chunks on more than one device.
+        TypeError: a complex chunk, a DTensor chunk, or chunks on more than one device.
 
     >>> chunks = [torch.tensor([3.0, 1.0]), torch.tensor([[2.0, 2.0], [0.5, -0.0]])]
     >>> kth_smallest(lambda: chunks, 4)
