@@ -1,0 +1,249 @@
+"""Exact selection over many tensors (Note [Exact selection] in order_statistic.py): the m-th smallest
+against ``torch.cat(...).kthvalue(m)``, the passes it takes with and without a hint, and a 2-rank
+reduce simulated by two threads."""
+
+import math
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paramreg import order_statistic
+from paramreg.order_statistic import Selected, kth_smallest
+
+INF, NAN = math.inf, math.nan
+
+
+def reference(chunks, m):
+    """(value, below, equal) from the concatenation: kthvalue, and the counts of smaller and equal
+    values (NaN above everything, every NaN equal to a NaN)."""
+    flat = torch.cat([c.reshape(-1).float().cpu() for c in chunks])
+    value = float(flat.kthvalue(m).values)
+    if math.isnan(value):
+        nan = int(flat.isnan().sum())
+        return value, flat.numel() - nan, nan
+    return value, int((flat < value).sum()), int((flat == value).sum())
+
+
+def check(chunks, m, **options) -> Selected:
+    """kth_smallest over ``chunks`` equals the reference, and every pass calls chunks() and reduce once."""
+    calls, reduced = [], []
+    selected = kth_smallest(lambda: calls.append(1) or iter(chunks), m, reduce=reduced.append, **options)
+    value, below, equal = reference(chunks, m)
+    assert (math.isnan(selected.value) and math.isnan(value)) or selected.value == value, (selected, value)
+    assert (selected.below, selected.equal) == (below, equal)
+    assert len(calls) == len(reduced) == selected.passes
+    bins = options.get("bins", 1 << 16)
+    assert all(c.dtype == torch.int64 and c.shape == (bins + 2,) for c in reduced)
+    return selected
+
+
+def spread(n, seed=0, device="cpu"):
+    """Values like critical strengths: |N(0,1)|·exp(N(0,1)), several orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g).abs() * torch.randn(n, generator=g).exp()).to(device)
+
+
+@pytest.mark.parametrize("m", [1, 2, 500, 999, 1000])
+def test_random_values_in_chunks(device, m):
+    x = spread(1000, device=device)
+    chunks = [x[:1], x[1:300].view(13, 23), x[300:]]
+    assert check(chunks, m).passes <= 2
+
+
+CASES = {
+    "ties": torch.randint(0, 5, (3000,)).float() / 4,
+    "all equal": torch.full((777,), 0.3),
+    "zeros and negative zeros": torch.tensor([0.0, -0.0, 1.0, -0.0, 0.0, 2.0, -0.0]),
+    "only negative zeros": torch.full((5,), -0.0),
+    "+inf": torch.tensor([INF, 1.0, INF, 0.0, 3.0, INF]),
+    "denormals": torch.tensor([1e-45, 3e-45, 1e-40, 0.0, 1e-38, 2e-38, 1e-45, 1.0]),
+    "powers of two": 2.0 ** torch.arange(-149, 128).float(),
+    "nan of both signs": torch.tensor([1.0, NAN, 2.0, -NAN, INF, 0.0]),
+    "nan from 0*inf": torch.tensor([0.0, 3.0]) * torch.tensor([INF, 1.0]),
+    "one value": torch.tensor([4.5]),
+}
+
+
+@pytest.mark.parametrize("bins", [1 << 9, 1 << 16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_special_values(case, bins):
+    x = CASES[case]
+    chunks = [x[: len(x) // 2], torch.zeros(0), x[len(x) // 2 :]]
+    for m in sorted({1, 2, len(x) // 2 + 1, len(x) - 1, len(x)} & set(range(1, len(x) + 1))):
+        check(chunks, m, bins=bins)
+        check(chunks, m, bins=bins, hint=reference(chunks, m)[0])
+
+
+def test_empty_and_single_element_chunks():
+    x = spread(50)
+    chunks = [torch.zeros(0)] + [v.reshape(()) for v in x[:20]] + [torch.zeros(0, 4), x[20:]]
+    for m in (1, 25, 50):
+        check(chunks, m)
+
+
+def test_other_dtypes_are_converted_as_float_does():
+    x64 = spread(2000, seed=1).double() * (1 + 1e-12 * torch.rand(2000, dtype=torch.float64))
+    x64[:100] = x64[100:200] + 1e-12  # distinct in float64, equal in float32
+    halves = [spread(300, seed=2).half(), spread(300, seed=3).bfloat16()]
+    for m in (1, 150, 1000, 2000):
+        check([x64[:700], x64[700:]], m)
+    for m in (1, 300, 600):
+        check(halves, m)
+
+
+def test_non_contiguous_chunks_and_inputs_left_unchanged():
+    x = spread(4000).view(40, 100)
+    chunks = [x.t(), x[::2, ::3], x[:, 5]]
+    before = [c.clone() for c in chunks]
+    for m in (1, 2000, sum(c.numel() for c in chunks)):
+        check(chunks, m)
+    assert all(torch.equal(b, c) for b, c in zip(before, chunks, strict=True))
+
+
+def test_many_chunks_share_the_staging_buffer(monkeypatch):
+    monkeypatch.setattr(order_statistic, "BLOCK", 64)
+    monkeypatch.setattr(order_statistic, "STAGE", 64)
+    x = spread(5000)
+    sizes = [1, 0, 63, 64, 65, 7, 300, 1, 2, 1000]
+    chunks, start = [], 0
+    while start < len(x):
+        size = sizes[len(chunks) % len(sizes)]
+        chunks.append(x[start : start + size])
+        start += size
+    for m in (1, 17, 2500, 4999, 5000):
+        check(chunks, m)
+        check(chunks, m, bins=1 << 9)
+
+
+def test_passes_without_a_hint():
+    chunks = [spread(10_000)]
+    assert {check(chunks, m).passes for m in (1, 5000, 10_000)} == {2}
+    assert max(check(chunks, m, bins=1 << 9).passes for m in (1, 5000, 10_000)) <= 4
+
+
+def test_hint_near_the_answer_takes_one_pass():
+    chunks = [spread(10_000, seed=s) for s in range(3)]
+    for m in (1, 3000, 15_000, 30_000):
+        answer = reference(chunks, m)[0]
+        for hint in (answer, answer * (1 + 1e-3), answer * (1 - 1e-3)):
+            assert check(chunks, m, hint=hint).passes == 1
+
+
+def test_hint_far_from_the_answer_falls_back():
+    chunks = [spread(10_000, seed=s) for s in range(3)]
+    for m in (1, 3000, 15_000, 30_000):
+        answer = reference(chunks, m)[0]
+        for hint in (answer * 1.5, answer / 1.5, 0.0, 1e-40, INF, 1e30):
+            assert 2 <= check(chunks, m, hint=hint).passes <= 3
+        assert check(chunks, m, hint=NAN).passes == 2  # no hint
+
+
+def test_hint_of_a_negative_or_infinite_value():
+    chunks = [torch.tensor([0.0, 5.0, INF, INF])]
+    for m in range(1, 5):
+        check(chunks, m, hint=-5.0)  # its magnitude
+        check(chunks, m, hint=-INF)
+
+
+class ThreadAllReduce:
+    """A SUM all_reduce between threads: each rank calls it with its counts and gets the sum."""
+
+    def __init__(self, world: int):
+        self.barrier = threading.Barrier(world)
+        self.slots = [None] * world
+
+    def __call__(self, rank: int, counts: torch.Tensor) -> None:
+        self.slots[rank] = counts.clone()
+        self.barrier.wait()
+        counts.copy_(torch.stack(self.slots).sum(0))
+        self.barrier.wait()  # every rank has read the slots before the next pass writes them
+
+
+def run_ranks(shards, m, **options):
+    """kth_smallest on one thread per rank, each over its own shards, with a reduce between them."""
+    reduce = ThreadAllReduce(len(shards))
+    results = [None] * len(shards)
+
+    def rank(r):
+        try:
+            results[r] = kth_smallest(lambda: shards[r], m, reduce=lambda c: reduce(r, c), **options)
+        except Exception as error:  # noqa: BLE001 - handed back to the test
+            results[r] = error
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+@pytest.mark.parametrize("hint", [None, "near", "far"])
+def test_two_ranks_reduce_the_counts(hint):
+    x = spread(6000)
+    shards = [[x[:1000], x[4000:4001]], [x[1000:4000], torch.zeros(0), x[4001:]]]
+    for m in (1, 1234, 3000, 6000):
+        answer, below, equal = reference([x], m)
+        h = {None: None, "near": answer * 1.0001, "far": answer * 3}[hint]
+        results = run_ranks(shards, m, hint=h)
+        assert results[0] == results[1]
+        assert results[0][:3] == (answer, below, equal)
+        assert results[0].passes == {None: 2, "near": 1, "far": 3}[hint]
+
+
+def test_a_rank_without_values():
+    x = spread(100)
+    results = run_ranks([[x], []], 37, device="cpu")
+    assert results[0] == results[1] and results[0].value == reference([x], 37)[0]
+
+
+def test_m_beyond_the_values_raises_on_every_rank():
+    results = run_ranks([[torch.ones(3)], [torch.ones(2)]], 6)
+    assert all(isinstance(r, ValueError) and "at most the number of values, 5" in str(r) for r in results)
+    with pytest.raises(ValueError, match="at most the number of values, 0"):
+        kth_smallest(lambda: [], 1)
+
+
+@pytest.mark.parametrize("m", [0, -1, 1.0, True, None])
+def test_bad_m(m):
+    with pytest.raises(ValueError, match="m must be an int >= 1"):
+        kth_smallest(lambda: [torch.ones(3)], m)
+
+
+@pytest.mark.parametrize("bins", [256, 1000, 1 << 23, True])
+def test_bad_bins(bins):
+    with pytest.raises(ValueError, match="bins must be a power of two"):
+        kth_smallest(lambda: [torch.ones(3)], 1, bins=bins)
+
+
+def test_complex_chunks_are_refused():
+    with pytest.raises(TypeError, match="must be real"):
+        kth_smallest(lambda: [torch.ones(3, dtype=torch.complex64)], 1)
+
+
+def test_chunks_on_two_devices_are_refused():
+    with pytest.raises(TypeError, match="on one device"):
+        kth_smallest(lambda: [torch.ones(3), torch.ones(3, device="meta")], 1)
+
+
+values = st.floats(min_value=0.0, allow_infinity=True, allow_subnormal=True, width=32) | st.sampled_from([NAN, -NAN, -0.0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    chunks=st.lists(st.lists(values, max_size=12), min_size=1, max_size=5),
+    rank=st.floats(min_value=0.0, max_value=1.0),
+    hint=st.none() | values,
+    bins=st.sampled_from([1 << 9, 1 << 16]),
+)
+def test_matches_kthvalue(chunks, rank, hint, bins):
+    tensors = [torch.tensor(c, dtype=torch.float32) for c in chunks]
+    n = sum(len(c) for c in chunks)
+    if n == 0:
+        return
+    m = 1 + min(n - 1, int(rank * n))
+    selected = check(tensors, m, hint=hint, bins=bins)
+    assert selected.passes <= (5 if bins == 1 << 9 else 3)  # ceil(31 / 9) or 2, and 1 for a hint
