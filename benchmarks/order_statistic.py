@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from paramreg.order_statistic import kth_smallest
+from paramreg.optim.order_statistic import kth_smallest
 
 
 def best(repeats, fn, *args, **kwargs):

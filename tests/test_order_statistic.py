@@ -1,4 +1,4 @@
-"""Exact selection over many tensors (Note [Exact selection] in order_statistic.py): the m-th smallest
+"""Exact selection over many tensors (Note [Exact selection] in optim/order_statistic.py): the m-th smallest
 against ``torch.cat(...).kthvalue(m)``, the passes it takes with and without a hint, and a 2-rank
 reduce simulated by two threads."""
 
@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paramreg import order_statistic
-from paramreg.order_statistic import Selected, kth_smallest
+from paramreg.optim import order_statistic
+from paramreg.optim.order_statistic import Selected, kth_smallest
 
 INF, NAN = math.inf, math.nan
 

@@ -36,7 +36,7 @@ Note [Exact selection]
     dimension they all-gather it; CUDA ``kthvalue`` runs one thread block per slice (0.68 s for
     100M values against 0.03 s to sort); CUDA ``sort``/``topk`` refuse a dimension over INT_MAX;
     ``quantile`` sorts and refuses more than 2^24 values. On the CPU the concatenation and
-    ``numpy.partition`` (the current ``Budget``) is fast but concatenates, and runs on the host.
+    ``numpy.partition`` (what ``SparsityTarget`` does today) is fast but concatenates, and runs on the host.
 
     Costs (``benchmarks/order_statistic.py``, torch 2.13 on 2 shared CPU cores with a 480 MB L3,
     float32 values |N(0,1)|·exp(N(0,1)) in one chunk, m = 0.9·N, best of 3-5, ms):
