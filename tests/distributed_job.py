@@ -11,6 +11,9 @@ KIND: "ddp" (DistributedDataParallel, SGD with momentum, L1), "zero" (DDP with
 ZeroRedundancyOptimizer around Adam, L1 in Adam's metric), "fsdp" (FSDP2 ``fully_shard``, Adam:
 L1 in Adam's metric, group lasso over input columns, which span both shards, and the nuclear norm).
 Rank 0 writes the trained full state_dict to OUTDIR/<kind>-rank<r>.pt (every rank for ddp/zero).
+KIND "fsdp-target": FSDP2 as "fsdp", with one sparsity target over every weight (the last one
+sharded unevenly), Adam; the collectives of the last step (CommDebugMode) go to
+OUTDIR/fsdp-target-comms-rank<r>.json.
 KIND "fsdp-classes": L1 attached before ``fully_shard``, DCP's ``get_state_dict`` in the middle of
 training, more steps, then ``paramreg.remove``; each rank writes the class of every Linear at each
 of those points, and that a forward ran after each, to OUTDIR/fsdp-classes-rank<r>.json.
@@ -43,12 +46,15 @@ REGULARIZERS = {
         ("4.weight", {"nuclear_norm": 10.0}),  # lr·a = 0.1 a step: the smallest singular value (0.38) goes
     ],
     "fsdp-classes": [("*.weight", {"l1": 0.002})],
+    # the last layer's 5 rows shard unevenly over 2 ranks (3 + 2)
+    "fsdp-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
 }
 
 
 def build(kind):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    outputs = 5 if kind == "fsdp-target" else 4
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, outputs))
     for targets, keywords in REGULARIZERS[kind]:
         paramreg.attach(model, targets, **keywords)
     return model
@@ -78,7 +84,7 @@ def worker(rank, kind, out):
     if kind == "fsdp-classes":
         wrapped, opt = fsdp_classes(model, rank, out)
     else:
-        if kind == "fsdp":
+        if kind in ("fsdp", "fsdp-target"):
             from torch.distributed.fsdp import fully_shard
 
             for layer in model:
@@ -94,7 +100,11 @@ def worker(rank, kind, out):
                 opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.01)
             else:
                 opt = optimizer(kind, model.parameters())
-        train(wrapped, opt, rank, range(STEPS))
+        if kind == "fsdp-target":
+            train(wrapped, opt, rank, range(STEPS - 1))
+            counted_step(wrapped, opt, rank, out)
+        else:
+            train(wrapped, opt, rank, range(STEPS))
         save(model, kind, rank, out)
     # Both ranks are done before anything is torn down, and the wrapped model (DDP's reducer
     # holds the process group) goes before the group: freed after it, at the worker's return,
@@ -111,6 +121,20 @@ def train(model, opt, rank, steps):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+
+
+def counted_step(model, opt, rank, out):
+    """The last step, forward and backward outside and the optimizer step (with the target's
+    selection) inside CommDebugMode: the collectives the step and its prox make."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    x, y = batch(STEPS - 1, rank)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with CommDebugMode() as comm:
+        opt.step()
+    with open(os.path.join(out, f"fsdp-target-comms-rank{rank}.json"), "w") as f:
+        json.dump({str(op): n for op, n in comm.get_comm_counts().items()}, f)
 
 
 def fsdp_classes(model, rank, out):
@@ -147,7 +171,7 @@ def fsdp_classes(model, rank, out):
 def save(model, kind, rank, out):
     state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
     state["report.zeros"] = torch.tensor([row.zeros for row in paramreg.report(model).rows])  # on every rank
-    if kind != "fsdp" or rank == 0:
+    if not kind.startswith("fsdp") or rank == 0:
         torch.save(state, os.path.join(out, f"{kind}-rank{rank}.pt"))
 
 

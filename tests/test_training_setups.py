@@ -141,6 +141,28 @@ def test_fsdp2_sharded_training_matches_one_process(tmp_path):
     assert torch.linalg.matrix_rank(got["4.weight"]) < 4
 
 
+def test_fsdp2_sparsity_target_over_uneven_shards_matches_one_process_without_gathering(tmp_path):
+    """One target over every weight of an FSDP2 model whose last weight (5 rows) shards unevenly
+    over 2 ranks: the selection counts each rank's shard and all-reduces the counts (Note [Target
+    sparsity] in optim/targets.py), so the step gathers nothing and the zeros are those of the same
+    training in one process."""
+    _run_distributed("fsdp-target", tmp_path)
+    got = torch.load(tmp_path / "fsdp-target-rank0.pt", weights_only=True)
+    got.pop("report.zeros")
+    expected = _one_process("fsdp-target")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=2e-6)
+        assert torch.equal(got[key] == 0, expected[key] == 0), key  # the same zero set
+    weights = [got[f"{i}.weight"] for i in (0, 2, 4)]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert zeros == round(0.6 * sum(w.numel() for w in weights))  # the ramp's end, reached exactly
+    for rank in (0, 1):
+        comms = json.loads((tmp_path / f"fsdp-target-comms-rank{rank}.json").read_text())
+        assert not any("gather" in op for op in comms), comms  # nothing gathered: no strengths, no weights
+        # the safeguard's norms (one 0-dim all-reduce per weight) and at most 3 of the selection's counts
+        assert comms.get("c10d.allreduce_", 0) <= 3 and comms.get("c10d_functional.all_reduce", 0) == 3, comms
+
+
 def test_fsdp2_classes_survive_dcp_and_remove(tmp_path):
     """Attached before fully_shard, DCP's get_state_dict in the middle of training, more steps,
     then remove: every module keeps the class FSDP2 gave it, stays callable, and after remove is

@@ -27,10 +27,17 @@ Note [Target sparsity]
     In an optimizer's metric c_i = abs(w⁺_i)·(sqrt(v̂_i) + eps)/lr for Adam, a weight's magnitude
     times its gradient scale; with SGD it is the magnitude over lr·fill.
 
-    The m-th smallest value is found by selection, not sorting: numpy's partition on the CPU (a
-    vectorized introselect, in place on the concatenation; with it the target mode's step on
-    benchmarks/suite.py's MLP under Adam went from 4.87x to 1.56x the unregularized step, where
-    it was ``torch.kthvalue``), ``torch.kthvalue`` elsewhere; both return the same element.
+    The m-th smallest value is found by selection, not sorting. For plain tensors on the CPU:
+    numpy's partition (a vectorized introselect, in place on the concatenation; with it the
+    target mode's step on benchmarks/suite.py's MLP under Adam went from 4.87x to 1.56x the
+    unregularized step, where it was ``torch.kthvalue``). On an accelerator and over DTensor
+    shards (FSDP2): ``kth_smallest`` (Note [Exact selection] in optim/order_statistic.py), which
+    counts histograms of the values' bit patterns where they lie, each rank its own shard, with
+    one ``all_reduce`` of the counts per pass (at most 3, of 65,538 int64), warm-started from the
+    last step's strength: no concatenated copy, nothing gathered, and shards of any size. All
+    return the element ``torch.kthvalue`` returns. On the CPU the concatenation stays: there the
+    counting passes cost what the copy and partition cost (Note [Exact selection]), and slow down
+    badly when another process takes a core.
 
     The step count k is the count of steps that updated the tensors (``Carrier.calls``), which a
     resumed run restores from the optimizer's state_dict (Note [Resume] in optim/state.py), so a
@@ -46,6 +53,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ParamregError
+from .order_statistic import kth_smallest
 
 __all__ = ["SparsityTarget", "ramp"]
 
@@ -90,14 +98,54 @@ class SparsityTarget:
     def calibrate(self, criticals: list[Tensor], k: int) -> float:
         """The strength of step ``k`` from the critical strengths of every group the step updated."""
         self.asked = ramp(self.sparsity, self.steps, k)
-        values = torch.cat([c.reshape(-1).float() for c in criticals]) if criticals else torch.zeros(0)  # a new tensor
-        m = round(self.asked * values.numel())
-        strength = _smallest(values, m) if m else 0.0
+        m = round(self.asked * sum(c.numel() for c in criticals))  # numel of a DTensor: the whole tensor's
+        if not m:
+            strength = 0.0
+        elif all(type(c) is Tensor and c.device.type == "cpu" for c in criticals):
+            strength = _smallest(torch.cat([c.reshape(-1).float() for c in criticals]), m)  # a new tensor
+        else:
+            strength = _selected(criticals, m, self.strength)
         self.strength = strength if math.isfinite(strength) else 0.0
         return self.strength
 
     def to_dict(self) -> dict:
         return {"target": self.sparsity, "steps": self.steps}
+
+
+def _selected(criticals: list[Tensor], m: int, hint: float | None) -> float:
+    """The m-th smallest critical strength on an accelerator or over DTensor shards, by
+    :func:`~paramreg.optim.order_statistic.kth_smallest` (Note [Target sparsity]): each rank counts
+    its own shard, and one ``all_reduce`` of the counts per pass completes them."""
+    local, group = [], None
+    for c in criticals:
+        if isinstance(c, Tensor) and type(c) is not Tensor and hasattr(c, "device_mesh"):  # a DTensor
+            c, group = _shard(c), c.device_mesh.get_group()
+        local.append(c)
+    reduce = None
+    if group is not None:
+        import torch.distributed as dist
+
+        def reduce(counts: Tensor) -> None:
+            dist.all_reduce(counts, group=group)
+
+    return float(kth_smallest(lambda: local, m, reduce=reduce, hint=hint).value)
+
+
+def _shard(c) -> Tensor:
+    """This rank's part of the DTensor ``c``, each value on exactly one rank: its shard, or, for a
+    replicated value, all of it on the mesh's first rank and none on the others (a redistribution
+    from Replicate to Shard takes a local slice; nothing is communicated)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if any(not isinstance(p, (Shard, Replicate)) for p in c.placements):
+        c = c.redistribute(c.device_mesh, [Replicate()] * c.device_mesh.ndim)  # partial sums: reduced once
+    if c.dim() == 0:
+        c = c.reshape(1)
+    if all(isinstance(p, Replicate) for p in c.placements):
+        c = c.redistribute(c.device_mesh, [Shard(0)] + [Replicate()] * (c.device_mesh.ndim - 1))
+    if c.device_mesh.ndim > 1:
+        raise ParamregError("a sparsity target over DTensors supports a one-dimensional device mesh")
+    return c.to_local()
 
 
 def _smallest(values: Tensor, m: int) -> float:
