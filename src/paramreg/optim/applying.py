@@ -113,7 +113,11 @@ def _apply(bucket: Bucket, tensors: list[Tensor], t: float, optimizer, group, fi
 
 def _apply_target(target, work: list[tuple], optimizer) -> None:
     """The proximal maps of one sparsity target over everything the step updated, with the strength
-    calibrated on this step's iterate (Note [Target sparsity] in optim/targets.py)."""
+    calibrated on this step's iterate (Note [Target sparsity] in optim/targets.py). A group whose
+    lr is 0 takes no part: its map is the identity, and the step moved none of its tensors."""
+    work = [item for item in work if item[2] != 0.0]
+    if not work:
+        return
     steps, criticals = [], []
     k = 0
     for bucket, tensors, lr, group, fill in work:

@@ -36,6 +36,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from ..modules.carrier import live_carriers
 from . import applying, plans, state
+from .step_sizes import whole
 
 __all__ = ["install"]
 
@@ -54,14 +55,14 @@ def install() -> None:
 @torch.compiler.disable  # bookkeeping in Python, like _after_step
 def _before_step(optimizer, args, kwargs) -> None:
     """Note that ``optimizer`` is stepping (Note [Nested steps]), and advance its momentum fills
-    (Note [Momentum fill] in optim/state.py)."""
+    (Note [Momentum fill] in optim/state.py) unless the step is a null step (Note [Null steps])."""
     _enter(optimizer)
-    state.advance_fills(optimizer)
+    state.advance_fills(optimizer, advance=not _null_step(optimizer))
 
 
 @torch.compiler.disable  # bookkeeping in Python: runs eagerly after a compiled optimizer step
 def _after_step(optimizer, args, kwargs) -> None:
-    if _leave(optimizer) or not live_carriers():
+    if _leave(optimizer) or not live_carriers() or _null_step(optimizer):
         return
     found = state.of(optimizer)
     signature = plans.signature(optimizer)
@@ -76,6 +77,28 @@ def _after_step(optimizer, args, kwargs) -> None:
             state.save_with(optimizer)
     if found.plan:
         applying.run(optimizer, found.plan)
+
+
+def _null_step(optimizer) -> bool:
+    """Whether the step moves nothing: every group's lr is 0 and every gradient is zero.
+
+    Note [Null steps]
+        ``torch.distributed.checkpoint``'s ``get_state_dict`` on an optimizer without state sets
+        every group's lr to 0, gives every parameter a zero gradient and calls ``step()``, only to
+        make the optimizer create its state (the standard FSDP2 resume path). Such a step moves
+        no weight and teaches nothing, so paramreg does not count it: no proximal map (under Adam
+        its inverse steps would divide by lr = 0), no step count (a ramp or a schedule would run
+        one step ahead), no momentum fill (SGD's buffer holds a zero gradient after it, so the
+        next real step is still its first). A step with lr = 0 and a non-zero gradient (a warm-up
+        from 0) is a step as any other. The check reads the groups' lr first; only when all are 0
+        does it take one norm of each gradient.
+    """
+    groups = optimizer.param_groups
+    if not groups or any("lr" not in g or float(g["lr"]) != 0.0 for g in groups):
+        return False
+    return all(
+        p.grad is None or float(whole(torch.linalg.vector_norm(p.grad))) == 0.0 for g in groups for p in g["params"]
+    )
 
 
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the paramreg package

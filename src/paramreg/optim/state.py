@@ -93,9 +93,11 @@ def of(optimizer) -> OptimizerState:
     return found
 
 
-def advance_fills(optimizer) -> None:
+def advance_fills(optimizer, advance: bool = True) -> None:
     """Before a step of ``optimizer``: advance the momentum fill of each of its parameter groups
-    to its value after the step about to run (SGD and RMSprop; Note [Momentum fill]).
+    to its value after the step about to run (SGD and RMSprop; Note [Momentum fill]). With
+    ``advance=False`` (a null step, Note [Null steps] in optim/hooks.py) groups not seen before
+    are tracked from their present fill and no fill moves.
 
     Before the step, because a group seen for the first time is told apart from one whose
     buffers already hold momentum (attached mid-training, a loaded state) only by whether the
@@ -116,11 +118,12 @@ def advance_fills(optimizer) -> None:
     if len(fills) > len(groups):
         del fills[len(groups) :]
     for i, group in enumerate(groups):
+        fresh = first_fill(optimizer, group) if not advance else None
         if i == len(fills):
-            fills.append([group, next_fill(optimizer, group, None)])
+            fills.append([group, next_fill(optimizer, group, None) if advance else fresh])
         elif fills[i][0] is not group:  # load_state_dict() installs new group dicts
-            fills[i] = [group, next_fill(optimizer, group, None)]
-        else:
+            fills[i] = [group, next_fill(optimizer, group, None) if advance else fresh]
+        elif advance:
             fills[i][1] = next_fill(optimizer, group, fills[i][1])
 
 
