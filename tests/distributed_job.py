@@ -14,6 +14,8 @@ Rank 0 writes the trained full state_dict to OUTDIR/<kind>-rank<r>.pt (every ran
 KIND "fsdp-target": FSDP2 as "fsdp", with one sparsity target over every weight (the last one
 sharded unevenly), Adam; the collectives of the last step (CommDebugMode) go to
 OUTDIR/fsdp-target-comms-rank<r>.json.
+KIND "fsdp-keep-zeros": FSDP2 with ``keep_zeros=True`` attached before ``fully_shard`` (its mask
+a plain tensor), the last weight sharded unevenly.
 KIND "fsdp-classes": L1 attached before ``fully_shard``, DCP's ``get_state_dict`` in the middle of
 training, more steps, then ``paramreg.remove``; each rank writes the class of every Linear at each
 of those points, and that a forward ran after each, to OUTDIR/fsdp-classes-rank<r>.json.
@@ -48,13 +50,18 @@ REGULARIZERS = {
     "fsdp-classes": [("*.weight", {"l1": 0.002})],
     # the last layer's 5 rows shard unevenly over 2 ranks (3 + 2)
     "fsdp-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
+    "fsdp-keep-zeros": [("*.weight", {"keep_zeros": True})],  # attached before fully_shard: a plain mask
 }
 
 
 def build(kind):
     torch.manual_seed(0)
-    outputs = 5 if kind == "fsdp-target" else 4
+    outputs = 5 if kind in ("fsdp-target", "fsdp-keep-zeros") else 4
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, outputs))
+    if kind == "fsdp-keep-zeros":  # every third weight zero, to be kept
+        with torch.no_grad():
+            for layer in (model[0], model[2], model[4]):
+                layer.weight.view(-1)[::3] = 0.0
     for targets, keywords in REGULARIZERS[kind]:
         paramreg.attach(model, targets, **keywords)
     return model
@@ -84,7 +91,7 @@ def worker(rank, kind, out):
     if kind == "fsdp-classes":
         wrapped, opt = fsdp_classes(model, rank, out)
     else:
-        if kind in ("fsdp", "fsdp-target"):
+        if kind in ("fsdp", "fsdp-target", "fsdp-keep-zeros"):
             from torch.distributed.fsdp import fully_shard
 
             for layer in model:

@@ -163,6 +163,19 @@ def test_fsdp2_sparsity_target_over_uneven_shards_matches_one_process_without_ga
         assert comms.get("c10d.allreduce_", 0) <= 3 and comms.get("c10d_functional.all_reduce", 0) == 3, comms
 
 
+def test_fsdp2_keep_zeros_attached_before_sharding_keeps_them(tmp_path):
+    """KeepZeros' mask is taken at attach, before fully_shard, as a whole plain tensor; it is
+    sharded like its weight at the first step (uneven shards too) and the run equals one process."""
+    _run_distributed("fsdp-keep-zeros", tmp_path)
+    got = torch.load(tmp_path / "fsdp-keep-zeros-rank0.pt", weights_only=True)
+    got.pop("report.zeros")
+    expected = _one_process("fsdp-keep-zeros")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=2e-6)
+    for i in (0, 2, 4):
+        assert (got[f"{i}.weight"].view(-1)[::3] == 0).all() and (got[f"{i}.weight"] != 0).any()
+
+
 def test_fsdp2_classes_survive_dcp_and_remove(tmp_path):
     """Attached before fully_shard, DCP's get_state_dict in the middle of training, more steps,
     then remove: every module keeps the class FSDP2 gave it, stays callable, and after remove is

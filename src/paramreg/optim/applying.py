@@ -96,7 +96,7 @@ def _apply(bucket: Bucket, tensors: list[Tensor], t: float, optimizer, group, fi
     group's momentum fill, Note [Momentum fill])."""
     regularizer = bucket.regularizer
     if regularizer.remembers:
-        memories = {id(p): c.memory for p, c in zip(bucket.params, bucket.carriers, strict=True)}
+        memories = {id(p): _memory(c, p) for p, c in zip(bucket.params, bucket.carriers, strict=True)}
         regularizer.project_(tensors, [memories[id(p)] for p in tensors])
         return
     if t == 0.0 and regularizer.kind != "constraint":
@@ -109,6 +109,19 @@ def _apply(bucket: Bucket, tensors: list[Tensor], t: float, optimizer, group, fi
     for indices, block, block_states in _blocks(tensors, states, regularizer):
         block_floors = None if floors is None else [floors[i] for i in indices]
         _map(regularizer, block, _inverse(bucket, block, t, optimizer, group, fill, block_states, block_floors))
+
+
+def _memory(carrier, p: Tensor) -> Tensor:
+    """The carrier's memory of ``p`` (``KeepZeros``: its zeros), laid out as ``p`` is. A memory
+    taken before ``fully_shard`` is a whole plain tensor (FSDP2 leaves buffers as they are) while
+    ``p`` became a DTensor shard: it is sharded like ``p`` once, each rank keeping its own slice
+    (``src_data_rank=None``: nothing is communicated)."""
+    memory = carrier.memory
+    if hasattr(p, "device_mesh") and not hasattr(memory, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        memory = carrier.memory = distribute_tensor(memory, p.device_mesh, p.placements, src_data_rank=None)
+    return memory
 
 
 def _apply_target(target, work: list[tuple], optimizer) -> None:
