@@ -1,5 +1,6 @@
 """Exact resume: N steps, save, rebuild in a fresh process, M more steps == N + M steps at once (bitwise)."""
 
+import copy
 import pathlib
 
 import pytest
@@ -64,3 +65,87 @@ def test_dcp_initialising_an_optimizer_is_not_a_step_for_paramreg():
         assert calls == [6, 6]
         weights = [model[0].weight, model[2].weight]
         assert sum(int((w == 0).sum()) for w in weights) == round(0.5 * sum(w.numel() for w in weights))
+
+
+KINDS = {  # attach calls, each kind of counted state: a target, a schedule, keep_zeros and plain L1
+    "target": [("0.weight", {"sparsity": 0.5, "sparsity_steps": 6})],
+    "schedule": [("0.weight", {"l1": lambda k: 1e-3 * min(1.0, k / 4)})],
+    "group lasso": [("0.weight", {"group_lasso": 1e-2})],
+    "keep_zeros": [("0.weight", {"l1": 1e-2}), ("2.weight", {"keep_zeros": True})],
+}
+OPTIMIZERS = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2),
+}
+
+
+def _dcp_model(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[2].weight.view(-1)[::3] = 0.0
+    for targets, keywords in KINDS[kind]:
+        paramreg.attach(model, targets, **keywords)
+    return model
+
+
+def _dcp_train(model, opt, steps):
+    for k in steps:
+        g = torch.Generator().manual_seed(k)
+        x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process, as meant
+@pytest.mark.parametrize("flatten", [False, True])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_dcp_round_trip_resumes_bitwise(kind, optimizer, flatten, tmp_path):
+    """DCP's resume path (Note [Resume] in optim/state.py): get_state_dict of the trained run, dcp.save;
+    a fresh model and optimizer, get_state_dict as the template (its zero-lr step initialises the
+    optimizer), dcp.load, set_state_dict; then both runs go on: bitwise equal, with
+    flatten_optimizer_state_dict on and off (torchtitan's setting drops unknown group keys)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    full = _dcp_model(kind)
+    full_opt = OPTIMIZERS[optimizer](full.parameters())
+    _dcp_train(full, full_opt, range(3))
+    model_sd, optim_sd = get_state_dict(full, full_opt, options=options)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path), no_dist=True)
+    _dcp_train(full, full_opt, range(3, 7))
+
+    resumed = _dcp_model(kind)
+    resumed_opt = OPTIMIZERS[optimizer](resumed.parameters())
+    model_sd, optim_sd = get_state_dict(resumed, resumed_opt, options=options)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=str(tmp_path), no_dist=True)
+    set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"], options=options)
+    _dcp_train(resumed, resumed_opt, range(3, 7))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert [c.calls for c in (full[0].parametrizations.weight[0],)] == [resumed[0].parametrizations.weight[0].calls]
+
+
+def test_a_checkpoint_of_an_older_paramreg_with_group_keys_resumes_the_same():
+    """paramreg before 0.2 kept the counts and the fill in the parameter groups; those still load."""
+    full = _dcp_model("target")
+    opt = OPTIMIZERS["SGD"](full.parameters())
+    _dcp_train(full, opt, range(3))
+    state = copy.deepcopy(opt.state_dict())  # load_state_dict would share the buffers with the running optimizer
+    old = {"state": {i: {k: v for k, v in e.items() if not k.startswith("paramreg_")} for i, e in state["state"].items()},
+           "param_groups": [dict(g) for g in state["param_groups"]]}
+    group = old["param_groups"][0]
+    group["paramreg_momentum_fill"] = state["state"][0]["paramreg_momentum_fill"]
+    group["paramreg_steps"] = [[i, e["paramreg_steps"]] for i, e in state["state"].items() if "paramreg_steps" in e]
+    assert group["paramreg_steps"] == [[0, 3]]
+    resumed = _dcp_model("target")
+    resumed.load_state_dict(full.state_dict())
+    resumed_opt = OPTIMIZERS["SGD"](resumed.parameters())
+    resumed_opt.load_state_dict(old)
+    _dcp_train(full, opt, range(3, 7))
+    _dcp_train(resumed, resumed_opt, range(3, 7))
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True))

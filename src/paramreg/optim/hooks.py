@@ -57,6 +57,8 @@ def _before_step(optimizer, args, kwargs) -> None:
     """Note that ``optimizer`` is stepping (Note [Nested steps]), and advance its momentum fills
     (Note [Momentum fill] in optim/state.py) unless the step is a null step (Note [Null steps])."""
     _enter(optimizer)
+    if live_carriers():
+        state.save_with(optimizer)  # before any step, also DCP's null one: its state_dict records paramreg's keys
     state.advance_fills(optimizer, advance=not _null_step(optimizer))
 
 
@@ -67,7 +69,7 @@ def _after_step(optimizer, args, kwargs) -> None:
     found = state.of(optimizer)
     signature = plans.signature(optimizer)
     if found.signature != signature:
-        by_param = plans.carriers_by_param()
+        by_param = state.carriers_by_param()
         state.restore_counts(optimizer, by_param)  # a loaded state_dict's counts (Note [Resume] in optim/state.py)
         found.plan, guessed = plans.build(optimizer, by_param)
         found.signature = signature

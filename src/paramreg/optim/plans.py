@@ -26,10 +26,10 @@ import warnings
 from torch import Tensor
 
 from ..errors import ParamregError
-from ..modules.carrier import generation, live_carriers
+from ..modules.carrier import generation
 from . import state, step_sizes
 
-__all__ = ["Bucket", "signature", "carriers_by_param", "build", "warn_unknown"]
+__all__ = ["Bucket", "signature", "build", "warn_unknown"]
 
 
 def signature(optimizer) -> tuple:
@@ -97,18 +97,6 @@ def warn_unknown(optimizer, carriers: list) -> None:
         f"optimizer took. Attach with step='lr' to say that this is intended.",
         stacklevel=3,
     )
-
-
-def carriers_by_param() -> dict:
-    """id(Parameter) -> its live carrier, for the carriers an optimizer step acts on (prox mode,
-    and penalty mode with a schedule, whose step count moves)."""
-    by_param = {}
-    for c in list(live_carriers()):
-        if c.mode == "prox" or (c.mode == "penalty" and c.schedule is not None):
-            leaf = c.leaf()
-            if leaf is not None:
-                by_param[id(leaf)] = c
-    return by_param
 
 
 def build(optimizer, by_param: dict) -> tuple[list, list]:

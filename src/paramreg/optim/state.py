@@ -10,13 +10,21 @@ recompile.
 Note [Resume]
     A run is resumed the way Lightning and the Hugging Face Trainer do it: build the model, make
     the same ``attach`` calls, then ``model.load_state_dict(...)`` and
-    ``optimizer.load_state_dict(...)``. The model's state_dict keeps its plain keys; what paramreg
-    needs beyond it travels in the optimizer's: each parameter group records the step counts of
-    its scheduled, targeted and ``every``-k tensors under ``STEPS_KEY`` and SGD's and RMSprop's
-    momentum fill under ``FILL_KEY``. When the hook first sees the loaded groups (new group
-    dicts), :func:`restore_counts` sets the carriers' counts from there and removes the key from
-    the live group, before the plan is built; the fill is read back by :func:`first_fill`. So
-    the resumed run continues exactly where the saved one stopped.
+    ``optimizer.load_state_dict(...)`` (or DCP's ``get_state_dict``, ``dcp.load`` and
+    ``set_state_dict``). The model's state_dict keeps its plain keys; what paramreg needs beyond
+    it travels in the optimizer's, in the per-parameter state, which every checkpointer round-trips
+    (DCP with ``flatten_optimizer_state_dict=True`` drops unknown parameter-group keys): each
+    carried parameter that has optimizer state records its carrier's step count under
+    ``STEPS_KEY``, and each parameter of an SGD or RMSprop group the group's momentum fill under
+    ``FILL_KEY`` (plain Python numbers: ``load_state_dict`` casts tensors to the parameter's
+    dtype). Keys are only added to a parameter's existing state, never make one (Adam takes an
+    empty state for a first step). The hook is registered before an optimizer's first step, so
+    that the state_dict DCP takes of a fresh optimizer as its template has the keys to fill. When
+    the hook first sees the loaded groups (new group dicts), :func:`restore_counts` sets the
+    carriers' counts and takes the keys out of the live state, before the plan is built; the fill
+    is read back by :func:`first_fill` before that step. A checkpoint written by an older
+    paramreg, with the keys in its parameter groups, is read too. So the resumed run continues
+    exactly where the saved one stopped.
 
 Note [Momentum fill]
     c_k is how much the momentum buffer of SGD or RMSprop has multiplied a constant gradient
@@ -57,7 +65,7 @@ from ..modules.carrier import live_carriers
 from . import step_sizes
 
 __all__ = ["OptimizerState", "of", "get", "STEPS_KEY", "FILL_KEY", "advance_fills", "fill_of", "save_with", "restore_counts",
-           "schedule_value"]
+           "schedule_value", "carriers_by_param"]
 
 STEPS_KEY = "paramreg_steps"  # where a group's carriers' step counts go in the optimizer's state_dict()
 FILL_KEY = "paramreg_momentum_fill"  # where a group's momentum fill goes in the optimizer's state_dict()
@@ -139,7 +147,10 @@ def fill_of(optimizer, index: int, group) -> float | None:
 def first_fill(optimizer, group) -> float:
     """The fill of ``group``'s momentum buffers before the step about to run, for a group the
     hooks see for the first time: 0.0 where the buffers have not started."""
-    if FILL_KEY in group:  # recorded by a state_dict() and restored by load_state_dict()
+    recorded = next((s[FILL_KEY] for s in map(optimizer.state.get, group["params"]) if s and FILL_KEY in s), None)
+    if recorded is not None:  # recorded by a state_dict() and restored by load_state_dict() (Note [Resume])
+        return float(recorded)
+    if FILL_KEY in group:  # a checkpoint of an older paramreg
         return float(group[FILL_KEY])
     momentum = group.get("momentum", 0.0)
     if not momentum:
@@ -175,40 +186,59 @@ def save_with(optimizer) -> None:
 
 
 def _save_state(optimizer, state_dict) -> None:
-    """``state_dict()`` post-hook: record each group's momentum fill and its carriers' step counts,
-    so that ``load_state_dict`` resumes them (Note [Resume])."""
-    found = _STATES.get(optimizer)
-    if found is None:
-        return
-    for (group, fill), live, saved in zip(found.fills or [], optimizer.param_groups, state_dict["param_groups"], strict=False):
-        if group is live and fill:
-            saved[FILL_KEY] = fill
-    for index, group, buckets in found.plan or []:
-        counts = {}
-        for bucket in buckets:
-            if bucket.counted:
-                counts.update({id(p): c.calls for p, c in zip(bucket.params, bucket.carriers, strict=True)})
-        if counts and index < len(state_dict["param_groups"]):
-            state_dict["param_groups"][index][STEPS_KEY] = [
-                [position, counts[id(p)]] for position, p in enumerate(group["params"]) if id(p) in counts
-            ]
+    """``state_dict()`` post-hook: record the carriers' step counts and the groups' momentum fills
+    in the per-parameter state, so that ``load_state_dict`` resumes them (Note [Resume])."""
+    by_param = carriers_by_param()
+    saved_state = state_dict["state"]
+    for index, (live, saved) in enumerate(zip(optimizer.param_groups, state_dict["param_groups"], strict=False)):
+        fill = fill_of(optimizer, index, live)
+        for p, key in zip(live["params"], saved["params"], strict=False):
+            entry = saved_state.get(key)
+            if not entry:
+                continue  # no optimizer state yet: never make one (Note [Resume])
+            c = by_param.get(id(p))
+            if c is not None:
+                entry[STEPS_KEY] = c.calls
+            if fill is not None:  # 0.0 too: a template's key that a load fills
+                entry[FILL_KEY] = fill
 
 
 def restore_counts(optimizer, by_param: dict) -> None:
-    """Set the step counts a loaded optimizer state recorded (``STEPS_KEY`` of each group) on the
-    carriers of ``by_param`` (id(Parameter) -> carrier), and take the key off the live groups
+    """Set the step counts a loaded optimizer state recorded (``STEPS_KEY``) on the carriers of
+    ``by_param`` (id(Parameter) -> carrier), and take paramreg's keys out of the live state
     (Note [Resume])."""
     for group in optimizer.param_groups:
-        saved = group.pop(STEPS_KEY, None)
-        if not saved:
-            continue
         params = group["params"]
-        for position, calls in saved:
-            c = by_param.get(id(params[position])) if position < len(params) else None
-            if c is not None:
-                c.calls = int(calls)
-                if c.schedule is not None:
-                    c.scale = schedule_value(c, c.calls)
+        for position, calls in group.pop(STEPS_KEY, None) or []:  # a checkpoint of an older paramreg
+            if position < len(params):
+                _restore(by_param.get(id(params[position])), calls)
+        group.pop(FILL_KEY, None)
+        for p in params:
+            live = optimizer.state.get(p)
+            if live:
+                live.pop(FILL_KEY, None)
+                if STEPS_KEY in live:
+                    _restore(by_param.get(id(p)), live.pop(STEPS_KEY))
+
+
+def _restore(c, calls) -> None:
+    if c is not None:
+        c.calls = int(calls)
+        if c.schedule is not None:
+            c.scale = schedule_value(c, c.calls)
+
+
+def carriers_by_param() -> dict:
+    """id(Parameter) -> its live carrier, for the carriers an optimizer step acts on (prox mode,
+    and penalty mode with a schedule, whose step count moves)."""
+    by_param = {}
+    for c in list(live_carriers()):
+        if c.mode == "prox" or (c.mode == "penalty" and c.schedule is not None):
+            leaf = c.leaf()
+            if leaf is not None:
+                by_param[id(leaf)] = c
+    return by_param
+
 
 
 def schedule_value(carrier, k: int) -> float:
