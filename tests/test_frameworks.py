@@ -105,3 +105,76 @@ def test_lightning_two_fits_with_accumulation_match_a_hand_written_loop():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     assert (module.net[0].weight == 0).any()
     assert [row.regularizer for row in paramreg.report(module.net)] == ["L1(strength=0.05)"] * 2
+
+
+def _hf_trainer(model, tmp_path, max_steps):
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 32, (6,), generator=g), "labels": torch.tensor(i % 2)} for i in range(32)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=0.01,
+        optim="adamw_torch", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to=[],
+        save_strategy="steps", save_steps=3, logging_strategy="no", use_cpu=True, dataloader_drop_last=True, seed=0,
+    )
+    return Trainer(model=model, args=args, train_dataset=data)
+
+
+def _targeted_bert():
+    model = tiny_bert()
+    paramreg.attach(model, "bert.encoder.*.dense.weight", sparsity=0.8, sparsity_steps=6)
+    return model
+
+
+def test_hf_trainer_resumes_a_target_in_the_middle_of_its_ramp_exactly(tmp_path):
+    """resume_from_checkpoint at step 3 of a 6-step ramp: the step counts come back with the
+    optimizer's state (Note [Resume] in optim/state.py), so the run equals the uninterrupted one;
+    save_model and from_pretrained keep the zeros under the plain keys."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = _targeted_bert()
+        _hf_trainer(full, tmp_path / "full", 8).train()
+        resumed = _targeted_bert()
+        _hf_trainer(resumed, tmp_path / "full", 8).train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    dense = {n: p for n, p in full.named_parameters() if n.startswith("bert.encoder.") and n.endswith("dense.weight")}
+    zeros, total = sum(int((p == 0).sum()) for p in dense.values()), sum(p.numel() for p in dense.values())
+    assert zeros == round(0.8 * total)  # the target reached at the ramp's end, and held
+    _hf_trainer(full, tmp_path / "saved", 1).save_model(str(tmp_path / "saved"))
+    reloaded = BertForSequenceClassification.from_pretrained(str(tmp_path / "saved"))
+    assert not any("parametrizations" in k for k in reloaded.state_dict())
+    for name, p in dense.items():
+        assert torch.equal(dict(reloaded.named_parameters())[name], p), name
+
+
+class TargetedClassifier(Classifier):
+    def configure_optimizers(self):
+        paramreg.attach(self.net, "*.weight", sparsity=0.7, sparsity_steps=8)
+        return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+
+def _lightning_fit(module, root, ckpt_path=None):
+    """3 epochs of 4 steps, a checkpoint after each (Lightning resumes at epoch boundaries exactly;
+    within an epoch it restarts the data loader)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 2, (32,), generator=g)
+    every = ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    trainer = L.Trainer(
+        max_epochs=3, accelerator="cpu", logger=False, callbacks=[every], enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=8), ckpt_path=ckpt_path)
+
+
+def test_lightning_resumes_a_target_in_the_middle_of_its_ramp_exactly(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = TargetedClassifier()
+        _lightning_fit(full, tmp_path)
+        resumed = TargetedClassifier()
+        _lightning_fit(resumed, tmp_path / "again", ckpt_path=str(tmp_path / "epoch=0.ckpt"))  # step 4 of the ramp's 8
+    for a, b in zip(full.net.parameters(), resumed.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+    weights = [full.net[0].weight, full.net[2].weight]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.7 * sum(w.numel() for w in weights))
