@@ -439,3 +439,57 @@ def test_an_l0_target_zeroes_the_smallest_in_the_metric_and_leaves_the_rest_as_t
     score = reference * reference * u
     assert float(score[zero].max()) <= float(score[~zero].min())
     assert paramreg.report(model).targets[0].reached == 0.25
+
+
+def _lopsided(scale=1e-6):
+    """Two layers, the first with weights a millionth of the second's: a global ranking takes the
+    first one's weights before any of the second's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 10, bias=False))
+    with torch.no_grad():
+        model[0].weight.mul_(scale)
+    return model
+
+
+def _one_step(model):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-9)
+    model(torch.randn(4, 10)).sum().backward()
+    opt.step()
+    return [int((m.weight == 0).sum()) for m in model]
+
+
+def test_the_per_tensor_maximum_holds_exactly_where_a_global_target_would_empty_a_tensor():
+    # Note [Allocation]: 100 of 200 weights asked; the first layer's 100 rank lowest
+    emptied = _lopsided()
+    paramreg.attach(emptied, "*.weight", sparsity=0.5, sparsity_steps=1, max_sparsity=1.0)
+    assert _one_step(emptied) == [100, 0]
+    capped = _lopsided()
+    paramreg.attach(capped, "*.weight", sparsity=0.5, sparsity_steps=1)  # the default maximum, 0.99
+    assert _one_step(capped) == [99, 1]
+    tighter = _lopsided()
+    paramreg.attach(tighter, "*.weight", sparsity=0.5, sparsity_steps=1, max_sparsity=0.7)
+    assert _one_step(tighter) == [70, 30]
+
+
+def test_a_uniform_allocation_gives_each_tensor_the_fraction():
+    model = _lopsided()
+    paramreg.attach(model, "*.weight", sparsity=0.3, sparsity_steps=1, allocation="uniform")
+    assert _one_step(model) == [30, 30]
+    spec = paramreg.spec(model)["attached"]["0.weight"]["sparsity"]
+    assert spec["allocation"] == "uniform" and "max_sparsity" not in spec
+    fresh = _lopsided()
+    paramreg.attach_spec(fresh, paramreg.spec(model))
+    assert fresh[0].parametrizations.weight[0].target.allocation == "uniform"
+
+
+@pytest.mark.parametrize("keywords, match", [
+    ({"sparsity": 0.5, "sparsity_steps": 1, "allocation": "per-layer"}, "allocation must be one of 'global', 'uniform'"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "max_sparsity": 0.4}, "max_sparsity must be a number from the target sparsity"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "max_sparsity": 1.5}, "max_sparsity must be a number from the target sparsity"),
+    ({"l1": 1e-3, "max_sparsity": 0.9}, "allocation= and max_sparsity= belong to a sparsity target"),
+])
+def test_bad_allocation_options_are_refused(keywords, match):
+    model = _lopsided()
+    with pytest.raises(ParamregError, match=match):
+        paramreg.attach(model, "*.weight", **keywords)
+    assert paramreg.spec(model)["attached"] == {}

@@ -86,6 +86,8 @@ def attach(
     schedule=None,
     sparsity=None,
     sparsity_steps=None,
+    allocation="global",
+    max_sparsity=None,
     metric_floor=1.0,
     **keywords,
 ) -> list[str]:
@@ -134,6 +136,11 @@ def attach(
             fraction on that step (Note [Target sparsity] in :mod:`paramreg.optim.targets`); a strength
             given with it is only the value reported before the first step.
         sparsity_steps: n, the optimizer steps of the ramp (with ``sparsity``).
+        allocation: how a target shares its zeros among its tensors (Note [Allocation] in
+            :mod:`paramreg.optim.targets`): ``"global"`` (default) ranks all their groups together,
+            ``"uniform"`` gives each tensor the fraction itself.
+        max_sparsity: with a global target, the largest fraction of one tensor's groups that may
+            be zero; default 0.99 (or ``sparsity``, if higher), so that no tensor is emptied.
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
     parametrization, visible in ``print(model)``). A Parameter tied under several names is
@@ -161,7 +168,9 @@ def attach(
     given = {k: v for k, v in (("l1", l1), ("l2", l2), *keywords.items()) if v is not None}
     target = None
     if sparsity is not None or sparsity_steps is not None:
-        regularizer, target = options.checked_target(reg, given, mode, schedule, sparsity, sparsity_steps, where)
+        regularizer, target = options.checked_target(reg, given, mode, schedule, sparsity, sparsity_steps, where, allocation, max_sparsity)
+    elif allocation != "global" or max_sparsity is not None:
+        raise ParamregError(f"{where}: allocation= and max_sparsity= belong to a sparsity target: give sparsity=s and sparsity_steps=n too")
     else:
         regularizer = options.checked_regularizer(reg, given, where)
     mode = options.checked_mode(regularizer, mode, where)

@@ -115,14 +115,15 @@ def checked_mode(regularizer: Regularizer, mode, where: str) -> str:
     return mode
 
 
-def checked_target(reg, given: dict, mode: str, schedule, sparsity, sparsity_steps, where: str):
+def checked_target(reg, given: dict, mode: str, schedule, sparsity, sparsity_steps, where: str, allocation="global",
+                   max_sparsity=None):
     """For ``sparsity=``: the regularizer at unit strength and the sparsity target (Note [Target
     sparsity] in optim/targets.py); a strength given with it is the target's first."""
     if sparsity_steps is None:
         raise ParamregError(f"{where}: sparsity={sparsity!r} needs sparsity_steps=n, the optimizer steps over which it ramps up")
     if sparsity is None:
         raise ParamregError(f"{where}: sparsity_steps={sparsity_steps!r} needs sparsity=s, the fraction of zero groups to reach")
-    target = SparsityTarget(sparsity, sparsity_steps)
+    target = SparsityTarget(sparsity, sparsity_steps, allocation, max_sparsity)
     if schedule is not None or any(is_schedule(v) for v in given.values()):
         raise ParamregError(f"{where}: a sparsity target sets the strength at every step; it takes no strength schedule")
     # a strength keyword may be True (no starting value): the form alone

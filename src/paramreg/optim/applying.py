@@ -131,18 +131,29 @@ def _apply_target(target, work: list[tuple], optimizer) -> None:
     work = [item for item in work if item[2] != 0.0]
     if not work:
         return
-    steps, criticals = [], []
+    units, criticals = [], []  # a unit: one tensor, or a bucket's tensors whose groups span them all
     k = 0
     for bucket, tensors, lr, group, fill in work:
         step = _inverse(bucket, tensors, lr, optimizer, group, fill)
-        steps.append(step)
         inverse = step if isinstance(step, list) else [1.0 / step if step else math.inf] * len(tensors)
-        criticals += bucket.regularizer.critical(tensors, inverse)
+        found = bucket.regularizer.critical(tensors, inverse)
+        if len(found) == len(tensors):
+            units += [(bucket.regularizer, [w], [u] if isinstance(step, list) else step) for w, u in zip(tensors, inverse, strict=True)]
+        else:  # a map that couples its tensors (attach_channels): one unit
+            units.append((bucket.regularizer, tensors, step))
+        criticals += found
         k = max(k, max(c.calls for p, c in zip(bucket.params, bucket.carriers, strict=True) if p.grad is not None))
-    strength = target.calibrate(criticals, k)
-    for (bucket, tensors, *_), step in zip(work, steps, strict=True):
+    strengths = target.calibrate(criticals, k)
+    by_strength: dict[tuple, tuple] = {}  # (regularizer, strength, step kind) -> the units' tensors and steps, mapped at once
+    for (regularizer, tensors, step), strength in zip(units, strengths, strict=True):
         if strength:
-            _map(bucket.regularizer.scaled(strength), tensors, step)
+            key = (id(regularizer), strength, isinstance(step, list), None if isinstance(step, list) else step)
+            entry = by_strength.setdefault(key, (regularizer, strength, [], [] if isinstance(step, list) else step))
+            entry[2].extend(tensors)
+            if isinstance(step, list):
+                entry[3].extend(step)
+    for regularizer, strength, tensors, step in by_strength.values():
+        _map(regularizer.scaled(strength), tensors, step)
 
 
 # Elements per block of the adaptive prox on the CPU: its scratch tensors (the inverse steps) and

@@ -42,6 +42,21 @@ Note [Target sparsity]
     The step count k is the count of steps that updated the tensors (``Carrier.calls``), which a
     resumed run restores from the optimizer's state_dict (Note [Resume] in optim/state.py), so a
     resumed run continues the ramp exactly.
+
+Note [Allocation]
+    A global target (``allocation="global"``, the default) ranks the critical strengths of all its
+    tensors together, so a tensor whose weights matter little can lose nearly all of them, and on
+    some models one does lose all (JaxPruner's T5 at 80%: global magnitude pruning collapsed where
+    per-tensor pruning did not). So each tensor may lose at most ``max_sparsity`` of its groups
+    (0.99 by default, or the target itself when that is higher): with c_i the critical strengths
+    of tensor i and L_i its floor(max_sparsity·n_i)-th smallest, the values above L_i are left out
+    of the ranking (+inf), the strength a is the m-th smallest of what is left, and tensor i takes
+    min(a, L_i). So a tensor at its cap has exactly floor(max_sparsity·n_i) zero groups, the
+    others share the rest, and the total is the m asked (more only where several groups share a
+    value at a strength, as without caps). ``allocation="uniform"`` gives each tensor its own
+    strength, the round(s_k·n_i)-th smallest of its own c_i: each tensor reaches the fraction
+    itself, and the total is the sum of the rounded counts. A group of coupled tensors
+    (``attach_channels``) is one unit for both.
 """
 
 from __future__ import annotations
@@ -74,16 +89,27 @@ def _fraction(label: str, value) -> float:
     return float(value)
 
 
+ALLOCATIONS = ("global", "uniform")
+#: The default per-tensor maximum of a global target: no tensor loses more than 99% of its groups
+#: (raised to the target itself when that is higher, so that the total stays reachable).
+MAX_SPARSITY = 0.99
+
+
 @dataclass
 class SparsityTarget:
     """One sparsity target shared by the tensors of one ``attach`` call (Note [Target sparsity]).
 
-    ``strength`` is the strength the last step used (None before the first step), ``asked`` the
+    ``allocation``: ``"global"`` (one strength for all tensors, so that together they reach the
+    fraction asked, each tensor at most ``max_sparsity``; Note [Allocation]) or ``"uniform"``
+    (each tensor reaches the fraction itself). ``strength`` is the strength the last step used
+    (None before the first step; the largest, when tensors took different ones), ``asked`` the
     fraction that step asked for.
     """
 
     sparsity: float
     steps: int
+    allocation: str = "global"
+    max_sparsity: float | None = None
     strength: float | None = None
     asked: float = 0.0
 
@@ -94,22 +120,60 @@ class SparsityTarget:
                 f"sparsity_steps must be an int >= 1 (the optimizer steps over which sparsity ramps up to "
                 f"{self.sparsity}), got {self.steps!r}"
             )
+        if self.allocation not in ALLOCATIONS:
+            raise ParamregError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {self.allocation!r}")
+        if self.max_sparsity is None:
+            self.max_sparsity = max(MAX_SPARSITY, self.sparsity)
+        value = self.max_sparsity
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.sparsity <= float(value) <= 1.0:
+            raise ParamregError(
+                f"max_sparsity must be a number from the target sparsity ({self.sparsity}) to 1 (the most of one "
+                f"tensor's groups that may be zero), got {value!r}"
+            )
+        self.max_sparsity = float(value)
 
-    def calibrate(self, criticals: list[Tensor], k: int) -> float:
-        """The strength of step ``k`` from the critical strengths of every group the step updated."""
+    def calibrate(self, criticals: list[Tensor], k: int) -> list[float]:
+        """The strength of step ``k`` for each of ``criticals`` (the critical strengths of the groups
+        of each tensor, or of each coupled group of tensors, that the step updated)."""
         self.asked = ramp(self.sparsity, self.steps, k)
+        if self.allocation == "uniform":
+            strengths = [_kth([c], round(self.asked * c.numel()), None) for c in criticals]
+        else:
+            strengths = self._global(criticals)
+        finite = [s if math.isfinite(s) else 0.0 for s in strengths]
+        self.strength = max(finite, default=0.0)
+        return finite
+
+    def _global(self, criticals: list[Tensor]) -> list[float]:
+        """One strength for every tensor, each tensor's capped at its maximum (Note [Allocation])."""
         m = round(self.asked * sum(c.numel() for c in criticals))  # numel of a DTensor: the whole tensor's
         if not m:
-            strength = 0.0
-        elif all(type(c) is Tensor and c.device.type == "cpu" for c in criticals):
-            strength = _smallest(torch.cat([c.reshape(-1).float() for c in criticals]), m)  # a new tensor
-        else:
-            strength = _selected(criticals, m, self.strength)
-        self.strength = strength if math.isfinite(strength) else 0.0
-        return self.strength
+            return [0.0] * len(criticals)
+        limits = [math.inf if self.max_sparsity >= 1.0 else _kth([c], math.floor(self.max_sparsity * c.numel()), None)
+                  for c in criticals]
+        if all(limit == math.inf for limit in limits):
+            strength = _kth(criticals, m, self.strength)
+            return [strength] * len(criticals)
+        capped = [c if limit == math.inf else torch.where(c <= limit, c, math.inf) for c, limit in zip(criticals, limits, strict=True)]
+        strength = _kth(capped, m, self.strength)
+        return [min(strength, limit) for limit in limits]
 
     def to_dict(self) -> dict:
-        return {"target": self.sparsity, "steps": self.steps}
+        out = {"target": self.sparsity, "steps": self.steps}
+        if self.allocation != "global":
+            out["allocation"] = self.allocation
+        if self.max_sparsity != max(MAX_SPARSITY, self.sparsity):
+            out["max_sparsity"] = self.max_sparsity
+        return out
+
+
+def _kth(criticals: list[Tensor], m: int, hint: float | None) -> float:
+    """The m-th smallest value over all ``criticals`` (1-based; 0.0 for m <= 0)."""
+    if m <= 0:
+        return 0.0
+    if all(type(c) is Tensor and c.device.type == "cpu" for c in criticals):
+        return _smallest(torch.cat([c.reshape(-1).float() for c in criticals]), m)  # a new tensor
+    return _selected(criticals, m, hint)
 
 
 def _selected(criticals: list[Tensor], m: int, hint: float | None) -> float:
