@@ -53,7 +53,10 @@ Note [Allocation]
     of the ranking (+inf), the strength a is the m-th smallest of what is left, and tensor i takes
     min(a, L_i). So a tensor at its cap has exactly floor(max_sparsity·n_i) zero groups, the
     others share the rest, and the total is the m asked (more only where several groups share a
-    value at a strength, as without caps). ``allocation="uniform"`` gives each tensor its own
+    value at a strength, as without caps). L_i is found only for a tensor that the strength
+    ranked without it would take past its maximum (a count per tensor, one comparison pass; over
+    DTensor shards one ``all_reduce`` of as many counts as there are tensors), then the ranking is
+    redone, until no tensor is past its maximum: a step where no cap binds costs that one count. ``allocation="uniform"`` gives each tensor its own
     strength, the round(s_k·n_i)-th smallest of its own c_i: each tensor reaches the fraction
     itself, and the total is the sum of the rounded counts. A group of coupled tensors
     (``attach_channels``) is one unit for both.
@@ -149,14 +152,20 @@ class SparsityTarget:
         m = round(self.asked * sum(c.numel() for c in criticals))  # numel of a DTensor: the whole tensor's
         if not m:
             return [0.0] * len(criticals)
-        limits = [math.inf if self.max_sparsity >= 1.0 else _kth([c], math.floor(self.max_sparsity * c.numel()), None)
-                  for c in criticals]
-        if all(limit == math.inf for limit in limits):
-            strength = _kth(criticals, m, self.strength)
+        strength = _kth(criticals, m, self.strength)
+        limits = [math.inf] * len(criticals)
+        if self.max_sparsity >= 1.0:
             return [strength] * len(criticals)
-        capped = [c if limit == math.inf else torch.where(c <= limit, c, math.inf) for c, limit in zip(criticals, limits, strict=True)]
-        strength = _kth(capped, m, self.strength)
-        return [min(strength, limit) for limit in limits]
+        caps = [math.floor(self.max_sparsity * c.numel()) for c in criticals]
+        while True:  # cap the tensors over their maximum at this strength, until none is
+            counts = _at_most(criticals, strength)
+            over = [i for i, (n, cap) in enumerate(zip(counts, caps, strict=True)) if n > cap and limits[i] == math.inf]
+            if not over:
+                return [min(strength, limit) for limit in limits]
+            for i in over:
+                limits[i] = _kth([criticals[i]], caps[i], None)
+            capped = [c if limit == math.inf else torch.where(c <= limit, c, math.inf) for c, limit in zip(criticals, limits, strict=True)]
+            strength = _kth(capped, m, strength)
 
     def to_dict(self) -> dict:
         out = {"target": self.sparsity, "steps": self.steps}
@@ -180,19 +189,36 @@ def _selected(criticals: list[Tensor], m: int, hint: float | None) -> float:
     """The m-th smallest critical strength on an accelerator or over DTensor shards, by
     :func:`~paramreg.optim.order_statistic.kth_smallest` (Note [Target sparsity]): each rank counts
     its own shard, and one ``all_reduce`` of the counts per pass completes them."""
+    local, reduce = _local(criticals)
+    return float(kth_smallest(lambda: local, m, reduce=reduce, hint=hint).value)
+
+
+def _local(criticals: list[Tensor]):
+    """Each rank's part of ``criticals`` (DTensor shards, Note [Target sparsity]) and the sum over
+    ranks of a count tensor (None without DTensors)."""
     local, group = [], None
     for c in criticals:
         if isinstance(c, Tensor) and type(c) is not Tensor and hasattr(c, "device_mesh"):  # a DTensor
             c, group = _shard(c), c.device_mesh.get_group()
         local.append(c)
-    reduce = None
-    if group is not None:
-        import torch.distributed as dist
+    if group is None:
+        return local, None
+    import torch.distributed as dist
 
-        def reduce(counts: Tensor) -> None:
-            dist.all_reduce(counts, group=group)
+    def reduce(counts: Tensor) -> None:
+        dist.all_reduce(counts, group=group)
 
-    return float(kth_smallest(lambda: local, m, reduce=reduce, hint=hint).value)
+    return local, reduce
+
+
+def _at_most(criticals: list[Tensor], value: float) -> list[int]:
+    """Per tensor, how many of its critical strengths are at most ``value`` (one comparison pass;
+    over DTensor shards one ``all_reduce`` of as many counts as there are tensors)."""
+    local, reduce = _local(criticals)
+    counts = torch.stack([(c <= value).sum() for c in local]) if local else torch.zeros(0, dtype=torch.int64)
+    if reduce is not None:
+        reduce(counts)
+    return [int(n) for n in counts.tolist()]
 
 
 def _shard(c) -> Tensor:
