@@ -22,6 +22,7 @@ from quickstart import SmallCNN, load_data  # noqa: E402
 
 DIGITS = load_data()
 TARGETS = ["conv*.weight", "fc*.weight"]
+TARGET_NAMES = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
 OPTIMIZERS = {
     "SGD": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
     "Adam": lambda p: torch.optim.Adam(p, lr=3e-3),
@@ -493,3 +494,49 @@ def test_bad_allocation_options_are_refused(keywords, match):
     with pytest.raises(ParamregError, match=match):
         paramreg.attach(model, "*.weight", **keywords)
     assert paramreg.spec(model)["attached"] == {}
+
+
+def _recipe_run(make_opt, steps, model=None, opt=None, first=0, keep=True):
+    torch.manual_seed(0)
+    if model is None:
+        model = SmallCNN()
+        paramreg.attach(model, TARGETS, sparsity=0.8, sparsity_steps=(2, 6), keep_zeros=keep)
+        opt = make_opt(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    for k in range(first + steps):
+        x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+        if k < first:
+            continue
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_one_call_ramps_then_keeps_its_zeros_and_resumes_bitwise(name, tmp_path):
+    """Note [Ramp, then keep the zeros]: nothing before step 2, the ramp to 80% by step 6, then the
+    zero set of step 6 kept while the other weights train on unshrunk; saved at step 8 (after the
+    ramp) and at step 4 (in it), resumed runs equal the uninterrupted one."""
+    make_opt = {"SGD": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2)}[name]
+    full, _ = _recipe_run(make_opt, 12)
+    weights = [dict(full.named_parameters())[n] for n in TARGET_NAMES]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))
+    at_6, _ = _recipe_run(make_opt, 6)
+    zeros_6 = [dict(at_6.named_parameters())[n] == 0 for n in TARGET_NAMES]
+    assert all(torch.equal(w == 0, z) for w, z in zip(weights, zeros_6, strict=True))  # the same zeros since step 6
+    early, _ = _recipe_run(make_opt, 2)
+    assert all(int((dict(early.named_parameters())[n] == 0).sum()) == 0 for n in TARGET_NAMES)  # the ramp starts at 2
+    for stop in (4, 8):
+        model, opt = _recipe_run(make_opt, stop)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "spec": paramreg.spec(model)}, tmp_path / "c.pt")
+        saved = torch.load(tmp_path / "c.pt", weights_only=True)
+        resumed = SmallCNN()
+        paramreg.attach_spec(resumed, saved["spec"])
+        resumed_opt = make_opt(resumed.parameters())
+        resumed.load_state_dict(saved["model"])
+        resumed_opt.load_state_dict(saved["opt"])
+        resumed, _ = _recipe_run(make_opt, 12 - stop, resumed, resumed_opt, first=stop)
+        assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)), stop
+    assert "then keeps its zeros" in repr(full.conv1.parametrizations.weight[0])
+    assert "then zeros kept" in paramreg.report(full).rows[0].regularizer

@@ -135,7 +135,10 @@ def attach(
             then on. The strength is then set at every step, the smallest that gives the ramp's
             fraction on that step (Note [Target sparsity] in :mod:`paramreg.optim.targets`); a strength
             given with it is only the value reported before the first step.
-        sparsity_steps: n, the optimizer steps of the ramp (with ``sparsity``).
+        sparsity_steps: n, the optimizer steps of the ramp (with ``sparsity``), or ``(start, end)``:
+            nothing is zeroed before step ``start``, the ramp ends at ``end``. With ``keep_zeros=True``
+            as well, the zero set of step ``end`` is then kept while every other weight trains on
+            (Note [Ramp, then keep the zeros] in :mod:`paramreg.optim.targets`).
         allocation: how a target shares its zeros among its tensors (Note [Allocation] in
             :mod:`paramreg.optim.targets`): ``"global"`` (default) ranks all their groups together,
             ``"uniform"`` gives each tensor the fraction itself.

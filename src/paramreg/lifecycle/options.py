@@ -123,7 +123,11 @@ def checked_target(reg, given: dict, mode: str, schedule, sparsity, sparsity_ste
         raise ParamregError(f"{where}: sparsity={sparsity!r} needs sparsity_steps=n, the optimizer steps over which it ramps up")
     if sparsity is None:
         raise ParamregError(f"{where}: sparsity_steps={sparsity_steps!r} needs sparsity=s, the fraction of zero groups to reach")
-    target = SparsityTarget(sparsity, sparsity_steps, allocation, max_sparsity)
+    start, end = 0, sparsity_steps
+    if isinstance(sparsity_steps, (tuple, list)) and len(sparsity_steps) == 2:
+        start, end = sparsity_steps
+    keep = given.pop("keep_zeros", False)  # the recipe in one call (Note [Ramp, then keep the zeros])
+    target = SparsityTarget(sparsity, end, allocation, max_sparsity, start, keep)
     if schedule is not None or any(is_schedule(v) for v in given.values()):
         raise ParamregError(f"{where}: a sparsity target sets the strength at every step; it takes no strength schedule")
     # a strength keyword may be True (no starting value): the form alone

@@ -107,14 +107,22 @@ class Carrier(nn.Module):
         step = f", step={self.ran}" if self.ran else "" if self.step == "auto" else f", step={self.step!r}"
         floor = "" if self.metric_floor == 1.0 else f", metric_floor={self.metric_floor:g}"
         schedule = "" if self.schedule is None else ", scheduled"
-        target = "" if self.target is None else f", sparsity={self.target.sparsity:g} by step {self.target.steps}"
+        target = ""
+        if self.target is not None:
+            start = f" from step {self.target.start}" if self.target.start else ""
+            kept = ", then keeps its zeros" if self.target.keep_zeros else ""
+            target = f", sparsity={self.target.sparsity:g}{start} by step {self.target.steps}{kept}"
         return f"{self.current()!r}, mode={self.mode!r}{step}{floor}{schedule}{target}"
 
     def remember(self, w: Tensor) -> None:
-        """Take the regularizer's memory of ``w`` (``Regularizer.remembers``), kept as a buffer
-        that moves with the module and stays out of the state_dict."""
+        """Take the regularizer's memory of ``w`` (``Regularizer.remembers``), or for a target that
+        keeps its zeros after the ramp the mask of ``w``'s zeros (Note [Ramp, then keep the zeros]
+        in optim/targets.py), kept as a buffer that moves with the module and stays out of the
+        state_dict."""
         if self.regularizer.remembers:
             self.register_buffer("memory", self.regularizer.remember(w), persistent=False)
+        elif self.target is not None and self.target.keep_zeros:
+            self.register_buffer("memory", w.detach() == 0, persistent=False)
 
     def multiplier(self) -> float:
         """The multiple of ``regularizer`` in force: a target's last strength (0 before its first

@@ -131,8 +131,14 @@ def _apply_target(target, work: list[tuple], optimizer) -> None:
     work = [item for item in work if item[2] != 0.0]
     if not work:
         return
+    k = max(c.calls for bucket, *_ in work for p, c in zip(bucket.params, bucket.carriers, strict=True) if p.grad is not None)
+    if target.holds(k):  # after the ramp: its zeros kept (Note [Ramp, then keep the zeros] in optim/targets.py)
+        for bucket, tensors, *_ in work:
+            carriers = {id(p): c for p, c in zip(bucket.params, bucket.carriers, strict=True)}
+            for p in tensors:
+                p.masked_fill_(_memory(carriers[id(p)], p), 0)
+        return
     units, criticals = [], []  # a unit: one tensor, or a bucket's tensors whose groups span them all
-    k = 0
     for bucket, tensors, lr, group, fill in work:
         step = _inverse(bucket, tensors, lr, optimizer, group, fill)
         inverse = step if isinstance(step, list) else [1.0 / step if step else math.inf] * len(tensors)
@@ -142,7 +148,6 @@ def _apply_target(target, work: list[tuple], optimizer) -> None:
         else:  # a map that couples its tensors (attach_channels): one unit
             units.append((bucket.regularizer, tensors, step))
         criticals += found
-        k = max(k, max(c.calls for p, c in zip(bucket.params, bucket.carriers, strict=True) if p.grad is not None))
     strengths = target.calibrate(criticals, k)
     by_strength: dict[tuple, tuple] = {}  # (regularizer, strength, step kind) -> the units' tensors and steps, mapped at once
     for (regularizer, tensors, step), strength in zip(units, strengths, strict=True):
@@ -154,6 +159,11 @@ def _apply_target(target, work: list[tuple], optimizer) -> None:
                 entry[3].extend(step)
     for regularizer, strength, tensors, step in by_strength.values():
         _map(regularizer.scaled(strength), tensors, step)
+    if target.keep_zeros and k == target.steps:  # the ramp's last step: its zeros are the ones kept
+        for bucket, tensors, *_ in work:
+            carriers = {id(p): c for p, c in zip(bucket.params, bucket.carriers, strict=True)}
+            for p in tensors:
+                carriers[id(p)].remember(p)
 
 
 # Elements per block of the adaptive prox on the CPU: its scratch tensors (the inverse steps) and

@@ -60,6 +60,16 @@ Note [Allocation]
     strength, the round(s_k·n_i)-th smallest of its own c_i: each tensor reaches the fraction
     itself, and the total is the sum of the rounded counts. A group of coupled tensors
     (``attach_channels``) is one unit for both.
+
+Note [Ramp, then keep the zeros]
+    ``sparsity_steps=(start, end)`` runs the ramp from optimizer step ``start`` (nothing is zeroed
+    before) to ``end``; an int n is (0, n). With ``keep_zeros=True`` the target is the whole
+    recipe in one call: after the ramp's last step the zero set is frozen (each carrier takes a
+    mask of its tensor's zeros then, as ``KeepZeros`` does at attach) and from the next step on the
+    zeros are set again after every step while every other weight trains on without shrinkage:
+    the two-phase form (``remove``, then ``attach(..., keep_zeros=True)``) without leaving the
+    target. A resumed run takes the mask from the loaded weights (the state-dict load hook), so it
+    continues exactly.
 """
 
 from __future__ import annotations
@@ -76,13 +86,16 @@ from .order_statistic import kth_smallest
 __all__ = ["SparsityTarget", "ramp"]
 
 
-def ramp(sparsity: float, steps: int, k: int) -> float:
-    """The fraction of zero groups asked at step k: s·(1 − (1 − min(k, n)/n)³).
+def ramp(sparsity: float, steps: int, k: int, start: int = 0) -> float:
+    """The fraction of zero groups asked at step k: s·(1 − (1 − d)³), d = (k − start)/(n − start)
+    clamped to [0, 1] (0 before the ramp's start, 1 from its end n on).
 
     >>> [round(ramp(0.9, 10, k), 4) for k in (0, 1, 5, 10, 20)]
     [0.0, 0.2439, 0.7875, 0.9, 0.9]
+    >>> [round(ramp(0.9, 10, k, start=5), 4) for k in (0, 5, 6, 10)]
+    [0.0, 0.0, 0.4392, 0.9]
     """
-    done = min(max(k, 0), steps) / steps
+    done = min(max(k - start, 0), steps - start) / (steps - start)
     return sparsity * (1.0 - (1.0 - done) ** 3)
 
 
@@ -113,6 +126,8 @@ class SparsityTarget:
     steps: int
     allocation: str = "global"
     max_sparsity: float | None = None
+    start: int = 0
+    keep_zeros: bool = False
     strength: float | None = None
     asked: float = 0.0
 
@@ -123,6 +138,13 @@ class SparsityTarget:
                 f"sparsity_steps must be an int >= 1 (the optimizer steps over which sparsity ramps up to "
                 f"{self.sparsity}), got {self.steps!r}"
             )
+        if isinstance(self.start, bool) or not isinstance(self.start, int) or not 0 <= self.start < self.steps:
+            raise ParamregError(
+                f"sparsity_steps=(start, end) needs 0 <= start < end (the optimizer steps where the ramp begins and "
+                f"ends), got start {self.start!r} and end {self.steps!r}"
+            )
+        if not isinstance(self.keep_zeros, bool):
+            raise ParamregError(f"keep_zeros with a sparsity target must be True or False, got {self.keep_zeros!r}")
         if self.allocation not in ALLOCATIONS:
             raise ParamregError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {self.allocation!r}")
         if self.max_sparsity is None:
@@ -138,7 +160,7 @@ class SparsityTarget:
     def calibrate(self, criticals: list[Tensor], k: int) -> list[float]:
         """The strength of step ``k`` for each of ``criticals`` (the critical strengths of the groups
         of each tensor, or of each coupled group of tensors, that the step updated)."""
-        self.asked = ramp(self.sparsity, self.steps, k)
+        self.asked = ramp(self.sparsity, self.steps, k, self.start)
         if self.allocation == "uniform":
             strengths = [_kth([c], round(self.asked * c.numel()), None) for c in criticals]
         else:
@@ -167,8 +189,16 @@ class SparsityTarget:
             capped = [c if limit == math.inf else torch.where(c <= limit, c, math.inf) for c, limit in zip(criticals, limits, strict=True)]
             strength = _kth(capped, m, strength)
 
+    def holds(self, k: int) -> bool:
+        """Whether step ``k`` comes after the ramp of a target that then keeps its zeros."""
+        return self.keep_zeros and k > self.steps
+
     def to_dict(self) -> dict:
         out = {"target": self.sparsity, "steps": self.steps}
+        if self.start:
+            out["start"] = self.start
+        if self.keep_zeros:
+            out["keep_zeros"] = True
         if self.allocation != "global":
             out["allocation"] = self.allocation
         if self.max_sparsity != max(MAX_SPARSITY, self.sparsity):

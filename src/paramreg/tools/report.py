@@ -238,7 +238,8 @@ def _describe(carrier) -> str:
     if carrier.target is not None:
         strength = carrier.target.strength
         now = "not stepped yet" if strength is None else f"strength {strength:.4g}"
-        return f"{type(carrier.regularizer).__name__} target {carrier.target.sparsity:.0%} ({now})"
+        kept = ", then zeros kept" if carrier.target.keep_zeros else ""
+        return f"{type(carrier.regularizer).__name__} target {carrier.target.sparsity:.0%} ({now}{kept})"
     return repr(carrier.current()) + (" scheduled" if carrier.schedule else "")
 
 
