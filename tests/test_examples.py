@@ -26,6 +26,21 @@ def test_quickstart_demo():
     assert "reloaded plain state_dict: predictions identical" in out
 
 
+def test_at_scale_example_quick_run_under_torchrun(tmp_path):
+    """examples/at_scale.py as docs/at-scale.md runs it, quick: 2 processes under torchrun
+    (--standalone picks a free port), FSDP2, a target, a DCP save and resume, the report."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from conftest import run_job
+
+    out = run_job("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "examples" / "at_scale.py",
+                  "--quick", "--out", tmp_path / "checkpoint", timeout=600)
+    assert "saved with DCP after step 6 and resumed" in out
+    target = re.search(r"^target: 90\.0% of ([0-9]+) weights .* reached ([0-9.]+)%", out, flags=re.M)
+    assert target and target.group(2) == "90.0"
+    total = re.search(r"^total \(8\)\s+([0-9]+)\s+([0-9]+)", out, flags=re.M)
+    assert int(total.group(2)) == round(0.9 * int(total.group(1)))  # exactly the target, after the resume
+
+
 def _example(name):
     """examples/<name>.py as a module, loaded as `python examples/<name>.py` runs it: with examples/ on
     the path (the studies import the quickstart's CNN and study_pages) and registered in sys.modules
