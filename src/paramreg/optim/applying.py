@@ -131,12 +131,12 @@ def _apply_target(target, work: list[tuple], optimizer) -> None:
     work = [item for item in work if item[2] != 0.0]
     if not work:
         return
-    k = max(c.calls for bucket, *_ in work for p, c in zip(bucket.params, bucket.carriers, strict=True) if p.grad is not None)
+    carriers = {id(p): c for bucket, *_ in work for p, c in zip(bucket.params, bucket.carriers, strict=True)}
+    stepped = [p for _, tensors, *_ in work for p in tensors]
+    k = max(carriers[id(p)].calls for p in stepped)
     if target.holds(k):  # after the ramp: its zeros kept (Note [Ramp, then keep the zeros] in optim/targets.py)
-        for bucket, tensors, *_ in work:
-            carriers = {id(p): c for p, c in zip(bucket.params, bucket.carriers, strict=True)}
-            for p in tensors:
-                p.masked_fill_(_memory(carriers[id(p)], p), 0)
+        for p in stepped:
+            p.masked_fill_(_memory(carriers[id(p)], p), 0)
         return
     units, criticals = [], []  # a unit: one tensor, or a bucket's tensors whose groups span them all
     for bucket, tensors, lr, group, fill in work:
@@ -160,10 +160,8 @@ def _apply_target(target, work: list[tuple], optimizer) -> None:
     for regularizer, strength, tensors, step in by_strength.values():
         _map(regularizer.scaled(strength), tensors, step)
     if target.keep_zeros and k == target.steps:  # the ramp's last step: its zeros are the ones kept
-        for bucket, tensors, *_ in work:
-            carriers = {id(p): c for p, c in zip(bucket.params, bucket.carriers, strict=True)}
-            for p in tensors:
-                carriers[id(p)].remember(p)
+        for p in stepped:
+            carriers[id(p)].remember(p)
 
 
 # Elements per block of the adaptive prox on the CPU: its scratch tensors (the inverse steps) and
