@@ -125,16 +125,23 @@ def test_ddp_two_processes_agree_and_match_one_process(kind, tmp_path):
     assert (ranks[0]["0.weight"] == 0).any()
 
 
+def _fsdp_against_one_process(kind, tmp_path):
+    """The FSDP2 job ``kind`` on 2 ranks, rank 0's trained state_dict (gathered), checked against
+    the same training in one process (within 2e-6), and the report's zero counts."""
+    _run_distributed(kind, tmp_path)
+    got = torch.load(tmp_path / f"{kind}-rank0.pt", weights_only=True)
+    # the report counts whole tensors, not this rank's shard
+    assert got.pop("report.zeros").tolist() == [int((got[f"{i}.weight"] == 0).sum()) for i in (0, 2, 4)]
+    expected = _one_process(kind)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=2e-6)
+    return got, expected
+
+
 def test_fsdp2_sharded_training_matches_one_process(tmp_path):
     """fully_shard splits every weight by rows over 2 ranks: L1 maps each shard; the group lasso
     over input columns and the nuclear norm need the whole tensor, which DTensor's ops gather."""
-    _run_distributed("fsdp", tmp_path)
-    got = torch.load(tmp_path / "fsdp-rank0.pt", weights_only=True)
-    # the report counts whole tensors, not this rank's shard
-    assert got.pop("report.zeros").tolist() == [int((got[f"{i}.weight"] == 0).sum()) for i in (0, 2, 4)]
-    expected = _one_process("fsdp")
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=2e-6)
+    got, _ = _fsdp_against_one_process("fsdp", tmp_path)
     assert (got["0.weight"] == 0).any() and (got["0.weight"] != 0).any()
     columns = got["2.weight"].norm(dim=0)
     assert (columns == 0).any() and (columns != 0).any()
@@ -146,12 +153,8 @@ def test_fsdp2_sparsity_target_over_uneven_shards_matches_one_process_without_ga
     over 2 ranks: the selection counts each rank's shard and all-reduces the counts (Note [Target
     sparsity] in optim/targets.py), so the step gathers nothing and the zeros are those of the same
     training in one process."""
-    _run_distributed("fsdp-target", tmp_path)
-    got = torch.load(tmp_path / "fsdp-target-rank0.pt", weights_only=True)
-    got.pop("report.zeros")
-    expected = _one_process("fsdp-target")
+    got, expected = _fsdp_against_one_process("fsdp-target", tmp_path)
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=2e-6)
         assert torch.equal(got[key] == 0, expected[key] == 0), key  # the same zero set
     weights = [got[f"{i}.weight"] for i in (0, 2, 4)]
     zeros = sum(int((w == 0).sum()) for w in weights)
@@ -167,12 +170,7 @@ def test_fsdp2_sparsity_target_over_uneven_shards_matches_one_process_without_ga
 def test_fsdp2_keep_zeros_attached_before_sharding_keeps_them(tmp_path):
     """KeepZeros' mask is taken at attach, before fully_shard, as a whole plain tensor; it is
     sharded like its weight at the first step (uneven shards too) and the run equals one process."""
-    _run_distributed("fsdp-keep-zeros", tmp_path)
-    got = torch.load(tmp_path / "fsdp-keep-zeros-rank0.pt", weights_only=True)
-    got.pop("report.zeros")
-    expected = _one_process("fsdp-keep-zeros")
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=2e-6)
+    got, _ = _fsdp_against_one_process("fsdp-keep-zeros", tmp_path)
     for i in (0, 2, 4):
         assert (got[f"{i}.weight"].view(-1)[::3] == 0).all() and (got[f"{i}.weight"] != 0).any()
 
