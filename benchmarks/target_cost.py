@@ -4,20 +4,26 @@ One process, the variants interleaved round by round, medians: a training step o
 hidden layers hold N selected weights (batch 8, so that the optimizer's work dominates), with no
 regularization, with ``l1=`` (the default prox) and with a target (``sparsity=0.9`` over the
 whole run, so that every timed step calibrates), under SGD with momentum and AdamW. Also the
-memory a step allocates at its peak beyond the step before it (``torch.profiler`` with
-``profile_memory=True`` on the CPU: the largest allocation total in flight during one step, per
-variant), to see what the target's selection adds: the critical strengths and, on plain CPU
-tensors, their concatenation (Note [Target sparsity] in paramreg/optim/targets.py).
+most memory resident during one step beyond what was resident before it, per variant, each in a
+fresh process (the kernel's high-water mark, reset before the step; on Linux), to see what the
+target's selection holds beyond the default prox (Note [Critical strengths on the fly] in
+paramreg/optim/applying.py). With ``--gpt``, also a GPT-style training step where forward and
+backward dominate.
 
     python benchmarks/target_cost.py                  # 1M and 8M selected weights
     python benchmarks/target_cost.py --sizes 1 8 25   # millions of selected weights
-    python benchmarks/target_cost.py --tiny           # a smoke test of seconds
+    python benchmarks/target_cost.py --gpt            # and the GPT-style step
+    python benchmarks/target_cost.py --tiny --gpt     # a smoke test of seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -57,17 +63,39 @@ def step(model, opt, x, y) -> None:
     opt.step()
 
 
-def peak_bytes(model, opt, x, y) -> int:
-    """The most memory in flight during one step, beyond what was allocated before it."""
-    from torch.profiler import ProfilerActivity, profile
+def _status(key: str) -> int:
+    """A field of /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+
+def peak_of(variant: str, selected: int, optimizer: str) -> int:
+    """In this process: the most memory resident during one step beyond what was resident before it
+    (the kernel's high-water mark, reset just before the step)."""
+    model, opt = build(variant, selected, optimizer, 100)
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    for _ in range(3):
         step(model, opt, x, y)
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    step(model, opt, x, y)
+    return _status("VmHWM") - before
+
+
+def peak_bytes(variant: str, selected: int, optimizer: str) -> int | None:
+    """:func:`peak_of` in a fresh process, whose allocator returns every block of 64 KiB or more to
+    the system when it is freed (``MALLOC_MMAP_THRESHOLD_``), so that the high-water mark sees each
+    step's temporaries; None where /proc is not there (not Linux)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run([sys.executable, __file__, "--peak-of", variant, str(selected), optimizer], env=env,
+                          capture_output=True, text=True, check=True, timeout=900)
+    return int(done.stdout.split()[-1])
 
 
 def main() -> None:
@@ -76,7 +104,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="0.01M selected weights, 2 rounds")
+    parser.add_argument("--gpt", action="store_true", help="also a GPT-style training step (forward and backward dominate)")
+    parser.add_argument("--peak-of", nargs=3, metavar=("VARIANT", "SELECTED", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak_of:
+        variant, selected, optimizer = args.peak_of
+        print(peak_of(variant, int(selected), optimizer))
+        return
     sizes = [0.01] if args.tiny else args.sizes
     rounds = 2 if args.tiny else args.rounds
     torch.set_num_threads(2)
@@ -97,11 +131,58 @@ def main() -> None:
                         step(model, opt, x, y)
                     times[v].append((time.perf_counter() - started) / args.steps_per_round)
             median = {v: statistics.median(t) for v, t in times.items()}
-            peaks = {v: peak_bytes(*runs[v], x, y) / 2**20 for v in VARIANTS}
-            print(f"{selected / 1e6:7.2f}M  {optimizer:9s}  {median['none'] * 1e3:7.1f}  {median['l1'] / median['none']:7.2f}  "
-                  f"{median['target'] / median['none']:11.2f}  {median['target'] / median['l1']:9.2f}  "
-                  f"{peaks['none']:.1f} / {peaks['l1']:.1f} / {peaks['target']:.1f}", flush=True)
             del runs
+            peaks = {v: peak_bytes(v, selected, optimizer) for v in VARIANTS}
+            peak = " / ".join("-" if b is None else f"{b / 2**20:.1f}" for b in peaks.values())
+            print(f"{selected / 1e6:7.2f}M  {optimizer:9s}  {median['none'] * 1e3:7.1f}  {median['l1'] / median['none']:7.2f}  "
+                  f"{median['target'] / median['none']:11.2f}  {median['target'] / median['l1']:9.2f}  {peak}", flush=True)
+    if args.gpt:
+        gpt_step(rounds, args.steps_per_round, tiny=args.tiny)
+
+
+def gpt_step(rounds: int, steps_per_round: int, tiny: bool) -> None:
+    """A training step of examples/study_text.py's character transformer (6 blocks of width 384,
+    context 256, batch 16: about 10.7M weights, 10.6M of them selected; forward and backward
+    dominate), unregularized, with ``l1=`` and with a target on every block's Linear weights,
+    under AdamW, interleaved as above."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    from study_text import CharTransformer, Setup
+
+    setup = Setup(data_bytes=0, layers=1 if tiny else 6, width=32 if tiny else 384, heads=4 if tiny else 6,
+                  context=16 if tiny else 256, batch=2 if tiny else 16, lr=1e-3)
+    weights = r"re:blocks\.\d+\.(qkv|proj|fc1|fc2)\.weight"
+    runs = {}
+    for variant in VARIANTS:
+        torch.manual_seed(0)
+        model = CharTransformer(setup)
+        if variant == "l1":
+            paramreg.attach(model, weights, l1=1e-6)
+        elif variant == "target":
+            paramreg.attach(model, weights, sparsity=0.9, sparsity_steps=10**6)
+        runs[variant] = model, torch.optim.AdamW(model.parameters(), lr=setup.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (setup.batch, setup.context), generator=g)
+    y = torch.randint(0, 256, (setup.batch, setup.context), generator=g)
+    selected = sum(p.numel() for n, p in runs["none"][0].named_parameters() if re.fullmatch(weights[3:], n))
+
+    def lm_step(model, opt):
+        opt.zero_grad()
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        opt.step()
+
+    for model, opt in runs.values():
+        lm_step(model, opt)
+    times = {v: [] for v in VARIANTS}
+    for _ in range(rounds):
+        for v, (model, opt) in runs.items():
+            started = time.perf_counter()
+            for _ in range(steps_per_round):
+                lm_step(model, opt)
+            times[v].append((time.perf_counter() - started) / steps_per_round)
+    median = {v: statistics.median(t) for v, t in times.items()}
+    print(f"GPT-style step ({selected / 1e6:.2f}M selected weights, AdamW, batch {setup.batch} x {setup.context}): "
+          f"none {median['none'] * 1e3:.1f} ms, l1/none {median['l1'] / median['none']:.3f}, "
+          f"target/none {median['target'] / median['none']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

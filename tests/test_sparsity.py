@@ -403,17 +403,54 @@ def test_a_deep_copy_shares_its_own_target():
     assert math.isclose(copied.conv1.parametrizations.weight[0].target.sparsity, 0.5)
 
 
-def test_the_selection_is_the_kthvalue_element():
-    """The CPU selection (numpy.partition) returns exactly what torch.kthvalue returns, ties and
-    infinities included."""
-    from paramreg.optim.targets import _smallest
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_a_target_step_equals_the_whole_tensor_computation(name, allocation):
+    """The critical strengths computed block by block, never all at once, and selected by counting
+    (Note [Critical strengths on the fly] in optim/applying.py) give the strength and weights that
+    the whole tensors give: the kthvalue of the concatenated critical strengths, then the map.
+    One tensor is larger than a block (split), three are smaller (gathered), one holds ties."""
+    from paramreg.optim import step_sizes
 
-    g = torch.Generator().manual_seed(0)
-    values = torch.cat([torch.rand(5000, generator=g).pow(3), torch.zeros(300), torch.full((40,), math.inf),
-                        torch.rand(7, generator=g).repeat(50)])
-    values = values[torch.randperm(values.numel(), generator=g)]
-    for m in (1, 2, 299, 300, 301, 2000, values.numel() - 40, values.numel() - 39, values.numel()):
-        assert _smallest(values.clone(), m) == float(values.kthvalue(m).values)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(500, 400), nn.Linear(400, 30), nn.Linear(30, 30), nn.Linear(30, 20))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.randn(6).repeat(150).reshape(30, 30))  # ties
+    reference = copy.deepcopy(model)
+    paramreg.attach(model, "*.weight", sparsity=0.6, sparsity_steps=4, allocation=allocation)
+    opt, ref_opt = OPTIMIZERS[name](model.parameters()), OPTIMIZERS[name](reference.parameters())
+    x, y = torch.randn(16, 500), torch.randn(16, 20)
+    for k in (1, 2):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            o.step()
+        weights = [reference[i].weight for i in range(4)]
+        group = ref_opt.param_groups[0]
+        if name == "Adam":
+            states = [ref_opt.state[w] for w in weights]
+            floors = step_sizes.floors(ref_opt, group, weights, states)
+            inverse = step_sizes.inverse_steps(ref_opt, group, states, group["lr"], None, floors)
+        else:
+            t = group["lr"] * step_sizes.sgd_factor(group, paramreg.optim.state.fill_of(ref_opt, 0, group))
+            inverse = [torch.full_like(w, 1.0 / t) for w in weights]
+        criticals = paramreg.L1(1.0).critical(weights, inverse)
+        asked = ramp(0.6, 4, k)
+        if allocation == "global":
+            flat = torch.cat([c.reshape(-1) for c in criticals])
+            strengths = [float(flat.detach().kthvalue(round(asked * flat.numel())).values)] * 4
+        else:
+            strengths = [float(c.detach().reshape(-1).kthvalue(round(asked * c.numel())).values) for c in criticals]
+        with torch.no_grad():
+            for w, u, a in zip(weights, inverse, strengths):
+                if name == "Adam":
+                    paramreg.L1(a).prox_diag_([w], [u.clone()])
+                else:
+                    paramreg.L1(a).prox_([w], t)
+        target = model[0].parametrizations.weight[0].target
+        assert target.strength == max(strengths)
+        for i in range(4):
+            assert torch.equal(model[i].weight, reference[i].weight), (k, i)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam"])

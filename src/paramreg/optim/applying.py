@@ -15,11 +15,13 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..errors import ParamregError
+
 from . import step_sizes
 from .state import fill_of, schedule_value
 from .plans import Bucket
 
-__all__ = ["run", "BLOCK"]
+__all__ = ["run", "BLOCK", "local_part"]
 
 
 def run(optimizer, plan: list) -> None:
@@ -90,11 +92,12 @@ def _map(regularizer, tensors: list[Tensor], step) -> None:
         regularizer.prox_(tensors, step)
 
 
-def _apply(bucket: Bucket, tensors: list[Tensor], t: float, optimizer, group, fill: float | None) -> None:
+def _apply(bucket: Bucket, tensors: list[Tensor], t: float, optimizer, group, fill: float | None, regularizer=None, floors=None) -> None:
     """One multi-tensor proximal map over ``tensors`` with step ``t`` (scaled by SGD's momentum
     factor, or per coordinate by the optimizer's metric under the adaptive policy; ``fill``: the
-    group's momentum fill, Note [Momentum fill])."""
-    regularizer = bucket.regularizer
+    group's momentum fill, Note [Momentum fill]). ``regularizer``: the map (default the
+    bucket's); ``floors``: the safeguard's floors of ``tensors`` if already taken."""
+    regularizer = bucket.regularizer if regularizer is None else regularizer
     if regularizer.remembers:
         memories = {id(p): _memory(c, p) for p, c in zip(bucket.params, bucket.carriers, strict=True)}
         regularizer.project_(tensors, [memories[id(p)] for p in tensors])
@@ -105,7 +108,8 @@ def _apply(bucket: Bucket, tensors: list[Tensor], t: float, optimizer, group, fi
         _map(regularizer, tensors, _inverse(bucket, tensors, t, optimizer, group, fill))
         return
     states = [optimizer.state[p] for p in tensors]
-    floors = step_sizes.floors(optimizer, group, tensors, states, bucket.metric_floor)
+    if floors is None:
+        floors = step_sizes.floors(optimizer, group, tensors, states, bucket.metric_floor)
     for indices, block, block_states in _blocks(tensors, states, regularizer):
         block_floors = None if floors is None else [floors[i] for i in indices]
         _map(regularizer, block, _inverse(bucket, block, t, optimizer, group, fill, block_states, block_floors))
@@ -138,30 +142,128 @@ def _apply_target(target, work: list[tuple], optimizer) -> None:
         for p in stepped:
             p.masked_fill_(_memory(carriers[id(p)], p), 0)
         return
-    units, criticals = [], []  # a unit: one tensor, or a bucket's tensors whose groups span them all
-    for bucket, tensors, lr, group, fill in work:
-        step = _inverse(bucket, tensors, lr, optimizer, group, fill)
-        inverse = step if isinstance(step, list) else [1.0 / step if step else math.inf] * len(tensors)
-        found = bucket.regularizer.critical(tensors, inverse)
-        if len(found) == len(tensors):
-            units += [(bucket.regularizer, [w], [u] if isinstance(step, list) else step) for w, u in zip(tensors, inverse, strict=True)]
-        else:  # a map that couples its tensors (attach_channels): one unit
-            units.append((bucket.regularizer, tensors, step))
-        criticals += found
+    criticals = _Criticals(work, optimizer)
     strengths = target.calibrate(criticals, k)
-    by_strength: dict[tuple, tuple] = {}  # (regularizer, strength, step kind) -> the units' tensors and steps, mapped at once
-    for (regularizer, tensors, step), strength in zip(units, strengths, strict=True):
-        if strength:
-            key = (id(regularizer), strength, isinstance(step, list), None if isinstance(step, list) else step)
-            entry = by_strength.setdefault(key, (regularizer, strength, [], [] if isinstance(step, list) else step))
-            entry[2].extend(tensors)
-            if isinstance(step, list):
-                entry[3].extend(step)
-    for regularizer, strength, tensors, step in by_strength.values():
-        _map(regularizer.scaled(strength), tensors, step)
+    for w, (bucket, tensors, lr, group, fill, floors) in enumerate(criticals.work):
+        by_strength: dict[float, list[int]] = {}  # strength -> indices into tensors, mapped at once
+        for u in criticals.of_work[w]:
+            if strengths[u]:
+                by_strength.setdefault(strengths[u], []).extend(criticals.units[u][1])
+        for strength, indices in by_strength.items():
+            chosen = [tensors[i] for i in indices]
+            _apply(bucket, chosen, lr, optimizer, group, fill, bucket.regularizer.scaled(strength),
+                   None if floors is None else [floors[i] for i in indices])
     if target.keep_zeros and k == target.steps:  # the ramp's last step: its zeros are the ones kept
         for p in stepped:
             carriers[id(p)].remember(p)
+
+
+class _Criticals:
+    """The critical strengths of one target's units, computed where a pass needs them.
+
+    Note [Critical strengths on the fly]
+        A target's step ranks the critical strengths of every group it holds (Note [Target
+        sparsity] in optim/targets.py), and a selection passes over them once or a few times
+        (Note [Exact selection] in optim/order_statistic.py). They are never all held at once:
+        each pass computes them again, on the CPU in the cache-sized blocks of the prox itself
+        (Note [Blocks]: the optimizer's inverse steps of a block, then ``Regularizer.critical``),
+        elsewhere one tensor (or one coupled group of tensors) at a time, and drops them. So a
+        target's step holds, beyond what the default prox holds, the selection's counts and one
+        block (one tensor off the CPU), and computes the critical strengths once per pass: one
+        pass in most steps (the last step's strength is the selection's hint), then the map,
+        blockwise as the default prox maps. The safeguard's floors (Note [Safeguarded metric]
+        in optim/step_sizes.py) are taken once per step over whole tensors and serve every pass
+        and the map. Over DTensor shards each rank computes its own shard's strengths (a
+        replicated value is counted on one rank); one ``all_reduce`` of the counts per pass.
+
+    A unit is one tensor, or the tensors of a bucket whose map couples them (``attach_channels``).
+    """
+
+    def __init__(self, work: list[tuple], optimizer):
+        self.optimizer = optimizer
+        self.work = []  # (bucket, tensors, lr, group, fill, floors)
+        self.units: list[tuple[int, list[int]]] = []  # (index into work, indices into its tensors)
+        self.of_work: list[list[int]] = []
+        self.sizes: list[int] = []
+        self.reduce = None
+        self.device = work[0][1][0].device
+        for w, (bucket, tensors, lr, group, fill) in enumerate(work):
+            floors = None
+            if bucket.policy == "adaptive":
+                states = [optimizer.state[p] for p in tensors]
+                floors = step_sizes.floors(optimizer, group, tensors, states, bucket.metric_floor)
+            self.work.append((bucket, tensors, lr, group, fill, floors))
+            regularizer = bucket.regularizer
+            meta = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in tensors]
+            found = regularizer.critical(meta, meta)  # only their sizes
+            units = [list(range(len(tensors)))] if len(found) != len(tensors) else [[i] for i in range(len(tensors))]
+            self.of_work.append(list(range(len(self.units), len(self.units) + len(units))))
+            for indices, c in zip(units, found if len(found) == len(units) else [sum(x.numel() for x in found)], strict=True):
+                self.units.append((w, indices))
+                self.sizes.append(c if isinstance(c, int) else c.numel())
+            for p in tensors:
+                if type(p) is not Tensor and hasattr(p, "device_mesh") and self.reduce is None:
+                    self.reduce = _reducer(p.device_mesh.get_group())
+
+    def chunks(self, units=None, limits=None):
+        """(unit, this rank's critical strengths of some of its groups) for every group of ``units``
+        (default all), in blocks on the CPU; a unit in ``limits`` has its values above its limit as
+        +inf (Note [Allocation] in optim/targets.py)."""
+        chosen = range(len(self.units)) if units is None else units
+        by_work: dict[int, list[int]] = {}
+        for u in chosen:
+            by_work.setdefault(self.units[u][0], []).append(u)
+        for w, us in by_work.items():
+            bucket, tensors, lr, group, fill, floors = self.work[w]
+            indices = [i for u in us for i in self.units[u][1]]
+            unit_of = {i: u for u in us for i in self.units[u][1]}
+            for block_indices, values in self._blocks(bucket, tensors, indices, lr, group, fill, floors):
+                u = unit_of[block_indices[0]]
+                if limits and u in limits:
+                    values = torch.where(values <= limits[u], values, math.inf)
+                if type(values) is not Tensor and hasattr(values, "device_mesh"):
+                    values = local_part(values)
+                yield u, values
+
+    def _blocks(self, bucket, tensors, indices, lr, group, fill, floors):
+        """(indices into ``tensors`` of one unit, their critical strengths) per block."""
+        regularizer = bucket.regularizer
+        chosen = [tensors[i] for i in indices]
+        if bucket.policy != "adaptive":
+            step = _inverse(bucket, chosen, lr, self.optimizer, group, fill)
+            inverse = 1.0 / step if step else math.inf
+            if regularizer.joint:
+                yield indices, regularizer.critical(chosen, [inverse] * len(chosen))[0]
+                return
+            for i, p in zip(indices, chosen, strict=True):
+                yield [i], regularizer.critical([p], [inverse])[0]
+            return
+        states = [self.optimizer.state[p] for p in chosen]
+        chosen_floors = None if floors is None else [floors[i] for i in indices]
+        if regularizer.joint or chosen[0].device.type != "cpu":  # one unit at a time
+            groups = [list(range(len(chosen)))] if regularizer.joint else [[j] for j in range(len(chosen))]
+            for js in groups:
+                block = [chosen[j] for j in js]
+                inverse = _inverse(bucket, block, lr, self.optimizer, group, fill, [states[j] for j in js],
+                                   None if chosen_floors is None else [chosen_floors[j] for j in js])
+                found = regularizer.critical(block, inverse if isinstance(inverse, list) else [1.0 / inverse] * len(block))
+                yield [indices[j] for j in js], found[0]
+            return
+        for js, block, block_states in _blocks(chosen, states, regularizer):
+            block_floors = None if chosen_floors is None else [chosen_floors[j] for j in js]
+            inverse = _inverse(bucket, block, lr, self.optimizer, group, fill, block_states, block_floors)
+            found = regularizer.critical(block, inverse if isinstance(inverse, list) else [1.0 / inverse] * len(block))
+            for j, values in zip(js, found, strict=True):
+                yield [indices[j]], values
+
+
+def _reducer(group):
+    import torch.distributed as dist
+
+    def reduce(counts: Tensor) -> None:
+        dist.all_reduce(counts, group=group)
+
+    return reduce
 
 
 # Elements per block of the adaptive prox on the CPU: its scratch tensors (the inverse steps) and
@@ -221,3 +323,20 @@ def _sliceable(p: Tensor, state: dict) -> bool:
     """A plain contiguous tensor whose same-shaped state tensors are plain and contiguous."""
     tensors = [p, *(v for v in state.values() if _alike(v, p))]
     return all(type(x) in (Tensor, nn.Parameter) and x.is_contiguous() for x in tensors)
+
+
+def local_part(c) -> Tensor:
+    """This rank's part of the DTensor ``c``, each value on exactly one rank: its shard, or, for a
+    replicated value, all of it on the mesh's first rank and none on the others (a redistribution
+    from Replicate to Shard takes a local slice; nothing is communicated)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if any(not isinstance(p, (Shard, Replicate)) for p in c.placements):
+        c = c.redistribute(c.device_mesh, [Replicate()] * c.device_mesh.ndim)  # partial sums: reduced once
+    if c.dim() == 0:
+        c = c.reshape(1)
+    if all(isinstance(p, Replicate) for p in c.placements):
+        c = c.redistribute(c.device_mesh, [Shard(0)] + [Replicate()] * (c.device_mesh.ndim - 1))
+    if c.device_mesh.ndim > 1:
+        raise ParamregError("a sparsity target over DTensors supports a one-dimensional device mesh")
+    return c.to_local()

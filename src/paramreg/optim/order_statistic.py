@@ -36,7 +36,7 @@ Note [Exact selection]
     dimension they all-gather it; CUDA ``kthvalue`` runs one thread block per slice (0.68 s for
     100M values against 0.03 s to sort); CUDA ``sort``/``topk`` refuse a dimension over INT_MAX;
     ``quantile`` sorts and refuses more than 2^24 values. On the CPU the concatenation and
-    ``numpy.partition`` (what ``SparsityTarget`` does today) is fast but concatenates, and runs on the host.
+    ``numpy.partition`` is fast but concatenates, and runs on the host.
 
     Costs (``benchmarks/order_statistic.py``, torch 2.13 on 2 shared CPU cores with a 480 MB L3,
     float32 values |N(0,1)|·exp(N(0,1)) in one chunk, m = 0.9·N, best of 3-5, ms):
@@ -106,6 +106,7 @@ def kth_smallest(
     hint: float | None = None,
     bins: int = 1 << 16,
     device: torch.device | str | None = None,
+    bracket: Callable[[float, float], object] | None = None,
 ) -> Selected:
     """The m-th smallest (1-based) of the values in ``chunks()``, exactly (Note [Exact selection]).
 
@@ -129,6 +130,9 @@ def kth_smallest(
         bins: the bins of a histogram, a power of two 2^k from 2^9 to 2^22: ceil(31 / k) passes
             without a hint, one more after a hint that missed, the hint's window +-2^(k - 1) floats.
         device: where the counts live when ``chunks()`` yields no tensor (default: the CPU).
+        bracket: called before each pass after the first with (lo, hi), float32 values such that
+            lo <= the answer < hi (hi may be +inf, or NaN where no float bounds it), so that
+            a caller's ``chunks`` can count something up to the answer in the same pass.
 
     Returns:
         :class:`Selected`: the value, how many values are below and equal to it, and the passes.
@@ -156,6 +160,8 @@ def kth_smallest(
         lo, shift = a, _cover(a, b, bins)
     passes = 0
     while True:
+        if bracket is not None and passes:
+            bracket(_value(a), _value(b) if b <= _INF else math.nan)
         counts = counter.count(lo, shift)
         if reduce is not None:
             reduce(counts)
@@ -230,9 +236,10 @@ class _Counter:
                     if fill:
                         self._flush(counts, fill, lo, shift)
                         fill = 0
-                    if self.buffer is None or n > self.buffer.numel() or self.buffer.device != piece.device:
-                        grown = 0 if self.buffer is None or self.buffer.device != piece.device else 2 * self.buffer.numel()
-                        self.buffer = torch.empty(min(size, max(n, grown)), dtype=torch.int32, device=piece.device)
+                    if self.buffer is None or self.buffer.device != piece.device:
+                        self.buffer = torch.empty(n, dtype=torch.int32, device=piece.device)
+                    elif self.buffer.numel() < size:  # grows to the stage's size, so that chunks share flushes
+                        self.buffer = torch.empty(min(size, max(n, 2 * self.buffer.numel())), dtype=torch.int32, device=piece.device)
                 keys = self.buffer[fill : fill + n]
                 if piece.dtype == torch.float32:
                     torch.bitwise_and(piece.view(torch.int32), _MAGNITUDE, out=keys)

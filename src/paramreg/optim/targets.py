@@ -27,17 +27,13 @@ Note [Target sparsity]
     In an optimizer's metric c_i = abs(w⁺_i)·(sqrt(v̂_i) + eps)/lr for Adam, a weight's magnitude
     times its gradient scale; with SGD it is the magnitude over lr·fill.
 
-    The m-th smallest value is found by selection, not sorting. For plain tensors on the CPU:
-    numpy's partition (a vectorized introselect, in place on the concatenation; with it the
-    target mode's step on benchmarks/suite.py's MLP under Adam went from 4.87x to 1.56x the
-    unregularized step, where it was ``torch.kthvalue``). On an accelerator and over DTensor
-    shards (FSDP2): ``kth_smallest`` (Note [Exact selection] in optim/order_statistic.py), which
-    counts histograms of the values' bit patterns where they lie, each rank its own shard, with
-    one ``all_reduce`` of the counts per pass (at most 3, of 65,538 int64), warm-started from the
-    last step's strength: no concatenated copy, nothing gathered, and shards of any size. All
-    return the element ``torch.kthvalue`` returns. On the CPU the concatenation stays: there the
-    counting passes cost what the copy and partition cost (Note [Exact selection]), and slow down
-    badly when another process takes a core.
+    The m-th smallest value is found by selection, not sorting, and the critical strengths are
+    never all held at once: ``kth_smallest`` (Note [Exact selection] in optim/order_statistic.py)
+    counts histograms of their bit patterns in two passes, each pass computing them again block
+    by block (Note [Critical strengths on the fly] in optim/applying.py), each rank its own shard
+    with one ``all_reduce`` of the counts per pass. It returns the element ``torch.kthvalue``
+    returns on the concatenation, on any device, for shards of any size. What a step costs
+    against the default prox: ``benchmarks/target_cost.py`` (docs/at-scale.md).
 
     The step count k is the count of steps that updated the tensors (``Carrier.calls``), which a
     resumed run restores from the optimizer's state_dict (Note [Resume] in optim/state.py), so a
@@ -76,6 +72,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import Tensor
@@ -157,37 +154,42 @@ class SparsityTarget:
             )
         self.max_sparsity = float(value)
 
-    def calibrate(self, criticals: list[Tensor], k: int) -> list[float]:
-        """The strength of step ``k`` for each of ``criticals`` (the critical strengths of the groups
-        of each tensor, or of each coupled group of tensors, that the step updated)."""
+    def calibrate(self, criticals: "Criticals", k: int) -> list[float]:
+        """The strength of step ``k`` for each unit of ``criticals`` (a tensor, or a coupled group
+        of tensors, that the step updated; Note [Critical strengths on the fly] in optim/applying.py)."""
         self.asked = ramp(self.sparsity, self.steps, k, self.start)
         if self.allocation == "uniform":
-            strengths = [_kth([c], round(self.asked * c.numel()), None) for c in criticals]
+            strengths = [_kth(criticals, round(self.asked * n), [u]) for u, n in enumerate(criticals.sizes)]
         else:
             strengths = self._global(criticals)
         finite = [s if math.isfinite(s) else 0.0 for s in strengths]
         self.strength = max(finite, default=0.0)
         return finite
 
-    def _global(self, criticals: list[Tensor]) -> list[float]:
-        """One strength for every tensor, each tensor's capped at its maximum (Note [Allocation])."""
-        m = round(self.asked * sum(c.numel() for c in criticals))  # numel of a DTensor: the whole tensor's
+    def _global(self, criticals: "Criticals") -> list[float]:
+        """One strength for every unit, each unit's capped at its maximum (Note [Allocation])."""
+        sizes = criticals.sizes
+        m = round(self.asked * sum(sizes))  # sizes over every rank
         if not m:
-            return [0.0] * len(criticals)
-        strength = _kth(criticals, m, self.strength)
-        limits = [math.inf] * len(criticals)
+            return [0.0] * len(sizes)
         if self.max_sparsity >= 1.0:
-            return [strength] * len(criticals)
-        caps = [math.floor(self.max_sparsity * c.numel()) for c in criticals]
-        while True:  # cap the tensors over their maximum at this strength, until none is
-            counts = _at_most(criticals, strength)
-            over = [i for i, (n, cap) in enumerate(zip(counts, caps, strict=True)) if n > cap and limits[i] == math.inf]
+            return [_kth(criticals, m)] * len(sizes)
+        caps = [math.floor(self.max_sparsity * n) for n in sizes]
+        # The selection's last pass also counts, per unit, the values below the top of its bracket:
+        # if no unit is over its cap there, none is at the strength, which lies below it.
+        below = [0] * len(sizes)
+        strength = _kth(criticals, m, counting=below)
+        if all(n <= cap for n, cap in zip(below, caps, strict=True)):
+            return [strength] * len(sizes)
+        limits: dict[int, float] = {}
+        while True:  # cap the units over their maximum at this strength, until none is
+            counts = _at_most(criticals, strength, limits)
+            over = [u for u, (n, cap) in enumerate(zip(counts, caps, strict=True)) if n > cap and u not in limits]
             if not over:
-                return [min(strength, limit) for limit in limits]
-            for i in over:
-                limits[i] = _kth([criticals[i]], caps[i], None)
-            capped = [c if limit == math.inf else torch.where(c <= limit, c, math.inf) for c, limit in zip(criticals, limits, strict=True)]
-            strength = _kth(capped, m, strength)
+                return [min(strength, limits.get(u, math.inf)) for u in range(len(sizes))]
+            for u in over:
+                limits[u] = _kth(criticals, caps[u], [u])
+            strength = _kth(criticals, m, limits=limits)
 
     def holds(self, k: int) -> bool:
         """Whether step ``k`` comes after the ramp of a target that then keeps its zeros."""
@@ -206,78 +208,64 @@ class SparsityTarget:
         return out
 
 
-def _kth(criticals: list[Tensor], m: int, hint: float | None) -> float:
-    """The m-th smallest value over all ``criticals`` (1-based; 0.0 for m <= 0)."""
+class Criticals(Protocol):
+    """What a target calibrates from (Note [Critical strengths on the fly] in optim/applying.py):
+    the critical strengths of its units, computed again for every pass over them."""
+
+    #: Per unit, its number of groups (over every rank).
+    sizes: list[int]
+    #: The sum over ranks of a count tensor, in place (None in one process).
+    reduce: Callable[[Tensor], object] | None
+    #: Where the counts live.
+    device: torch.device
+
+    def chunks(self, units: Iterable[int] | None = None, limits: dict[int, float] | None = None) -> Iterator[tuple[int, Tensor]]:
+        """(unit, this rank's critical strengths of some of its groups) over ``units`` (default all),
+        every group once; a unit in ``limits`` has its values above the limit as +inf."""
+
+
+def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[int] | None = None) -> float:
+    """The m-th smallest critical strength of ``units`` (1-based; 0.0 for m <= 0), by
+    :func:`~paramreg.optim.order_statistic.kth_smallest`: each rank counts its own values, one
+    ``all_reduce`` of the counts per pass completes them. ``counting``: per unit, set to how many
+    of its values lie below the top of the last pass's bracket (all of them, without one), an
+    upper bound of how many lie at or below the result.
+
+    No hint: in training the strength moves from step to step by far more than the window one
+    exact pass resolves (Note [Exact selection]); measured on the digits CNN with a target over
+    500 steps, a median of 18% under Adam and 10% under SGD, so a hint's window missed in 446 of
+    450 steps and cost a third pass."""
     if m <= 0:
         return 0.0
-    if all(type(c) is Tensor and c.device.type == "cpu" for c in criticals):
-        return _smallest(torch.cat([c.reshape(-1).float() for c in criticals]), m)  # a new tensor
-    return _selected(criticals, m, hint)
+    top = [math.nan]
+
+    def bracket(lo: float, hi: float) -> None:
+        top[0] = hi
+
+    def chunks():
+        if counting is not None:
+            counting[:] = [0] * len(counting)
+        for u, c in criticals.chunks(units, limits):
+            if counting is not None:
+                counting[u] += c.numel() if math.isnan(top[0]) else int(torch.count_nonzero(c < top[0]))
+            yield c
+
+    found = kth_smallest(chunks, m, reduce=criticals.reduce, device=criticals.device, bracket=bracket)
+    if counting is not None and criticals.reduce is not None:
+        counts = torch.tensor(counting, dtype=torch.int64, device=criticals.device)
+        criticals.reduce(counts)
+        counting[:] = counts.tolist()
+    return float(found.value)
 
 
-def _selected(criticals: list[Tensor], m: int, hint: float | None) -> float:
-    """The m-th smallest critical strength on an accelerator or over DTensor shards, by
-    :func:`~paramreg.optim.order_statistic.kth_smallest` (Note [Target sparsity]): each rank counts
-    its own shard, and one ``all_reduce`` of the counts per pass completes them."""
-    local, reduce = _local(criticals)
-    return float(kth_smallest(lambda: local, m, reduce=reduce, hint=hint).value)
-
-
-def _local(criticals: list[Tensor]):
-    """Each rank's part of ``criticals`` (DTensor shards, Note [Target sparsity]) and the sum over
-    ranks of a count tensor (None without DTensors)."""
-    local, group = [], None
-    for c in criticals:
-        if isinstance(c, Tensor) and type(c) is not Tensor and hasattr(c, "device_mesh"):  # a DTensor
-            c, group = _shard(c), c.device_mesh.get_group()
-        local.append(c)
-    if group is None:
-        return local, None
-    import torch.distributed as dist
-
-    def reduce(counts: Tensor) -> None:
-        dist.all_reduce(counts, group=group)
-
-    return local, reduce
-
-
-def _at_most(criticals: list[Tensor], value: float) -> list[int]:
-    """Per tensor, how many of its critical strengths are at most ``value`` (one comparison pass;
-    over DTensor shards one ``all_reduce`` of as many counts as there are tensors)."""
-    local, reduce = _local(criticals)
-    counts = torch.stack([(c <= value).sum() for c in local]) if local else torch.zeros(0, dtype=torch.int64)
-    if reduce is not None:
-        reduce(counts)
-    return [int(n) for n in counts.tolist()]
-
-
-def _shard(c) -> Tensor:
-    """This rank's part of the DTensor ``c``, each value on exactly one rank: its shard, or, for a
-    replicated value, all of it on the mesh's first rank and none on the others (a redistribution
-    from Replicate to Shard takes a local slice; nothing is communicated)."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    if any(not isinstance(p, (Shard, Replicate)) for p in c.placements):
-        c = c.redistribute(c.device_mesh, [Replicate()] * c.device_mesh.ndim)  # partial sums: reduced once
-    if c.dim() == 0:
-        c = c.reshape(1)
-    if all(isinstance(p, Replicate) for p in c.placements):
-        c = c.redistribute(c.device_mesh, [Shard(0)] + [Replicate()] * (c.device_mesh.ndim - 1))
-    if c.device_mesh.ndim > 1:
-        raise ParamregError("a sparsity target over DTensors supports a one-dimensional device mesh")
-    return c.to_local()
-
-
-def _smallest(values: Tensor, m: int) -> float:
-    """The m-th smallest of the 1-D ``values`` (1-based), as ``values.kthvalue(m)`` gives it
-    (Note [Target sparsity]: by ``numpy.ndarray.partition`` on the CPU, which reorders
-    ``values`` in place: pass a scratch tensor).
-
-    >>> _smallest(torch.tensor([3.0, 1.0, 2.0, 2.0]), 3)
-    2.0
-    """
-    if type(values) is Tensor and values.device.type == "cpu":
-        array = values.numpy()
-        array.partition(m - 1)
-        return float(array[m - 1])
-    return float(values.kthvalue(m).values)
+def _at_most(criticals: Criticals, value: float, limits: dict[int, float]) -> list[int]:
+    """Per unit, how many of its critical strengths are at most ``value`` (one comparison pass;
+    over DTensor shards one ``all_reduce`` of as many counts as there are units)."""
+    counts = [0] * len(criticals.sizes)
+    for u, c in criticals.chunks(None, limits):
+        counts[u] += int(torch.count_nonzero(c <= value))
+    if criticals.reduce is not None:
+        total = torch.tensor(counts, dtype=torch.int64, device=criticals.device)
+        criticals.reduce(total)
+        counts = total.tolist()
+    return counts
