@@ -403,9 +403,18 @@ def test_a_deep_copy_shares_its_own_target():
     assert math.isclose(copied.conv1.parametrizations.weight[0].target.sparsity, 0.5)
 
 
+@pytest.fixture(params=["gathered", "counted"])
+def selection(request, monkeypatch):
+    """Both ways a target selects in one process on the CPU (Note [Target sparsity]): a few values
+    gathered and partitioned, or counted in passes (forced here by gathering none)."""
+    if request.param == "counted":
+        monkeypatch.setattr(paramreg.optim.targets, "GATHERED", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
-def test_a_target_step_equals_the_whole_tensor_computation(name, allocation):
+def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, selection):
     """The critical strengths computed block by block, never all at once, and selected by counting
     (Note [Critical strengths on the fly] in optim/applying.py) give the strength and weights that
     the whole tensors give: the kthvalue of the concatenated critical strengths, then the map.
@@ -496,7 +505,7 @@ def _one_step(model):
     return [int((m.weight == 0).sum()) for m in model]
 
 
-def test_the_per_tensor_maximum_holds_exactly_where_a_global_target_would_empty_a_tensor():
+def test_the_per_tensor_maximum_holds_exactly_where_a_global_target_would_empty_a_tensor(selection):
     # Note [Allocation]: 100 of 200 weights asked; the first layer's 100 rank lowest
     emptied = _lopsided()
     paramreg.attach(emptied, "*.weight", sparsity=0.5, sparsity_steps=1, max_sparsity=1.0)
@@ -509,7 +518,7 @@ def test_the_per_tensor_maximum_holds_exactly_where_a_global_target_would_empty_
     assert _one_step(tighter) == [70, 30]
 
 
-def test_a_uniform_allocation_gives_each_tensor_the_fraction():
+def test_a_uniform_allocation_gives_each_tensor_the_fraction(selection):
     model = _lopsided()
     paramreg.attach(model, "*.weight", sparsity=0.3, sparsity_steps=1, allocation="uniform")
     assert _one_step(model) == [30, 30]

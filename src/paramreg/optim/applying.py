@@ -224,35 +224,30 @@ class _Criticals:
                 if type(values) is not Tensor and hasattr(values, "device_mesh"):
                     values = local_part(values)
                 yield u, values
+                del values  # not held while the next is computed
 
     def _blocks(self, bucket, tensors, indices, lr, group, fill, floors):
-        """(indices into ``tensors`` of one unit, their critical strengths) per block."""
+        """(indices into ``tensors`` of one unit, their critical strengths) per block: the blocks
+        of Note [Blocks] on the CPU, else one unit at a time."""
         regularizer = bucket.regularizer
         chosen = [tensors[i] for i in indices]
-        if bucket.policy != "adaptive":
-            step = _inverse(bucket, chosen, lr, self.optimizer, group, fill)
-            inverse = 1.0 / step if step else math.inf
-            if regularizer.joint:
-                yield indices, regularizer.critical(chosen, [inverse] * len(chosen))[0]
-                return
-            for i, p in zip(indices, chosen, strict=True):
-                yield [i], regularizer.critical([p], [inverse])[0]
-            return
         states = [self.optimizer.state[p] for p in chosen]
         chosen_floors = None if floors is None else [floors[i] for i in indices]
-        if regularizer.joint or chosen[0].device.type != "cpu":  # one unit at a time
-            groups = [list(range(len(chosen)))] if regularizer.joint else [[j] for j in range(len(chosen))]
-            for js in groups:
-                block = [chosen[j] for j in js]
-                inverse = _inverse(bucket, block, lr, self.optimizer, group, fill, [states[j] for j in js],
-                                   None if chosen_floors is None else [chosen_floors[j] for j in js])
-                found = regularizer.critical(block, inverse if isinstance(inverse, list) else [1.0 / inverse] * len(block))
-                yield [indices[j] for j in js], found[0]
-            return
-        for js, block, block_states in _blocks(chosen, states, regularizer):
+        if regularizer.joint:
+            blocks = [(range(len(chosen)), chosen, states)]
+        elif chosen[0].device.type == "cpu":
+            blocks = _blocks(chosen, states if bucket.policy == "adaptive" else [{} for _ in chosen], regularizer)
+        else:
+            blocks = (([j], [p], [state]) for j, (p, state) in enumerate(zip(chosen, states, strict=True)))
+        for js, block, block_states in blocks:
             block_floors = None if chosen_floors is None else [chosen_floors[j] for j in js]
-            inverse = _inverse(bucket, block, lr, self.optimizer, group, fill, block_states, block_floors)
-            found = regularizer.critical(block, inverse if isinstance(inverse, list) else [1.0 / inverse] * len(block))
+            step = _inverse(bucket, block, lr, self.optimizer, group, fill, block_states, block_floors)
+            inverse = step if isinstance(step, list) else [1.0 / step if step else math.inf] * len(block)
+            found = regularizer.critical(block, inverse)
+            del step, inverse
+            if regularizer.joint:
+                yield [indices[j] for j in js], found[0]
+                continue
             for j, values in zip(js, found, strict=True):
                 yield [indices[j]], values
 
