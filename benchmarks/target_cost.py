@@ -4,7 +4,9 @@ One process, the variants interleaved round by round, medians: a training step o
 hidden layers hold N selected weights (batch 8, so that the optimizer's work dominates), with no
 regularization, with ``l1=`` (the default prox) and with a target (``sparsity=0.9`` over the
 whole run, so that every timed step calibrates), under SGD with momentum and AdamW. Also the
-most memory resident during one step beyond what was resident before it, per variant, each in a
+time of one pass that only reads the selected weights and their optimizer state (``read``: the
+memory floor of each pass of a target's selection), and the most memory resident during one
+step beyond what was resident before it, per variant, each in a
 fresh process (the kernel's high-water mark, reset before the step; on Linux), to see what the
 target's selection holds beyond the default prox (Note [Critical strengths on the fly] in
 paramreg/optim/applying.py). With ``--gpt``, also a GPT-style training step where forward and
@@ -14,6 +16,7 @@ backward dominate.
     python benchmarks/target_cost.py --sizes 1 8 25   # millions of selected weights
     python benchmarks/target_cost.py --gpt            # and the GPT-style step
     python benchmarks/target_cost.py --tiny --gpt     # a smoke test of seconds
+    python benchmarks/target_cost.py --device cuda --sizes 1 8 25 100 250 1000 --gpt
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ def mlp(selected: int) -> nn.Module:
                          nn.ReLU(), nn.Linear(width, 10))
 
 
-def build(variant: str, selected: int, optimizer: str, steps: int):
-    model = mlp(selected)
+def build(variant: str, selected: int, optimizer: str, steps: int, device: str = "cpu"):
+    model = mlp(selected).to(device)
     names = ["2.weight", "4.weight"]
     if variant == "l1":
         paramreg.attach(model, names, l1=1e-6)
@@ -61,6 +64,32 @@ def step(model, opt, x, y) -> None:
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+
+
+def read_pass(model, opt) -> None:
+    """One pass that only reads every selected weight and its optimizer state tensor (AdamW's second
+    moment, SGD's momentum) in blocks of 2^17: the memory floor of one pass of a target's selection,
+    which computes each critical strength from those two."""
+    with torch.no_grad():
+        for p in (model[2].weight, model[4].weight):
+            state = opt.state[p]
+            s = (state["exp_avg_sq"] if "exp_avg_sq" in state else state["momentum_buffer"]).view(-1)
+            w = p.view(-1)
+            for start in range(0, w.numel(), 1 << 17):
+                torch.dot(w[start : start + (1 << 17)], s[start : start + (1 << 17)])
+    if p.is_cuda:
+        torch.cuda.synchronize()
+
+
+def cuda_peak(model, opt, x, y) -> int:
+    """On CUDA: the allocator's peak during one step beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(model, opt, x, y)
+    return torch.cuda.max_memory_allocated() - before
 
 
 def _status(key: str) -> int:
@@ -104,6 +133,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="0.01M selected weights, 2 rounds")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the allocator's peak)")
     parser.add_argument("--gpt", action="store_true", help="also a GPT-style training step (forward and backward dominate)")
     parser.add_argument("--peak-of", nargs=3, metavar=("VARIANT", "SELECTED", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -113,34 +143,45 @@ def main() -> None:
         return
     sizes = [0.01] if args.tiny else args.sizes
     rounds = 2 if args.tiny else args.rounds
-    torch.set_num_threads(2)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch 8, medians of {rounds} interleaved rounds")
-    print("selected   optimizer  none ms  l1/none  target/none  target/l1  peak MB: none / l1 / target")
-    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    device = args.device
+    if device == "cpu":
+        torch.set_num_threads(2)
+    where = torch.cuda.get_device_name() if device == "cuda" else f"threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, {device} ({where}), batch 8, medians of {rounds} interleaved rounds")
+    print("selected   optimizer  none ms  l1/none  target/none  target/l1  read/l1  peak MB: none / l1 / target")
+    x, y = torch.randn(8, 64, device=device), torch.randint(0, 10, (8,), device=device)
     for size in sizes:
         selected = int(size * 1e6)
         for optimizer in OPTIMIZERS:
-            runs = {v: build(v, selected, optimizer, rounds * args.steps_per_round + 2) for v in VARIANTS}
+            runs = {v: build(v, selected, optimizer, rounds * args.steps_per_round + 2, device) for v in VARIANTS}
             for model, opt in runs.values():
                 step(model, opt, x, y)  # the optimizer's state, the plan
-            times = {v: [] for v in VARIANTS}
+            times = {v: [] for v in (*VARIANTS, "read")}
             for _ in range(rounds):
                 for v, (model, opt) in runs.items():
                     started = time.perf_counter()
                     for _ in range(args.steps_per_round):
                         step(model, opt, x, y)
                     times[v].append((time.perf_counter() - started) / args.steps_per_round)
+                started = time.perf_counter()
+                read_pass(*runs["l1"])
+                times["read"].append(time.perf_counter() - started)
             median = {v: statistics.median(t) for v, t in times.items()}
-            del runs
-            peaks = {v: peak_bytes(v, selected, optimizer) for v in VARIANTS}
+            if device == "cuda":
+                peaks = {v: cuda_peak(*runs[v], x, y) for v in VARIANTS}
+                del runs
+            else:
+                del runs
+                peaks = {v: peak_bytes(v, selected, optimizer) for v in VARIANTS}
             peak = " / ".join("-" if b is None else f"{b / 2**20:.1f}" for b in peaks.values())
             print(f"{selected / 1e6:7.2f}M  {optimizer:9s}  {median['none'] * 1e3:7.1f}  {median['l1'] / median['none']:7.2f}  "
-                  f"{median['target'] / median['none']:11.2f}  {median['target'] / median['l1']:9.2f}  {peak}", flush=True)
+                  f"{median['target'] / median['none']:11.2f}  {median['target'] / median['l1']:9.2f}  "
+                  f"{median['read'] / median['l1']:7.3f}  {peak}", flush=True)
     if args.gpt:
-        gpt_step(rounds, args.steps_per_round, tiny=args.tiny)
+        gpt_step(rounds, args.steps_per_round, tiny=args.tiny, device=device)
 
 
-def gpt_step(rounds: int, steps_per_round: int, tiny: bool) -> None:
+def gpt_step(rounds: int, steps_per_round: int, tiny: bool, device: str = "cpu") -> None:
     """A training step of examples/study_text.py's character transformer (6 blocks of width 384,
     context 256, batch 16: about 10.7M weights, 10.6M of them selected; forward and backward
     dominate), unregularized, with ``l1=`` and with a target on every block's Linear weights,
@@ -154,21 +195,23 @@ def gpt_step(rounds: int, steps_per_round: int, tiny: bool) -> None:
     runs = {}
     for variant in VARIANTS:
         torch.manual_seed(0)
-        model = CharTransformer(setup)
+        model = CharTransformer(setup).to(device)
         if variant == "l1":
             paramreg.attach(model, weights, l1=1e-6)
         elif variant == "target":
             paramreg.attach(model, weights, sparsity=0.9, sparsity_steps=10**6)
         runs[variant] = model, torch.optim.AdamW(model.parameters(), lr=setup.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (setup.batch, setup.context), generator=g)
-    y = torch.randint(0, 256, (setup.batch, setup.context), generator=g)
+    x = torch.randint(0, 256, (setup.batch, setup.context), generator=g).to(device)
+    y = torch.randint(0, 256, (setup.batch, setup.context), generator=g).to(device)
     selected = sum(p.numel() for n, p in runs["none"][0].named_parameters() if re.fullmatch(weights[3:], n))
 
     def lm_step(model, opt):
         opt.zero_grad()
         F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
         opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
 
     for model, opt in runs.values():
         lm_step(model, opt)
