@@ -163,18 +163,20 @@ class _Criticals:
 
     Note [Critical strengths on the fly]
         A target's step ranks the critical strengths of every group it holds (Note [Target
-        sparsity] in optim/targets.py), and a selection passes over them once or a few times
-        (Note [Exact selection] in optim/order_statistic.py). They are never all held at once:
-        each pass computes them again, on the CPU in the cache-sized blocks of the prox itself
+        sparsity] in optim/targets.py). They are never all held at once: each pass of the
+        selection computes them again, on the CPU in the cache-sized blocks of the prox itself
         (Note [Blocks]: the optimizer's inverse steps of a block, then ``Regularizer.critical``),
-        elsewhere one tensor (or one coupled group of tensors) at a time, and drops them. So a
-        target's step holds, beyond what the default prox holds, the selection's counts and one
-        block (one tensor off the CPU), and computes the critical strengths once per pass: one
-        pass in most steps (the last step's strength is the selection's hint), then the map,
-        blockwise as the default prox maps. The safeguard's floors (Note [Safeguarded metric]
-        in optim/step_sizes.py) are taken once per step over whole tensors and serve every pass
-        and the map. Over DTensor shards each rank computes its own shard's strengths (a
-        replicated value is counted on one rank); one ``all_reduce`` of the counts per pass.
+        elsewhere one tensor (or one coupled group of tensors) at a time, and drops each block
+        before the next is computed. The selection takes two passes (Note [Exact selection] in
+        optim/order_statistic.py; a few values on the CPU, one pass into a buffer), then the map
+        runs blockwise as the default prox runs. So a target's step holds, beyond what the
+        default prox holds, the selection's counts and staging buffer and one block (one tensor
+        off the CPU), and reads every weight and its optimizer state twice more than the default
+        prox: on this machine the floor of a pass, a read of both, is 0.14-0.16 of an AdamW
+        ``l1=`` step at 25M-100M selected weights (``benchmarks/target_cost.py``, ``read/l1``).
+        The safeguard's floors (Note [Safeguarded metric] in optim/step_sizes.py) are taken once
+        per step over whole tensors and serve every pass and the map. Over DTensor shards each
+        rank computes its own shard's strengths (a replicated value is counted on one rank).
 
     A unit is one tensor, or the tensors of a bucket whose map couples them (``attach_channels``).
     """
