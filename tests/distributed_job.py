@@ -48,16 +48,32 @@ REGULARIZERS = {
         ("4.weight", {"nuclear_norm": 10.0}),  # lr·a = 0.1 a step: the smallest singular value (0.38) goes
     ],
     "fsdp-classes": [("*.weight", {"l1": 0.002})],
+    # every rank steps and selects over its whole replica (DDP), or over the tensors it owns (ZeRO)
+    "ddp-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
+    "zero-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
     # the last layer's 5 rows shard unevenly over 2 ranks (3 + 2)
     "fsdp-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
     "fsdp-keep-zeros": [("*.weight", {"keep_zeros": True})],  # attached before fully_shard: a plain mask
 }
+# KIND "fsdp-targets" runs each of these in turn (one process group, so one start-up for all): an L0
+# target, a group target over rows (each row on one rank) and one over columns (each column on both
+# ranks), each at two widths; the last weight's 5 rows shard unevenly (3 + 2), the others evenly
+TARGET_CASES = {
+    "l0": [("*.weight", {"l0": True, "sparsity": 0.6, "sparsity_steps": 4})],
+    "rows": [("*.weight", {"group_lasso": {"strength": 1.0, "groups": "out"}, "sparsity": 0.5, "sparsity_steps": 4})],
+    "columns": [("*.weight", {"group_lasso": {"strength": 1.0, "groups": "in"}, "sparsity": 0.5, "sparsity_steps": 4})],
+}
+WIDTHS = {"": 16, "-wide": 64}
+for _name, _calls in TARGET_CASES.items():
+    for _suffix in WIDTHS:
+        REGULARIZERS[f"fsdp-{_name}{_suffix}"] = _calls
 
 
 def build(kind):
     torch.manual_seed(0)
-    outputs = 5 if kind in ("fsdp-target", "fsdp-keep-zeros") else 4
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, outputs))
+    outputs = 4 if kind in ("ddp", "zero", "fsdp", "fsdp-classes") else 5
+    width = WIDTHS["-wide" if kind.endswith("-wide") else ""]
+    model = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, outputs))
     if kind == "fsdp-keep-zeros":  # every third weight zero, to be kept
         with torch.no_grad():
             for layer in (model[0], model[2], model[4]):
@@ -68,7 +84,7 @@ def build(kind):
 
 
 def optimizer(kind, params):
-    return torch.optim.SGD(params, lr=0.1, momentum=0.9) if kind == "ddp" else torch.optim.Adam(params, lr=0.01)
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9) if kind.startswith("ddp") else torch.optim.Adam(params, lr=0.01)
 
 
 def batch(step, rank):
@@ -87,6 +103,11 @@ def worker(rank, kind, out):
             time.sleep(3600)
         dist.barrier()
         return
+    if kind == "fsdp-targets":
+        fsdp_targets(rank, out)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     model = build(kind)
     if kind == "fsdp-classes":
         wrapped, opt = fsdp_classes(model, rank, out)
@@ -101,7 +122,7 @@ def worker(rank, kind, out):
             opt = optimizer(kind, model.parameters())
         else:
             wrapped = nn.parallel.DistributedDataParallel(model)
-            if kind == "zero":
+            if kind.startswith("zero"):
                 from torch.distributed.optim import ZeroRedundancyOptimizer
 
                 opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.01)
@@ -110,6 +131,12 @@ def worker(rank, kind, out):
         if kind == "fsdp-target":
             train(wrapped, opt, rank, range(STEPS - 1))
             counted_step(wrapped, opt, rank, out)
+        elif kind == "zero-target":  # refused at the first step, on every rank alike
+            try:
+                train(wrapped, opt, rank, range(STEPS))
+            except paramreg.ParamregError as e:
+                with open(os.path.join(out, f"{kind}-error-rank{rank}.txt"), "w") as f:
+                    f.write(str(e))
         else:
             train(wrapped, opt, rank, range(STEPS))
         save(model, kind, rank, out)
@@ -142,6 +169,65 @@ def counted_step(model, opt, rank, out):
         opt.step()
     with open(os.path.join(out, f"fsdp-target-comms-rank{rank}.json"), "w") as f:
         json.dump({str(op): n for op, n in comm.get_comm_counts().items()}, f)
+
+
+def shard(model):
+    """FSDP2 over every Linear and the root; returns the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def comm_bytes():
+    """CommDebugMode that also sums, per collective, the bytes of the tensors passed to it (what a
+    rank sends: for an all_reduce its whole buffer, for an all_gather its own shard)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.utils._pytree import tree_leaves
+
+    class CommBytes(CommDebugMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            before = dict(self.comm_counts)
+            result = super().__torch_dispatch__(func, types, args, kwargs)
+            for op, n in list(self.comm_counts.items()):
+                if n != before.get(op, 0):
+                    sent = sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+                    self.bytes[str(op)] = self.bytes.get(str(op), 0) + sent
+            return result
+
+        def summary(self):
+            return {str(op): {"count": n, "bytes": self.bytes.get(str(op), 0)} for op, n in self.comm_counts.items() if n}
+
+    return CommBytes()
+
+
+def fsdp_targets(rank, out):
+    """Each of TARGET_CASES at each width: sharded, trained STEPS steps with every optimizer step (its
+    target's selection and maps) inside :func:`comm_bytes`; rank 0 saves the trained state_dict as
+    OUTDIR/fsdp-<case>-rank0.pt, every rank its steps' collectives as OUTDIR/fsdp-<case>-comms-rank<r>.json."""
+    for case in (f"fsdp-{name}{suffix}" for name in TARGET_CASES for suffix in WIDTHS):
+        model = build(case)
+        wrapped = shard(model)
+        opt = optimizer(case, model.parameters())
+        steps = []
+        for step in range(STEPS):
+            x, y = batch(step, rank)
+            opt.zero_grad()
+            nn.functional.cross_entropy(wrapped(x), y).backward()
+            with comm_bytes() as comm:
+                opt.step()
+            steps.append(comm.summary())
+        save(model, case, rank, out)
+        with open(os.path.join(out, f"{case}-comms-rank{rank}.json"), "w") as f:
+            json.dump(steps, f)
+        del wrapped, opt, model
+        gc.collect()
 
 
 def fsdp_classes(model, rank, out):
