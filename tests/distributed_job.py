@@ -19,6 +19,11 @@ a plain tensor), the last weight sharded unevenly.
 KIND "fsdp-classes": L1 attached before ``fully_shard``, DCP's ``get_state_dict`` in the middle of
 training, more steps, then ``paramreg.remove``; each rank writes the class of every Linear at each
 of those points, and that a forward ran after each, to OUTDIR/fsdp-classes-rank<r>.json.
+KIND "ddp-target": "ddp" with a sparsity target over every weight; "zero-target": "zero" with one,
+which paramreg refuses (each rank writes the message to OUTDIR/zero-target-error-rank<r>.txt).
+KIND "fsdp-targets": every case of TARGET_CASES (l0, rows, columns) at both WIDTHS in turn, each
+step's collectives and their bytes to OUTDIR/fsdp-<case>-comms-rank<r>.json.
+KIND "fsdp-dcp": the DCP round trips of DCP_CASES, to OUTDIR/fsdp-dcp-<i>-rank0.pt.
 KIND "hang": each rank writes its pid to OUTDIR/started-rank<r>, then rank 0 sleeps and rank 1
 waits for it in a barrier (the test that a hung job is ended with all its processes).
 """
@@ -103,8 +108,8 @@ def worker(rank, kind, out):
             time.sleep(3600)
         dist.barrier()
         return
-    if kind == "fsdp-targets":
-        fsdp_targets(rank, out)
+    if kind in ("fsdp-targets", "fsdp-dcp"):
+        (fsdp_targets if kind == "fsdp-targets" else fsdp_dcp)(rank, out)
         dist.barrier()
         dist.destroy_process_group()
         return
@@ -228,6 +233,103 @@ def fsdp_targets(rank, out):
             json.dump(steps, f)
         del wrapped, opt, model
         gc.collect()
+
+
+# KIND "fsdp-dcp": DCP round trips of an FSDP2 model, each case (DCP_CASES) in a directory of its own.
+# Two sets of attach calls cover every kind of state paramreg counts: "target" (SGD with momentum, so
+# a momentum fill too): a target mid-ramp, a strength schedule, keep_zeros on the unevenly sharded
+# weight; "groups" (AdamW): L1, group lasso over columns (spanning both ranks), an l0 target.
+DCP_SETS = {
+    "target": [
+        ("0.weight", {"sparsity": 0.5, "sparsity_steps": 6}),
+        ("2.weight", {"l1": lambda k: 1e-2 * min(1.0, k / 4)}),
+        ("4.weight", {"keep_zeros": True}),
+    ],
+    "groups": [
+        ("0.weight", {"l1": 2e-3}),
+        ("2.weight", {"group_lasso": {"strength": 0.1, "groups": "in"}}),
+        ("4.weight", {"l0": True, "sparsity": 0.4, "sparsity_steps": 6}),
+    ],
+}
+# (set, attached before fully_shard, flatten_optimizer_state_dict, the fresh optimizer has state before
+# the template is taken): every set x before/after x flatten, the last factor alternating (a half
+# fraction of the 16 combinations, each factor on and off in each set)
+DCP_CASES = [
+    (name, before, flatten, before != flatten) for name in DCP_SETS for before in (True, False) for flatten in (False, True)
+]
+DCP_SAVE, DCP_STEPS = 3, 7  # saved after 3 steps (the targets mid-ramp), trained to 7
+
+
+def dcp_model(name, before):
+    """The set's model, sharded, with its regularizers attached before or after fully_shard."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5))
+    with torch.no_grad():
+        model[4].weight.view(-1)[::3] = 0.0  # for keep_zeros
+    if not before:
+        shard(model)
+    for targets, keywords in DCP_SETS[name]:
+        paramreg.attach(model, targets, **keywords)
+    if before:
+        shard(model)
+    return model
+
+
+def dcp_optimizer(name, params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9) if name == "target" else torch.optim.AdamW(params, lr=1e-2)
+
+
+def fsdp_dcp(rank, out):
+    """Each of DCP_CASES: a run trained DCP_SAVE steps, saved with get_state_dict and dcp.save, trained on
+    to DCP_STEPS; a fresh model and optimizer (with state made by a first get_state_dict, or none),
+    get_state_dict as the template (DCP's zero-lr step initialises the optimizer), dcp.load,
+    set_state_dict, trained to DCP_STEPS. Rank 0 saves both final state_dicts (gathered) and what was
+    seen on the way to OUTDIR/fsdp-dcp-<i>-rank0.pt."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    def carriers(model):
+        return [m.parametrizations.weight[0] for m in model if hasattr(m, "parametrizations")]
+
+    for i, (name, before, flatten, existing) in enumerate(DCP_CASES):
+        options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+        where = os.path.join(os.path.abspath(out), f"dcp-{i}")
+        full = dcp_model(name, before)
+        full_opt = dcp_optimizer(name, full.parameters())
+        train(full, full_opt, rank, range(DCP_SAVE))
+        model_sd, optim_sd = get_state_dict(full, full_opt, options=options)
+        keys = sorted({k for k in (optim_sd if flatten else [k for e in optim_sd["state"].values() for k in e]) if "paramreg_" in k})
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=where)
+        train(full, full_opt, rank, range(DCP_SAVE, DCP_STEPS))
+
+        resumed = dcp_model(name, before)
+        resumed_opt = dcp_optimizer(name, resumed.parameters())
+        if existing:
+            get_state_dict(resumed, resumed_opt, options=options)  # the optimizer's state exists before paramreg stepped
+        model_sd, optim_sd = get_state_dict(resumed, resumed_opt, options=options)
+        fresh_calls = [c.calls for c in carriers(resumed)]  # DCP's zero-lr steps are not counted
+        loaded = {"model": model_sd, "optim": optim_sd}
+        dcp.load(loaded, checkpoint_id=where)
+        set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"], options=options)
+        train(resumed, resumed_opt, rank, range(DCP_SAVE, DCP_STEPS))
+        seen = {
+            "full": gathered(full), "resumed": gathered(resumed), "paramreg keys": keys, "fresh calls": fresh_calls,
+            "calls": [[c.calls for c in carriers(m)] for m in (full, resumed)],
+            "fills": [paramreg_fills(o) for o in (full_opt, resumed_opt)],
+        }
+        if rank == 0:
+            torch.save(seen, os.path.join(out, f"fsdp-dcp-{i}-rank0.pt"))
+        del full, full_opt, resumed, resumed_opt
+        gc.collect()
+
+
+def gathered(model):
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+
+
+def paramreg_fills(opt):
+    """paramreg's momentum fills of ``opt``'s groups, as its state_dict records them."""
+    return [e.get("paramreg_momentum_fill") for e in opt.state_dict()["state"].values() if "paramreg_momentum_fill" in e]
 
 
 def fsdp_classes(model, rank, out):

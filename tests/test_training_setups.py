@@ -254,6 +254,37 @@ def test_fsdp2_l0_and_group_targets_match_one_process_and_their_collectives_do_n
     print({f"{case} rank {rank}": [{op: c["bytes"] for op, c in ops.items()} for ops in steps] for (case, rank), steps in seen.items()})
 
 
+def test_fsdp2_dcp_round_trips_resume_the_uninterrupted_run(tmp_path):
+    """DCP on an FSDP2 model (2 ranks), get_state_dict/set_state_dict with dcp.save/dcp.load, saved
+    after 3 steps (targets mid-ramp) and trained to 7 (the ramps end at 6). Eight cases in one job
+    (distributed_job.DCP_CASES): two sets of attach calls, one with a target, a strength schedule and
+    keep_zeros on the unevenly sharded weight under SGD with momentum, one with L1, a column group
+    lasso and an l0 target under AdamW; each attached before and after fully_shard, with
+    flatten_optimizer_state_dict off and on, the fresh optimizer's state made before the template
+    in half of them (alternating, so each set has it on and off). In every case DCP's zero-lr
+    initialisation neither raises nor counts, the checkpoint holds paramreg's keys, and the resumed
+    run ends bitwise equal to the uninterrupted one, with the same step counts and momentum fills."""
+    import distributed_job as job
+
+    _run_distributed("fsdp-dcp", tmp_path)
+    for i, (name, before, flatten, existing) in enumerate(job.DCP_CASES):
+        case = f"{name}, attached {'before' if before else 'after'} fully_shard, flatten {flatten}, state before {existing}"
+        seen = torch.load(tmp_path / f"fsdp-dcp-{i}-rank0.pt", weights_only=True)
+        assert seen["fresh calls"] == [0, 0, 0], case  # DCP's initialisation step is not a step
+        assert any("paramreg_steps" in k for k in seen["paramreg keys"]), case
+        assert any("paramreg_momentum_fill" in k for k in seen["paramreg keys"]) == (name == "target"), case
+        full_calls, resumed_calls = seen["calls"]
+        assert full_calls == resumed_calls == ([7, 7, 0] if name == "target" else [0, 0, 7]), case
+        assert seen["fills"][0] == seen["fills"][1] and (seen["fills"][0] != []) == (name == "target"), case
+        full, resumed = seen["full"], seen["resumed"]
+        assert list(full) == list(resumed) and all("parametrizations" not in k for k in full), case  # plain keys
+        for key in full:
+            assert torch.equal(full[key], resumed[key]), (case, key)
+        zeros = int((full["0.weight" if name == "target" else "4.weight"] == 0).sum())
+        assert zeros == (64 if name == "target" else 32), case  # the targets' ends: 50% of 128, 40% of 80
+        assert (full["4.weight"].view(-1)[::3] == 0).all() or name != "target", case  # keep_zeros kept them
+
+
 def test_fsdp2_keep_zeros_attached_before_sharding_keeps_them(tmp_path):
     """KeepZeros' mask is taken at attach, before fully_shard, as a whole plain tensor; it is
     sharded like its weight at the first step (uneven shards too) and the run equals one process."""
