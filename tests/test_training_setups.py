@@ -214,8 +214,9 @@ def test_fsdp2_l0_and_group_targets_match_one_process_and_their_collectives_do_n
     Every optimizer step (Adam, the target's critical strengths, selection and map) is counted with
     CommDebugMode and the bytes passed to each collective: nothing is gathered. For l0 and rows the
     only collectives are the selection's count all_reduces (524,304 bytes a pass, 1 to 3 passes, plus
-    24 bytes of per-tensor counts) and the safeguard's three 4-byte norms: 1,048,632 bytes in the
-    first step (2 passes) and 1,572,936 in the others (3) here, step by step the same at both widths.
+    24 bytes of per-tensor counts) and the safeguard's three 4-byte norms; measured: 1,048,632 bytes
+    of counts in l0's first step (2 passes), 1,572,936 in every other step of l0 and rows (3), step by
+    step the same at both widths.
     Columns add the all_reduces of the column norms (the target's and its map's), which grow with
     the number of columns and not with the weights: 2,572 to 3,244 bytes at width 16, 9,484 to
     11,020 at 64; their count all_reduces are the same at both widths."""

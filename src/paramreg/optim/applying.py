@@ -129,7 +129,8 @@ def _memory(carrier, p: Tensor) -> Tensor:
 # its own arithmetic (softshrink's threshold t·a against abs(w) under a scalar step, a group's norm in
 # another dtype or order), which puts that group a few float32 roundings (each 2^-24) on either side
 # of the map's threshold, left nonzero about half the time (one group short of the budget). Groups
-# within this relative amount above the m-th count as tied with it (Note [Target sparsity]).
+# within this relative amount above the m-th count as tied with it (Note [Target sparsity] in
+# optim/targets.py).
 BOUNDARY = 2.0**-18
 
 
