@@ -89,9 +89,16 @@ def assert_close_to_scale(got, expected, rtol=1e-5):
 
 def start_job(*args) -> subprocess.Popen:
     """``python ARGS...`` in a process group of its own, so that :func:`end_job` reaches every
-    process it starts (``mp.spawn`` workers too)."""
+    process it starts (``mp.spawn`` workers too). The job imports the paramreg this process
+    imported: its source folder goes first on the job's PYTHONPATH (a relative PYTHONPATH, or an
+    editable install of another checkout, would give it another one)."""
+    import paramreg
+
+    source = os.path.dirname(os.path.dirname(os.path.abspath(paramreg.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen(
-        [sys.executable, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, env=env,
     )
 
 

@@ -19,6 +19,11 @@ a plain tensor), the last weight sharded unevenly.
 KIND "fsdp-classes": L1 attached before ``fully_shard``, DCP's ``get_state_dict`` in the middle of
 training, more steps, then ``paramreg.remove``; each rank writes the class of every Linear at each
 of those points, and that a forward ran after each, to OUTDIR/fsdp-classes-rank<r>.json.
+KIND "ddp-target": "ddp" with a sparsity target over every weight; "zero-target": "zero" with one,
+which paramreg refuses (each rank writes the message to OUTDIR/zero-target-error-rank<r>.txt).
+KIND "fsdp-targets": every case of TARGET_CASES (l0, rows, columns) at both WIDTHS in turn, each
+step's collectives and their bytes to OUTDIR/fsdp-<case>-comms-rank<r>.json.
+KIND "fsdp-dcp": the DCP round trips of DCP_CASES, to OUTDIR/fsdp-dcp-<i>-rank0.pt.
 KIND "hang": each rank writes its pid to OUTDIR/started-rank<r>, then rank 0 sleeps and rank 1
 waits for it in a barrier (the test that a hung job is ended with all its processes).
 """
@@ -48,16 +53,32 @@ REGULARIZERS = {
         ("4.weight", {"nuclear_norm": 10.0}),  # lr·a = 0.1 a step: the smallest singular value (0.38) goes
     ],
     "fsdp-classes": [("*.weight", {"l1": 0.002})],
+    # every rank steps and selects over its whole replica (DDP), or over the tensors it owns (ZeRO)
+    "ddp-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
+    "zero-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
     # the last layer's 5 rows shard unevenly over 2 ranks (3 + 2)
     "fsdp-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
     "fsdp-keep-zeros": [("*.weight", {"keep_zeros": True})],  # attached before fully_shard: a plain mask
 }
+# KIND "fsdp-targets" runs each of these in turn (one process group, so one start-up for all): an L0
+# target, a group target over rows (each row on one rank) and one over columns (each column on both
+# ranks), each at two widths; the last weight's 5 rows shard unevenly (3 + 2), the others evenly
+TARGET_CASES = {
+    "l0": [("*.weight", {"l0": True, "sparsity": 0.6, "sparsity_steps": 4})],
+    "rows": [("*.weight", {"group_lasso": {"strength": 1.0, "groups": "out"}, "sparsity": 0.5, "sparsity_steps": 4})],
+    "columns": [("*.weight", {"group_lasso": {"strength": 1.0, "groups": "in"}, "sparsity": 0.5, "sparsity_steps": 4})],
+}
+WIDTHS = {"": 16, "-wide": 64}
+for _name, _calls in TARGET_CASES.items():
+    for _suffix in WIDTHS:
+        REGULARIZERS[f"fsdp-{_name}{_suffix}"] = _calls
 
 
 def build(kind):
     torch.manual_seed(0)
-    outputs = 5 if kind in ("fsdp-target", "fsdp-keep-zeros") else 4
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, outputs))
+    outputs = 4 if kind in ("ddp", "zero", "fsdp", "fsdp-classes") else 5
+    width = WIDTHS["-wide" if kind.endswith("-wide") else ""]
+    model = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, outputs))
     if kind == "fsdp-keep-zeros":  # every third weight zero, to be kept
         with torch.no_grad():
             for layer in (model[0], model[2], model[4]):
@@ -68,7 +89,7 @@ def build(kind):
 
 
 def optimizer(kind, params):
-    return torch.optim.SGD(params, lr=0.1, momentum=0.9) if kind == "ddp" else torch.optim.Adam(params, lr=0.01)
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9) if kind.startswith("ddp") else torch.optim.Adam(params, lr=0.01)
 
 
 def batch(step, rank):
@@ -87,6 +108,11 @@ def worker(rank, kind, out):
             time.sleep(3600)
         dist.barrier()
         return
+    if kind in ("fsdp-targets", "fsdp-dcp"):
+        (fsdp_targets if kind == "fsdp-targets" else fsdp_dcp)(rank, out)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     model = build(kind)
     if kind == "fsdp-classes":
         wrapped, opt = fsdp_classes(model, rank, out)
@@ -101,7 +127,7 @@ def worker(rank, kind, out):
             opt = optimizer(kind, model.parameters())
         else:
             wrapped = nn.parallel.DistributedDataParallel(model)
-            if kind == "zero":
+            if kind.startswith("zero"):
                 from torch.distributed.optim import ZeroRedundancyOptimizer
 
                 opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.01)
@@ -110,6 +136,12 @@ def worker(rank, kind, out):
         if kind == "fsdp-target":
             train(wrapped, opt, rank, range(STEPS - 1))
             counted_step(wrapped, opt, rank, out)
+        elif kind == "zero-target":  # refused at the first step, on every rank alike
+            try:
+                train(wrapped, opt, rank, range(STEPS))
+            except paramreg.ParamregError as e:
+                with open(os.path.join(out, f"{kind}-error-rank{rank}.txt"), "w") as f:
+                    f.write(str(e))
         else:
             train(wrapped, opt, rank, range(STEPS))
         save(model, kind, rank, out)
@@ -142,6 +174,162 @@ def counted_step(model, opt, rank, out):
         opt.step()
     with open(os.path.join(out, f"fsdp-target-comms-rank{rank}.json"), "w") as f:
         json.dump({str(op): n for op, n in comm.get_comm_counts().items()}, f)
+
+
+def shard(model):
+    """FSDP2 over every Linear and the root; returns the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def comm_bytes():
+    """CommDebugMode that also sums, per collective, the bytes of the tensors passed to it (what a
+    rank sends: for an all_reduce its whole buffer, for an all_gather its own shard)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.utils._pytree import tree_leaves
+
+    class CommBytes(CommDebugMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            before = dict(self.comm_counts)
+            result = super().__torch_dispatch__(func, types, args, kwargs)
+            for op, n in list(self.comm_counts.items()):
+                if n != before.get(op, 0):
+                    sent = sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+                    self.bytes[str(op)] = self.bytes.get(str(op), 0) + sent
+            return result
+
+        def summary(self):
+            return {str(op): {"count": n, "bytes": self.bytes.get(str(op), 0)} for op, n in self.comm_counts.items() if n}
+
+    return CommBytes()
+
+
+def fsdp_targets(rank, out):
+    """Each of TARGET_CASES at each width: sharded, trained STEPS steps with every optimizer step (its
+    target's selection and maps) inside :func:`comm_bytes`; rank 0 saves the trained state_dict as
+    OUTDIR/fsdp-<case>-rank0.pt, every rank its steps' collectives as OUTDIR/fsdp-<case>-comms-rank<r>.json."""
+    for case in (f"fsdp-{name}{suffix}" for name in TARGET_CASES for suffix in WIDTHS):
+        model = build(case)
+        wrapped = shard(model)
+        opt = optimizer(case, model.parameters())
+        steps = []
+        for step in range(STEPS):
+            x, y = batch(step, rank)
+            opt.zero_grad()
+            nn.functional.cross_entropy(wrapped(x), y).backward()
+            with comm_bytes() as comm:
+                opt.step()
+            steps.append(comm.summary())
+        save(model, case, rank, out)
+        with open(os.path.join(out, f"{case}-comms-rank{rank}.json"), "w") as f:
+            json.dump(steps, f)
+        del wrapped, opt, model
+        gc.collect()
+
+
+# KIND "fsdp-dcp": DCP round trips of an FSDP2 model, each case (DCP_CASES) in a directory of its own.
+# Two sets of attach calls cover every kind of state paramreg counts: "target" (SGD with momentum, so
+# a momentum fill too): a target mid-ramp, a strength schedule, keep_zeros on the unevenly sharded
+# weight; "groups" (AdamW): L1, group lasso over columns (spanning both ranks), an l0 target.
+DCP_SETS = {
+    "target": [
+        ("0.weight", {"sparsity": 0.5, "sparsity_steps": 6}),
+        ("2.weight", {"l1": lambda k: 1e-2 * min(1.0, k / 4)}),
+        ("4.weight", {"keep_zeros": True}),
+    ],
+    "groups": [
+        ("0.weight", {"l1": 2e-3}),
+        ("2.weight", {"group_lasso": {"strength": 0.1, "groups": "in"}}),
+        ("4.weight", {"l0": True, "sparsity": 0.4, "sparsity_steps": 6}),
+    ],
+}
+# (set, attached before fully_shard, flatten_optimizer_state_dict, the fresh optimizer has state before
+# the template is taken): every set x before/after x flatten, the last factor alternating (a half
+# fraction of the 16 combinations, each factor on and off in each set)
+DCP_CASES = [
+    (name, before, flatten, before != flatten) for name in DCP_SETS for before in (True, False) for flatten in (False, True)
+]
+DCP_SAVE, DCP_STEPS = 3, 7  # saved after 3 steps (the targets mid-ramp), trained to 7
+
+
+def dcp_model(name, before):
+    """The set's model, sharded, with its regularizers attached before or after fully_shard."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5))
+    with torch.no_grad():
+        model[4].weight.view(-1)[::3] = 0.0  # for keep_zeros
+    if not before:
+        shard(model)
+    for targets, keywords in DCP_SETS[name]:
+        paramreg.attach(model, targets, **keywords)
+    if before:
+        shard(model)
+    return model
+
+
+def dcp_optimizer(name, params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9) if name == "target" else torch.optim.AdamW(params, lr=1e-2)
+
+
+def fsdp_dcp(rank, out):
+    """Each of DCP_CASES: a run trained DCP_SAVE steps, saved with get_state_dict and dcp.save, trained on
+    to DCP_STEPS; a fresh model and optimizer (with state made by a first get_state_dict, or none),
+    get_state_dict as the template (DCP's zero-lr step initialises the optimizer), dcp.load,
+    set_state_dict, trained to DCP_STEPS. Rank 0 saves both final state_dicts (gathered) and what was
+    seen on the way to OUTDIR/fsdp-dcp-<i>-rank0.pt."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    def carriers(model):
+        return [m.parametrizations.weight[0] for m in model if hasattr(m, "parametrizations")]
+
+    for i, (name, before, flatten, existing) in enumerate(DCP_CASES):
+        options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+        where = os.path.join(os.path.abspath(out), f"dcp-{i}")
+        full = dcp_model(name, before)
+        full_opt = dcp_optimizer(name, full.parameters())
+        train(full, full_opt, rank, range(DCP_SAVE))
+        model_sd, optim_sd = get_state_dict(full, full_opt, options=options)
+        keys = sorted({k for k in (optim_sd if flatten else [k for e in optim_sd["state"].values() for k in e]) if "paramreg_" in k})
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=where)
+        train(full, full_opt, rank, range(DCP_SAVE, DCP_STEPS))
+
+        resumed = dcp_model(name, before)
+        resumed_opt = dcp_optimizer(name, resumed.parameters())
+        if existing:
+            get_state_dict(resumed, resumed_opt, options=options)  # the optimizer's state exists before paramreg stepped
+        model_sd, optim_sd = get_state_dict(resumed, resumed_opt, options=options)
+        fresh_calls = [c.calls for c in carriers(resumed)]  # DCP's zero-lr steps are not counted
+        loaded = {"model": model_sd, "optim": optim_sd}
+        dcp.load(loaded, checkpoint_id=where)
+        set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"], options=options)
+        train(resumed, resumed_opt, rank, range(DCP_SAVE, DCP_STEPS))
+        seen = {
+            "full": gathered(full), "resumed": gathered(resumed), "paramreg keys": keys, "fresh calls": fresh_calls,
+            "calls": [[c.calls for c in carriers(m)] for m in (full, resumed)],
+            "fills": [paramreg_fills(o) for o in (full_opt, resumed_opt)],
+        }
+        if rank == 0:
+            torch.save(seen, os.path.join(out, f"fsdp-dcp-{i}-rank0.pt"))
+        del full, full_opt, resumed, resumed_opt
+        gc.collect()
+
+
+def gathered(model):
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+
+
+def paramreg_fills(opt):
+    """paramreg's momentum fills of ``opt``'s groups, as its state_dict records them."""
+    return [e.get("paramreg_momentum_fill") for e in opt.state_dict()["state"].values() if "paramreg_momentum_fill" in e]
 
 
 def fsdp_classes(model, rank, out):

@@ -125,6 +125,34 @@ def test_ddp_two_processes_agree_and_match_one_process(kind, tmp_path):
     assert (ranks[0]["0.weight"] == 0).any()
 
 
+def test_ddp_sparsity_target_is_exact_on_every_rank_and_matches_one_process(tmp_path):
+    """DDP (SGD with momentum) with one sparsity target over every weight: each rank selects over its
+    whole replica, so every rank holds exactly round(0.6·N) zeros after the ramp, the ranks agree
+    bitwise, and the zero set is that of the same training in one process (weights within 1e-5 of
+    their largest magnitude: DDP's all-reduced mean of two 16-example gradients rounds unlike one
+    32-example mean; measured 1.6e-8 absolute)."""
+    _run_distributed("ddp-target", tmp_path)
+    ranks = [torch.load(tmp_path / f"ddp-target-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    budget = round(0.6 * sum(ranks[0][f"{i}.weight"].numel() for i in (0, 2, 4)))
+    for r in ranks:
+        assert int(r.pop("report.zeros").sum()) == budget
+        assert sum(int((r[f"{i}.weight"] == 0).sum()) for i in (0, 2, 4)) == budget
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    expected = _one_process("ddp-target")
+    for key in expected:
+        assert torch.equal(ranks[0][key] == 0, expected[key] == 0), key
+        torch.testing.assert_close(ranks[0][key], expected[key], rtol=0, atol=1e-5 * float(expected[key].abs().max()))
+
+
+def test_zero_redundancy_optimizer_refuses_a_sparsity_target(tmp_path):
+    """ZeroRedundancyOptimizer steps each tensor on the one rank that owns it, so a target could
+    only select per rank: it is refused at the first step, on both ranks, with what to use instead."""
+    _run_distributed("zero-target", tmp_path)
+    for rank in (0, 1):
+        message = (tmp_path / f"zero-target-error-rank{rank}.txt").read_text()
+        assert "ZeroRedundancyOptimizer on 2 ranks" in message and "FSDP2" in message
+
+
 def _fsdp_against_one_process(kind, tmp_path):
     """The FSDP2 job ``kind`` on 2 ranks, rank 0's trained state_dict (gathered), checked against
     the same training in one process (within 2e-6), and the report's zero counts."""
@@ -165,6 +193,97 @@ def test_fsdp2_sparsity_target_over_uneven_shards_matches_one_process_without_ga
         # the safeguard's norms (one 0-dim all-reduce per weight), at most 3 of the selection's counts and one
         # of the per-tensor counts that the maximum per tensor checks (Note [Allocation])
         assert comms.get("c10d.allreduce_", 0) <= 4 and comms.get("c10d_functional.all_reduce", 0) == 3, comms
+
+
+COUNTS_PASS = (65536 + 2) * 8  # one pass of the selection: an all_reduce of its bins' int64 counts (Note [Exact selection])
+
+
+def _zero_groups(w, name):
+    """The zero groups of ``w`` under the target case ``name``: elements, rows or columns."""
+    return int((w == 0).sum()) if name == "l0" else int((w.norm(dim=1 if name == "rows" else 0) == 0).sum())
+
+
+def test_fsdp2_l0_and_group_targets_match_one_process_and_their_collectives_do_not_grow_with_the_model(tmp_path):
+    """FSDP2 on 2 ranks with an l0=True target, a group target over rows (each row on one rank) and
+    one over columns (each column split over both ranks), each at widths 16 and 64 (464 and 4,928
+    weights; the first two weights shard evenly, the last one's 5 rows unevenly, 3 + 2): each hits
+    its budget exactly, with the zero set of the same training in one process and weights within
+    1e-5 of each tensor's largest magnitude (FSDP2's reduce-scatter sums the ranks' gradients in
+    another order, which Adam's division by sqrt(v) carries on; measured at most 1e-6 of it).
+
+    Every optimizer step (Adam, the target's critical strengths, selection and map) is counted with
+    CommDebugMode and the bytes passed to each collective: nothing is gathered. For l0 and rows the
+    only collectives are the selection's count all_reduces (524,304 bytes a pass, 1 to 3 passes, plus
+    24 bytes of per-tensor counts) and the safeguard's three 4-byte norms; measured: 1,048,632 bytes
+    of counts in l0's first step (2 passes), 1,572,936 in every other step of l0 and rows (3), step by
+    step the same at both widths.
+    Columns add the all_reduces of the column norms (the target's and its map's), which grow with
+    the number of columns and not with the weights: 2,572 to 3,244 bytes at width 16, 9,484 to
+    11,020 at 64; their count all_reduces are the same at both widths."""
+    import distributed_job as job
+
+    _run_distributed("fsdp-targets", tmp_path)
+    seen = {}
+    for name, calls in job.TARGET_CASES.items():
+        asked = calls[0][1]["sparsity"]
+        for suffix in job.WIDTHS:
+            case = f"fsdp-{name}{suffix}"
+            got = torch.load(tmp_path / f"{case}-rank0.pt", weights_only=True)
+            del got["report.zeros"]
+            expected = _one_process(case)
+            for key in expected:
+                assert torch.equal(got[key] == 0, expected[key] == 0), (case, key)
+                torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5 * float(expected[key].abs().max()))
+            weights = [got[f"{i}.weight"] for i in (0, 2, 4)]
+            groups = sum(w.numel() if name == "l0" else w.shape[0 if name == "rows" else 1] for w in weights)
+            assert sum(_zero_groups(w, name) for w in weights) == round(asked * groups), case  # the budget, exactly
+            for rank in (0, 1):
+                steps = json.loads((tmp_path / f"{case}-comms-rank{rank}.json").read_text())
+                assert len(steps) == job.STEPS
+                for ops in steps:
+                    assert set(ops) <= {"c10d.allreduce_", "c10d_functional.all_reduce"}, (case, ops)  # nothing gathered
+                    counts = ops["c10d.allreduce_"]
+                    assert counts["bytes"] in [p * COUNTS_PASS + 3 * 8 for p in (1, 2, 3)], (case, ops)
+                    if name != "columns":
+                        assert ops["c10d_functional.all_reduce"] == {"count": 3, "bytes": 12}, (case, ops)
+                seen[case, rank] = steps
+    for rank in (0, 1):
+        for name in ("l0", "rows"):
+            assert seen[f"fsdp-{name}", rank] == seen[f"fsdp-{name}-wide", rank]  # the same bytes at 464 and 4,928 weights
+        narrow, wide = seen["fsdp-columns", rank], seen["fsdp-columns-wide", rank]
+        assert [s["c10d.allreduce_"] for s in narrow] == [s["c10d.allreduce_"] for s in wide]
+    print({f"{case} rank {rank}": [{op: c["bytes"] for op, c in ops.items()} for ops in steps] for (case, rank), steps in seen.items()})
+
+
+def test_fsdp2_dcp_round_trips_resume_the_uninterrupted_run(tmp_path):
+    """DCP on an FSDP2 model (2 ranks), get_state_dict/set_state_dict with dcp.save/dcp.load, saved
+    after 3 steps (targets mid-ramp) and trained to 7 (the ramps end at 6). Eight cases in one job
+    (distributed_job.DCP_CASES): two sets of attach calls, one with a target, a strength schedule and
+    keep_zeros on the unevenly sharded weight under SGD with momentum, one with L1, a column group
+    lasso and an l0 target under AdamW; each attached before and after fully_shard, with
+    flatten_optimizer_state_dict off and on, the fresh optimizer's state made before the template
+    in half of them (alternating, so each set has it on and off). In every case DCP's zero-lr
+    initialisation neither raises nor counts, the checkpoint holds paramreg's keys, and the resumed
+    run ends bitwise equal to the uninterrupted one, with the same step counts and momentum fills."""
+    import distributed_job as job
+
+    _run_distributed("fsdp-dcp", tmp_path)
+    for i, (name, before, flatten, existing) in enumerate(job.DCP_CASES):
+        case = f"{name}, attached {'before' if before else 'after'} fully_shard, flatten {flatten}, state before {existing}"
+        seen = torch.load(tmp_path / f"fsdp-dcp-{i}-rank0.pt", weights_only=True)
+        assert seen["fresh calls"] == [0, 0, 0], case  # DCP's initialisation step is not a step
+        assert any("paramreg_steps" in k for k in seen["paramreg keys"]), case
+        assert any("paramreg_momentum_fill" in k for k in seen["paramreg keys"]) == (name == "target"), case
+        full_calls, resumed_calls = seen["calls"]
+        assert full_calls == resumed_calls == ([7, 7, 0] if name == "target" else [0, 0, 7]), case
+        assert seen["fills"][0] == seen["fills"][1] and (seen["fills"][0] != []) == (name == "target"), case
+        full, resumed = seen["full"], seen["resumed"]
+        assert list(full) == list(resumed) and all("parametrizations" not in k for k in full), case  # plain keys
+        for key in full:
+            assert torch.equal(full[key], resumed[key]), (case, key)
+        zeros = int((full["0.weight" if name == "target" else "4.weight"] == 0).sum())
+        assert zeros == (64 if name == "target" else 32), case  # the targets' ends: 50% of 128, 40% of 80
+        assert (full["4.weight"].view(-1)[::3] == 0).all() or name != "target", case  # keep_zeros kept them
 
 
 def test_fsdp2_keep_zeros_attached_before_sharding_keeps_them(tmp_path):

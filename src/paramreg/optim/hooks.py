@@ -34,6 +34,7 @@ import weakref
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from ..errors import ParamregError
 from ..modules.carrier import live_carriers
 from . import applying, plans, state
 from .step_sizes import whole
@@ -72,6 +73,7 @@ def _after_step(optimizer, args, kwargs) -> None:
         by_param = state.carriers_by_param()
         state.restore_counts(optimizer, by_param)  # a loaded state_dict's counts (Note [Resume] in optim/state.py)
         found.plan, guessed = plans.build(optimizer, by_param)
+        _refuse_partitioned_targets(optimizer, found.plan)
         found.signature = signature
         if guessed:
             plans.warn_unknown(optimizer, guessed)
@@ -79,6 +81,22 @@ def _after_step(optimizer, args, kwargs) -> None:
             state.save_with(optimizer)
     if found.plan:
         applying.run(optimizer, found.plan)
+
+
+def _refuse_partitioned_targets(optimizer, plan: list) -> None:
+    """A sparsity target stepped by the inner optimizer of a ``ZeroRedundancyOptimizer`` over more than
+    one rank is refused: each rank steps, and so would select over, only the tensors it owns, so the
+    zero set would be a budget per rank, not the target's (DDP and FSDP2 select over every tensor)."""
+    stack = getattr(_running, "stack", None) or []
+    outer = stack[-1][0]() if stack else None
+    if type(outer).__name__ != "ZeroRedundancyOptimizer" or getattr(outer, "world_size", 1) <= 1:
+        return
+    if any(bucket.target is not None for _, _, buckets in plan for bucket in buckets):
+        raise ParamregError(
+            f"a sparsity target under ZeroRedundancyOptimizer on {outer.world_size} ranks: each rank steps only the "
+            "tensors it owns, so the target cannot select over all of them; train it with DDP and a plain "
+            "optimizer, or with FSDP2 (fully_shard), where it is exact across ranks"
+        )
 
 
 def _null_step(optimizer) -> bool:

@@ -19,9 +19,12 @@ Note [Target sparsity]
         coupled channels    c_k = sqrt(Σ_m ‖m⁺_k / t_k‖²)     (every member m of channel k)
 
     With N groups in the tensors that the step updated and m = round(s_k·N), the step's strength
-    is the m-th smallest c_g (0 while m = 0), and the proximal map is applied with it: exactly the
-    m groups of smallest critical strength become zero (more only where several share the m-th
-    value), every other group is shrunk as L1 or group lasso shrinks it at that strength. It is
+    is the m-th smallest c_g (0 while m = 0), and the proximal map is applied with it, raised by
+    2^-18 of itself (``BOUNDARY`` in optim/applying.py: the map tests its threshold in its own
+    arithmetic, which would leave the m-th group a few roundings above it about half the time):
+    exactly the m groups of smallest critical strength become zero (more only where several lie
+    within 2^-18 of the m-th value, ties), every other group is shrunk as L1 or group lasso
+    shrinks it at that strength. It is
     the smallest strength that reaches s_k on this step, so the method stays a proximal method
     whose strength follows a path, not a mask: zeros come back when their gradient outweighs it.
     In an optimizer's metric c_i = abs(w⁺_i)·(sqrt(v̂_i) + eps)/lr for Adam, a weight's magnitude
