@@ -247,3 +247,11 @@ def test_matches_kthvalue(chunks, rank, hint, bins):
     m = 1 + min(n - 1, int(rank * n))
     selected = check(tensors, m, hint=hint, bins=bins)
     assert selected.passes <= (5 if bins == 1 << 9 else 3)  # ceil(31 / 9) or 2, and 1 for a hint
+
+
+def test_empty_chunks_count_nothing():
+    """A rank whose shard is empty (an uneven split, a replicated value counted on another rank)
+    yields empty chunks among the others."""
+    values = torch.tensor([3.0, 1.0, 2.0])
+    chunks = [torch.empty(0), values[:2], torch.empty(0, 4), values[2:], torch.empty(0)]
+    assert kth_smallest(lambda: chunks, 2).value == 2.0

@@ -247,7 +247,7 @@ class _Counter:
                     keys.view(torch.float32).copy_(piece)
                     keys.bitwise_and_(_MAGNITUDE)
                 fill += n
-            del chunk, flat, piece, keys  # nothing of this chunk is held while the next is computed
+            chunk = flat = piece = keys = None  # nothing of this chunk is held while the next is computed
         if counts is None:
             return torch.zeros(self.bins + 2, dtype=torch.int64, device=self.device)
         if fill:
