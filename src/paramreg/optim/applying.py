@@ -182,8 +182,10 @@ class _Criticals:
         runs blockwise as the default prox runs. So a target's step holds, beyond what the
         default prox holds, the selection's counts and staging buffer and one block (one tensor
         off the CPU), and reads every weight and its optimizer state twice more than the default
-        prox: on this machine the floor of a pass, a read of both, is 0.14-0.16 of an AdamW
-        ``l1=`` step at 25M-100M selected weights (``benchmarks/target_cost.py``, ``read/l1``).
+        prox. A read of both is not what costs (``benchmarks/target_cost.py``, ``read/l1``: a few
+        percent of an AdamW ``l1=`` step at 8M-25M selected weights on this machine); the
+        strengths' elementwise computation and the histogram's ``bincount`` are (Note [Exact
+        selection]).
         The safeguard's floors (Note [Safeguarded metric] in optim/step_sizes.py) are taken once
         per step over whole tensors and serve every pass and the map. Over DTensor shards each
         rank computes its own shard's strengths (a replicated value is counted on one rank).
