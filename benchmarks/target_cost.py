@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="0.01M selected weights, 2 rounds")
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
+    parser.add_argument("--no-target", action="store_true", help="only none and l1 (the target's columns read -)")
     args = parser.parse_args()
     sizes = [0.01] if args.tiny else args.sizes
     rounds = 2 if args.tiny else args.rounds
@@ -85,11 +87,12 @@ def main() -> None:
     x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
     for size in sizes:
         selected = int(size * 1e6)
-        for optimizer in OPTIMIZERS:
-            runs = {v: build(v, selected, optimizer, rounds * args.steps_per_round + 2) for v in VARIANTS}
+        for optimizer in args.optimizers:
+            variants = VARIANTS[:2] if args.no_target else VARIANTS
+            runs = {v: build(v, selected, optimizer, rounds * args.steps_per_round + 2) for v in variants}
             for model, opt in runs.values():
                 step(model, opt, x, y)  # the optimizer's state, the plan
-            times = {v: [] for v in VARIANTS}
+            times = {v: [] for v in variants}
             for _ in range(rounds):
                 for v, (model, opt) in runs.items():
                     started = time.perf_counter()
@@ -97,11 +100,20 @@ def main() -> None:
                         step(model, opt, x, y)
                     times[v].append((time.perf_counter() - started) / args.steps_per_round)
             median = {v: statistics.median(t) for v, t in times.items()}
-            peaks = {v: peak_bytes(*runs[v], x, y) / 2**20 for v in VARIANTS}
+            peaks = {v: peak_bytes(*runs[v], x, y) / 2**20 for v in variants}
+            median.setdefault("target", float("nan"))
+            peaks.setdefault("target", float("nan"))
             print(f"{selected / 1e6:7.2f}M  {optimizer:9s}  {median['none'] * 1e3:7.1f}  {median['l1'] / median['none']:7.2f}  "
                   f"{median['target'] / median['none']:11.2f}  {median['target'] / median['l1']:9.2f}  "
                   f"{peaks['none']:.1f} / {peaks['l1']:.1f} / {peaks['target']:.1f}", flush=True)
             del runs
+    try:
+        from paramreg.optim import fused
+    except ImportError:  # paramreg before the fused map
+        return
+    if fused.compile_seconds:
+        print("fused map, first call (compilation included; inductor's disk cache may make it shorter): "
+              + ", ".join(f"{dtype} on {dev}: " + ("failed" if sec is None else f"{sec:.1f} s") for (dtype, dev), sec in fused.compile_seconds.items()))
 
 
 if __name__ == "__main__":
