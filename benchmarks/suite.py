@@ -37,8 +37,9 @@ Variants (strength 1e-4 everywhere; "the weights" are every parameter with two o
   Adam's own metric (under the Adam family the fused map where it applies, Note [Fused map] in
   optim/fused.py). Skipped, with a note, where ``attach`` has no ``step=`` keyword or refuses the
   combination (an optimizer without a diagonal metric);
-- ``prox adaptive L1 eager``: the same with ``paramreg.optim.fused.enabled = False`` during its
-  steps: the eager map, interleaved with the fused one;
+- ``prox adaptive L1 eager``, ``prox group lasso eager``: the same with
+  ``paramreg.optim.fused.enabled = False`` during their steps: the eager maps, interleaved with
+  the fused ones;
 - ``prox target``: ``paramreg.attach(model, weights, sparsity=0.5, sparsity_steps=10**6)``: L1 with
   the strength calibrated on every step (the critical strengths of all weights and one
   ``kthvalue``), default step policy;
@@ -92,6 +93,7 @@ VARIANTS = (
     "grad hook",
     "prox L1",
     "prox group lasso",
+    "prox group lasso eager",
     "prox adaptive L1",
     "prox adaptive L1 eager",
     "prox target",
@@ -200,7 +202,9 @@ def make_step(variant: str, base: nn.Module, optimizer_name: str, x, y):
         try:
             if variant == "prox L1":
                 lib.attach(model, _weights, l1=STRENGTH, **({"step": "lr"} if HAS_STEP else {}))
-            elif variant == "prox group lasso":
+            elif variant.startswith("prox group lasso"):
+                if variant.endswith("eager") and FUSED is None:
+                    raise Skip("paramreg has no fused map yet")
                 lib.attach(model, _weights, group_lasso=STRENGTH)
             elif variant == "penalty L1":
                 lib.attach(model, _weights, l1=STRENGTH, mode="penalty")
@@ -227,7 +231,7 @@ def make_step(variant: str, base: nn.Module, optimizer_name: str, x, y):
     }.get(variant)
 
     extra_pass = variant == "extra pass"
-    eager = variant == "prox adaptive L1 eager"
+    eager = variant.endswith(" eager")
 
     def step():
         loss = F.cross_entropy(model(x), y)
@@ -516,9 +520,9 @@ def main() -> None:
         print(f"\n{h}Step time / unregularized step (median; lower is better)\n")
         print(step_table(steps, args.markdown))
         if FUSED is not None and FUSED.compile_seconds:
-            print("\nfused map, first call (compilation included; inductor's disk cache may make it shorter): "
-                  + ", ".join(f"{dtype} on {dev}: " + ("failed" if sec is None else f"{sec:.1f} s")
-                              for (dtype, dev), sec in FUSED.compile_seconds.items()))
+            print("\nfused map, first call of each kernel (compilation included; inductor's disk cache may make it shorter): "
+                  + ", ".join(f"{name} {str(dtype).removeprefix('torch.')} on {dev}: " + ("failed" if sec is None else f"{sec:.1f} s")
+                              for (name, dtype, dev), sec in FUSED.compile_seconds.items()))
     skipped: dict[tuple[str, str], list[str]] = {}
     for variant, why, where in notes:
         skipped.setdefault((variant, why), []).append(where)

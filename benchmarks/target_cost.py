@@ -112,8 +112,9 @@ def main() -> None:
     except ImportError:  # paramreg before the fused map
         return
     if fused.compile_seconds:
-        print("fused map, first call (compilation included; inductor's disk cache may make it shorter): "
-              + ", ".join(f"{dtype} on {dev}: " + ("failed" if sec is None else f"{sec:.1f} s") for (dtype, dev), sec in fused.compile_seconds.items()))
+        print("fused map, first call of each kernel (compilation included; inductor's disk cache may make it shorter): "
+              + ", ".join(f"{name} {str(dtype).removeprefix('torch.')} on {dev}: " + ("failed" if sec is None else f"{sec:.1f} s")
+                          for (name, dtype, dev), sec in fused.compile_seconds.items()))
 
 
 if __name__ == "__main__":

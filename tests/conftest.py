@@ -19,9 +19,9 @@ def device(request):
 
 @pytest.fixture(params=["fused", "eager"])
 def prox_path(request, monkeypatch):
-    """The L1 and elastic-net maps in the Adam family's metric through the compiled kernel for every
-    tensor of two or more elements ("fused"), or through the eager map ("eager"): Note [Fused map]
-    in optim/fused.py."""
+    """The L1, elastic-net and group-lasso maps in the Adam family's metric through the compiled
+    kernels for every tensor of two or more elements ("fused"), or through the eager maps
+    ("eager"): Note [Fused map] in optim/fused.py."""
     from paramreg.optim import fused
 
     if request.param == "fused":
