@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (the allocator's peak)")
     parser.add_argument("--gpt", action="store_true", help="also a GPT-style training step (forward and backward dominate)")
     parser.add_argument("--peak-of", nargs=3, metavar=("VARIANT", "SELECTED", "OPTIMIZER"), help=argparse.SUPPRESS)
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
+    parser.add_argument("--no-target", action="store_true", help="only none and l1 (the target's columns read -)")
     args = parser.parse_args()
     if args.peak_of:
         variant, selected, optimizer = args.peak_of
@@ -152,11 +154,12 @@ def main() -> None:
     x, y = torch.randn(8, 64, device=device), torch.randint(0, 10, (8,), device=device)
     for size in sizes:
         selected = int(size * 1e6)
-        for optimizer in OPTIMIZERS:
-            runs = {v: build(v, selected, optimizer, rounds * args.steps_per_round + 2, device) for v in VARIANTS}
+        for optimizer in args.optimizers:
+            variants = VARIANTS[:2] if args.no_target else VARIANTS
+            runs = {v: build(v, selected, optimizer, rounds * args.steps_per_round + 2, device) for v in variants}
             for model, opt in runs.values():
                 step(model, opt, x, y)  # the optimizer's state, the plan
-            times = {v: [] for v in (*VARIANTS, "read")}
+            times = {v: [] for v in (*variants, "read")}
             for _ in range(rounds):
                 for v, (model, opt) in runs.items():
                     started = time.perf_counter()
@@ -168,17 +171,25 @@ def main() -> None:
                 times["read"].append(time.perf_counter() - started)
             median = {v: statistics.median(t) for v, t in times.items()}
             if device == "cuda":
-                peaks = {v: cuda_peak(*runs[v], x, y) for v in VARIANTS}
+                peaks = {v: cuda_peak(*runs[v], x, y) for v in variants}
                 del runs
             else:
                 del runs
-                peaks = {v: peak_bytes(v, selected, optimizer) for v in VARIANTS}
+                peaks = {v: peak_bytes(v, selected, optimizer) for v in variants}
+            median.setdefault("target", float("nan"))
+            peaks.setdefault("target", None)
             peak = " / ".join("-" if b is None else f"{b / 2**20:.1f}" for b in peaks.values())
             print(f"{selected / 1e6:7.2f}M  {optimizer:9s}  {median['none'] * 1e3:7.1f}  {median['l1'] / median['none']:7.2f}  "
                   f"{median['target'] / median['none']:11.2f}  {median['target'] / median['l1']:9.2f}  "
                   f"{median['read'] / median['l1']:7.3f}  {peak}", flush=True)
     if args.gpt:
         gpt_step(rounds, args.steps_per_round, tiny=args.tiny, device=device)
+    from paramreg.optim import fused
+
+    if fused.compile_seconds:
+        print("fused map, first call of each kernel (compilation included; inductor's disk cache may make it shorter): "
+              + ", ".join(f"{name} {str(dtype).removeprefix('torch.')} on {dev}: " + ("failed" if sec is None else f"{sec:.1f} s")
+                          for (name, dtype, dev), sec in fused.compile_seconds.items()))
 
 
 def gpt_step(rounds: int, steps_per_round: int, tiny: bool, device: str = "cpu") -> None:

@@ -17,6 +17,20 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(params=["fused", "eager"])
+def prox_path(request, monkeypatch):
+    """The L1, elastic-net and group-lasso maps in the Adam family's metric through the compiled
+    kernels for every tensor of two or more elements ("fused"), or through the eager maps
+    ("eager"): Note [Fused map] in optim/fused.py."""
+    from paramreg.optim import fused
+
+    if request.param == "fused":
+        monkeypatch.setattr(fused, "min_numel", 2)
+    else:
+        monkeypatch.setattr(fused, "enabled", False)
+    return request.param
+
+
 class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()

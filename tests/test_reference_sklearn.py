@@ -54,6 +54,8 @@ def fit_prox_gradient(X, y, max_steps=20_000, **attach_kwargs):
 
 
 PROBLEMS = [(200, 20, 0), (100, 40, 1), (80, 10, 2)]
+# every parity test through the fused and the eager map (SGD takes neither: Note [Fused map] in optim/fused.py)
+pytestmark = pytest.mark.usefixtures("prox_path")
 
 
 @pytest.mark.parametrize("n,p,seed", PROBLEMS)

@@ -43,7 +43,7 @@ def _adam_lasso(X, y, alpha, step, steps=3000):
     return model.weight.detach().squeeze(0).numpy(), model.bias.item()
 
 
-def test_sgd_momentum_l1_reaches_the_scikit_learn_lasso_and_lr_a_weaker_one():
+def test_sgd_momentum_l1_reaches_the_scikit_learn_lasso_and_lr_a_weaker_one(prox_path):
     """Momentum μ settles its buffer at g/(1 − μ): the default prox step lr/(1 − μ) solves the lasso
     with strength a; t = lr solves it with strength (1 − μ)·a."""
     X, y = _lasso_problem()
@@ -63,7 +63,7 @@ def test_sgd_momentum_l1_reaches_the_scikit_learn_lasso_and_lr_a_weaker_one():
         np.testing.assert_allclose(w, reference.coef_, rtol=0, atol=1e-6)
 
 
-def test_adam_adaptive_l1_reaches_the_scikit_learn_lasso_and_lr_does_not():
+def test_adam_adaptive_l1_reaches_the_scikit_learn_lasso_and_lr_does_not(prox_path):
     X, y = _lasso_problem()
     alpha = 0.1
     reference = Lasso(alpha=alpha, tol=1e-12, max_iter=100_000).fit(X.numpy(), y.numpy())
@@ -146,7 +146,7 @@ WRITTEN_OUT = {
 
 
 @pytest.mark.parametrize("name", WRITTEN_OUT)
-def test_adaptive_l1_thresholds_each_coordinate_with_the_step_the_optimizer_took(name):
+def test_adaptive_l1_thresholds_each_coordinate_with_the_step_the_optimizer_took(name, prox_path):
     make_opt, step_of = WRITTEN_OUT[name]
     x, y = mlp_batch()
     strength = 0.02
@@ -544,7 +544,7 @@ def test_fast_group_solve_of_half_precision_and_non_contiguous_tensors():
     assert torch.equal(got, structured._group_shrink_diag(strided, inverse.reciprocal(), "out", a))
 
 
-def test_adaptive_prox_of_bfloat16_weights_is_computed_in_float32_and_rounded_once():
+def test_adaptive_prox_of_bfloat16_weights_is_computed_in_float32_and_rounded_once(prox_path):
     torch.manual_seed(0)
     model = nn.Linear(64, 32).to(torch.bfloat16)
     paramreg.attach(model, "weight", l1=0.05, metric_floor=0.0)  # the plain metric, written out below
@@ -589,7 +589,7 @@ SAFEGUARDED = {
 
 
 @pytest.mark.parametrize("name", SAFEGUARDED)
-def test_the_default_metric_is_floored_at_the_rms_of_the_gradient(name):
+def test_the_default_metric_is_floored_at_the_rms_of_the_gradient(name, prox_path):
     """Coordinates that get no gradient (inputs that are always 0) have v = 0: the plain metric's
     step lr/eps would zero them at any strength; the default floors each denominator at the RMS of
     the tensor's gradient, written out here from the optimizer's state."""
@@ -619,7 +619,7 @@ def test_the_default_metric_is_floored_at_the_rms_of_the_gradient(name):
     assert int((model[0].weight[:, :4] == 0).sum()) == 0, "a tiny strength leaves the dead coordinates alone"
 
 
-def test_the_plain_metric_wipes_coordinates_without_gradient_and_the_default_does_not():
+def test_the_plain_metric_wipes_coordinates_without_gradient_and_the_default_does_not(prox_path):
     x, y = mlp_batch()
     x[:, :4] = 0.0
     dead = {}

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import ParamregError
 
-from . import step_sizes
+from . import fused, step_sizes
 from .state import fill_of, schedule_value
 from .plans import Bucket
 
@@ -108,6 +108,12 @@ def _apply(bucket: Bucket, tensors: list[Tensor], t: float, optimizer, group, fi
         _map(regularizer, tensors, _inverse(bucket, tensors, t, optimizer, group, fill))
         return
     states = [optimizer.state[p] for p in tensors]
+    left = fused.map_(optimizer, group, regularizer, tensors, states, t, bucket.metric_floor)  # Note [Fused map] in optim/fused.py
+    if not left:
+        return
+    if len(left) < len(tensors):
+        tensors, states = [tensors[i] for i in left], [states[i] for i in left]
+        floors = None if floors is None else [floors[i] for i in left]
     if floors is None:
         floors = step_sizes.floors(optimizer, group, tensors, states, bucket.metric_floor)
     for indices, block, block_states in _blocks(tensors, states, regularizer):

@@ -67,7 +67,7 @@ from torch import Tensor
 
 from ..errors import ParamregError
 
-__all__ = ["POLICIES", "KNOWN", "FILLING", "DEFAULT_METRIC_FLOOR", "resolve", "metric", "floors", "inverse_steps", "sgd_factor", "settled", "whole"]
+__all__ = ["POLICIES", "KNOWN", "FILLING", "DEFAULT_METRIC_FLOOR", "resolve", "metric", "floors", "inverse_steps", "sgd_factor", "settled", "whole", "adam_scalars", "floor_factor"]
 
 POLICIES = ("auto", "lr", "adaptive")
 
@@ -108,12 +108,18 @@ def _floored_sqrt(v: list[Tensor], floors: list | None) -> list[Tensor]:
     return _raise_(list(torch._foreach_sqrt(v)), floors)
 
 
+def adam_scalars(group: dict, k: float, lr: float) -> tuple[float, float]:
+    """Adam's (and AdamW's, NAdam's) inverse step after its k-th step as scale·max(sqrt(v), F) +
+    shift: (scale, shift) = (1/(lr·sqrt(1 − β₂ᵏ)), eps/lr), v in its raw units."""
+    return 1.0 / (lr * math.sqrt(1.0 - group["betas"][1] ** k)), group["eps"] / lr
+
+
 def _adam(name, group, states, lr, floors):
-    beta2, eps = group["betas"][1], group["eps"]
     v, counts = _moments(name, states, _adam_key(group))
     inverse = _floored_sqrt(v, floors)
-    torch._foreach_mul_(inverse, [1.0 / (lr * math.sqrt(1.0 - beta2**k)) for k in counts])
-    torch._foreach_add_(inverse, eps / lr)
+    scalars = [adam_scalars(group, k, lr) for k in counts]
+    torch._foreach_mul_(inverse, [scale for scale, _ in scalars])
+    torch._foreach_add_(inverse, scalars[0][1])  # eps/lr, the same for every tensor
     return inverse
 
 
@@ -261,10 +267,9 @@ def floors(optimizer, group: dict, params: list[Tensor], states: list[dict], rat
     """
     if not ratio:
         return None
-    unit = _UNIT_DENOMINATOR[resolve(optimizer)]
+    cls = resolve(optimizer)
     grads = [p.grad for p in params]
-    counts = [float(s["step"]) if "step" in s else 1.0 for s in states]
-    factors = [ratio * unit(group, k) / math.sqrt(max(p.numel(), 1)) for p, k in zip(params, counts, strict=True)]
+    factors = [floor_factor(cls, group, p.numel(), state, ratio) for p, state in zip(params, states, strict=True)]
     if any(type(g) is not Tensor for g in grads):  # a sharded gradient (DTensor): its whole norm, as numbers
         return [float(whole(torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)))) * f for g, f in zip(grads, factors, strict=True)]
     if all(g.dtype in (torch.float32, torch.float64) for g in grads):
@@ -273,6 +278,14 @@ def floors(optimizer, group: dict, params: list[Tensor], states: list[dict], rat
         out = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)) for g in grads]
     torch._foreach_mul_(out, factors)
     return out
+
+
+def floor_factor(cls: type, group: dict, numel: int, state: dict, ratio: float) -> float:
+    """The floor of a tensor's denominators per unit of its gradient's norm: ``ratio`` times the
+    unit denominator of optimizer class ``cls`` after the tensor's steps, over sqrt(numel) (the
+    floor is this times ‖g‖₂, Note [Safeguarded metric])."""
+    k = float(state["step"]) if "step" in state else 1.0
+    return ratio * _UNIT_DENOMINATOR[cls](group, k) / math.sqrt(max(numel, 1))
 
 
 def inverse_steps(

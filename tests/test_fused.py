@@ -1,0 +1,222 @@
+"""The fused map (Note [Fused map] in optim/fused.py): where it runs, that it agrees with the eager
+map within its stated bound, and that it compiles once per dtype, not per step."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import paramreg
+from paramreg.optim import applying, fused, step_sizes
+from paramreg.optim.plans import Bucket
+
+
+def _adam_state(dtype, steps=3, seed=0, **adam):
+    """A two-layer model after ``steps`` Adam steps (no regularizer), its gradients kept: dead
+    inputs give the first layer coordinates with v = 0, where the floor binds."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(300, 400), nn.ReLU(), nn.Linear(400, 7)).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(32, 300, generator=g, dtype=dtype), torch.randint(0, 7, (32,), generator=g)
+    x[:, :20] = 0.0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **adam)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+def _map(path, monkeypatch, regularizer, weights, opt, floor):
+    """The bucket's map over copies of ``weights`` through ``path``; the copies, mapped."""
+    monkeypatch.setattr(fused, "enabled", path == "fused")
+    monkeypatch.setattr(fused, "min_numel", 2)
+    originals = [w.detach().clone() for w in weights]
+    bucket = Bucket(regularizer, "adaptive", metric_floor=floor)
+    with torch.no_grad():
+        applying._apply(bucket, weights, 1e-3, opt, opt.param_groups[0], None)
+        mapped = [w.detach().clone() for w in weights]
+        for w, o in zip(weights, originals, strict=True):
+            w.copy_(o)
+    return mapped
+
+
+def _exact_floor_error(opt, weights, floor):
+    """Per weight: how far the eager floor (float32 ``_foreach_norm``) is from the floor in
+    float64, relative (0 without a floor)."""
+    if not floor:
+        return [0.0] * len(weights)
+    group = opt.param_groups[0]
+    states = [opt.state[w] for w in weights]
+    eager = step_sizes.floors(opt, group, weights, states, floor)
+    cls = step_sizes.resolve(opt)
+    exact = [math.sqrt(math.fsum(x * x for x in w.grad.double().flatten().tolist())) * step_sizes.floor_factor(cls, group, w.numel(), s, floor)
+             for w, s in zip(weights, states, strict=True)]
+    return [abs(float(e) - x) / x for e, x in zip(eager, exact, strict=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("regularizer", [paramreg.L1(3e-3), paramreg.ElasticNet(l1=3e-3, l2=0.5)], ids=repr)
+@pytest.mark.parametrize("floor", [1.0, 0.0])
+def test_fused_and_eager_maps_agree(dtype, regularizer, floor, monkeypatch):
+    """Within 4 ulp of abs(w) with the plain metric (measured: 1.8); with the floor, within 8 ulp
+    plus twice abs(w) times the eager floor's relative error, measured here against a correctly
+    rounded sum (Note [Fused map]); zeros differ only within that band around the threshold."""
+    model, opt = _adam_state(dtype)
+    weights = [model[0].weight, model[2].weight]
+    before = [w.detach().clone() for w in weights]
+    got = _map("fused", monkeypatch, regularizer, weights, opt, floor)
+    want = _map("eager", monkeypatch, regularizer, weights, opt, floor)
+    eps = torch.finfo(dtype).eps
+    for w, g, e, rho in zip(before, got, want, _exact_floor_error(opt, weights, floor), strict=True):
+        bound = w.abs() * (8 * eps + 2 * rho if floor else 4 * eps)
+        assert bool(((g - e).abs() <= bound).all()), float(((g - e).abs() / w.abs()).max())
+        assert 0 < int((e == 0).sum()) < e.numel()
+        differ = (g == 0) != (e == 0)
+        assert bool((e[differ].abs() <= bound[differ]).all() and (g[differ].abs() <= bound[differ]).all())
+    assert fused.compile_seconds.get(("l1", dtype, "cpu")) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("regularizer", [paramreg.GroupLasso(1.9), paramreg.GroupLasso(0.11, weighted=True)], ids=repr)
+@pytest.mark.parametrize("floor", [1.0, 0.0])
+def test_fused_and_eager_group_lasso_agree_to_the_solver_tolerance(dtype, regularizer, floor, monkeypatch):
+    """Both solve each group's norm to NEWTON_RTOL (relative 1e-6 in float32, 1e-12 in float64)
+    and map with it: they agree within 4x that relative to abs(w), and zero the same rows."""
+    model, opt = _adam_state(dtype)
+    weights = [model[0].weight, model[2].weight]
+    before = [w.detach().clone() for w in weights]
+    got = _map("fused", monkeypatch, regularizer, weights, opt, floor)
+    want = _map("eager", monkeypatch, regularizer, weights, opt, floor)
+    rtol = {torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    zeroed = 0
+    for w, g, e in zip(before, got, want, strict=True):
+        assert bool(((g - e).abs() <= 4 * rtol * w.abs()).all()), float(((g - e).abs() / w.abs()).max())
+        assert torch.equal(g.abs().sum(1) == 0, e.abs().sum(1) == 0)
+        zeroed += int((e.abs().sum(1) == 0).sum())
+    assert 0 < zeroed < sum(w.shape[0] for w in weights)
+    assert fused.compile_seconds.get(("group_first", dtype, "cpu")) is not None
+
+
+def _count_calls(monkeypatch):
+    calls = []
+    original = fused._call
+
+    def counting(name, w, *rest):
+        if name in ("l1", "group_first"):
+            calls.append(w.numel())
+        return original(name, w, *rest)
+
+    monkeypatch.setattr(fused, "_call", counting)
+    return calls
+
+
+def _train(model, opt, steps, sched=None):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, model[0].in_features, generator=g)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def test_the_rule_large_tensors_of_adam_family_optimizers_take_the_fused_map(monkeypatch):
+    calls = _count_calls(monkeypatch)
+    monkeypatch.setattr(fused, "min_numel", 1000)
+    model = nn.Sequential(nn.Linear(40, 50), nn.Linear(50, 10))  # 2,000 and 500 weights
+    paramreg.attach(model, "*.weight", l1=1e-3)
+    for make in (lambda p: torch.optim.Adam(p, lr=1e-3), lambda p: torch.optim.AdamW(p, lr=1e-3), lambda p: torch.optim.NAdam(p),
+                 lambda p: torch.optim.Adam(p, amsgrad=True)):
+        calls.clear()
+        _train(model, make(model.parameters()), 2)
+        assert calls == [2000, 2000]  # the small tensor took the eager map
+    for make in (lambda p: torch.optim.RMSprop(p), lambda p: torch.optim.SGD(p, lr=0.1), lambda p: torch.optim.Adam(p, eps=0.0)):
+        calls.clear()
+        _train(model, make(model.parameters()), 2)
+        assert calls == []
+    monkeypatch.setattr(fused, "enabled", False)
+    _train(model, torch.optim.Adam(model.parameters()), 2)
+    assert calls == []
+    paramreg.remove(model)
+    monkeypatch.setattr(fused, "enabled", True)
+    paramreg.attach(model, "*.weight", group_lasso=1e-3)  # rows: fused
+    _train(model, torch.optim.Adam(model.parameters()), 2)
+    assert calls == [2000, 2000]
+    calls.clear()
+    for keywords in ({"reg": paramreg.GroupLasso(1e-3, groups="in")}, {"l2": 1e-3}, {"reg": paramreg.SparseGroupLasso(l1=1e-3, group=1e-3)}):
+        paramreg.remove(model)
+        paramreg.attach(model, "*.weight", **keywords)  # maps the kernels do not compute
+        _train(model, torch.optim.Adam(model.parameters()), 2)
+        assert calls == [], keywords
+
+
+def test_no_step_recompiles(monkeypatch):
+    """One graph per dtype and device: new sizes, learning rates (a schedule), step counts and
+    strengths reuse it."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(fused, "min_numel", 2)
+    model = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 10), nn.Linear(10, 3))
+    paramreg.attach(model, "*.weight", l1=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    _train(model, opt, 1, sched)  # compiles, unless an earlier test in this process did
+    graphs = counters["stats"]["unique_graphs"]
+    _train(model, opt, 5, sched)
+    paramreg.set_strength(model, "*.weight", 2e-3)
+    _train(model, opt, 3, sched)
+    wider = nn.Sequential(nn.Linear(31, 17))
+    paramreg.attach(wider, "*.weight", l1=1e-3)
+    _train(wider, torch.optim.AdamW(wider.parameters()), 3)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert isinstance(fused.compile_seconds[("l1", torch.float32, "cpu")], float)
+
+
+def test_a_kernel_that_cannot_compile_warns_once_and_the_eager_map_runs(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fused, "min_numel", 2)
+    monkeypatch.setattr(fused, "compile_seconds", {})
+    monkeypatch.setattr(fused, "_compiled", {"l1": broken})
+    model, reference = nn.Sequential(nn.Linear(6, 5)), nn.Sequential(nn.Linear(6, 5))
+    reference.load_state_dict(model.state_dict())
+    paramreg.attach(model, "0.weight", l1=1e-2)
+    paramreg.attach(reference, "0.weight", l1=1e-2)
+    with pytest.warns(UserWarning, match="could not be compiled for torch.float32 on cpu .*no compiler here"):
+        _train(model, torch.optim.Adam(model.parameters(), lr=1e-2), 1)
+    assert fused.compile_seconds == {("l1", torch.float32, "cpu"): None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the next steps take the eager map silently
+        _train(model, torch.optim.Adam(model.parameters(), lr=1e-2), 2)
+    monkeypatch.setattr(fused, "enabled", False)
+    _train(reference, torch.optim.Adam(reference.parameters(), lr=1e-2), 1)
+    _train(reference, torch.optim.Adam(reference.parameters(), lr=1e-2), 2)
+    assert torch.equal(model[0].weight, reference[0].weight)
+
+
+def test_a_tiny_lasso_under_adam_is_the_same_through_both_paths_to_float64_precision(monkeypatch):
+    """End to end, float64: 300 steps of Adam with the default prox, fused and eager."""
+    results = {}
+    for path in ("fused", "eager"):
+        monkeypatch.setattr(fused, "enabled", path == "fused")
+        monkeypatch.setattr(fused, "min_numel", 2)
+        torch.manual_seed(0)
+        model = nn.Linear(30, 1).double()
+        paramreg.attach(model, "weight", l1=0.05)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(0)
+        X, y = torch.randn(100, 30, generator=g, dtype=torch.float64), torch.randn(100, generator=g, dtype=torch.float64)
+        for _ in range(300):
+            opt.zero_grad()
+            ((model(X).squeeze(1) - y) ** 2).mean().backward()
+            opt.step()
+        results[path] = model.weight.detach().clone()
+    torch.testing.assert_close(results["fused"], results["eager"], rtol=1e-12, atol=1e-14)
+    assert torch.equal(results["fused"] == 0, results["eager"] == 0)
+    assert math.isfinite(fused.compile_seconds[("l1", torch.float64, "cpu")])
