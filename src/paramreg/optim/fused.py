@@ -209,7 +209,7 @@ def map_(optimizer, group: dict, regularizer, tensors: list[Tensor], states: lis
         return everything
     if strengths == (0.0, 0.0) and type(regularizer) is L1:
         return []  # L1(0) is the identity, as in the eager map
-    cls, key = step_sizes.resolve(optimizer), step_sizes._adam_key(group)
+    cls, key = step_sizes.resolve(optimizer), step_sizes.adam_key(group)
     name = "group_first" if grouped else "l1"
     left = []
     for i, (p, state) in enumerate(zip(tensors, states, strict=True)):

@@ -67,7 +67,7 @@ from torch import Tensor
 
 from ..errors import ParamregError
 
-__all__ = ["POLICIES", "KNOWN", "FILLING", "DEFAULT_METRIC_FLOOR", "resolve", "metric", "floors", "inverse_steps", "sgd_factor", "settled", "whole", "adam_scalars", "floor_factor"]
+__all__ = ["POLICIES", "KNOWN", "FILLING", "DEFAULT_METRIC_FLOOR", "adam_key", "resolve", "metric", "floors", "inverse_steps", "sgd_factor", "settled", "whole", "adam_scalars", "floor_factor"]
 
 POLICIES = ("auto", "lr", "adaptive")
 
@@ -115,7 +115,7 @@ def adam_scalars(group: dict, k: float, lr: float) -> tuple[float, float]:
 
 
 def _adam(name, group, states, lr, floors):
-    v, counts = _moments(name, states, _adam_key(group))
+    v, counts = _moments(name, states, adam_key(group))
     inverse = _floored_sqrt(v, floors)
     scalars = [adam_scalars(group, k, lr) for k in counts]
     torch._foreach_mul_(inverse, [scale for scale, _ in scalars])
@@ -181,7 +181,7 @@ def sgd_factor(group: dict, fill: float | None = None) -> float:
     return 1.0 + momentum * c if group.get("nesterov") else c
 
 
-def _adam_key(group: dict) -> str:
+def adam_key(group: dict) -> str:
     return "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
 
 
