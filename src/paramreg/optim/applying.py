@@ -215,12 +215,14 @@ class _Criticals:
             self.work.append((bucket, tensors, lr, group, fill, floors))
             regularizer = bucket.regularizer
             meta = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in tensors]
-            found = regularizer.critical(meta, meta)  # only their sizes
-            units = [list(range(len(tensors)))] if len(found) != len(tensors) else [[i] for i in range(len(tensors))]
+            sizes = [c.numel() for c in regularizer.critical(meta, meta)]  # only their sizes
+            if len(sizes) == len(tensors):  # a unit per tensor
+                units = [[i] for i in range(len(tensors))]
+            else:  # a map that couples its tensors: one unit
+                units, sizes = [list(range(len(tensors)))], [sum(sizes)]
             self.of_work.append(list(range(len(self.units), len(self.units) + len(units))))
-            for indices, c in zip(units, found if len(found) == len(units) else [sum(x.numel() for x in found)], strict=True):
-                self.units.append((w, indices))
-                self.sizes.append(c if isinstance(c, int) else c.numel())
+            self.units += [(w, indices) for indices in units]
+            self.sizes += sizes
             for p in tensors:
                 if type(p) is not Tensor and hasattr(p, "device_mesh") and self.reduce is None:
                     self.reduce = _reducer(p.device_mesh.get_group())

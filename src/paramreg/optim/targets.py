@@ -57,9 +57,11 @@ Note [Allocation]
     min(a, L_i). So a tensor at its cap has exactly floor(max_sparsity·n_i) zero groups, the
     others share the rest, and the total is the m asked (more only where several groups share a
     value at a strength, as without caps). L_i is found only for a tensor that the strength
-    ranked without it would take past its maximum (a count per tensor, one comparison pass; over
-    DTensor shards one ``all_reduce`` of as many counts as there are tensors), then the ranking is
-    redone, until no tensor is past its maximum: a step where no cap binds costs that one count. ``allocation="uniform"`` gives each tensor its own
+    ranked without it would take past its maximum, then the ranking is redone, until no tensor is
+    past its maximum. Whether one is past it is counted per tensor in the selection's last pass
+    (its values below the top of that pass's bracket, an upper bound; over DTensor shards one
+    ``all_reduce`` of as many counts as there are tensors), so a step where no cap binds costs no
+    pass more; an exact comparison pass runs only where that bound exceeds a cap. ``allocation="uniform"`` gives each tensor its own
     strength, the round(s_k·n_i)-th smallest of its own c_i: each tensor reaches the fraction
     itself, and the total is the sum of the rounded counts. A group of coupled tensors
     (``attach_channels``) is one unit for both.
@@ -264,10 +266,8 @@ def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[i
             del c  # not held while the next is computed
 
     found = kth_smallest(chunks, m, reduce=criticals.reduce, device=criticals.device, bracket=bracket)
-    if counting is not None and criticals.reduce is not None:
-        counts = torch.tensor(counting, dtype=torch.int64, device=criticals.device)
-        criticals.reduce(counts)
-        counting[:] = counts.tolist()
+    if counting is not None:
+        counting[:] = _summed(criticals, counting)
     return float(found.value)
 
 
@@ -303,8 +303,13 @@ def _at_most(criticals: Criticals, value: float, limits: dict[int, float]) -> li
     counts = [0] * len(criticals.sizes)
     for u, c in criticals.chunks(None, limits):
         counts[u] += int(torch.count_nonzero(c <= value))
-    if criticals.reduce is not None:
-        total = torch.tensor(counts, dtype=torch.int64, device=criticals.device)
-        criticals.reduce(total)
-        counts = total.tolist()
-    return counts
+    return _summed(criticals, counts)
+
+
+def _summed(criticals: Criticals, counts: list[int]) -> list[int]:
+    """Per-unit ``counts`` summed over ranks (one ``all_reduce``; as they are in one process)."""
+    if criticals.reduce is None:
+        return counts
+    total = torch.tensor(counts, dtype=torch.int64, device=criticals.device)
+    criticals.reduce(total)
+    return total.tolist()
