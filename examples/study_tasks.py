@@ -1,0 +1,691 @@
+"""The sparse recipe across four tasks: paramreg's defaults chosen by one rule, against the pruning baselines.
+
+Four tasks, data that ships with Python, scikit-learn or the system, none of it made for a method:
+
+  digits-cnn         a CNN (two convolutions, two Linear layers) on scikit-learn's 8x8 digits, SGD with
+                     momentum; metric: test accuracy
+  python-transformer a 2-block character transformer on Python's standard library source, AdamW;
+                     metric: test bits per character
+  c-finetune         that transformer, trained dense on Python (python-transformer's dense run), sparsified
+                     while fine-tuned on the C headers of /usr/include: pruning during fine-tuning
+  english-gru        a GRU language model on the English text of Python's own documentation
+                     (pydoc_data/topics.py); the selected weights are the recurrent layer's, not Linear
+
+Every method of a task trains for the same BUDGET optimizer steps of the task (the run that
+sparsifies: from scratch, or from the pretrained model for c-finetune), on the same batches (batch k
+depends on the seed and k only), with the same learning-rate schedule, and starts from the same dense
+checkpoint at 0.25 of the budget, where every method's pruning starts (one-shot pruning from the dense
+run's checkpoint at 0.5 or 0.75). Methods, each with two settings but paramreg's recipe:
+
+  paramreg     attach(model, SELECTED, sparsity=s, sparsity_steps=(start, end), keep_zeros=True,
+               allocation=..., [l0=True]): one call that ramps (cubic) from `start` to `end`, then keeps
+               its zeros; the default step policy of the optimizer. CANDIDATES: L1 or L0, the ramp over
+               0.25-0.5 or 0.25-0.75 of the budget, global (capped at 99% per tensor) or uniform
+               allocation. One of them becomes the default by RULE, the same for every task.
+  gmp-tensor   gradual magnitude pruning, the same fraction in every tensor: torch.ao.pruning's
+               WeightNormSparsifier with its CubicSL scheduler (Zhu and Gupta 2017), masks recomputed
+               every step of the ramp, then fixed; ramp 0.25-0.5 or 0.25-0.75
+  gmp-global   the same schedule with one magnitude threshold over all selected tensors (a sparsifier
+               of torch.ao.pruning's BaseSparsifier that ranks every tensor together)
+  movement     hard movement pruning (Sanh et al. 2020), per tensor: scores -sum_k w*dL/dw from the ramp's
+               start, the top (1 - level) kept, on the CubicSL schedule; a pruned weight's score stops
+               moving (no straight-through estimator); c-finetune only, ramp 0.25-0.5 or 0.25-0.75
+  one-shot     torch.nn.utils.prune.global_unstructured on the dense run at 0.5 or 0.75 of the budget,
+               then fine-tuned with the mask
+  manual-l1    loss + a*sum|w| over 0.25-0.75 of the budget, the global magnitude quantile cut, then
+               fine-tuned with the mask; a = 1e-5 or 1e-4
+  dense        no sparsity
+
+RULE (the recipe's defaults): for every task and level, rank paramreg's candidates by their mean
+validation metric over the seeds; the default is the candidate with the best mean rank over all tasks
+and levels. Each baseline gets, per task and level, the better of its two settings on validation: a
+choice paramreg's recipe does not get. Reported: mean test metric +- the standard deviation over seeds.
+
+Writes into --out (default docs/study/tasks/): results.csv and summary.md; with the default --out it
+also rewrites the tables of docs/sparsity-recipe.md between its marker comments.
+
+    python examples/study_tasks.py                    # the full study, 2 worker processes of one thread
+    python examples/study_tasks.py --quick --out /tmp/tasks   # a smoke run of a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing
+import pathlib
+import platform
+import statistics
+import sysconfig
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.ao.pruning import BaseSparsifier
+from torch.ao.pruning.scheduler.cubic_scheduler import CubicSL
+from torch.nn.utils import prune
+from tqdm import tqdm
+
+import paramreg
+from quickstart import SmallCNN  # examples/ is on the path when run as a script
+from study_pages import read_csv, write_between
+from study_text import CharTransformer, Setup, stdlib_files
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "docs" / "study" / "tasks"
+DOCS_PAGE = ROOT / "docs" / "sparsity-recipe.md"
+MARKS = {"tables": ("<!-- study-tasks:begin -->", "<!-- study-tasks:end -->")}
+
+LEVELS = (0.5, 0.8, 0.9, 0.95)
+SEEDS = (0, 1, 2)
+PRUNE_FROM = 0.25  # every method's pruning starts here (a fraction of the budget); before it, all share one dense run
+WINDOWS = ((0.25, 0.5), (0.25, 0.75))  # ramp (start, end) as fractions of the budget: hold the rest
+ONE_SHOT_AT = (0.5, 0.75)
+MANUAL_STRENGTHS = (1e-5, 1e-4)
+CANDIDATES = tuple(f"{reg}/{alloc}/{a}-{b}" for reg in ("l1", "l0") for alloc in ("global", "uniform") for a, b in WINDOWS)
+METHODS = {
+    "paramreg": "paramreg, one call (the recipe's default)",
+    "gmp-tensor": "gradual magnitude, per tensor (torch.ao.pruning)",
+    "gmp-global": "gradual magnitude, global",
+    "movement": "movement pruning, per tensor",
+    "one-shot": "one-shot global magnitude + fine-tune",
+    "manual-l1": "L1 penalty + threshold + fine-tune",
+}
+FIELDS = ["task", "method", "setting", "level", "seed", "sparsity", "max_tensor_sparsity", "val", "test", "steps", "seconds"]
+
+
+# --- the tasks -------------------------------------------------------------------------------------
+
+class Task:
+    """What a method needs from a task: the model, the selected weights, the optimizer and its schedule,
+    the batches and the metric (``higher`` tells whether higher is better)."""
+
+    name: str
+    metric: str
+    higher: bool
+    budget: int
+    selected: list[str]
+
+    def lr_at(self, k):
+        """Linear warm-up over the first 5% of the budget, then cosine to lr/10 (the same for every method)."""
+        warmup = max(1, self.budget // 20)
+        if k < warmup:
+            return self.lr * (k + 1) / warmup
+        done = (k - warmup) / max(1, self.budget - warmup)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
+
+    def weights(self, model):
+        """{name: weight} of the selected tensors (the plain model's names)."""
+        names = set(paramreg.select(model, self.selected))
+        return {n: p for n, p in model.named_parameters() if n in names}
+
+
+class Digits(Task):
+    name, metric, higher, lr = "digits-cnn", "accuracy", True, 0.05
+    selected = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+
+    def __init__(self, quick):
+        digits = load_digits()
+        x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+        y = torch.tensor(digits.target)
+        x_train, x_rest, y_train, y_rest = train_test_split(x, y, test_size=0.4, stratify=y, random_state=0)
+        x_val, x_test, y_val, y_test = train_test_split(x_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=0)
+        self.train, self.val, self.test = (x_train, y_train), (x_val, y_val), (x_test, y_test)
+        self.batch, self.budget = 32, 8 if quick else 600
+        self.about = f"scikit-learn digits, {len(x_train)}/{len(x_val)}/{len(x_test)} images"
+
+    def fresh(self, seed):
+        torch.manual_seed(seed)
+        return SmallCNN(), None
+
+    def optimizer(self, model):
+        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9)
+
+    def loss(self, model, seed, k):
+        per_epoch = len(self.train[0]) // self.batch
+        order = torch.randperm(len(self.train[0]), generator=torch.Generator().manual_seed(1_000_003 * seed + k // per_epoch))
+        i = order[(k % per_epoch) * self.batch:(k % per_epoch + 1) * self.batch]
+        return F.cross_entropy(model(self.train[0][i]), self.train[1][i])
+
+    @torch.no_grad()
+    def evaluate(self, model, split):
+        x, y = getattr(self, split)
+        model.eval()
+        accuracy = (model(x).argmax(1) == y).float().mean().item()
+        model.train()
+        return accuracy
+
+
+class Text(Task):
+    """A character-level language model on a byte stream split into train / validation / test."""
+
+    metric, higher = "bits/char", False
+    context, batch = 64, 16
+
+    def split(self, parts, quick):
+        cut = 200_000 if quick else None
+        self.train_bytes, val, test = (torch.frombuffer(bytearray(p[:cut]), dtype=torch.uint8).long() for p in parts)
+        val_count, test_count = (8, 8) if quick else (64, 256)
+        self.val, self.test = self.windows(val, val_count), self.windows(test, test_count)
+
+    def windows(self, stream, count):
+        n = (len(stream) - 1) // self.context
+        picks = torch.linspace(0, n - 1, min(n, count)).long().tolist()
+        w = torch.stack([stream[i * self.context:i * self.context + self.context + 1] for i in picks])
+        return w[:, :-1], w[:, 1:]
+
+    def optimizer(self, model):
+        return torch.optim.AdamW(model.parameters(), lr=self.lr, betas=(0.9, 0.95), weight_decay=0.01)
+
+    def loss(self, model, seed, k):
+        g = torch.Generator().manual_seed(1_000_003 * seed + k)
+        starts = torch.randint(0, len(self.train_bytes) - self.context - 1, (self.batch,), generator=g)
+        w = torch.stack([self.train_bytes[s:s + self.context + 1] for s in starts.tolist()])
+        return F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model, split):
+        x, y = getattr(self, split)
+        model.eval()
+        nats = sum(F.cross_entropy(model(x[i:i + 64]).flatten(0, 1), y[i:i + 64].flatten(), reduction="sum").item()
+                   for i in range(0, len(x), 64))
+        model.train()
+        return nats / y.numel() / math.log(2)
+
+
+def _by_file(files, limit, root):
+    """Whole files up to `limit` bytes, every tenth to validation and test (offsets 8 and 9), and a digest."""
+    parts, digest, total = ([], [], []), hashlib.sha256(), 0
+    for i, path in enumerate(files):
+        if total >= limit:
+            break
+        data = path.read_bytes()
+        parts[1 if i % 10 == 8 else 2 if i % 10 == 9 else 0].append(data)
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + data)
+        total += len(data)
+    return [b"".join(p) for p in parts], f"{total:,} bytes, sha256 {digest.hexdigest()[:12]}"
+
+
+class PythonTransformer(Text):
+    name, lr, selected = "python-transformer", 3e-3, ["blocks.*.qkv.weight", "blocks.*.proj.weight", "blocks.*.fc1.weight",
+                                                     "blocks.*.fc2.weight"]
+
+    def __init__(self, quick):
+        root, files = stdlib_files()
+        parts, digest = _by_file(files, 1_000_000, root)
+        self.split(parts, quick)
+        self.setup = Setup(layers=2, width=32 if quick else 64, heads=4, context=self.context)
+        self.budget = 8 if quick else 800
+        self.about = f"Python {platform.python_version()} standard library source, {digest}"
+
+    def fresh(self, seed):
+        torch.manual_seed(seed)
+        return CharTransformer(self.setup), None
+
+
+class CFinetune(PythonTransformer):
+    """python-transformer's dense model (its whole budget on Python), fine-tuned on C headers."""
+
+    name, lr = "c-finetune", 1e-3
+
+    def __init__(self, quick):
+        super().__init__(quick)
+        root = pathlib.Path("/usr/include")
+        parts, digest = _by_file(sorted(root.glob("*.h")), 1_000_000, root)
+        self.split(parts, quick)
+        self.budget = 8 if quick else 400
+        self.about = f"pretrained on Python's source; fine-tuned on /usr/include/*.h, {digest}"
+
+    def fresh(self, seed):
+        """The pretrained model; a new optimizer, as fine-tuning starts."""
+        model = CharTransformer(self.setup)
+        model.load_state_dict(torch.load(self.pretrained(seed), weights_only=True)["model"])
+        return model, None
+
+
+class GRULanguageModel(nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.embed, self.rnn, self.head = nn.Embedding(256, width), nn.GRU(width, hidden, batch_first=True), nn.Linear(hidden, 256)
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.embed(tokens))[0])
+
+
+class EnglishGRU(Text):
+    name, lr, selected = "english-gru", 3e-3, ["rnn.weight_ih_l0", "rnn.weight_hh_l0"]
+
+    def __init__(self, quick):
+        path = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
+        text = path.read_bytes()
+        a, b = int(0.8 * len(text)), int(0.9 * len(text))
+        self.split((text[:a], text[a:b], text[b:]), quick)
+        self.width, self.hidden = (16, 32) if quick else (64, 128)
+        self.budget = 8 if quick else 500
+        self.about = f"pydoc_data/topics.py of Python {platform.python_version()}, {len(text):,} bytes, split 80/10/10 in order"
+
+    def fresh(self, seed):
+        torch.manual_seed(seed)
+        return GRULanguageModel(self.width, self.hidden), None
+
+
+TASKS = {t.name: t for t in (Digits, PythonTransformer, CFinetune, EnglishGRU)}
+
+
+# --- training --------------------------------------------------------------------------------------
+
+class Runner:
+    """One task's data and its dense checkpoints' folder, in one worker process."""
+
+    def __init__(self, task, folder):
+        self.task, self.folder = task, pathlib.Path(folder)
+        task.pretrained = lambda seed: self.checkpoint("python-transformer", seed, "end")
+
+    def checkpoint(self, name, seed, at):
+        return self.folder / f"{name}-seed{seed}-{at}.pt"
+
+    def at(self, fraction):
+        return round(fraction * self.task.budget)
+
+    def train(self, model, opt, seed, start, stop, *, penalty=None, before_step=None, after_step=None):
+        task = self.task
+        for k in range(start, stop):
+            for group in opt.param_groups:
+                group["lr"] = task.lr_at(k)
+            loss = task.loss(model, seed, k)
+            if penalty is not None:
+                loss = loss + penalty * sum(w.abs().sum() for w in task.weights(model).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if before_step is not None:
+                before_step()
+            opt.step()  # paramreg's prox, when attached, runs right after this
+            if after_step is not None:
+                after_step(k)
+        return stop - start
+
+    def resume(self, seed, fraction):
+        """The dense model and its optimizer at `fraction` of the budget, from the dense run."""
+        saved = torch.load(self.checkpoint(self.task.name, seed, fraction), weights_only=True)
+        model, _ = self.task.fresh(seed)
+        model.load_state_dict(saved["model"])
+        opt = self.task.optimizer(model)
+        opt.load_state_dict(saved["optimizer"])
+        return model, opt
+
+    def row(self, method, setting, level, seed, model, steps, started):
+        assert steps == self.task.budget, (method, steps)  # the same budget for every method
+        ws = list(self.task.weights(model).values())
+        zeros = [int((w == 0).sum()) for w in ws]
+        return {"task": self.task.name, "method": method, "setting": setting, "level": level, "seed": seed,
+                "sparsity": round(sum(zeros) / sum(w.numel() for w in ws), 6),
+                "max_tensor_sparsity": round(max(z / w.numel() for z, w in zip(zeros, ws, strict=True)), 6),
+                "val": round(self.task.evaluate(model, "val"), 6), "test": round(self.task.evaluate(model, "test"), 6),
+                "steps": steps, "seconds": round(time.perf_counter() - started, 1)}
+
+    # the methods, one job each
+
+    def dense(self, seed, setting, level):
+        started, task = time.perf_counter(), self.task
+        model, _ = task.fresh(seed)
+        opt = task.optimizer(model)
+        steps = 0
+        for fraction in (PRUNE_FROM, *ONE_SHOT_AT, 1.0):
+            steps += self.train(model, opt, seed, steps, self.at(fraction))
+            at = "end" if fraction == 1.0 else fraction
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, self.checkpoint(task.name, seed, at))
+        return [self.row("dense", "", "", seed, model, steps, started)]
+
+    def paramreg(self, seed, setting, level):
+        started = time.perf_counter()
+        reg, allocation, window = setting.split("/")
+        start, end = (self.at(float(f)) for f in window.split("-"))
+        model, opt = self.resume(seed, PRUNE_FROM)
+        here = self.at(PRUNE_FROM)
+        # attached at the shared checkpoint: nothing acts before the ramp starts, so this is the call
+        # sparsity_steps=(start, end) made at step 0 (tests/test_sparsity.py, test_one_call_...)
+        paramreg.attach(model, self.task.selected, sparsity=level, sparsity_steps=(start - here, end - here), keep_zeros=True,
+                        allocation=allocation, **({"l0": True} if reg == "l0" else {}))
+        steps = here + self.train(model, opt, seed, here, self.task.budget)
+        paramreg.remove(model)
+        return [self.row("paramreg", setting, level, seed, model, steps, started)]
+
+    def _sparsified(self, seed, setting, level, sparsifier, *, scores=None):
+        """A torch.ao.pruning sparsifier on the CubicSL schedule over the window, masks fixed after it."""
+        started = time.perf_counter()
+        start, end = (self.at(float(f)) for f in setting.split("-"))
+        model, opt = self.resume(seed, PRUNE_FROM)
+        sparsifier.prepare(model, [{"tensor_fqn": n} for n in self.task.weights(model)])
+        every = max(1, (end - start) // 25)
+        scheduler = CubicSL(sparsifier, init_sl=0.0, init_t=0, delta_t=every, total_t=max(1, (end - start) // every))
+
+        def update(k):
+            if k < end:  # the ramp, at its level by step `end`; the masks are fixed while fine-tuning
+                scheduler.step()
+                sparsifier.step()
+
+        sparsifier.step()
+        steps = start + self.train(model, opt, seed, start, self.task.budget, after_step=update, before_step=scores)
+        sparsifier.squash_mask()
+        return self.row(self.method, setting, level, seed, model, steps, started)
+
+    def gmp_tensor(self, seed, setting, level):
+        return [self._sparsified(seed, setting, level, Magnitude(level, per_tensor=True))]
+
+    def gmp_global(self, seed, setting, level):
+        return [self._sparsified(seed, setting, level, Magnitude(level, per_tensor=False))]
+
+    def movement(self, seed, setting, level):
+        sparsifier = Movement(level)
+        return [self._sparsified(seed, setting, level, sparsifier, scores=sparsifier.accumulate)]
+
+    def one_shot(self, seed, setting, level):
+        started, fraction = time.perf_counter(), float(setting)
+        model, opt = self.resume(seed, fraction)
+        tensors = [(m, n.rsplit(".", 1)[1]) for n in self.task.weights(model) for m in [model.get_submodule(n.rsplit(".", 1)[0])]]
+        prune.global_unstructured(tensors, pruning_method=prune.L1Unstructured, amount=level)
+        steps = self.at(fraction) + self.train(model, opt, seed, self.at(fraction), self.task.budget)
+        for m, n in tensors:
+            prune.remove(m, n)
+        return [self.row("one-shot", setting, level, seed, model, steps, started)]
+
+    def manual_l1(self, seed, setting, levels):
+        """One penalty run serves every level: each is cut from it and fine-tuned on its own."""
+        started = time.perf_counter()
+        model, opt = self.resume(seed, PRUNE_FROM)
+        start, end = self.at(PRUNE_FROM), self.at(WINDOWS[-1][1])
+        self.train(model, opt, seed, start, end, penalty=float(setting))
+        state, opt_state = model.state_dict(), opt.state_dict()
+        rows = []
+        for level in levels:
+            model.load_state_dict(state)
+            opt.load_state_dict(opt_state)
+            ws = self.task.weights(model)
+            magnitudes = torch.cat([w.detach().abs().flatten() for w in ws.values()])
+            threshold = magnitudes.kthvalue(max(1, round(level * magnitudes.numel()))).values
+            tensors = [(model.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]) for n in ws]
+            for (m, n), w in zip(tensors, ws.values(), strict=True):
+                prune.custom_from_mask(m, n, mask=w.detach().abs() > threshold)
+            steps = end + self.train(model, opt, seed, end, self.task.budget)
+            for m, n in tensors:
+                prune.remove(m, n)
+            rows.append(self.row("manual-l1", setting, level, seed, model, steps, started))
+        return rows
+
+
+class Magnitude(BaseSparsifier):
+    """Gradual magnitude pruning on torch.ao.pruning's sparsifier (its masks, its CubicSL scheduler):
+    the (1 - level) largest scores kept, in each tensor (``per_tensor``) or over all selected tensors
+    together. (torch.ao's WeightNormSparsifier would rank per tensor, but refuses 4-d conv weights.)"""
+
+    def __init__(self, sparsity_level, per_tensor):
+        super().__init__(defaults={"sparsity_level": sparsity_level})
+        self.per_tensor = per_tensor
+
+    def scores(self, config):
+        return getattr(config["module"].parametrizations, config["tensor_name"]).original.detach().abs()
+
+    @torch.no_grad()
+    def step(self, use_path=True):
+        if not self.enable_mask_update:
+            return
+        level = self.groups[0]["sparsity_level"]  # CubicSL moves every group's level together
+        scores = [self.scores(c).flatten() for c in self.groups]
+        for part in ([[s] for s in scores] if self.per_tensor else [scores]):
+            flat = torch.cat(part)
+            keep = torch.zeros_like(flat, dtype=torch.bool)
+            keep[flat.topk(flat.numel() - round(level * flat.numel())).indices] = True
+            for s, m in zip(part, keep.split([s.numel() for s in part]), strict=True):
+                config = self.groups[next(i for i, t in enumerate(scores) if t is s)]
+                mask = getattr(config["module"].parametrizations, config["tensor_name"])[0].mask
+                mask.copy_(m.view_as(mask))
+
+    def update_mask(self, module, tensor_name, **kwargs):  # step() above sets every mask at once
+        raise NotImplementedError
+
+
+class Movement(Magnitude):
+    """Hard movement pruning per tensor: keep the (1 - level) largest scores S = -sum_k w * dL/dw,
+    summed from the ramp's start (a pruned weight's gradient is masked, so its score stops moving)."""
+
+    def __init__(self, sparsity_level):
+        super().__init__(sparsity_level, per_tensor=True)
+
+    def accumulate(self):
+        for config in self.groups:
+            w = getattr(config["module"].parametrizations, config["tensor_name"]).original
+            if w.grad is not None:
+                self.state.setdefault(config["tensor_fqn"], {}).setdefault("score", torch.zeros_like(w)).sub_(w.detach() * w.grad)
+
+    def scores(self, config):
+        w = getattr(config["module"].parametrizations, config["tensor_name"]).original
+        return self.state.get(config["tensor_fqn"], {}).get("score", torch.zeros_like(w))
+
+
+# --- the sweep -------------------------------------------------------------------------------------
+
+_RUNNERS: dict = {}
+
+
+def _init_worker(quick, folder):
+    torch.set_num_threads(1)
+    _RUNNERS.update({name: Runner(task(quick), folder) for name, task in TASKS.items()})
+
+
+def _run(job):
+    name, method, setting, level, seed = job
+    runner = _RUNNERS[name]
+    runner.method = method
+    return getattr(runner, method.replace("-", "_"))(seed, setting, level)
+
+
+def jobs_for(names, seeds, levels):
+    """The dense runs (python-transformer's before c-finetune's, which starts from it), then the rest."""
+    first = [(n, "dense", "", "", s) for n in names if n != "c-finetune" for s in seeds]
+    second = [(n, "dense", "", "", s) for n in names if n == "c-finetune" for s in seeds]
+    windows = [f"{a}-{b}" for a, b in WINDOWS]
+    rest = []
+    for name, seed, level in itertools.product(names, seeds, levels):
+        rest += [(name, "paramreg", c, level, seed) for c in CANDIDATES]
+        rest += [(name, m, w, level, seed) for m in ("gmp-tensor", "gmp-global") for w in windows]
+        rest += [(name, "movement", w, level, seed) for w in windows if name == "c-finetune"]
+        rest += [(name, "one-shot", str(f), level, seed) for f in ONE_SHOT_AT]
+    rest += [(name, "manual-l1", str(a), tuple(levels), seed) for name in names for seed in seeds for a in MANUAL_STRENGTHS]
+    return [first, second, rest]
+
+
+def sweep(names, seeds, levels, quick, workers, progress=None):
+    """Every job's rows; each also appended to `progress` (JSON lines) as it comes."""
+    rows = []
+    with tempfile.TemporaryDirectory() as folder, multiprocessing.get_context("spawn").Pool(
+        workers, initializer=_init_worker, initargs=(quick, folder)
+    ) as pool:
+        for stage, jobs in zip(("dense", "dense, fine-tuning", "methods"), jobs_for(names, seeds, levels), strict=True):
+            with tqdm(total=len(jobs), desc=stage, unit="run") as bar:
+                for new in pool.imap_unordered(_run, jobs):
+                    rows += new
+                    bar.update(1)
+                    if progress is not None:
+                        with open(progress, "a") as f:
+                            f.writelines(json.dumps(r) + "\n" for r in new)
+    order = [*TASKS], ["dense", *METHODS]
+    return sorted(rows, key=lambda r: (order[0].index(r["task"]), order[1].index(r["method"]), str(r["setting"]),
+                                       str(r["level"]), r["seed"]))
+
+
+# --- the rule and the tables -------------------------------------------------------------------------
+
+def normalized(rows):
+    """Rows as read back from the CSV (strings) or as run: the level a float ("" for dense)."""
+    return [dict(r, level=float(r["level"]) if r["level"] != "" else "") for r in rows]
+
+
+def cells(rows):
+    """{(task, method, setting, level): {"val", "test", "std", "sparsity", "seeds"}}, means over seeds."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["task"], r["method"], r["setting"], r["level"]), []).append(r)
+    out = {}
+    for key, rs in by.items():
+        test = [float(r["test"]) for r in rs]
+        out[key] = {"val": statistics.fmean(float(r["val"]) for r in rs), "test": statistics.fmean(test),
+                    "std": statistics.stdev(test) if len(test) > 1 else 0.0,
+                    "sparsity": [float(r["sparsity"]) for r in rs], "seeds": len(rs)}
+    return out
+
+
+def _better(task_name):
+    """A key under which larger is better for the task's metric."""
+    return (lambda v: v) if TASKS[task_name].higher else (lambda v: -v)
+
+
+def default_candidate(rows, tasks=None):
+    """RULE: the candidate with the best mean rank on validation over every task and level; ties go to
+    the earlier candidate in CANDIDATES. Returns (candidate, {candidate: mean rank})."""
+    table = cells(rows)
+    tasks = tasks or sorted({r["task"] for r in rows})
+    levels = sorted({r["level"] for r in rows if r["method"] == "paramreg"})
+    ranks = {c: [] for c in CANDIDATES}
+    for task, level in itertools.product(tasks, levels):
+        key = _better(task)
+        scored = sorted(CANDIDATES, key=lambda c: -key(table[(task, "paramreg", c, level)]["val"]))
+        for place, c in enumerate(scored, 1):
+            ranks[c].append(place)
+    mean = {c: statistics.fmean(r) for c, r in ranks.items()}
+    return min(CANDIDATES, key=lambda c: (mean[c], CANDIDATES.index(c))), mean
+
+
+def chosen(rows, default):
+    """{(task, method, level): (setting, cell)}: paramreg's default, each baseline's better setting on validation."""
+    table = cells(rows)
+    out = {}
+    for (task, method, setting, level), cell in table.items():
+        if method == "dense":
+            continue
+        if method == "paramreg":
+            if setting == default:
+                out[(task, method, level)] = (setting, cell)
+            continue
+        key = _better(task)
+        held = out.get((task, method, level))
+        if held is None or key(cell["val"]) > key(held[1]["val"]):
+            out[(task, method, level)] = (setting, cell)
+    return out
+
+
+def verdicts(rows, default):
+    """Per task and level: paramreg's default against the best baseline (on test), with the issue's test:
+    not worse by more than one of the baseline's standard deviations (nor by more than 0.3 points of
+    accuracy or 0.01 bits/char), ahead when better by more than one standard deviation."""
+    picked = chosen(rows, default)
+    out = []
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    levels = sorted({level for (_, m, level) in picked if m == "paramreg"})
+    for task, level in itertools.product(tasks, levels):
+        key = _better(task)
+        ours = picked[(task, "paramreg", level)][1]
+        rivals = {m: picked[(task, m, level)] for m in METHODS if m != "paramreg" and (task, m, level) in picked}
+        best = max(rivals, key=lambda m: key(rivals[m][1]["test"]))
+        theirs = rivals[best][1]
+        gap = key(ours["test"]) - key(theirs["test"])  # > 0: paramreg better
+        allowed = min(theirs["std"], 0.003 if TASKS[task].higher else 0.01)
+        word = "ahead" if gap > theirs["std"] else "tie" if gap >= -allowed else "behind"
+        out.append({"task": task, "level": level, "ours": ours, "best": best, "theirs": theirs, "gap": gap, "word": word})
+    return out
+
+
+def _fmt(task, cell):
+    digits = 3
+    return f"{cell['test']:.{digits}f} ± {cell['std']:.{digits}f}"
+
+
+def summary_markdown(rows):
+    rows = normalized(rows)
+    default, ranks = default_candidate(rows)
+    picked = chosen(rows, default)
+    table = cells(rows)
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    levels = sorted({r["level"] for r in rows if r["method"] == "paramreg"})
+    seeds = sorted({int(r["seed"]) for r in rows})
+    lines = [f"The default chosen by the rule: **{default}** (regularizer / allocation / ramp as fractions of the budget). "
+             f"Mean rank on validation over {len(tasks)} tasks x {len(levels)} levels, per candidate:", "",
+             "| candidate | mean rank |", "|---|---:|"]
+    lines += [f"| {c} | {ranks[c]:.2f} |" for c in sorted(CANDIDATES, key=lambda c: ranks[c])]
+    alone = {t: default_candidate(rows, [u for u in tasks if u != t])[0] for t in tasks} if len(tasks) > 1 else {}
+    if alone:
+        lines += ["", "The rule without each task (leave one task out): " + "; ".join(
+            f"without {t}: {c}" for t, c in alone.items()) + "."]
+    lines += ["", f"Test metric, mean ± standard deviation over seeds {', '.join(map(str, seeds))}; paramreg's row is the "
+                  f"default above on every task, each baseline's the better of its two settings on validation per task and "
+                  f"level (in brackets).", ""]
+    for task in tasks:
+        steps = next(r["steps"] for r in rows if r["task"] == task)
+        dense = table[(task, "dense", "", "")]
+        lines += [f"**{task}** ({TASKS[task].metric}, {'higher' if TASKS[task].higher else 'lower'} is better; "
+                  f"{steps} steps; dense {_fmt(task, dense)})", "",
+                  "| method | " + " | ".join(f"{level:.0%}" for level in levels) + " |", "|---|" + "---:|" * len(levels)]
+        for method, title in METHODS.items():
+            shown = [picked.get((task, method, level)) for level in levels]
+            if any(s is None for s in shown):
+                continue
+            cells_ = [f"{_fmt(task, c)}" + ("" if method == "paramreg" else f" ({s})") for s, c in shown]
+            lines.append(f"| {title} | " + " | ".join(cells_) + " |")
+        lines.append("")
+    reached = [abs(x - float(level)) for (t, m, s, level), c in table.items() if m == "paramreg" for x in c["sparsity"]]
+    lines += [f"Every paramreg run ({len(reached)}, every candidate, task, level and seed) reached its asked sparsity within "
+              f"{100 * max(reached):.2f} points, in one run.", "",
+              "Against the best baseline at each level (on test): ahead = better by more than that baseline's standard "
+              "deviation; tie = not worse by more than it (nor by more than 0.3 points of accuracy or 0.01 bits/char); "
+              "behind otherwise.", "",
+              "| task | " + " | ".join(f"{level:.0%}" for level in levels) + " |", "|---|" + "---|" * len(levels)]
+    by_task = {}
+    for v in verdicts(rows, default):
+        by_task.setdefault(v["task"], []).append(
+            f"{v['word']} ({v['gap']:+.3f} vs {v['best']})")
+    lines += [f"| {t} | " + " | ".join(vs) + " |" for t, vs in by_task.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write(rows, out):
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summary_markdown(read_csv(out / "results.csv"))
+    (out / "summary.md").write_text(summary)
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models and budgets, one seed: a smoke run")
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    names = sorted(set(args.tasks) | ({"python-transformer"} if "c-finetune" in args.tasks else set()), key=list(TASKS).index)
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    progress = args.out / "progress.jsonl"
+    progress.unlink(missing_ok=True)
+    rows = sweep(names, SEEDS[:2] if args.quick else SEEDS, LEVELS, args.quick, args.workers, progress)
+    progress.unlink()
+    rows = [r for r in rows if r["task"] in args.tasks]
+    summary = write(rows, args.out)
+    if args.out == DEFAULT_OUT:
+        write_between(DOCS_PAGE, *MARKS["tables"], summary)
+    print(summary)
+    print(f"{time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
