@@ -71,7 +71,7 @@ def run(task, optimizer, policy, steps, *, l1=None, sparsity=None):
     targets = ["conv*.weight", "fc*.weight"] if task == "cnn" else ["embedding.weight", "head.weight"]
     step, floor = POLICIES[policy]
     if sparsity is not None:
-        paramreg.attach(model, targets, sparsity=sparsity, sparsity_steps=steps // 2, step=step, metric_floor=floor)
+        paramreg.attach(model, targets, sparsity=sparsity, sparsity_steps=steps // 2, l1=True, step=step, metric_floor=floor)
     elif l1 is not None:
         paramreg.attach(model, targets, l1=l1, step=step, metric_floor=floor)
     opt = OPTIMIZERS[optimizer](model.parameters())

@@ -40,7 +40,7 @@ def main() -> None:
     for name in ("Adam", "SGD"):
         torch.manual_seed(0)
         model = SmallCNN()
-        paramreg.attach(model, ["conv*.weight", "fc*.weight"], sparsity=0.9, sparsity_steps=(start, end))
+        paramreg.attach(model, ["conv*.weight", "fc*.weight"], sparsity=0.9, sparsity_steps=(start, end), l1=True)
         opt = torch.optim.Adam(model.parameters(), 3e-3) if name == "Adam" else torch.optim.SGD(model.parameters(), 0.05, momentum=0.9)
         target = model.conv1.parametrizations.weight[0].target
         g = torch.Generator().manual_seed(0)

@@ -211,7 +211,7 @@ def make_step(variant: str, base: nn.Module, optimizer_name: str, x, y):
             elif variant == "prox target":
                 if "sparsity" not in inspect.signature(lib.attach).parameters:
                     raise Skip("paramreg.attach has no sparsity= keyword yet")
-                lib.attach(model, _weights, sparsity=0.5, sparsity_steps=10**6)
+                lib.attach(model, _weights, sparsity=0.5, sparsity_steps=10**6, l1=True)
             else:
                 if not HAS_STEP:
                     raise Skip("paramreg.attach has no step= keyword yet")

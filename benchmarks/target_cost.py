@@ -56,7 +56,7 @@ def build(variant: str, selected: int, optimizer: str, steps: int, device: str =
     if variant == "l1":
         paramreg.attach(model, names, l1=1e-6)
     elif variant == "target":
-        paramreg.attach(model, names, sparsity=0.9, sparsity_steps=10 * steps)
+        paramreg.attach(model, names, sparsity=0.9, sparsity_steps=10 * steps, l1=True)
     return model, OPTIMIZERS[optimizer](model.parameters())
 
 
@@ -210,7 +210,7 @@ def gpt_step(rounds: int, steps_per_round: int, tiny: bool, device: str = "cpu")
         if variant == "l1":
             paramreg.attach(model, weights, l1=1e-6)
         elif variant == "target":
-            paramreg.attach(model, weights, sparsity=0.9, sparsity_steps=10**6)
+            paramreg.attach(model, weights, sparsity=0.9, sparsity_steps=10**6, l1=True)
         runs[variant] = model, torch.optim.AdamW(model.parameters(), lr=setup.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (setup.batch, setup.context), generator=g).to(device)

@@ -72,7 +72,7 @@ def main():
         found = []
         for seed in range(3):
             tries, s_sparsity, s_accuracy = search(data, optimizer, seed, steps, max_tries)
-            t_sparsity, t_accuracy = run(data, optimizer, seed, steps, sparsity=TARGET, sparsity_steps=steps * 3 // 4)
+            t_sparsity, t_accuracy = run(data, optimizer, seed, steps, sparsity=TARGET, sparsity_steps=steps * 3 // 4, l1=True)
             found.append(tries)
             shown = f"{tries}" if tries else f"not within {max_tries}"
             print(

@@ -42,7 +42,7 @@ def build(setup: Setup, steps: int, device):
     """The model (the same on every rank), its target attached, sharded; and its optimizer."""
     torch.manual_seed(0)
     model = CharTransformer(setup).to(device)
-    paramreg.attach(model, WEIGHTS, sparsity=SPARSITY, sparsity_steps=(steps // 6, 2 * steps // 3), keep_zeros=True)
+    paramreg.attach(model, WEIGHTS, sparsity=SPARSITY, sparsity_steps=(steps // 6, 2 * steps // 3), keep_zeros=True, l1=True)
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)

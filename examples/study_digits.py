@@ -12,7 +12,7 @@ The methods, all on the same small CNN, data split, batch order and training bud
   magnitude-pruning     dense SGD training, torch.nn.utils.prune.global_unstructured (L1 magnitude)
                         to a target sparsity, fine-tuning with the mask for FINETUNE_EPOCHS
                         (half the training epochs) more epochs, prune.remove
-  paramreg-target       paramreg.attach(model, WEIGHTS, sparsity=s, sparsity_steps=...) from the
+  paramreg-target       paramreg.attach(model, WEIGHTS, sparsity=s, sparsity_steps=..., l1=True) from the
                         start: L1 whose strength follows a cubic ramp to s over TARGET_RAMPS epochs
                         (a setting, chosen on validation like the strengths) of the training epochs,
                         then keep_zeros=True for FINETUNE_EPOCHS: the same number of steps as
@@ -232,7 +232,7 @@ def run_target(target, ramp_epochs, data, seed, epochs, finetune_epochs, l0=Fals
     held), then finetune_epochs with its zeros kept: as many steps as magnitude pruning."""
     model = fresh_model(seed)
     ramp_steps = ramp_epochs * math.ceil(len(data["train"][0]) / BATCH_SIZE)
-    paramreg.attach(model, WEIGHTS, sparsity=target, sparsity_steps=ramp_steps, **({"l0": True} if l0 else {}))
+    paramreg.attach(model, WEIGHTS, sparsity=target, sparsity_steps=ramp_steps, **({"l0": True} if l0 else {"l1": True}))
     steps = train(model, data, seed=seed, epochs=epochs)
     paramreg.remove(model)
     paramreg.attach(model, WEIGHTS, keep_zeros=True)

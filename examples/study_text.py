@@ -13,7 +13,7 @@ Every method trains for the same TOTAL = DENSE + PRUNE + FINE_TUNE AdamW steps o
 cosine decay over TOTAL), and starts from the same dense checkpoint after DENSE steps (after
 DENSE + PRUNE for one-shot magnitude pruning, which prunes a fully trained dense model):
 
-  paramreg-target       paramreg.attach(model, WEIGHTS, sparsity=s, sparsity_steps=PRUNE): L1 whose
+  paramreg-target       paramreg.attach(model, WEIGHTS, sparsity=s, sparsity_steps=PRUNE, l1=True): L1 whose
                         strength follows the cubic ramp to s (AdamW, the default step policy: the prox
                         in Adam's metric, safeguarded), then keep_zeros=True for FINE_TUNE steps
   paramreg-target-plain the same with Adam's plain metric (metric_floor=0): the policy the
@@ -327,7 +327,7 @@ def job_target(ctx, seed, level, plain=False, l0=False):
     started, s = time.perf_counter(), ctx.setup
     model, opt = ctx.resume(seed, s.dense)
     floor = 0.0 if plain else 1.0
-    paramreg.attach(model, WEIGHTS, sparsity=level, sparsity_steps=s.prune, metric_floor=floor, **({"l0": True} if l0 else {}))
+    paramreg.attach(model, WEIGHTS, sparsity=level, sparsity_steps=s.prune, metric_floor=floor, **({"l0": True} if l0 else {"l1": True}))
     steps = s.dense + train(model, opt, ctx, seed, s.dense, s.dense + s.prune)
     paramreg.remove(model)
     paramreg.attach(model, WEIGHTS, keep_zeros=True)

@@ -121,3 +121,67 @@ def test_text_study_page_shows_the_committed_results():
     assert {r["method"] for r in rows} == set(study.METHODS)
     assert len({r["seed"] for r in rows}) == 3
     assert len({r["steps"] for r in rows}) == 1
+
+
+def _tasks_study():
+    return _example("study_tasks")
+
+
+def test_tasks_study_smoke_run(tmp_path):
+    """--quick runs every task and method of the cross-task study end to end, two seeds, and writes
+    its CSV and summary; every pruned run reaches its level (nothing else is asserted about results
+    this small)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "study_tasks.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = _tasks_study()
+    rows = study.read_csv(tmp_path / "results.csv")
+    assert {r["task"] for r in rows} == set(study.TASKS)
+    assert {r["method"] for r in rows} == {"dense", *study.METHODS}
+    assert {r["setting"] for r in rows if r["method"] == "paramreg"} == set(study.CANDIDATES)
+    for task in study.TASKS:
+        assert len({r["steps"] for r in rows if r["task"] == task}) == 1  # the same budget for every method
+    pruned = [r for r in rows if r["level"]]
+    assert max(abs(float(r["sparsity"]) - float(r["level"])) for r in pruned) <= 0.01
+    assert (tmp_path / "summary.md").read_text() == study.summary_markdown(rows)
+
+
+def test_the_rule_ranks_candidates_on_validation_in_each_task_and_level():
+    """default_candidate: mean rank over task-level cells, each ranked by the mean validation metric
+    over seeds, the task's direction respected (accuracy up, bits down); ties to the earlier."""
+    study = _tasks_study()
+    first, second = study.CANDIDATES[:2]
+
+    def rows(task, values):
+        return [{"task": task, "method": "paramreg", "setting": c, "level": 0.9, "seed": seed, "val": v, "test": v,
+                 "sparsity": 0.9} for c, v in values.items() for seed in (0, 1)]
+
+    others = {c: 0.5 for c in study.CANDIDATES[2:]}
+    accuracy = rows("digits-cnn", {first: 0.97, second: 0.98, **others})  # higher is better: second first
+    bits = rows("python-transformer", {first: 3.1, second: 3.0, **{c: 9.0 for c in others}})  # lower: second first
+    assert study.default_candidate(accuracy + bits)[0] == second
+    tied = rows("python-transformer", {first: 3.0, second: 3.0, **{c: 9.0 for c in others}})
+    assert study.default_candidate(tied)[0] == first
+
+
+def test_tasks_study_page_shows_the_committed_results_and_the_library_uses_its_default():
+    """docs/sparsity-recipe.md's tables are the summary of the committed docs/study/tasks/results.csv,
+    and the default the rule picks there is what attach(..., sparsity=s, total_steps=T) does."""
+    import paramreg
+    from paramreg.optim.targets import RECIPE_RAMP
+
+    study = _tasks_study()
+    rows = study.read_csv(ROOT / "docs" / "study" / "tasks" / "results.csv")
+    page = (ROOT / "docs" / "sparsity-recipe.md").read_text()
+    begin, end = study.MARKS["tables"]
+    assert page.split(begin, 1)[1].split(end, 1)[0].strip() == study.summary_markdown(rows).strip()
+    assert {r["task"] for r in rows} == set(study.TASKS) and {r["seed"] for r in rows} == {"0", "1", "2"}
+    reg, allocation, window = study.default_candidate(study.normalized(rows))[0].split("/")
+    assert tuple(float(f) for f in window.split("-")) == RECIPE_RAMP
+    model = study.SmallCNN()
+    paramreg.attach(model, "conv1.weight", sparsity=0.5, total_steps=100)
+    carrier = model.conv1.parametrizations.weight[0]
+    assert type(carrier.regularizer).__name__ == {"l0": "L0", "l1": "L1"}[reg]
+    assert carrier.target.allocation == allocation and carrier.target.keep_zeros

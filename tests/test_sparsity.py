@@ -277,8 +277,12 @@ def test_target_options_are_checked_and_leave_the_model_unchanged():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cases = [
         ({"sparsity": 1.5, "sparsity_steps": 10}, "sparsity must be a number strictly between 0 and 1"),
-        ({"sparsity": 0.5}, "needs sparsity_steps"),
-        ({"sparsity_steps": 10}, "needs sparsity=s"),
+        ({"sparsity": 0.5}, "needs total_steps=T .* or sparsity_steps=n"),
+        ({"sparsity_steps": 10}, "sparsity_steps= needs sparsity=s"),
+        ({"total_steps": 100}, "total_steps= needs sparsity=s"),
+        ({"sparsity": 0.5, "total_steps": 100, "sparsity_steps": 10}, "give sparsity_steps= .* or total_steps= .*, not both"),
+        ({"sparsity": 0.5, "total_steps": 3}, "total_steps must be an int >= 4"),
+        ({"sparsity": 0.5, "total_steps": 100.0}, "total_steps must be an int >= 4"),
         ({"sparsity": 0.5, "sparsity_steps": 0}, "sparsity_steps must be an int >= 1"),
         ({"sparsity": 0.5, "sparsity_steps": 10, "l2": 1e-3}, "cannot take a sparsity target"),
         ({"sparsity": 0.5, "sparsity_steps": 10, "l1": 1e-3, "mode": "penalty"}, "use mode='prox'"),
@@ -412,9 +416,10 @@ def selection(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("form", ["l0", "l1"])
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
-def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, selection, monkeypatch):
+def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, form, selection, monkeypatch):
     """The critical strengths computed block by block, never all at once, and selected by counting
     (Note [Critical strengths on the fly] in optim/applying.py) give the strength and weights that
     the whole tensors give: the kthvalue of the concatenated critical strengths, then the map.
@@ -429,7 +434,8 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, sel
     with torch.no_grad():
         model[2].weight.copy_(torch.randn(6).repeat(150).reshape(30, 30))  # ties
     reference = copy.deepcopy(model)
-    paramreg.attach(model, "*.weight", sparsity=0.6, sparsity_steps=4, allocation=allocation)
+    paramreg.attach(model, "*.weight", sparsity=0.6, sparsity_steps=4, allocation=allocation, **{form: True})
+    kind = {"l0": paramreg.L0, "l1": paramreg.L1}[form]
     opt, ref_opt = OPTIMIZERS[name](model.parameters()), OPTIMIZERS[name](reference.parameters())
     x, y = torch.randn(16, 500), torch.randn(16, 20)
     for k in (1, 2):
@@ -446,7 +452,7 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, sel
         else:
             t = group["lr"] * step_sizes.sgd_factor(group, paramreg.optim.state.fill_of(ref_opt, 0, group))
             inverse = [torch.full_like(w, 1.0 / t) for w in weights]
-        criticals = paramreg.L1(1.0).critical(weights, inverse)
+        criticals = kind(1.0).critical(weights, inverse)
         asked = ramp(0.6, 4, k)
         if allocation == "global":
             flat = torch.cat([c.reshape(-1) for c in criticals])
@@ -456,9 +462,9 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, sel
         with torch.no_grad():  # the map at the strength raised by BOUNDARY (optim/applying.py)
             for w, u, a in zip(weights, inverse, strengths, strict=True):
                 if name == "Adam":
-                    paramreg.L1(a * (1.0 + BOUNDARY)).prox_diag_([w], [u.clone()])
+                    kind(a * (1.0 + BOUNDARY)).prox_diag_([w], [u.clone()])
                 else:
-                    paramreg.L1(a * (1.0 + BOUNDARY)).prox_([w], t)
+                    kind(a * (1.0 + BOUNDARY)).prox_([w], t)
         target = model[0].parametrizations.weight[0].target
         assert target.strength == max(strengths)
         for i in range(4):
@@ -545,11 +551,12 @@ def test_bad_allocation_options_are_refused(keywords, match):
     assert paramreg.spec(model)["attached"] == {}
 
 
-def _recipe_run(make_opt, steps, model=None, opt=None, first=0, keep=True):
+def _recipe_run(make_opt, steps, model=None, opt=None, first=0, **recipe):
+    """The recipe with its defaults, total_steps=8: the ramp from step 2 to 6, then the zeros kept."""
     torch.manual_seed(0)
     if model is None:
         model = SmallCNN()
-        paramreg.attach(model, TARGETS, sparsity=0.8, sparsity_steps=(2, 6), keep_zeros=keep)
+        paramreg.attach(model, TARGETS, sparsity=0.8, **(recipe or {"total_steps": 8}))
         opt = make_opt(model.parameters())
     g = torch.Generator().manual_seed(0)
     for k in range(first + steps):
@@ -587,8 +594,22 @@ def test_one_call_ramps_then_keeps_its_zeros_and_resumes_bitwise(name, tmp_path)
         resumed_opt.load_state_dict(saved["opt"])
         resumed, _ = _recipe_run(make_opt, 12 - stop, resumed, resumed_opt, first=stop)
         assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)), stop
-    assert "then keeps its zeros" in repr(full.conv1.parametrizations.weight[0])
+    assert "from step 2 by step 6, then keeps its zeros" in repr(full.conv1.parametrizations.weight[0])
+    assert "L0 target 80%" in paramreg.report(full).rows[0].regularizer
     assert "then zeros kept" in paramreg.report(full).rows[0].regularizer
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_total_steps_is_the_recipe_spelled_out(name):
+    """Note [The recipe's defaults]: total_steps=T is the ramp over 0.25-0.75 of T with L0 in the
+    optimizer's metric, global allocation and the zeros kept, the same weights bit for bit."""
+    make_opt = {"SGD": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2)}[name]
+    short, _ = _recipe_run(make_opt, 12)
+    spelled, _ = _recipe_run(make_opt, 12, sparsity_steps=(2, 6), keep_zeros=True, l0=True, allocation="global")
+    assert all(torch.equal(a, b) for a, b in zip(short.state_dict().values(), spelled.state_dict().values(), strict=True))
+    assert paramreg.spec(short) == paramreg.spec(spelled)
+    l1, _ = _recipe_run(make_opt, 12, total_steps=8, l1=True)
+    assert "L1 target 80%" in paramreg.report(l1).rows[0].regularizer
 
 
 @pytest.mark.parametrize("grouping", ["elements", "out", "in"])

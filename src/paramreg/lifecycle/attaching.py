@@ -86,6 +86,7 @@ def attach(
     schedule=None,
     sparsity=None,
     sparsity_steps=None,
+    total_steps=None,
     allocation="global",
     max_sparsity=None,
     metric_floor=1.0,
@@ -129,16 +130,22 @@ def attach(
         schedule: a callable k -> factor that multiplies the regularizer's strengths at step k
             (the number of optimizer steps that have updated the tensor so far);
             :func:`paramreg.report` shows the current strengths.
-        sparsity: a target: the fraction s of exactly zero groups (elements for ``l1``, the
-            default; groups for ``group_lasso``) that the tensors selected by this call reach
-            together after ``sparsity_steps`` optimizer steps, along a cubic ramp, and keep from
-            then on. The strength is then set at every step, the smallest that gives the ramp's
-            fraction on that step (Note [Target sparsity] in :mod:`paramreg.optim.targets`); a strength
-            given with it is only the value reported before the first step.
-        sparsity_steps: n, the optimizer steps of the ramp (with ``sparsity``), or ``(start, end)``:
-            nothing is zeroed before step ``start``, the ramp ends at ``end``. With ``keep_zeros=True``
-            as well, the zero set of step ``end`` is then kept while every other weight trains on
-            (Note [Ramp, then keep the zeros] in :mod:`paramreg.optim.targets`).
+        sparsity: a target: the fraction s of exactly zero groups (elements for the default ``L0``
+            and for ``l1``; groups for ``group_lasso``) that the tensors selected by this call reach
+            together, along a cubic ramp, and keep from then on. The strength is then set at every
+            step, the smallest that gives the ramp's fraction on that step (Note [Target sparsity]
+            in :mod:`paramreg.optim.targets`); a strength given with it is only the value reported
+            before the first step. Without a regularizer the target takes ``L0`` in the
+            optimizer's metric (hard thresholding: zeros without shrinking the weights kept);
+            ``l1=True`` gives an L1 target.
+        total_steps: with ``sparsity``, the whole recipe from the optimizer steps of the run, T:
+            the ramp from step round(0.25·T) to round(0.75·T), then the zeros kept while every other
+            weight trains on to the end (``keep_zeros=True``). Defaults chosen across four tasks
+            (Note [The recipe's defaults]; docs/sparsity-recipe.md).
+        sparsity_steps: instead of ``total_steps``, the ramp itself: n (from step 0 to n) or
+            ``(start, end)``: nothing is zeroed before step ``start``, the ramp ends at ``end``. With
+            ``keep_zeros=True`` as well, the zero set of step ``end`` is then kept while every other
+            weight trains on (Note [Ramp, then keep the zeros] in :mod:`paramreg.optim.targets`).
         allocation: how a target shares its zeros among its tensors (Note [Allocation] in
             :mod:`paramreg.optim.targets`): ``"global"`` (default) ranks all their groups together,
             ``"uniform"`` gives each tensor the fraction itself.
@@ -170,10 +177,11 @@ def attach(
     where = f"attach({targets!r})"
     given = {k: v for k, v in (("l1", l1), ("l2", l2), *keywords.items()) if v is not None}
     target = None
-    if sparsity is not None or sparsity_steps is not None:
-        regularizer, target = options.checked_target(reg, given, mode, schedule, sparsity, sparsity_steps, where, allocation, max_sparsity)
+    if sparsity is not None or sparsity_steps is not None or total_steps is not None:
+        regularizer, target = options.checked_target(reg, given, mode, schedule, sparsity, sparsity_steps, where, allocation,
+                                                     max_sparsity, total_steps)
     elif allocation != "global" or max_sparsity is not None:
-        raise ParamregError(f"{where}: allocation= and max_sparsity= belong to a sparsity target: give sparsity=s and sparsity_steps=n too")
+        raise ParamregError(f"{where}: allocation= and max_sparsity= belong to a sparsity target: give sparsity=s and total_steps=T too")
     else:
         regularizer = options.checked_regularizer(reg, given, where)
     mode = options.checked_mode(regularizer, mode, where)

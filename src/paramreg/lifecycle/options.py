@@ -13,11 +13,11 @@ import numbers
 
 from ..catalogue.base import Regularizer, build
 from ..catalogue.base import keywords as registered_keywords
-from ..catalogue.elementwise import L1, ElasticNet
+from ..catalogue.elementwise import L0, ElasticNet
 from ..errors import ParamregError
 from ..modules.carrier import USER_MODES
 from ..optim.step_sizes import DEFAULT_METRIC_FLOOR, POLICIES
-from ..optim.targets import SparsityTarget
+from ..optim.targets import SparsityTarget, recipe_steps
 
 __all__ = ["checked_regularizer", "is_schedule", "checked_schedule", "checked_step", "checked_mode", "checked_target", "checked_metric_floor"]
 
@@ -116,22 +116,36 @@ def checked_mode(regularizer: Regularizer, mode, where: str) -> str:
 
 
 def checked_target(reg, given: dict, mode: str, schedule, sparsity, sparsity_steps, where: str, allocation="global",
-                   max_sparsity=None):
+                   max_sparsity=None, total_steps=None):
     """For ``sparsity=``: the regularizer at unit strength and the sparsity target (Note [Target
-    sparsity] in optim/targets.py); a strength given with it is the target's first."""
-    if sparsity_steps is None:
-        raise ParamregError(f"{where}: sparsity={sparsity!r} needs sparsity_steps=n, the optimizer steps over which it ramps up")
+    sparsity] in optim/targets.py); a strength given with it is the target's first. With
+    ``total_steps`` the ramp and ``keep_zeros`` take the recipe's defaults (Note [The recipe's
+    defaults])."""
     if sparsity is None:
-        raise ParamregError(f"{where}: sparsity_steps={sparsity_steps!r} needs sparsity=s, the fraction of zero groups to reach")
-    start, end = 0, sparsity_steps
-    if isinstance(sparsity_steps, (tuple, list)) and len(sparsity_steps) == 2:
-        start, end = sparsity_steps
-    keep = given.pop("keep_zeros", False)  # the recipe in one call (Note [Ramp, then keep the zeros])
+        given_steps = "sparsity_steps" if sparsity_steps is not None else "total_steps"
+        raise ParamregError(f"{where}: {given_steps}= needs sparsity=s, the fraction of zero groups to reach")
+    if sparsity_steps is not None and total_steps is not None:
+        raise ParamregError(
+            f"{where}: give sparsity_steps= (the ramp's steps) or total_steps= (the whole run's, the ramp at its "
+            f"default place in it), not both"
+        )
+    if sparsity_steps is None and total_steps is None:
+        raise ParamregError(
+            f"{where}: sparsity={sparsity!r} needs total_steps=T (the optimizer steps of the whole run) or "
+            f"sparsity_steps=n (the steps over which it ramps up)"
+        )
+    if total_steps is not None:
+        start, end = recipe_steps(total_steps)
+    else:
+        start, end = 0, sparsity_steps
+        if isinstance(sparsity_steps, (tuple, list)) and len(sparsity_steps) == 2:
+            start, end = sparsity_steps
+    keep = given.pop("keep_zeros", total_steps is not None)  # the recipe in one call (Note [Ramp, then keep the zeros])
     target = SparsityTarget(sparsity, end, allocation, max_sparsity, start, keep)
     if schedule is not None or any(is_schedule(v) for v in given.values()):
         raise ParamregError(f"{where}: a sparsity target sets the strength at every step; it takes no strength schedule")
     # a strength keyword may be True (no starting value): the form alone
-    regularizer = checked_regularizer(reg, {k: 1.0 if v is True else v for k, v in given.items()}, where) if reg is not None or given else L1(1.0)
+    regularizer = checked_regularizer(reg, {k: 1.0 if v is True else v for k, v in given.items()}, where) if reg is not None or given else L0(1.0)
     if mode != "prox":
         raise ParamregError(f"{where}: a sparsity target acts through the proximal step: use mode='prox'")
     if len(regularizer.strengths) != 1 or type(regularizer).critical is Regularizer.critical:
