@@ -140,7 +140,8 @@ def test_tasks_study_smoke_run(tmp_path):
     rows = study.read_csv(tmp_path / "results.csv")
     assert {r["task"] for r in rows} == set(study.TASKS)
     assert {r["method"] for r in rows} == {"dense", *study.METHODS}
-    assert {r["setting"] for r in rows if r["method"] == "paramreg"} == set(study.CANDIDATES)
+    assert {r["setting"] for r in rows if r["method"] == "paramreg"} == {*study.CANDIDATES, study.RECIPE}
+    assert {r["setting"] for r in rows if r["method"] == "paramreg" and r["task"] in study.HELD_OUT} == {study.RECIPE}
     for task in study.TASKS:
         assert len({r["steps"] for r in rows if r["task"] == task}) == 1  # the same budget for every method
     pruned = [r for r in rows if r["level"]]
