@@ -146,3 +146,25 @@ def test_l0_has_no_penalty_mode():
     with pytest.raises(paramreg.ParamregError, match="no gradient.*mode='prox'"):
         paramreg.attach(model, "weight", l0=0.1, mode="penalty")
     assert paramreg.spec(model)["attached"] == {}
+
+
+def test_an_l1_penalty_over_many_small_tensors_takes_one_foreach_call_with_the_loops_value_and_gradient(monkeypatch):
+    """Note [Sums of many small tensors]: 6 small tensors in one torch._foreach_norm call, the large
+    one and a float16 one by abs().sum(); the value equals the loop's up to summation order, the
+    gradient exactly (sign(w), 0 at 0)."""
+    from paramreg.catalogue import elementwise
+
+    torch.manual_seed(0)
+    small = [torch.randn(8, 8) for _ in range(6)]
+    small[0][0, :3] = 0.0
+    tensors = [w.requires_grad_() for w in [*small, torch.randn(300, 300), torch.randn(4, 4).half()]]
+    calls = []
+    real = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, p: calls.append(len(ts)) or real(ts, p))
+    value = paramreg.L1(0.5).penalty_sum(tensors)
+    assert calls == [6]
+    grads = torch.autograd.grad(value, tensors)
+    loop = 0.5 * sum(w.abs().sum().float() for w in tensors)
+    assert torch.allclose(value.float(), loop, rtol=1e-6, atol=0)
+    for w, g in zip(tensors, grads, strict=True):
+        assert torch.equal(g, 0.5 * torch.sign(w.detach()).to(g.dtype))

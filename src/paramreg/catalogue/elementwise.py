@@ -76,6 +76,41 @@ def _sum_of(terms) -> Tensor:
     return total
 
 
+FOREACH_BELOW = 65_536  # Note [Sums of many small tensors]: a tensor this small joins one foreach call
+FOREACH_FROM = 4  # ... when at least this many of them share a device and dtype
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter of a DTensor is a DTensor: it takes abs().sum()
+
+
+def _abs_sum(tensors: Sequence[Tensor]) -> Tensor:
+    """Note [Sums of many small tensors]
+        Σ over the tensors of Σ abs(w), differentiable. A Python loop of ``w.abs().sum()`` pays two
+        dispatches and an autograd node per tensor: on 200 Linear(32, 32) weights that is the
+        whole cost (about 5 µs a tensor on this machine's CPU). ``torch._foreach_norm(ws, 1)``
+        takes the L1 norms of many tensors in one call (2.2x faster there: 478 against 1055 µs),
+        but is slower per element on large ones (965 against 550 µs on a transformer's 17
+        weights of up to 786k elements). So the plain float tensors under ``FOREACH_BELOW``
+        elements go to one foreach call per device and dtype, when there are at least
+        ``FOREACH_FROM`` of them; the rest, and tensor subclasses (DTensor), take ``abs().sum()``.
+        The value can differ from the loop's in the last bits (another summation order); the
+        gradient is the same, sign(w) with 0 at 0.
+    """
+    if len(tensors) < FOREACH_FROM:
+        return _sum_of(w.abs().sum() for w in tensors)
+    small: dict[tuple, list[Tensor]] = {}
+    terms = []
+    for w in tensors:
+        if type(w) in _PLAIN and w.numel() < FOREACH_BELOW and w.dtype in (torch.float32, torch.float64):
+            small.setdefault((w.device, w.dtype), []).append(w)
+        else:
+            terms.append(w.abs().sum())
+    for group in small.values():
+        if len(group) < FOREACH_FROM:
+            terms.extend(w.abs().sum() for w in group)
+        else:
+            terms.append(torch.stack(torch._foreach_norm(group, 1)).sum())
+    return _sum_of(terms)
+
+
 def soft_threshold_(tensors: Sequence[Tensor], threshold: float) -> None:
     """In place: w ← sign(w)·max(abs(w) − threshold, 0) over every tensor.
 
@@ -136,7 +171,7 @@ class L1(Regularizer):
         return self.strength * w.abs().sum()
 
     def penalty_sum(self, tensors: Sequence[Tensor]) -> Tensor:
-        return self.strength * _sum_of(w.abs().sum() for w in tensors)
+        return self.strength * _abs_sum(tensors)
 
     def prox(self, w: Tensor, t: float) -> Tensor:
         return F.softshrink(w, float(t) * self.strength) if float(t) * self.strength else w.clone()
@@ -317,7 +352,7 @@ class ElasticNet(Regularizer):
         return self.l1 * w.abs().sum() + 0.5 * self.l2 * w.pow(2).sum()
 
     def penalty_sum(self, tensors: Sequence[Tensor]) -> Tensor:
-        return self.l1 * _sum_of(w.abs().sum() for w in tensors) + 0.5 * self.l2 * _sum_of(w.pow(2).sum() for w in tensors)
+        return self.l1 * _abs_sum(tensors) + 0.5 * self.l2 * _sum_of(w.pow(2).sum() for w in tensors)
 
     def prox(self, w: Tensor, t: float) -> Tensor:
         shrunk = F.softshrink(w, float(t) * self.l1) if float(t) * self.l1 else w
