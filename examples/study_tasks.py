@@ -28,9 +28,11 @@ run's checkpoint at 0.5 or 0.75). Methods, each with two settings but paramreg's
                its zeros; the default step policy of the optimizer. CANDIDATES: L1 or L0, the ramp over
                0.25-0.5 or 0.25-0.75 of the budget, global (capped at 99% per tensor) or uniform
                allocation. One of them becomes the default by RULE, the same for every task.
-  gmp-tensor   gradual magnitude pruning, the same fraction in every tensor: torch.ao.pruning's
-               WeightNormSparsifier with its CubicSL scheduler (Zhu and Gupta 2017), masks recomputed
-               every step of the ramp, then fixed; ramp 0.25-0.5 or 0.25-0.75
+  gmp-tensor   gradual magnitude pruning, the same fraction in every tensor, on torch.ao.pruning's
+               sparsifier (BaseSparsifier's masks, ranking the masked weights' magnitudes as its
+               WeightNormSparsifier does, which refuses 4-d conv weights) with its CubicSL scheduler
+               (Zhu and Gupta 2017), masks recomputed every step of the ramp (a pruned weight scores 0:
+               masks only grow), then fixed; ramp 0.25-0.5 or 0.25-0.75
   gmp-global   the same schedule with one magnitude threshold over all selected tensors (a sparsifier
                of torch.ao.pruning's BaseSparsifier that ranks every tensor together)
   movement     hard movement pruning (Sanh et al. 2020), per tensor: scores -sum_k w*dL/dw from the ramp's
@@ -43,9 +45,9 @@ run's checkpoint at 0.5 or 0.75). Methods, each with two settings but paramreg's
   dense        no sparsity
 
 RULE (the recipe's defaults): for every task and level, rank paramreg's candidates by their mean
-validation metric over the seeds; the default is the candidate with the best mean rank over all tasks
-and levels. Each baseline gets, per task and level, the better of its two settings on validation: a
-choice paramreg's recipe does not get. Reported: mean test metric +- the standard deviation over seeds.
+validation metric over the seeds (ties share their mean place); the default is the candidate with the
+best mean rank over all tasks and levels. Each baseline gets, per task and level, the better of its
+two settings on validation: a choice paramreg's recipe does not get. Reported: mean test metric +- the standard deviation over seeds.
 
 Writes into --out (default docs/study/tasks/): results.csv and summary.md; with the default --out it
 also rewrites the tables of docs/sparsity-recipe.md between its marker comments.
@@ -53,11 +55,13 @@ also rewrites the tables of docs/sparsity-recipe.md between its marker comments.
     python examples/study_tasks.py                    # the full study, 2 worker processes of one thread
     python examples/study_tasks.py --quick --out /tmp/tasks   # a smoke run of a few seconds
     python examples/study_tasks.py --tasks resnet-digits      # one task again; the others' rows stay
+    python examples/study_tasks.py --methods manual-l1        # one method again (and the dense runs)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import hashlib
 import itertools
@@ -409,6 +413,7 @@ class Runner:
         start, end = (self.at(float(f)) for f in window.split("-"))
         model, opt = self.resume(seed, PRUNE_FROM)
         here = self.at(PRUNE_FROM)
+        assert start >= here, setting  # nothing acts before the ramp: the shared prefix is the same run
         # attached at the shared checkpoint: nothing acts before the ramp starts, so this is the call
         # sparsity_steps=(start, end) made at step 0 (tests/test_sparsity.py, test_one_call_...)
         paramreg.attach(model, self.task.selected, sparsity=level, sparsity_steps=(start - here, end - here), keep_zeros=True,
@@ -421,6 +426,7 @@ class Runner:
         """A torch.ao.pruning sparsifier on the CubicSL schedule over the window, masks fixed after it."""
         started = time.perf_counter()
         start, end = (self.at(float(f)) for f in setting.split("-"))
+        assert start == self.at(PRUNE_FROM), setting  # the ramp starts at the shared checkpoint
         model, opt = self.resume(seed, PRUNE_FROM)
         sparsifier.prepare(model, [{"tensor_fqn": n} for n in self.task.weights(model)])
         every = max(1, (end - start) // 25)
@@ -462,7 +468,7 @@ class Runner:
         model, opt = self.resume(seed, PRUNE_FROM)
         start, end = self.at(PRUNE_FROM), self.at(WINDOWS[-1][1])
         self.train(model, opt, seed, start, end, penalty=float(setting))
-        state, opt_state = model.state_dict(), opt.state_dict()
+        state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())  # copies: each level from here
         rows = []
         for level in levels:
             model.load_state_dict(state)
@@ -490,7 +496,9 @@ class Magnitude(BaseSparsifier):
         self.per_tensor = per_tensor
 
     def scores(self, config):
-        return getattr(config["module"].parametrizations, config["tensor_name"]).original.detach().abs()
+        """The magnitude of the masked weight, as torch.ao's WeightNormSparsifier ranks: a pruned
+        weight scores 0 and stays pruned (masks only grow along the ramp)."""
+        return getattr(config["module"], config["tensor_name"]).detach().abs()
 
     @torch.no_grad()
     def step(self, use_path=True):
@@ -546,7 +554,7 @@ def _run(job):
     return getattr(runner, method.replace("-", "_"))(seed, setting, level)
 
 
-def jobs_for(names, seeds, levels):
+def jobs_for(names, seeds, levels, methods=None):
     """The dense runs (python-transformer's before c-finetune's, which starts from it), then the rest."""
     first = [(n, "dense", "", "", s) for n in names if n != "c-finetune" for s in seeds]
     second = [(n, "dense", "", "", s) for n in names if n == "c-finetune" for s in seeds]
@@ -558,16 +566,17 @@ def jobs_for(names, seeds, levels):
         rest += [(name, "movement", w, level, seed) for w in windows if name == "c-finetune"]
         rest += [(name, "one-shot", str(f), level, seed) for f in ONE_SHOT_AT]
     rest += [(name, "manual-l1", str(a), tuple(levels), seed) for name in names for seed in seeds for a in MANUAL_STRENGTHS]
+    rest = [job for job in rest if methods is None or job[1] in methods]
     return [first, second, rest]
 
 
-def sweep(names, seeds, levels, quick, workers, progress=None):
+def sweep(names, seeds, levels, quick, workers, progress=None, methods=None):
     """Every job's rows; each also appended to `progress` (JSON lines) as it comes."""
     rows = []
     with tempfile.TemporaryDirectory() as folder, multiprocessing.get_context("spawn").Pool(
         workers, initializer=_init_worker, initargs=(quick, folder)
     ) as pool:
-        for stage, jobs in zip(("dense", "dense, fine-tuning", "methods"), jobs_for(names, seeds, levels), strict=True):
+        for stage, jobs in zip(("dense", "dense, fine-tuning", "methods"), jobs_for(names, seeds, levels, methods), strict=True):
             with tqdm(total=len(jobs), desc=stage, unit="run") as bar:
                 for new in pool.imap_unordered(_run, jobs):
                     rows += new
@@ -607,17 +616,18 @@ def _better(task_name):
 
 
 def default_candidate(rows, tasks=None):
-    """RULE: the candidate with the best mean rank on validation over every task and level; ties go to
-    the earlier candidate in CANDIDATES. Returns (candidate, {candidate: mean rank})."""
+    """RULE: the candidate with the best mean rank on validation over every task and level (tied
+    candidates in a cell share the mean of their places; equal mean ranks go to the earlier
+    candidate in CANDIDATES). Returns (candidate, {candidate: mean rank})."""
     table = cells(rows)
     tasks = tasks or sorted({r["task"] for r in rows} - set(HELD_OUT))
     levels = sorted({r["level"] for r in rows if r["method"] == "paramreg"})
     ranks = {c: [] for c in CANDIDATES}
     for task, level in itertools.product(tasks, levels):
         key = _better(task)
-        scored = sorted(CANDIDATES, key=lambda c: -key(table[(task, "paramreg", c, level)]["val"]))
-        for place, c in enumerate(scored, 1):
-            ranks[c].append(place)
+        values = {c: key(table[(task, "paramreg", c, level)]["val"]) for c in CANDIDATES}
+        for c in CANDIDATES:  # 1 for the best; tied candidates share the mean of their places
+            ranks[c].append(1 + sum(v > values[c] for v in values.values()) + (sum(v == values[c] for v in values.values()) - 1) / 2)
     mean = {c: statistics.fmean(r) for c, r in ranks.items()}
     return min(CANDIDATES, key=lambda c: (mean[c], CANDIDATES.index(c))), mean
 
@@ -732,6 +742,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny models and budgets, one seed: a smoke run")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="run these (and the dense runs they start from); "
+                        "the other methods' rows in --out stay")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     names = sorted(set(args.tasks) | ({"python-transformer"} if "c-finetune" in args.tasks else set()), key=list(TASKS).index)
@@ -739,12 +751,15 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     progress = args.out / "progress.jsonl"
     progress.unlink(missing_ok=True)
-    rows = sweep(names, SEEDS[:2] if args.quick else SEEDS, LEVELS, args.quick, args.workers, progress)
+    rows = sweep(names, SEEDS[:2] if args.quick else SEEDS, LEVELS, args.quick, args.workers, progress, args.methods)
     progress.unlink()
     rows = [r for r in rows if r["task"] in args.tasks]
-    if set(args.tasks) != set(TASKS) and (args.out / "results.csv").exists():  # the other tasks' rows stay
-        rows = [r for r in read_csv(args.out / "results.csv") if r["task"] not in args.tasks] + rows
-        rows.sort(key=lambda r: list(TASKS).index(r["task"]))
+    if (set(args.tasks) != set(TASKS) or args.methods) and (args.out / "results.csv").exists():  # the rest stays
+        rerun = {"dense", *(args.methods or METHODS)}
+        rows = [r for r in read_csv(args.out / "results.csv") if r["task"] not in args.tasks or r["method"] not in rerun] + rows
+        order = [*TASKS], ["dense", *METHODS]
+        rows.sort(key=lambda r: (order[0].index(r["task"]), order[1].index(r["method"]), str(r["setting"]), str(r["level"]),
+                                 int(r["seed"])))
     summary = write(rows, args.out)
     if args.out == DEFAULT_OUT:
         write_between(DOCS_PAGE, *MARKS["tables"], summary)

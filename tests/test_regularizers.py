@@ -152,8 +152,6 @@ def test_an_l1_penalty_over_many_small_tensors_takes_one_foreach_call_with_the_l
     """Note [Sums of many small tensors]: 6 small tensors in one torch._foreach_norm call, the large
     one and a float16 one by abs().sum(); the value equals the loop's up to summation order, the
     gradient exactly (sign(w), 0 at 0)."""
-    from paramreg.catalogue import elementwise
-
     torch.manual_seed(0)
     small = [torch.randn(8, 8) for _ in range(6)]
     small[0][0, :3] = 0.0
