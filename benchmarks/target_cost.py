@@ -40,6 +40,7 @@ OPTIMIZERS = {
     "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0),
 }
 VARIANTS = ("none", "l1", "target")
+TARGET_FORM = {"l1": True}  # the target's regularizer: --target-form l1 (the published figures) or l0 (the default)
 
 
 def mlp(selected: int) -> nn.Module:
@@ -56,7 +57,7 @@ def build(variant: str, selected: int, optimizer: str, steps: int, device: str =
     if variant == "l1":
         paramreg.attach(model, names, l1=1e-6)
     elif variant == "target":
-        paramreg.attach(model, names, sparsity=0.9, sparsity_steps=10 * steps, l1=True)
+        paramreg.attach(model, names, sparsity=0.9, sparsity_steps=10 * steps, **TARGET_FORM)
     return model, OPTIMIZERS[optimizer](model.parameters())
 
 
@@ -122,7 +123,8 @@ def peak_bytes(variant: str, selected: int, optimizer: str) -> int | None:
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run([sys.executable, __file__, "--peak-of", variant, str(selected), optimizer], env=env,
+    done = subprocess.run([sys.executable, __file__, "--peak-of", variant, str(selected), optimizer,
+                           "--target-form", *TARGET_FORM], env=env,
                           capture_output=True, text=True, check=True, timeout=900)
     return int(done.stdout.split()[-1])
 
@@ -138,7 +140,11 @@ def main() -> None:
     parser.add_argument("--peak-of", nargs=3, metavar=("VARIANT", "SELECTED", "OPTIMIZER"), help=argparse.SUPPRESS)
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
     parser.add_argument("--no-target", action="store_true", help="only none and l1 (the target's columns read -)")
+    parser.add_argument("--target-form", choices=("l1", "l0"), default="l1",
+                        help="the target's regularizer: l1 (default here, as the published figures) or l0 (attach's default)")
     args = parser.parse_args()
+    TARGET_FORM.clear()
+    TARGET_FORM[args.target_form] = True
     if args.peak_of:
         variant, selected, optimizer = args.peak_of
         print(peak_of(variant, int(selected), optimizer))
@@ -149,7 +155,8 @@ def main() -> None:
     if device == "cpu":
         torch.set_num_threads(2)
     where = torch.cuda.get_device_name() if device == "cuda" else f"threads {torch.get_num_threads()}"
-    print(f"torch {torch.__version__}, {device} ({where}), batch 8, medians of {rounds} interleaved rounds")
+    print(f"torch {torch.__version__}, {device} ({where}), batch 8, medians of {rounds} interleaved rounds, "
+          f"{args.target_form} target")
     print("selected   optimizer  none ms  l1/none  target/none  target/l1  read/l1  peak MB: none / l1 / target")
     x, y = torch.randn(8, 64, device=device), torch.randint(0, 10, (8,), device=device)
     for size in sizes:
@@ -210,7 +217,7 @@ def gpt_step(rounds: int, steps_per_round: int, tiny: bool, device: str = "cpu")
         if variant == "l1":
             paramreg.attach(model, weights, l1=1e-6)
         elif variant == "target":
-            paramreg.attach(model, weights, sparsity=0.9, sparsity_steps=10**6, l1=True)
+            paramreg.attach(model, weights, sparsity=0.9, sparsity_steps=10**6, **TARGET_FORM)
         runs[variant] = model, torch.optim.AdamW(model.parameters(), lr=setup.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (setup.batch, setup.context), generator=g).to(device)
