@@ -220,3 +220,33 @@ def test_a_tiny_lasso_under_adam_is_the_same_through_both_paths_to_float64_preci
     torch.testing.assert_close(results["fused"], results["eager"], rtol=1e-12, atol=1e-14)
     assert torch.equal(results["fused"] == 0, results["eager"] == 0)
     assert math.isfinite(fused.compile_seconds[("l1", torch.float64, "cpu")])
+
+
+def test_a_target_through_the_fused_map_zeroes_exactly_what_the_eager_map_zeroes(monkeypatch):
+    """Note [Fused map], last paragraph: an L1 target over two 1024x1024 weights under AdamW. With
+    the floors the target took passed to the compiled map, every step has at least the asked
+    zeros and exactly the eager map's count (the floor recomputed by the compiled reduction left
+    up to 7 of them nonzero)."""
+    from paramreg.optim.targets import ramp
+
+    def counts(enabled):
+        monkeypatch.setattr(fused, "enabled", enabled)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024),
+                              nn.ReLU(), nn.Linear(1024, 10))
+        paramreg.attach(model, ["2.weight", "4.weight"], sparsity=0.9, sparsity_steps=6, l1=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+        out = []
+        for k in range(1, 8):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            zeros = int((model[2].weight == 0).sum() + (model[4].weight == 0).sum())
+            out.append(zeros - round(ramp(0.9, 6, k) * 2 * 1024 * 1024))
+        return out
+
+    eager = counts(False)
+    through_fused = counts(True)
+    assert fused.compile_seconds.get(("l1_at", torch.float32, "cpu"))  # the fused map ran
+    assert min(through_fused) >= 0 and through_fused == eager

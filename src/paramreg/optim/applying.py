@@ -108,7 +108,7 @@ def _apply(bucket: Bucket, tensors: list[Tensor], t: float, optimizer, group, fi
         _map(regularizer, tensors, _inverse(bucket, tensors, t, optimizer, group, fill))
         return
     states = [optimizer.state[p] for p in tensors]
-    left = fused.map_(optimizer, group, regularizer, tensors, states, t, bucket.metric_floor)  # Note [Fused map] in optim/fused.py
+    left = fused.map_(optimizer, group, regularizer, tensors, states, t, bucket.metric_floor, floors)  # Note [Fused map] in optim/fused.py
     if not left:
         return
     if len(left) < len(tensors):

@@ -46,6 +46,14 @@ Note [Fused map]
     on the same proof that each group's norm is within ``NEWTON_RTOL`` of the root (1e-6 relative
     in float32, 1e-12 in float64), so they agree within 4 times that relative to abs(w) (measured:
     2.2e-7 and 4.4e-16) and zero the same groups (``tests/test_fused.py``).
+
+    Under a sparsity target the map must zero exactly the groups whose critical strengths, taken
+    with the floors of that step, lie at or below the calibrated strength (raised by 2^-18,
+    ``BOUNDARY`` in optim/applying.py). A floor recomputed by the compiled reduction differs from
+    the eager one by up to 2.1e-4 relative at 8M elements, far more than 2^-18: the map then left
+    up to 7 of 2M weights nonzero below the asked count (an AdamW L1 target on two 1024x1024
+    layers). So a target passes its floors, and the map takes them as they are (``l1_at``); the
+    sqrt's 1 ulp is well inside 2^-18. A target's group lasso takes the eager solve.
 """
 
 from __future__ import annotations
@@ -85,6 +93,14 @@ def _kernel(w: Tensor, v: Tensor, g: Tensor, c: Tensor) -> None:
     u = _inverse(v, floor, c)
     x = w * u
     w.copy_((x - x.clamp(-c[2], c[2])) / (u + c[3]))  # softshrink's values: x − a, x + a, or +0; NaN kept
+
+
+def _kernel_at(w: Tensor, v: Tensor, floor: Tensor, c: Tensor) -> None:
+    """``_kernel`` with the floor given (a target's, taken once per step by the eager reduction
+    its critical strengths used: Note [Fused map], the last paragraph)."""
+    u = _inverse(v, floor, c)
+    x = w * u
+    w.copy_((x - x.clamp(-c[2], c[2])) / (u + c[3]))
 
 
 def _inverse(v: Tensor, floor: Tensor, c: Tensor) -> Tensor:
@@ -131,7 +147,7 @@ def _group_finish(w: Tensor, v: Tensor, floor: Tensor, r: Tensor, c: Tensor) -> 
     w.copy_(w * (r / (r + c[2] * t)))
 
 
-_KERNELS = {"l1": _kernel, "group_first": _group_first, "group_next": _group_next, "group_finish": _group_finish}
+_KERNELS = {"l1": _kernel, "l1_at": _kernel_at, "group_first": _group_first, "group_next": _group_next, "group_finish": _group_finish}
 
 
 def _strengths(regularizer) -> tuple[float, float] | None:
@@ -197,10 +213,12 @@ def _group_lasso_(p: Tensor, v: Tensor, c: Tensor) -> bool:
     return True
 
 
-def map_(optimizer, group: dict, regularizer, tensors: list[Tensor], states: list[dict], lr: float, ratio: float) -> list[int]:
+def map_(optimizer, group: dict, regularizer, tensors: list[Tensor], states: list[dict], lr: float, ratio: float,
+         floors: list | None = None) -> list[int]:
     """The fused map (Note [Fused map]) on every tensor of ``tensors`` it takes, after ``optimizer``
     stepped them in ``group`` (``states``: their optimizer states; ``lr``: the prox's step scale;
-    ``ratio``: the metric floor); returns the indices of the tensors it left to the eager map."""
+    ``ratio``: the metric floor; ``floors``: the floors already taken, a target's, which the map
+    then uses as they are); returns the indices of the tensors it left to the eager map."""
     everything = list(range(len(tensors)))
     strengths = _strengths(regularizer)
     grouped = type(regularizer) is GroupLasso and regularizer.strength > 0
@@ -210,11 +228,12 @@ def map_(optimizer, group: dict, regularizer, tensors: list[Tensor], states: lis
     if strengths == (0.0, 0.0) and type(regularizer) is L1:
         return []  # L1(0) is the identity, as in the eager map
     cls, key = step_sizes.resolve(optimizer), step_sizes.adam_key(group)
-    name = "group_first" if grouped else "l1"
+    name = "group_first" if grouped else "l1" if floors is None else "l1_at"
     left = []
     for i, (p, state) in enumerate(zip(tensors, states, strict=True)):
         v = state.get(key)
-        if not _fits(p, v, name) or (grouped and (p.dim() < 2 or kept_dims(regularizer.groups, p.dim()) != (0,))):
+        if (not _fits(p, v, name) or (grouped and (floors is not None or p.dim() < 2 or kept_dims(regularizer.groups, p.dim()) != (0,)))
+                or (floors is not None and type(floors[i]) is not Tensor)):
             left.append(i)
             continue
         scale, shift = step_sizes.adam_scalars(group, float(state["step"]), lr)
@@ -225,7 +244,10 @@ def map_(optimizer, group: dict, regularizer, tensors: list[Tensor], states: lis
             done = _group_lasso_(p, v, c)
         else:
             c = torch.tensor([scale, shift, *strengths, factor], dtype=p.dtype, device=p.device)
-            done = _call("l1", p.detach().view(-1), v.view(-1), p.grad.view(-1), c) is not _NOT_COMPILED
+            if floors is None:
+                done = _call("l1", p.detach().view(-1), v.view(-1), p.grad.view(-1), c) is not _NOT_COMPILED
+            else:
+                done = _call("l1_at", p.detach().view(-1), v.view(-1), floors[i].to(p.dtype), c) is not _NOT_COMPILED
         if not done:
             left.append(i)
     return left
