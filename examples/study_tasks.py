@@ -63,13 +63,11 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import hashlib
 import itertools
 import json
 import math
 import multiprocessing
 import pathlib
-import platform
 import statistics
 import sysconfig
 import tempfile
@@ -77,8 +75,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.ao.pruning import BaseSparsifier
 from torch.ao.pruning.scheduler.cubic_scheduler import CubicSL
@@ -87,6 +83,7 @@ from tqdm import tqdm
 
 import paramreg
 from quickstart import SmallCNN  # examples/ is on the path when run as a script
+from study_digits import load_data as load_digits_splits
 from study_pages import read_csv, write_between
 from study_text import CharTransformer, Setup, stdlib_files
 
@@ -144,14 +141,9 @@ class Digits(Task):
     selected = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
 
     def __init__(self, quick):
-        digits = load_digits()
-        x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
-        y = torch.tensor(digits.target)
-        x_train, x_rest, y_train, y_rest = train_test_split(x, y, test_size=0.4, stratify=y, random_state=0)
-        x_val, x_test, y_val, y_test = train_test_split(x_rest, y_rest, test_size=0.5, stratify=y_rest, random_state=0)
-        self.train, self.val, self.test = (x_train, y_train), (x_val, y_val), (x_test, y_test)
+        splits = load_digits_splits()  # the digits study's 60/20/20 split
+        self.train, self.val, self.test = splits["train"], splits["val"], splits["test"]
         self.batch, self.budget = 32, 8 if quick else 600
-        self.about = f"scikit-learn digits, {len(x_train)}/{len(x_val)}/{len(x_test)} images"
 
     def fresh(self, seed):
         torch.manual_seed(seed)
@@ -212,17 +204,16 @@ class Text(Task):
         return nats / y.numel() / math.log(2)
 
 
-def _by_file(files, limit, root):
-    """Whole files up to `limit` bytes, every tenth to validation and test (offsets 8 and 9), and a digest."""
-    parts, digest, total = ([], [], []), hashlib.sha256(), 0
+def _by_file(files, limit):
+    """Whole files up to `limit` bytes, every tenth to validation and test (offsets 8 and 9)."""
+    parts, total = ([], [], []), 0
     for i, path in enumerate(files):
         if total >= limit:
             break
         data = path.read_bytes()
         parts[1 if i % 10 == 8 else 2 if i % 10 == 9 else 0].append(data)
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + data)
         total += len(data)
-    return [b"".join(p) for p in parts], f"{total:,} bytes, sha256 {digest.hexdigest()[:12]}"
+    return [b"".join(p) for p in parts]
 
 
 class PythonTransformer(Text):
@@ -230,12 +221,11 @@ class PythonTransformer(Text):
                                                      "blocks.*.fc2.weight"]
 
     def __init__(self, quick):
-        root, files = stdlib_files()
-        parts, digest = _by_file(files, 1_000_000, root)
+        _, files = stdlib_files()
+        parts = _by_file(files, 1_000_000)
         self.split(parts, quick)
         self.setup = Setup(layers=2, width=32 if quick else 64, heads=4, context=self.context)
         self.budget = 8 if quick else 800
-        self.about = f"Python {platform.python_version()} standard library source, {digest}"
 
     def fresh(self, seed):
         torch.manual_seed(seed)
@@ -249,11 +239,9 @@ class CFinetune(PythonTransformer):
 
     def __init__(self, quick):
         super().__init__(quick)
-        root = pathlib.Path("/usr/include")
-        parts, digest = _by_file(sorted(root.glob("*.h")), 1_000_000, root)
+        parts = _by_file(sorted(pathlib.Path("/usr/include").glob("*.h")), 1_000_000)
         self.split(parts, quick)
         self.budget = 8 if quick else 400
-        self.about = f"pretrained on Python's source; fine-tuned on /usr/include/*.h, {digest}"
 
     def fresh(self, seed):
         """The pretrained model; a new optimizer, as fine-tuning starts."""
@@ -281,7 +269,6 @@ class EnglishGRU(Text):
         self.split((text[:a], text[a:b], text[b:]), quick)
         self.width, self.hidden = (16, 32) if quick else (64, 128)
         self.budget = 8 if quick else 500
-        self.about = f"pydoc_data/topics.py of Python {platform.python_version()}, {len(text):,} bytes, split 80/10/10 in order"
 
     def fresh(self, seed):
         torch.manual_seed(seed)
@@ -422,7 +409,7 @@ class Runner:
         paramreg.remove(model)
         return [self.row("paramreg", setting, level, seed, model, steps, started)]
 
-    def _sparsified(self, seed, setting, level, sparsifier, *, scores=None):
+    def _sparsified(self, method, seed, setting, level, sparsifier, *, scores=None):
         """A torch.ao.pruning sparsifier on the CubicSL schedule over the window, masks fixed after it."""
         started = time.perf_counter()
         start, end = (self.at(float(f)) for f in setting.split("-"))
@@ -440,17 +427,17 @@ class Runner:
         sparsifier.step()
         steps = start + self.train(model, opt, seed, start, self.task.budget, after_step=update, before_step=scores)
         sparsifier.squash_mask()
-        return self.row(self.method, setting, level, seed, model, steps, started)
+        return self.row(method, setting, level, seed, model, steps, started)
 
     def gmp_tensor(self, seed, setting, level):
-        return [self._sparsified(seed, setting, level, Magnitude(level, per_tensor=True))]
+        return [self._sparsified("gmp-tensor", seed, setting, level, Magnitude(level, per_tensor=True))]
 
     def gmp_global(self, seed, setting, level):
-        return [self._sparsified(seed, setting, level, Magnitude(level, per_tensor=False))]
+        return [self._sparsified("gmp-global", seed, setting, level, Magnitude(level, per_tensor=False))]
 
     def movement(self, seed, setting, level):
         sparsifier = Movement(level)
-        return [self._sparsified(seed, setting, level, sparsifier, scores=sparsifier.accumulate)]
+        return [self._sparsified("movement", seed, setting, level, sparsifier, scores=sparsifier.accumulate)]
 
     def one_shot(self, seed, setting, level):
         started, fraction = time.perf_counter(), float(setting)
@@ -549,9 +536,7 @@ def _init_worker(quick, folder):
 
 def _run(job):
     name, method, setting, level, seed = job
-    runner = _RUNNERS[name]
-    runner.method = method
-    return getattr(runner, method.replace("-", "_"))(seed, setting, level)
+    return getattr(_RUNNERS[name], method.replace("-", "_"))(seed, setting, level)
 
 
 def jobs_for(names, seeds, levels, methods=None):
@@ -671,9 +656,8 @@ def verdicts(rows, default):
     return out
 
 
-def _fmt(task, cell):
-    digits = 3
-    return f"{cell['test']:.{digits}f} ± {cell['std']:.{digits}f}"
+def _fmt(cell):
+    return f"{cell['test']:.3f} ± {cell['std']:.3f}"
 
 
 def summary_markdown(rows):
@@ -702,13 +686,13 @@ def summary_markdown(rows):
         dense = table[(task, "dense", "", "")]
         aside = "held aside from the rule, run after it with `total_steps=`; " if task in HELD_OUT else ""
         lines += [f"**{task}** ({aside}{TASKS[task].metric}, {'higher' if TASKS[task].higher else 'lower'} is better; "
-                  f"{steps} steps; dense {_fmt(task, dense)})", "",
+                  f"{steps} steps; dense {_fmt(dense)})", "",
                   "| method | " + " | ".join(f"{level:.0%}" for level in levels) + " |", "|---|" + "---:|" * len(levels)]
         for method, title in METHODS.items():
             shown = [picked.get((task, method, level)) for level in levels]
             if any(s is None for s in shown):
                 continue
-            cells_ = [f"{_fmt(task, c)}" + ("" if method == "paramreg" else f" ({s})") for s, c in shown]
+            cells_ = [f"{_fmt(c)}" + ("" if method == "paramreg" else f" ({s})") for s, c in shown]
             lines.append(f"| {title} | " + " | ".join(cells_) + " |")
         lines.append("")
     reached = [abs(x - float(level)) for (t, m, s, level), c in table.items() if m == "paramreg" for x in c["sparsity"]]

@@ -58,15 +58,21 @@ def _study():
     return _example("study_digits")
 
 
-def test_study_smoke_run(tmp_path):
-    """--quick runs every method end to end and writes the CSV, the summary and the three plots."""
+def _quick_run(name, tmp_path):
+    """`python examples/<name>.py --quick --out tmp_path`, checked to exit 0: the study's module and
+    the rows of the CSV it wrote."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "study_digits.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "examples" / f"{name}.py"), "--quick", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    study = _study()
-    rows = study.read_csv(tmp_path / "results.csv")
+    study = _example(name)
+    return study, study.read_csv(tmp_path / "results.csv")
+
+
+def test_study_smoke_run(tmp_path):
+    """--quick runs every method end to end and writes the CSV, the summary and the three plots."""
+    study, rows = _quick_run("study_digits", tmp_path)
     assert {r["method"] for r in rows} == set(study.METHODS)
     assert all(0.0 <= float(r["sparsity"]) <= 1.0 and 0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
     pruned = [r for r in rows if r["method"] == "magnitude-pruning"]
@@ -98,13 +104,7 @@ def _text_study():
 def test_text_study_smoke_run(tmp_path):
     """--quick runs every method of the transformer study end to end and writes its CSV and plots
     (nothing is asserted about the results of a run this small)."""
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "study_text.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    study = _text_study()
-    rows = study.read_csv(tmp_path / "results.csv")
+    study, rows = _quick_run("study_text", tmp_path)
     assert {r["method"] for r in rows} == set(study.METHODS)
     assert len({r["steps"] for r in rows}) == 1  # the same budget for every method
     for name in ("bits_vs_sparsity.png", "layer_sparsity.png"):
@@ -131,13 +131,7 @@ def test_tasks_study_smoke_run(tmp_path):
     """--quick runs every task and method of the cross-task study end to end, two seeds, and writes
     its CSV and summary; every pruned run reaches its level (nothing else is asserted about results
     this small)."""
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "study_tasks.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    study = _tasks_study()
-    rows = study.read_csv(tmp_path / "results.csv")
+    study, rows = _quick_run("study_tasks", tmp_path)
     assert {r["task"] for r in rows} == set(study.TASKS)
     assert {r["method"] for r in rows} == {"dense", *study.METHODS}
     assert {r["setting"] for r in rows if r["method"] == "paramreg"} == {*study.CANDIDATES, study.RECIPE}
