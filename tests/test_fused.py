@@ -101,6 +101,67 @@ def test_fused_and_eager_group_lasso_agree_to_the_solver_tolerance(dtype, regula
     assert fused.compile_seconds.get(("group_first", dtype, "cpu")) is not None
 
 
+def _eager_scores(opt, weights, floor):
+    """Per weight, u·w² in the eager arithmetic (u: the inverse steps of Note [Safeguarded metric])."""
+    group = opt.param_groups[0]
+    states = [opt.state[w] for w in weights]
+    floors = step_sizes.floors(opt, group, weights, states, floor)
+    inverse = step_sizes.inverse_steps(opt, group, states, 1e-3, None, floors)
+    return [u * (w.detach() * w.detach()) for w, u in zip(weights, inverse, strict=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("floor", [1.0, 0.0])
+def test_fused_and_eager_l0_maps_agree(dtype, floor, monkeypatch):
+    """L0 keeps or zeroes each weight: the two maps differ only where the score u·w² lies within
+    8 ulp plus four times the eager floor's relative error of the threshold 2a (the compiled sqrt
+    is correctly rounded, the eager one within 1 ulp: Note [Fused map]); every other weight is
+    the same, bitwise."""
+    model, opt = _adam_state(dtype)
+    weights = [model[0].weight, model[2].weight]
+    scores = _eager_scores(opt, weights, floor)
+    a = float(torch.cat([s.reshape(-1) for s in scores]).median()) / 2  # half the weights zero
+    got = _map("fused", monkeypatch, paramreg.L0(a), weights, opt, floor)
+    want = _map("eager", monkeypatch, paramreg.L0(a), weights, opt, floor)
+    eps = torch.finfo(dtype).eps
+    for w, g, e, s, rho in zip(weights, got, want, scores, _exact_floor_error(opt, weights, floor), strict=True):
+        differ = (g != e)
+        assert torch.equal(g[~differ], e[~differ]) and torch.equal(e[e != 0], w.detach()[e != 0])
+        assert bool(((s[differ] - 2 * a).abs() <= (8 * eps + 4 * rho) * 2 * a).all())
+        assert 0 < int((e == 0).sum()) < e.numel()
+    assert fused.compile_seconds.get(("l0", dtype, "cpu")) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("regularizer", [paramreg.L1(1.0), paramreg.L0(1.0)], ids=repr)
+@pytest.mark.parametrize("floor", [1.0, 0.0])
+def test_fused_critical_strengths_are_the_eager_ones_to_a_few_ulp(dtype, regularizer, floor, monkeypatch):
+    """A target's critical strengths through the compiled kernel, in blocks (here of 7,000 over
+    120,000 and 2,800 weights: equal blocks, the last shorter), against ``critical`` on the eager
+    inverse steps with the same floors: within 4 ulp (the sqrt's 1 ulp, carried through two
+    products), every block in order."""
+    monkeypatch.setattr(fused, "min_numel", 2)
+    monkeypatch.setattr(fused, "CRITICAL_BLOCK", 7000)
+    model, opt = _adam_state(dtype)
+    weights = [model[0].weight, model[2].weight]
+    group = opt.param_groups[0]
+    states = [opt.state[w] for w in weights]
+    floors = step_sizes.floors(opt, group, weights, states, floor)
+    inverse = step_sizes.inverse_steps(opt, group, states, 1e-3, None, floors)
+    want = regularizer.critical([w.detach() for w in weights], inverse)
+    for i, (w, state) in enumerate(zip(weights, states, strict=True)):
+        blocks = fused.critical_blocks(opt, group, regularizer, w, state, 1e-3, None if floors is None else floors[i])
+        sizes, got = [], []
+        for block in blocks:
+            sizes.append(block.numel())
+            got.append(block.clone())
+        assert len(set(sizes[:-1])) <= 1 and sizes[-1] <= sizes[0] and sum(sizes) == w.numel()
+        got = torch.cat(got).view_as(w)
+        assert bool(((got - want[i]).abs() <= 4 * torch.finfo(dtype).eps * want[i]).all())
+    assert fused.critical_blocks(torch.optim.SGD(model.parameters(), lr=0.1), group, regularizer, weights[0], states[0], 1e-3, None) is None
+    assert fused.critical_blocks(opt, group, paramreg.GroupLasso(1.0), weights[0], states[0], 1e-3, None) is None
+
+
 def _count_calls(monkeypatch):
     calls = []
     original = fused._call
@@ -175,6 +236,17 @@ def test_no_step_recompiles(monkeypatch):
     _train(wider, torch.optim.AdamW(wider.parameters()), 3)
     assert counters["stats"]["unique_graphs"] == graphs
     assert isinstance(fused.compile_seconds[("l1", torch.float32, "cpu")], float)
+    monkeypatch.setattr(fused, "CRITICAL_BLOCK", 150)  # blocks of 150 and 100 in the 600 weights, 200 and 30 whole
+    for form in ({}, {"l1": True}):  # the targets' kernels: critical strengths in blocks, the map with given floors
+        paramreg.remove(model)
+        paramreg.attach(model, "*.weight", sparsity=0.5, sparsity_steps=6, **form)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        _train(model, opt, 1)
+        graphs = counters["stats"]["unique_graphs"]
+        _train(model, opt, 4)
+        assert counters["stats"]["unique_graphs"] == graphs, form
+    for name in ("l0_critical", "l0_at", "l1_critical", "l1_at"):
+        assert isinstance(fused.compile_seconds[(name, torch.float32, "cpu")], float), name
 
 
 def test_a_kernel_that_cannot_compile_warns_once_and_the_eager_map_runs(monkeypatch):
@@ -222,7 +294,8 @@ def test_a_tiny_lasso_under_adam_is_the_same_through_both_paths_to_float64_preci
     assert math.isfinite(fused.compile_seconds[("l1", torch.float64, "cpu")])
 
 
-def test_a_target_through_the_fused_map_zeroes_exactly_what_the_eager_map_zeroes(monkeypatch):
+@pytest.mark.parametrize("form", [{"l1": True}, {}], ids=["l1", "l0"])
+def test_a_target_through_the_fused_map_zeroes_exactly_what_the_eager_map_zeroes(form, monkeypatch):
     """Note [Fused map], last paragraph: an L1 target over two 1024x1024 weights under AdamW. With
     the floors the target took passed to the compiled map, every step has at least the asked
     zeros and exactly the eager map's count (the floor recomputed by the compiled reduction left
@@ -234,7 +307,7 @@ def test_a_target_through_the_fused_map_zeroes_exactly_what_the_eager_map_zeroes
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024),
                               nn.ReLU(), nn.Linear(1024, 10))
-        paramreg.attach(model, ["2.weight", "4.weight"], sparsity=0.9, sparsity_steps=6, l1=True)
+        paramreg.attach(model, ["2.weight", "4.weight"], sparsity=0.9, sparsity_steps=6, **form)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
         out = []
@@ -248,5 +321,7 @@ def test_a_target_through_the_fused_map_zeroes_exactly_what_the_eager_map_zeroes
 
     eager = counts(False)
     through_fused = counts(True)
-    assert fused.compile_seconds.get(("l1_at", torch.float32, "cpu"))  # the fused map ran
+    kind = "l1" if form else "l0"
+    assert fused.compile_seconds.get((f"{kind}_at", torch.float32, "cpu"))  # the fused map ran
+    assert fused.compile_seconds.get((f"{kind}_critical", torch.float32, "cpu"))  # and the critical strengths
     assert min(through_fused) >= 0 and through_fused == eager

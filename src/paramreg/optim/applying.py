@@ -182,6 +182,8 @@ class _Criticals:
         sparsity] in optim/targets.py). They are never all held at once: each pass of the
         selection computes them again, on the CPU in the cache-sized blocks of the prox itself
         (Note [Blocks]: the optimizer's inverse steps of a block, then ``Regularizer.critical``),
+        or by a compiled kernel in blocks of 2^20 where the fused map takes the tensor (Note
+        [Fused map] in optim/fused.py: an L1 or L0 target in the Adam family's metric),
         elsewhere one tensor (or one coupled group of tensors) at a time, and drops each block
         before the next is computed. The selection takes two passes (Note [Exact selection] in
         optim/order_statistic.py; a few values on the CPU, one pass into a buffer), then the map
@@ -252,6 +254,20 @@ class _Criticals:
         """(indices into ``tensors`` of one unit, their critical strengths) per block: the blocks
         of Note [Blocks] on the CPU, else one unit at a time."""
         regularizer = bucket.regularizer
+        if bucket.policy == "adaptive" and not regularizer.joint:  # Note [Fused map] in optim/fused.py
+            eager = []
+            for i in indices:
+                p = tensors[i]
+                found = fused.critical_blocks(self.optimizer, group, regularizer, p, self.optimizer.state[p], lr,
+                                              None if floors is None else floors[i])
+                if found is None:
+                    eager.append(i)
+                    continue
+                for values in found:
+                    yield [i], values
+            indices = eager
+            if not indices:
+                return
         chosen = [tensors[i] for i in indices]
         states = [self.optimizer.state[p] for p in chosen]
         chosen_floors = None if floors is None else [floors[i] for i in indices]
