@@ -5,7 +5,10 @@ hidden layers hold N selected weights (batch 8, so that the optimizer's work dom
 regularization, with ``l1=`` (the default prox) and with a target (``sparsity=0.9`` over the
 whole run, so that every timed step calibrates), under SGD with momentum and AdamW. Also the
 time of one pass that only reads the selected weights and their optimizer state (``read``: the
-memory floor of each pass of a target's selection), and the most memory resident during one
+memory floor of each pass of a target's selection), under AdamW the least any map in Adam's
+metric does after the step (``floor``: the unregularized step plus the gradients' norms and one
+compiled w <- w/sqrt(v), as in benchmarks/adaptive_floor.py; the floor under ``l1/none``), and
+the most memory resident during one
 step beyond what was resident before it, per variant, each in a
 fresh process (the kernel's high-water mark, reset before the step; on Linux), to see what the
 target's selection holds beyond the default prox (Note [Critical strengths on the fly] in
@@ -84,6 +87,24 @@ def read_pass(model, opt) -> None:
         torch.cuda.synchronize()
 
 
+_LEAST = []  # the compiled w <- w/sqrt(v), made on first use
+
+
+def least_pass(model, opt, ones) -> None:
+    """The least any map in Adam's metric does after the step (as in benchmarks/adaptive_floor.py):
+    the selected gradients' norms, for the safeguard's floor, then one compiled w <- w/sqrt(v) per
+    selected tensor (one read of g, v and w, one write of w; v = ``ones``, so the weights stay)."""
+    if not _LEAST:
+        _LEAST.append(torch.compile(lambda w, v: w.copy_(w / torch.sqrt(v)), dynamic=True, fullgraph=True))
+    weights = [model[2].weight, model[4].weight]
+    with torch.no_grad():
+        torch._foreach_norm([p.grad for p in weights])
+        for p, v in zip(weights, ones, strict=True):
+            _LEAST[0](p.view(-1), v)
+    if p.is_cuda:
+        torch.cuda.synchronize()
+
+
 def cuda_peak(model, opt, x, y) -> int:
     """On CUDA: the allocator's peak during one step beyond what was allocated before it."""
     torch.cuda.synchronize()
@@ -157,7 +178,7 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device == "cuda" else f"threads {torch.get_num_threads()}"
     print(f"torch {torch.__version__}, {device} ({where}), batch 8, medians of {rounds} interleaved rounds, "
           f"{args.target_form} target")
-    print("selected   optimizer  none ms  l1/none  target/none  target/l1  read/l1  peak MB: none / l1 / target")
+    print("selected   optimizer  none ms  l1/none  floor/none  target/none  target/l1  read/l1  peak MB: none / l1 / target")
     x, y = torch.randn(8, 64, device=device), torch.randint(0, 10, (8,), device=device)
     for size in sizes:
         selected = int(size * 1e6)
@@ -166,7 +187,10 @@ def main() -> None:
             runs = {v: build(v, selected, optimizer, rounds * args.steps_per_round + 2, device) for v in variants}
             for model, opt in runs.values():
                 step(model, opt, x, y)  # the optimizer's state, the plan
-            times = {v: [] for v in (*variants, "read")}
+            times = {v: [] for v in (*variants, "read", "least")}
+            ones = [torch.ones(n, device=device) for n in (runs["l1"][0][2].weight.numel(), runs["l1"][0][4].weight.numel())]
+            if optimizer == "AdamW":
+                least_pass(*runs["none"], ones)  # compiles
             for _ in range(rounds):
                 for v, (model, opt) in runs.items():
                     started = time.perf_counter()
@@ -176,7 +200,12 @@ def main() -> None:
                 started = time.perf_counter()
                 read_pass(*runs["l1"])
                 times["read"].append(time.perf_counter() - started)
-            median = {v: statistics.median(t) for v, t in times.items()}
+                if optimizer == "AdamW":
+                    started = time.perf_counter()
+                    least_pass(*runs["none"], ones)
+                    times["least"].append(time.perf_counter() - started)
+            del ones
+            median = {v: statistics.median(t) for v, t in times.items() if t}
             if device == "cuda":
                 peaks = {v: cuda_peak(*runs[v], x, y) for v in variants}
                 del runs
@@ -185,9 +214,10 @@ def main() -> None:
                 peaks = {v: peak_bytes(v, selected, optimizer) for v in variants}
             median.setdefault("target", float("nan"))
             peaks.setdefault("target", None)
+            floor = "-" if not times["least"] else f"{1 + median['least'] / median['none']:.2f}"
             peak = " / ".join("-" if b is None else f"{b / 2**20:.1f}" for b in peaks.values())
             print(f"{selected / 1e6:7.2f}M  {optimizer:9s}  {median['none'] * 1e3:7.1f}  {median['l1'] / median['none']:7.2f}  "
-                  f"{median['target'] / median['none']:11.2f}  {median['target'] / median['l1']:9.2f}  "
+                  f"{floor:>10s}  {median['target'] / median['none']:11.2f}  {median['target'] / median['l1']:9.2f}  "
                   f"{median['read'] / median['l1']:7.3f}  {peak}", flush=True)
     if args.gpt:
         gpt_step(rounds, args.steps_per_round, tiny=args.tiny, device=device)

@@ -162,12 +162,13 @@ def test_fused_critical_strengths_are_the_eager_ones_to_a_few_ulp(dtype, regular
     assert fused.critical_blocks(opt, group, paramreg.GroupLasso(1.0), weights[0], states[0], 1e-3, None) is None
 
 
-def _count_calls(monkeypatch):
+def _count_calls(monkeypatch, every=False):
+    """The sizes of the tensors the L1 and group-lasso kernels map (``every``: of every kernel's call)."""
     calls = []
     original = fused._call
 
     def counting(name, w, *rest):
-        if name in ("l1", "group_first"):
+        if every or name in ("l1", "group_first"):
             calls.append(w.numel())
         return original(name, w, *rest)
 
@@ -236,17 +237,51 @@ def test_no_step_recompiles(monkeypatch):
     _train(wider, torch.optim.AdamW(wider.parameters()), 3)
     assert counters["stats"]["unique_graphs"] == graphs
     assert isinstance(fused.compile_seconds[("l1", torch.float32, "cpu")], float)
-    monkeypatch.setattr(fused, "CRITICAL_BLOCK", 150)  # blocks of 150 and 100 in the 600 weights, 200 and 30 whole
-    for form in ({}, {"l1": True}):  # the targets' kernels: critical strengths in blocks, the map with given floors
-        paramreg.remove(model)
-        paramreg.attach(model, "*.weight", sparsity=0.5, sparsity_steps=6, **form)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        _train(model, opt, 1)
-        graphs = counters["stats"]["unique_graphs"]
-        _train(model, opt, 4)
-        assert counters["stats"]["unique_graphs"] == graphs, form
-    for name in ("l0_critical", "l0_at", "l1_critical", "l1_at"):
-        assert isinstance(fused.compile_seconds[(name, torch.float32, "cpu")], float), name
+
+
+class _Mixed(nn.Module):
+    """Weights of 4, 2 and 1 dims, square and not, the first larger than the second and smaller
+    than the third (so the critical strengths' buffer grows in the first step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3)  # 432 weights
+        self.square = nn.Linear(16, 16)  # 256
+        self.wide = nn.Linear(16, 40)  # 640
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 40))  # 40, one dim
+
+    def forward(self, x):
+        return self.wide(self.square(self.conv(x).mean((2, 3))).relu()) * self.scale
+
+
+def _train_mixed(model, opt, steps):
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("keywords", [{"sparsity": 0.5, "sparsity_steps": 8}, {"sparsity": 0.5, "sparsity_steps": 8, "l1": True},
+                                      {"l1": 1e-3}, {"l0": 1e-6}, {"group_lasso": 1e-3}], ids=repr)
+def test_no_step_recompiles_over_weights_of_every_shape(keywords, monkeypatch):
+    """Weights of 1, 2 and 4 dims, square and not, through every kernel: the first step compiles
+    what it needs, no later step compiles anything (the kernels take flat aliases, not views whose
+    bases Dynamo would guard on)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(fused, "min_numel", 2)
+    monkeypatch.setattr(fused, "CRITICAL_BLOCK", 300)  # blocks of 216, 256 and 320: a block per size
+    model = _Mixed()
+    selected = "*.weight" if "group_lasso" in keywords else ["conv.weight", "square.weight", "wide.weight", "scale"]
+    paramreg.attach(model, selected, **keywords)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    calls = _count_calls(monkeypatch, every=True)
+    _train_mixed(model, opt, 1)
+    graphs = counters["stats"]["unique_graphs"]
+    _train_mixed(model, opt, 5)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert len(calls) >= 6 * (3 if "group_lasso" in keywords else 4)  # every tensor took a fused kernel in every step
 
 
 def test_a_kernel_that_cannot_compile_warns_once_and_the_eager_map_runs(monkeypatch):
@@ -255,7 +290,7 @@ def test_a_kernel_that_cannot_compile_warns_once_and_the_eager_map_runs(monkeypa
 
     monkeypatch.setattr(fused, "min_numel", 2)
     monkeypatch.setattr(fused, "compile_seconds", {})
-    monkeypatch.setattr(fused, "_compiled", {"l1": broken})
+    monkeypatch.setattr(fused, "_compiled", {("l1", torch.float32, "cpu"): broken})
     model, reference = nn.Sequential(nn.Linear(6, 5)), nn.Sequential(nn.Linear(6, 5))
     reference.load_state_dict(model.state_dict())
     paramreg.attach(model, "0.weight", l1=1e-2)
@@ -325,3 +360,80 @@ def test_a_target_through_the_fused_map_zeroes_exactly_what_the_eager_map_zeroes
     assert fused.compile_seconds.get((f"{kind}_at", torch.float32, "cpu"))  # the fused map ran
     assert fused.compile_seconds.get((f"{kind}_critical", torch.float32, "cpu"))  # and the critical strengths
     assert min(through_fused) >= 0 and through_fused == eager
+
+
+def _target_run(monkeypatch, enabled, form, allocation, broken_after=None):
+    """Per step, the weights of a small CNN under an AdamW target (fused maps ``enabled`` or not);
+    ``broken_after``: from that step on, every compiled kernel raises (a shape past Dynamo's
+    recompile limit), so that each later call runs its formula eagerly."""
+    monkeypatch.setattr(fused, "enabled", enabled)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+    paramreg.attach(model, "*.weight", sparsity=0.9, sparsity_steps=5, allocation=allocation, **form)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=allocation == "uniform")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+    out = []
+    for k in range(6):
+        if k == broken_after:
+            def broken(*args):
+                raise RuntimeError("recompile limit")
+            for key in list(fused._compiled):
+                monkeypatch.setitem(fused._compiled, key, broken)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        out.append([p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")])
+    return out
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("form", [{}, {"l1": True}], ids=["l0", "l1"])
+@pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "passes"])
+def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(form, allocation, gathered, monkeypatch):
+    """The compiled critical strengths in several blocks per tensor (blocks of 300 over 432 to
+    2,304 weights), through both selections (one gathered partition; the histogram passes with
+    their bracket counts) and both allocations: every step's zero set is the eager path's,
+    exactly (they differ only in the sqrt's last bit, far inside 2^-18)."""
+    from paramreg.optim import targets
+
+    monkeypatch.setattr(fused, "min_numel", 2)
+    monkeypatch.setattr(fused, "CRITICAL_BLOCK", 300)
+    if not gathered:
+        monkeypatch.setattr(targets, "GATHERED", 0)
+    calls = _count_calls(monkeypatch, every=True)
+    through_fused = _target_run(monkeypatch, True, form, allocation)
+    assert len(calls) > 6 * 4
+    eager = _target_run(monkeypatch, False, form, allocation)
+    for step_fused, step_eager in zip(through_fused, eager, strict=True):
+        assert all(torch.equal(a == 0, b == 0) for a, b in zip(step_fused, step_eager, strict=True))
+    assert sum(int((w == 0).sum()) for w in eager[-1]) >= 0.9 * sum(w.numel() for w in eager[-1])
+
+
+def test_a_later_call_that_cannot_compile_runs_the_formula_eagerly(monkeypatch):
+    """A call past the first that Dynamo refuses (a new shape past its recompile limit) runs the
+    kernel's formula eagerly, with one warning per kernel, and the target zeroes what the eager
+    path zeroes."""
+    monkeypatch.setattr(fused, "min_numel", 2)
+    monkeypatch.setattr(fused, "CRITICAL_BLOCK", 300)
+    monkeypatch.setattr(fused, "_eager_calls", set())
+    with pytest.warns(UserWarning, match="could not be compiled for a new shape .*recompile limit") as caught:
+        broken = _target_run(monkeypatch, True, {}, "global", broken_after=2)
+    assert len({str(w.message).split(" for ")[0] for w in caught if "new shape" in str(w.message)}) == len(fused._eager_calls) == 2
+    eager = _target_run(monkeypatch, False, {}, "global")
+    for step_broken, step_eager in zip(broken, eager, strict=True):
+        assert all(torch.equal(a == 0, b == 0) for a, b in zip(step_broken, step_eager, strict=True))
+
+
+@pytest.mark.parametrize("regularizer", [paramreg.L1(3e-3), paramreg.L0(1e-9), paramreg.GroupLasso(1e-3)], ids=repr)
+def test_the_fused_map_advances_the_weights_version_counter(regularizer, monkeypatch):
+    """The kernels write through an alias of the weight's storage (``_flat``), which has a version
+    counter of its own: the weight's is advanced, so autograd still sees the in-place change."""
+    monkeypatch.setattr(fused, "min_numel", 2)
+    model, opt = _adam_state(torch.float32)
+    w = model[0].weight
+    version = w._version
+    with torch.no_grad():
+        assert fused.map_(opt, opt.param_groups[0], regularizer, [w], [opt.state[w]], 1e-3, 1.0) == []
+    assert w._version > version

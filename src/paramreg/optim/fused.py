@@ -17,10 +17,15 @@ Note [Fused map]
     evaluation, rarely needed), recomputing the steps from v in each loop instead of keeping them:
     about 4 passes over w and v where the eager solve takes about 20.
 
-    Each kernel is compiled once per dtype and device: the tensors are passed flat (rows for the
-    group lasso) with dynamic sizes, and every number that moves between steps (lr, the step
-    count, the strength) travels in a small tensor, so no step recompiles (tests/test_fused.py
-    counts the graphs).
+    Each kernel is compiled once per dtype and device, into its own compiled function: the
+    tensors are passed flat (rows for the group lasso) with dynamic sizes, as aliases of their
+    storage rather than views (``_flat``: Dynamo guards on a view's base, its dims, strides and
+    sizes equal to others, so views of a square weight, a conv weight and a vector compiled a
+    graph each), and every number that moves between steps (lr, the step count, the strength)
+    travels in a small tensor, so no step after the first recompiles, whatever the weights'
+    shapes (tests/test_fused.py counts the graphs). A call that Dynamo still refuses after the
+    first (a new shape past its recompile limit) runs the kernel's formula eagerly, with a
+    warning once per kernel, rather than failing the optimizer's step.
 
     Where it runs (the rule): ``enabled`` (default True), a plain contiguous tensor on a device
     in ``devices`` (default the CPU, where it was measured faster; the first call compiles, which
@@ -101,7 +106,8 @@ compile_seconds: dict[tuple, float | None] = {}
 
 _ADAM = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam)
 _lock = threading.Lock()
-_compiled: dict = {}  # kernel name -> its torch.compile'd function
+_compiled: dict = {}  # (kernel, dtype, device type) -> its torch.compile'd function
+_eager_calls: set = set()  # (kernel, dtype, device type) whose later calls fell back to the formula, eagerly
 
 
 def _kernel(w: Tensor, v: Tensor, g: Tensor, c: Tensor) -> None:
@@ -214,24 +220,46 @@ def _fits(p: Tensor, v, name: str) -> bool:
 _NOT_COMPILED = object()
 
 
+def _flat(t: Tensor, shape: tuple[int, ...] | None = None, start: int = 0) -> Tensor:
+    """A contiguous tensor of ``shape`` (default: all of t, flat) over t's storage from element
+    ``start`` of t on, that is not a view: Dynamo guards on a view's base (its dims, strides, and
+    sizes that equal other sizes), so views of differently shaped weights would each compile a
+    graph; this alias is guarded on its own sizes, which are dynamic. Writes through it do not
+    advance t's version counter: a caller that writes advances it."""
+    shape = (t.numel() - start,) if shape is None else shape
+    strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset() + start, shape, strides)
+
+
 def _call(name: str, *args: Tensor):
     """The compiled kernel ``name`` on ``args`` (the first: the tensor it maps); its result, or
-    ``_NOT_COMPILED`` (and a warning, once per kernel, dtype and device) if it cannot be compiled."""
+    ``_NOT_COMPILED`` (and a warning, once per kernel, dtype and device) if its first call cannot
+    be compiled. A later call that cannot be (a shape past Dynamo's recompile limit) runs the same
+    formula eagerly, with a warning once per kernel, dtype and device."""
     key = (name, args[0].dtype, args[0].device.type)
     if key in compile_seconds:
-        return _compiled[name](*args)
+        try:
+            return _compiled[key](*args)
+        except Exception as e:
+            if key not in _eager_calls:
+                _eager_calls.add(key)
+                warnings.warn(f"paramreg: the fused kernel {name} for {key[1]} on {key[2]} could not be compiled for a new "
+                              f"shape ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); those calls run its "
+                              f"formula eagerly.", stacklevel=5)
+            return _KERNELS[name](*args)
     with _lock:  # the first call per kernel, dtype and device compiles; one thread at a time
         if key in compile_seconds:
             return _call(name, *args)
-        if name not in _compiled:
-            _compiled[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
+        if key not in _compiled:
+            _compiled[key] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
         started = time.perf_counter()
         try:
-            out = _compiled[name](*args)
-        except Exception as e:  # no C++ compiler, a backend that refuses: the eager map it is
+            out = _compiled[key](*args)
+        except Exception as e:  # no C++ compiler, a backend that refuses: the eager path it is
             compile_seconds[key] = None
-            warnings.warn(f"paramreg: the fused prox could not be compiled for {key[1]} on {key[2]} ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); the eager map runs instead. Set "
+            what = "critical strengths" if name.endswith("_critical") else "prox"
+            warnings.warn(f"paramreg: the fused {what} could not be compiled for {key[1]} on {key[2]} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); the eager path runs instead. Set "
                           f"paramreg.optim.fused.enabled = False to choose it explicitly.", stacklevel=5)
             return _NOT_COMPILED
         compile_seconds[key] = time.perf_counter() - started
@@ -240,8 +268,10 @@ def _call(name: str, *args: Tensor):
 
 def _group_lasso_(p: Tensor, v: Tensor, c: Tensor) -> bool:
     """The group lasso over the rows of p (Note [Fused map]); False if it cannot be compiled."""
-    w, v = p.detach().view(p.shape[0], -1), v.view(p.shape[0], -1)
-    out = _call("group_first", w, v, p.grad.view(-1), c)
+    rows = (p.shape[0], p.numel() // p.shape[0])
+    w, v = _flat(p, rows), _flat(v, rows)
+    torch.autograd.graph.increment_version(p)  # written through an alias (_flat)
+    out = _call("group_first", w, v, _flat(p.grad), c)
     if out is _NOT_COMPILED:
         return False
     floor, norm, r, done = out
@@ -269,7 +299,7 @@ def map_(optimizer, group: dict, regularizer, tensors: list[Tensor], states: lis
     if elementwise is not None and elementwise[1:] == (0.0, 0.0) and type(regularizer) is not ElasticNet:
         return []  # L1(0) and L0(0) are the identity, as in the eager maps
     cls, key = step_sizes.resolve(optimizer), step_sizes.adam_key(group)
-    name = "group_first" if grouped else elementwise[0] if floors is None else elementwise[0] + "_at"
+    name = "group_first" if grouped else elementwise[0] if floors is None and ratio else elementwise[0] + "_at"
     left = []
     for i, (p, state) in enumerate(zip(tensors, states, strict=True)):
         v = state.get(key)
@@ -285,10 +315,13 @@ def map_(optimizer, group: dict, regularizer, tensors: list[Tensor], states: lis
             done = _group_lasso_(p, v, c)
         else:
             c = torch.tensor([scale, shift, *elementwise[1:], factor], dtype=p.dtype, device=p.device)
-            if floors is None:
-                done = _call(name, p.detach().view(-1), v.view(-1), p.grad.view(-1), c) is not _NOT_COMPILED
+            if name.endswith("_at"):  # a target's floor, or none: the metric_floor is 0
+                floor = floors[i].to(p.dtype) if floors is not None else torch.zeros((), dtype=p.dtype, device=p.device)
+                done = _call(name, _flat(p), _flat(v), floor, c) is not _NOT_COMPILED
             else:
-                done = _call(name, p.detach().view(-1), v.view(-1), floors[i].to(p.dtype), c) is not _NOT_COMPILED
+                done = _call(name, _flat(p), _flat(v), _flat(p.grad), c) is not _NOT_COMPILED
+            if done:
+                torch.autograd.graph.increment_version(p)  # written through an alias (_flat)
         if not done:
             left.append(i)
     return left
@@ -316,8 +349,7 @@ def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict,
     scale, shift = step_sizes.adam_scalars(group, float(state["step"]), lr)
     c = torch.tensor([scale, shift], dtype=p.dtype, device=p.device)
     floor = torch.zeros((), dtype=p.dtype, device=p.device) if floor is None else floor.to(p.dtype)
-    w, v = p.detach().view(-1), v.view(-1)
-    n = w.numel()
+    n = p.numel()
     blocks = -(-n // CRITICAL_BLOCK)
     size = -(-n // blocks)  # equal blocks (the last at most `blocks` elements shorter)
     key = (p.dtype, p.device)
@@ -325,14 +357,14 @@ def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict,
     if key not in buffers or buffers[key].numel() < size:
         buffers[key] = torch.empty(size, dtype=p.dtype, device=p.device)
     out = buffers[key]
-    if _call(name, out[:size], w[:size], v[:size], floor, c) is _NOT_COMPILED:
+    if _call(name, _flat(out, (size,)), _flat(p, (size,)), _flat(v, (size,)), floor, c) is _NOT_COMPILED:
         return None
-    return _critical_blocks(name, out, w, v, floor, c, size)
+    return _critical_blocks(name, out, p, v, floor, c, size)
 
 
 def _critical_blocks(name: str, out: Tensor, w: Tensor, v: Tensor, floor: Tensor, c: Tensor, size: int) -> Iterator[Tensor]:
     yield out[:size]  # the first block, computed by critical_blocks
     for start in range(size, w.numel(), size):
-        end = min(w.numel(), start + size)
-        _call(name, out[: end - start], w[start:end], v[start:end], floor, c)
-        yield out[: end - start]
+        n = min(size, w.numel() - start)
+        _call(name, _flat(out, (n,)), _flat(w, (n,), start), _flat(v, (n,), start), floor, c)
+        yield out[:n]
