@@ -19,8 +19,12 @@ a plain tensor), the last weight sharded unevenly.
 KIND "fsdp-classes": L1 attached before ``fully_shard``, DCP's ``get_state_dict`` in the middle of
 training, more steps, then ``paramreg.remove``; each rank writes the class of every Linear at each
 of those points, and that a forward ran after each, to OUTDIR/fsdp-classes-rank<r>.json.
-KIND "ddp-target": "ddp" with a sparsity target over every weight; "zero-target": "zero" with one,
-which paramreg refuses (each rank writes the message to OUTDIR/zero-target-error-rank<r>.txt).
+KIND "ddp-target": "ddp" with a sparsity target over every weight; "zero-target": "zero" with one
+(each rank steps the weights it owns: rank 0 "2.weight", rank 1 the other two); "zero-target-one":
+"zero" with a target over "2.weight" alone, which rank 1 does not own, that keeps its zeros after
+a 3-step ramp; "zero-target-coupled": "zero" with a target over channels coupled across the first
+two layers (``attach_channels``), which paramreg refuses (each rank writes the message to
+OUTDIR/zero-target-coupled-error-rank<r>.txt).
 KIND "fsdp-targets": every case of TARGET_CASES (l0, rows, columns) at both WIDTHS in turn, each
 step's collectives and their bytes to OUTDIR/fsdp-<case>-comms-rank<r>.json.
 KIND "fsdp-dcp": the DCP round trips of DCP_CASES, to OUTDIR/fsdp-dcp-<i>-rank0.pt.
@@ -56,6 +60,8 @@ REGULARIZERS = {
     # every rank steps and selects over its whole replica (DDP), or over the tensors it owns (ZeRO)
     "ddp-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
     "zero-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
+    "zero-target-one": [("2.weight", {"sparsity": 0.6, "sparsity_steps": 3, "keep_zeros": True})],
+    "zero-target-coupled": [],  # attach_channels in build()
     # the last layer's 5 rows shard unevenly over 2 ranks (3 + 2)
     "fsdp-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
     "fsdp-keep-zeros": [("*.weight", {"keep_zeros": True})],  # attached before fully_shard: a plain mask
@@ -85,6 +91,8 @@ def build(kind):
                 layer.weight.view(-1)[::3] = 0.0
     for targets, keywords in REGULARIZERS[kind]:
         paramreg.attach(model, targets, **keywords)
+    if kind == "zero-target-coupled":
+        paramreg.attach_channels(model, "0.weight", example_inputs=torch.randn(2, 8), sparsity=0.5, sparsity_steps=4)
     return model
 
 
@@ -136,7 +144,7 @@ def worker(rank, kind, out):
         if kind == "fsdp-target":
             train(wrapped, opt, rank, range(STEPS - 1))
             counted_step(wrapped, opt, rank, out)
-        elif kind == "zero-target":  # refused at the first step, on every rank alike
+        elif kind == "zero-target-coupled":  # refused at the first step, on every rank alike
             try:
                 train(wrapped, opt, rank, range(STEPS))
             except paramreg.ParamregError as e:

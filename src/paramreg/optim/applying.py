@@ -11,6 +11,7 @@ Note [Step size]
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,14 +22,39 @@ from . import fused, step_sizes
 from .state import fill_of, schedule_value
 from .plans import Bucket
 
-__all__ = ["run", "BLOCK", "local_part"]
+__all__ = ["run", "Partition", "BLOCK", "local_part"]
 
 
-def run(optimizer, plan: list) -> None:
+class Partition(NamedTuple):
+    """The sparsity targets of a ``ZeroRedundancyOptimizer``'s inner optimizer.
+
+    Note [Targets across ZeRO's ranks]
+        ``ZeroRedundancyOptimizer`` gives each parameter to one rank, whose inner optimizer alone
+        steps it (then the outer one broadcasts it), so each rank's post-step hook sees only the
+        tensors it owns, and a rank may own none of a target's. A target still selects over all
+        of its tensors: every rank takes part in the selection of every target over the outer
+        optimizer's parameters, in the order of the outer parameter groups (the same on every
+        rank), with a unit per tensor on every rank. A rank computes the critical strengths of
+        the tensors it stepped and counts nothing for the others; the counts are summed over the
+        ranks as over DTensor shards (Note [Exact selection] in optim/order_statistic.py). Two
+        small collectives come first: the largest step count (a rank that owns none of a
+        target's tensors has no count of its own) and, per unit, its number of groups where its
+        owner stepped it (a tensor in a group whose lr is 0, or without a gradient, takes no
+        part, as in one process). Then each rank maps what it owns with the strengths found, and
+        the outer optimizer's broadcast brings the zeros to every rank: the same zero set as one
+        process (``tests/test_training_setups.py``). A target that couples its tensors is refused.
+    """
+
+    group: object  # the outer optimizer's process group
+    targets: list  # (target, [(parameter, carrier)] of its tensors over every rank)
+
+
+def run(optimizer, plan: list, partition: Partition | None = None) -> None:
     """After a step of ``optimizer``: the proximal maps of its plan over every tensor the step
     updated (a parameter whose ``.grad`` is None was not updated: Note [Step size]), advancing
     the step counts of counted tensors, then each sparsity target's maps (Note [Target sparsity]
-    in optim/targets.py)."""
+    in optim/targets.py), over every rank's tensors under ``partition`` (Note [Targets across
+    ZeRO's ranks])."""
     filling = step_sizes.resolve(optimizer) in step_sizes.FILLING
     targeted: dict[int, tuple] = {}  # id(target) -> (target, [(bucket, tensors, lr, group, fill)])
     with torch.no_grad():
@@ -65,8 +91,12 @@ def run(optimizer, plan: list) -> None:
                         due.setdefault(scale, []).append(p)
                 for scale, tensors in due.items():
                     _apply(bucket, tensors, lr * scale * every, optimizer, group, fill)
-        for target, work in targeted.values():
-            _apply_target(target, work, optimizer)
+        if partition is None:
+            for target, work in targeted.values():
+                _apply_target(target, work, optimizer)
+            return
+        for target, everything in partition.targets:  # every rank, every target, in one order
+            _apply_target(target, targeted.get(id(target), (target, []))[1], optimizer, partition.group, everything)
 
 
 def _inverse(bucket: Bucket, tensors: list[Tensor], t: float, optimizer, group, fill: float | None, states=None, floors=None):
@@ -144,21 +174,27 @@ def _memory(carrier, p: Tensor) -> Tensor:
 BOUNDARY = 2.0**-18
 
 
-def _apply_target(target, work: list[tuple], optimizer) -> None:
+def _apply_target(target, work: list[tuple], optimizer, group=None, everything: list | None = None) -> None:
     """The proximal maps of one sparsity target over everything the step updated, with the strength
     calibrated on this step's iterate (Note [Target sparsity] in optim/targets.py). A group whose
-    lr is 0 takes no part: its map is the identity, and the step moved none of its tensors."""
+    lr is 0 takes no part: its map is the identity, and the step moved none of its tensors.
+    ``everything``: the target's tensors over every rank of the process ``group``, of which
+    ``work`` holds those this rank stepped (Note [Targets across ZeRO's ranks])."""
     work = [item for item in work if item[2] != 0.0]
-    if not work:
+    if not work and everything is None:
         return
     carriers = {id(p): c for bucket, *_ in work for p, c in zip(bucket.params, bucket.carriers, strict=True)}
     stepped = [p for _, tensors, *_ in work for p in tensors]
-    k = max(carriers[id(p)].calls for p in stepped)
+    k = max((carriers[id(p)].calls for p in stepped), default=0)
+    if everything is not None:
+        k = _largest_over_ranks(k, group, everything[0][0].device)
+        if not k:  # no rank stepped a tensor of this target
+            return
     if target.holds(k):  # after the ramp: its zeros kept (Note [Ramp, then keep the zeros] in optim/targets.py)
         for p in stepped:
             p.masked_fill_(_memory(carriers[id(p)], p), 0)
         return
-    criticals = _Criticals(work, optimizer)
+    criticals = _Criticals(work, optimizer, group, everything)
     strengths = target.calibrate(criticals, k)
     for w, (bucket, tensors, lr, group, fill, floors) in enumerate(criticals.work):
         by_strength: dict[float, list[int]] = {}  # strength -> indices into tensors, mapped at once
@@ -201,20 +237,24 @@ class _Criticals:
     A unit is one tensor, or the tensors of a bucket whose map couples them (``attach_channels``).
     """
 
-    def __init__(self, work: list[tuple], optimizer):
+    def __init__(self, work: list[tuple], optimizer, process_group=None, everything: list | None = None):
         self.optimizer = optimizer
         self.work = []  # (bucket, tensors, lr, group, fill, floors)
-        self.units: list[tuple[int, list[int]]] = []  # (index into work, indices into its tensors)
+        self.units: list[tuple[int | None, list[int]]] = []  # (index into work or None: another rank's, indices into its tensors)
         self.of_work: list[list[int]] = []
         self.sizes: list[int] = []
         self.reduce = None
-        self.device = work[0][1][0].device
-        for w, (bucket, tensors, lr, group, fill) in enumerate(work):
+        self.device = work[0][1][0].device if work else everything[0][0].device
+        for bucket, tensors, lr, group, fill in work:
             floors = None
             if bucket.policy == "adaptive":
                 states = [optimizer.state[p] for p in tensors]
                 floors = step_sizes.floors(optimizer, group, tensors, states, bucket.metric_floor)
             self.work.append((bucket, tensors, lr, group, fill, floors))
+        if everything is not None:
+            self._partitioned(everything, process_group)
+            return
+        for w, (bucket, tensors, *_) in enumerate(work):
             regularizer = bucket.regularizer
             meta = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in tensors]
             sizes = [c.numel() for c in regularizer.critical(meta, meta)]  # only their sizes
@@ -229,6 +269,29 @@ class _Criticals:
                 if type(p) is not Tensor and hasattr(p, "device_mesh") and self.reduce is None:
                     self.reduce = _reducer(p.device_mesh.get_group())
 
+    def _partitioned(self, everything: list, process_group) -> None:
+        """A unit per tensor of ``everything`` (every rank's), its size summed over the ranks from
+        the rank that stepped it (Note [Targets across ZeRO's ranks])."""
+        import torch.distributed as dist
+
+        where = {id(p): (w, i) for w, (_, tensors, *_) in enumerate(self.work) for i, p in enumerate(tensors)}
+        self.of_work = [[] for _ in self.work]
+        local = []
+        for p, carrier in everything:
+            w, i = where.get(id(p), (None, None))
+            if w is None:
+                self.units.append((None, []))
+                local.append(0)
+                continue
+            self.of_work[w].append(len(self.units))
+            self.units.append((w, [i]))
+            meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+            local.append(carrier.regularizer.critical([meta], [meta])[0].numel())
+        sizes = torch.tensor(local, dtype=torch.int64, device=self.device)
+        dist.all_reduce(sizes, group=process_group)
+        self.sizes = sizes.tolist()
+        self.reduce = _reducer(process_group)
+
     def chunks(self, units=None, limits=None):
         """(unit, this rank's critical strengths of some of its groups) for every group of ``units``
         (default all), in blocks on the CPU; a unit in ``limits`` has its values above its limit as
@@ -236,7 +299,8 @@ class _Criticals:
         chosen = range(len(self.units)) if units is None else units
         by_work: dict[int, list[int]] = {}
         for u in chosen:
-            by_work.setdefault(self.units[u][0], []).append(u)
+            if self.units[u][0] is not None:  # None: another rank's tensor
+                by_work.setdefault(self.units[u][0], []).append(u)
         for w, us in by_work.items():
             bucket, tensors, lr, group, fill, floors = self.work[w]
             indices = [i for u in us for i in self.units[u][1]]
@@ -288,6 +352,14 @@ class _Criticals:
                 continue
             for j, values in zip(js, found, strict=True):
                 yield [indices[j]], values
+
+
+def _largest_over_ranks(k: int, group, device) -> int:
+    import torch.distributed as dist
+
+    found = torch.tensor([k], dtype=torch.int64, device=device)
+    dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
+    return int(found)
 
 
 def _reducer(group):

@@ -73,30 +73,40 @@ def _after_step(optimizer, args, kwargs) -> None:
         by_param = state.carriers_by_param()
         state.restore_counts(optimizer, by_param)  # a loaded state_dict's counts (Note [Resume] in optim/state.py)
         found.plan, guessed = plans.build(optimizer, by_param)
-        _refuse_partitioned_targets(optimizer, found.plan)
+        found.partition = _partition(optimizer, by_param)
         found.signature = signature
         if guessed:
             plans.warn_unknown(optimizer, guessed)
         if found.plan:
             state.save_with(optimizer)
-    if found.plan:
-        applying.run(optimizer, found.plan)
+    if found.plan or found.partition:
+        applying.run(optimizer, found.plan or [], found.partition)
 
 
-def _refuse_partitioned_targets(optimizer, plan: list) -> None:
-    """A sparsity target stepped by the inner optimizer of a ``ZeroRedundancyOptimizer`` over more than
-    one rank is refused: each rank steps, and so would select over, only the tensors it owns, so the
-    zero set would be a budget per rank, not the target's (DDP and FSDP2 select over every tensor)."""
+def _partition(optimizer, by_param: dict) -> applying.Partition | None:
+    """Where ``optimizer`` is the inner optimizer of a ``ZeroRedundancyOptimizer`` over more than one
+    rank: the sparsity targets over the outer optimizer's parameters, each with all its tensors in
+    the order of the outer parameter groups, which every rank holds alike (Note [Targets across
+    ZeRO's ranks] in optim/applying.py); else None. A target whose map couples its tensors
+    (``attach_channels``) is refused: its tensors may lie on different ranks."""
     stack = getattr(_running, "stack", None) or []
     outer = stack[-1][0]() if stack else None
     if type(outer).__name__ != "ZeroRedundancyOptimizer" or getattr(outer, "world_size", 1) <= 1:
-        return
-    if any(bucket.target is not None for _, _, buckets in plan for bucket in buckets):
-        raise ParamregError(
-            f"a sparsity target under ZeroRedundancyOptimizer on {outer.world_size} ranks: each rank steps only the "
-            "tensors it owns, so the target cannot select over all of them; train it with DDP and a plain "
-            "optimizer, or with FSDP2 (fully_shard), where it is exact across ranks"
-        )
+        return None
+    targets: dict[int, tuple] = {}
+    for group in outer.param_groups:
+        for p in group["params"]:
+            c = by_param.get(id(p))
+            if c is None or c.target is None or c.mode != "prox":
+                continue
+            if c.regularizer.joint:
+                raise ParamregError(
+                    f"a sparsity target over coupled tensors ({c.name}) under ZeroRedundancyOptimizer on "
+                    f"{outer.world_size} ranks: its tensors may be stepped on different ranks; train it with DDP "
+                    "and a plain optimizer, or with FSDP2 (fully_shard)"
+                )
+            targets.setdefault(id(c.target), (c.target, []))[1].append((p, c))
+    return applying.Partition(outer.process_group, list(targets.values())) if targets else None
 
 
 def _null_step(optimizer) -> bool:

@@ -74,12 +74,13 @@ FILL_KEY = "paramreg_momentum_fill"  # where a group's momentum fill goes in the
 class OptimizerState:
     """What paramreg keeps of one optimizer."""
 
-    __slots__ = ("fills", "signature", "plan", "saving", "warned", "wrapper")
+    __slots__ = ("fills", "signature", "plan", "partition", "saving", "warned", "wrapper")
 
     def __init__(self):
         self.fills: list[list] | None = None  # SGD and RMSprop: [group, fill] per parameter group (Note [Momentum fill])
         self.signature: tuple | None = None  # what the plan was built for (optim/plans.py)
         self.plan: list | None = None  # per parameter group: (index, group, buckets) (Note [Plans] in optim/plans.py)
+        self.partition = None  # under ZeroRedundancyOptimizer: its targets over every rank (Note [Targets across ZeRO's ranks])
         self.saving = False  # its state_dict() records paramreg's counts and fills (Note [Resume])
         self.warned = False  # warned that paramreg does not know its update (Note [Which optimizers paramreg knows])
         self.wrapper = False  # another optimizer steps inside its step() (Note [Nested steps] in optim/hooks.py)
