@@ -6,8 +6,9 @@ regularization, with ``l1=`` (the default prox) and with a target (``sparsity=0.
 whole run, so that every timed step calibrates), under SGD with momentum and AdamW. Also the
 time of one pass that only reads the selected weights and their optimizer state (``read``: the
 memory floor of each pass of a target's selection), under AdamW the least any map in Adam's
-metric does after the step (``floor``: the unregularized step plus the gradients' norms and one
-compiled w <- w/sqrt(v), as in benchmarks/adaptive_floor.py; the floor under ``l1/none``), and
+metric does after the step (``floor``: the unregularized step, interleaved with the others,
+then the gradients' norms and one compiled w/sqrt(v) into a scratch tensor, as in
+benchmarks/adaptive_floor.py; the floor under ``l1/none``), and
 the most memory resident during one
 step beyond what was resident before it, per variant, each in a
 fresh process (the kernel's high-water mark, reset before the step; on Linux), to see what the
@@ -90,17 +91,18 @@ def read_pass(model, opt) -> None:
 _LEAST = []  # the compiled w <- w/sqrt(v), made on first use
 
 
-def least_pass(model, opt, ones) -> None:
+def least_pass(model, opt, scratch) -> None:
     """The least any map in Adam's metric does after the step (as in benchmarks/adaptive_floor.py):
-    the selected gradients' norms, for the safeguard's floor, then one compiled w <- w/sqrt(v) per
-    selected tensor (one read of g, v and w, one write of w; v = ``ones``, so the weights stay)."""
+    the selected gradients' norms, for the safeguard's floor, then one compiled w/sqrt(v) per
+    selected tensor (one read of g, v and w and one write of a tensor of w's size, a sqrt and a
+    division per weight), written to ``scratch`` so that the weights train on unregularized."""
     if not _LEAST:
-        _LEAST.append(torch.compile(lambda w, v: w.copy_(w / torch.sqrt(v)), dynamic=True, fullgraph=True))
+        _LEAST.append(torch.compile(lambda out, w, v: out.copy_(w / torch.sqrt(v)), dynamic=True, fullgraph=True))
     weights = [model[2].weight, model[4].weight]
     with torch.no_grad():
         torch._foreach_norm([p.grad for p in weights])
-        for p, v in zip(weights, ones, strict=True):
-            _LEAST[0](p.view(-1), v)
+        for p, out in zip(weights, scratch, strict=True):
+            _LEAST[0](out, p.view(-1), opt.state[p]["exp_avg_sq"].view(-1))
     if p.is_cuda:
         torch.cuda.synchronize()
 
@@ -187,24 +189,24 @@ def main() -> None:
             runs = {v: build(v, selected, optimizer, rounds * args.steps_per_round + 2, device) for v in variants}
             for model, opt in runs.values():
                 step(model, opt, x, y)  # the optimizer's state, the plan
-            times = {v: [] for v in (*variants, "read", "least")}
-            ones = [torch.ones(n, device=device) for n in (runs["l1"][0][2].weight.numel(), runs["l1"][0][4].weight.numel())]
-            if optimizer == "AdamW":
-                least_pass(*runs["none"], ones)  # compiles
+            if optimizer == "AdamW":  # the floor: the unregularized step, then the least any map does
+                runs["floor"] = build("none", selected, optimizer, rounds * args.steps_per_round + 2, device)
+                step(*runs["floor"], x, y)
+                scratch = [torch.empty(runs["floor"][0][i].weight.numel(), device=device) for i in (2, 4)]
+                least_pass(*runs["floor"], scratch)  # compiles
+            times = {v: [] for v in (*runs, "read")}
             for _ in range(rounds):
                 for v, (model, opt) in runs.items():
                     started = time.perf_counter()
                     for _ in range(args.steps_per_round):
                         step(model, opt, x, y)
+                        if v == "floor":
+                            least_pass(model, opt, scratch)
                     times[v].append((time.perf_counter() - started) / args.steps_per_round)
                 started = time.perf_counter()
                 read_pass(*runs["l1"])
                 times["read"].append(time.perf_counter() - started)
-                if optimizer == "AdamW":
-                    started = time.perf_counter()
-                    least_pass(*runs["none"], ones)
-                    times["least"].append(time.perf_counter() - started)
-            del ones
+            runs.pop("floor", None)
             median = {v: statistics.median(t) for v, t in times.items() if t}
             if device == "cuda":
                 peaks = {v: cuda_peak(*runs[v], x, y) for v in variants}
@@ -214,7 +216,7 @@ def main() -> None:
                 peaks = {v: peak_bytes(v, selected, optimizer) for v in variants}
             median.setdefault("target", float("nan"))
             peaks.setdefault("target", None)
-            floor = "-" if not times["least"] else f"{1 + median['least'] / median['none']:.2f}"
+            floor = f"{median['floor'] / median['none']:.2f}" if "floor" in median else "-"
             peak = " / ".join("-" if b is None else f"{b / 2**20:.1f}" for b in peaks.values())
             print(f"{selected / 1e6:7.2f}M  {optimizer:9s}  {median['none'] * 1e3:7.1f}  {median['l1'] / median['none']:7.2f}  "
                   f"{floor:>10s}  {median['target'] / median['none']:11.2f}  {median['target'] / median['l1']:9.2f}  "
