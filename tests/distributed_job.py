@@ -23,8 +23,10 @@ KIND "ddp-target": "ddp" with a sparsity target over every weight; "zero-target"
 (each rank steps the weights it owns: rank 0 "2.weight", rank 1 the other two); "zero-target-one":
 "zero" with a target over "2.weight" alone, which rank 1 does not own, that keeps its zeros after
 a 3-step ramp; "zero-target-coupled": "zero" with a target over channels coupled across the first
-two layers (``attach_channels``), which paramreg refuses (each rank writes the message to
-OUTDIR/zero-target-coupled-error-rank<r>.txt).
+two layers (``attach_channels``), which paramreg refuses before the step moves anything (each rank
+writes the message to OUTDIR/zero-target-coupled-error-rank<r>.txt); "zero-target-warmup": "zero-target"
+with a frozen parameter of 1,000 elements, which ZeRO gives to rank 0 alone, and an lr warm-up
+from 0, so that rank 0's first step is a null step while rank 1's is not.
 KIND "fsdp-targets": every case of TARGET_CASES (l0, rows, columns) at both WIDTHS in turn, each
 step's collectives and their bytes to OUTDIR/fsdp-<case>-comms-rank<r>.json.
 KIND "fsdp-dcp": the DCP round trips of DCP_CASES, to OUTDIR/fsdp-dcp-<i>-rank0.pt.
@@ -62,6 +64,7 @@ REGULARIZERS = {
     "zero-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
     "zero-target-one": [("2.weight", {"sparsity": 0.6, "sparsity_steps": 3, "keep_zeros": True})],
     "zero-target-coupled": [],  # attach_channels in build()
+    "zero-target-warmup": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
     # the last layer's 5 rows shard unevenly over 2 ranks (3 + 2)
     "fsdp-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
     "fsdp-keep-zeros": [("*.weight", {"keep_zeros": True})],  # attached before fully_shard: a plain mask
@@ -93,6 +96,8 @@ def build(kind):
         paramreg.attach(model, targets, **keywords)
     if kind == "zero-target-coupled":
         paramreg.attach_channels(model, "0.weight", example_inputs=torch.randn(2, 8), sparsity=0.5, sparsity_steps=4)
+    if kind == "zero-target-warmup":  # the largest parameter, so ZeRO gives rank 0 nothing else
+        model.register_parameter("frozen", nn.Parameter(torch.zeros(1000), requires_grad=False))
     return model
 
 
@@ -139,6 +144,8 @@ def worker(rank, kind, out):
                 from torch.distributed.optim import ZeroRedundancyOptimizer
 
                 opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.01)
+                if kind == "zero-target-warmup":
+                    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 2))  # lr 0 in the first step
             else:
                 opt = optimizer(kind, model.parameters())
         if kind == "fsdp-target":
@@ -150,6 +157,8 @@ def worker(rank, kind, out):
             except paramreg.ParamregError as e:
                 with open(os.path.join(out, f"{kind}-error-rank{rank}.txt"), "w") as f:
                     f.write(str(e))
+        elif kind == "zero-target-warmup":
+            train(wrapped, opt, rank, range(STEPS), warmup)
         else:
             train(wrapped, opt, rank, range(STEPS))
         save(model, kind, rank, out)
@@ -162,12 +171,14 @@ def worker(rank, kind, out):
     dist.destroy_process_group()
 
 
-def train(model, opt, rank, steps):
+def train(model, opt, rank, steps, scheduler=None):
     for step in steps:
         x, y = batch(step, rank)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
 
 
 def counted_step(model, opt, rank, out):

@@ -42,7 +42,12 @@ class Partition(NamedTuple):
         owner stepped it (a tensor in a group whose lr is 0, or without a gradient, takes no
         part, as in one process). Then each rank maps what it owns with the strengths found, and
         the outer optimizer's broadcast brings the zeros to every rank: the same zero set as one
-        process (``tests/test_training_setups.py``). A target that couples its tensors is refused.
+        process (``tests/test_training_setups.py``). A step with every lr 0 (a warm-up's first)
+        selects nothing on any rank: a rank whose own tensors have no gradient then takes a null
+        step and skips the hook (Note [Null steps] in optim/hooks.py), and the others must not
+        wait for it. A target that couples its tensors is refused before the first step moves
+        anything. With ``allocation="uniform"`` each tensor's selection is its own, over every
+        rank as the others: two collectives of the counts per tensor and step.
     """
 
     group: object  # the outer optimizer's process group
@@ -95,6 +100,8 @@ def run(optimizer, plan: list, partition: Partition | None = None) -> None:
             for target, work in targeted.values():
                 _apply_target(target, work, optimizer)
             return
+        if all(float(group.get("lr", 0.0)) == 0.0 for group in optimizer.param_groups):
+            return  # every rank alike (ZeRO copies the lr): a rank whose step is null has skipped the hook (Note [Null steps])
         for target, everything in partition.targets:  # every rank, every target, in one order
             _apply_target(target, targeted.get(id(target), (target, []))[1], optimizer, partition.group, everything)
 
@@ -174,11 +181,11 @@ def _memory(carrier, p: Tensor) -> Tensor:
 BOUNDARY = 2.0**-18
 
 
-def _apply_target(target, work: list[tuple], optimizer, group=None, everything: list | None = None) -> None:
+def _apply_target(target, work: list[tuple], optimizer, process_group=None, everything: list | None = None) -> None:
     """The proximal maps of one sparsity target over everything the step updated, with the strength
     calibrated on this step's iterate (Note [Target sparsity] in optim/targets.py). A group whose
     lr is 0 takes no part: its map is the identity, and the step moved none of its tensors.
-    ``everything``: the target's tensors over every rank of the process ``group``, of which
+    ``everything``: the target's tensors over every rank of ``process_group``, of which
     ``work`` holds those this rank stepped (Note [Targets across ZeRO's ranks])."""
     work = [item for item in work if item[2] != 0.0]
     if not work and everything is None:
@@ -187,14 +194,14 @@ def _apply_target(target, work: list[tuple], optimizer, group=None, everything: 
     stepped = [p for _, tensors, *_ in work for p in tensors]
     k = max((carriers[id(p)].calls for p in stepped), default=0)
     if everything is not None:
-        k = _largest_over_ranks(k, group, everything[0][0].device)
+        k = _largest_over_ranks(k, process_group, everything[0][0].device)
         if not k:  # no rank stepped a tensor of this target
             return
     if target.holds(k):  # after the ramp: its zeros kept (Note [Ramp, then keep the zeros] in optim/targets.py)
         for p in stepped:
             p.masked_fill_(_memory(carriers[id(p)], p), 0)
         return
-    criticals = _Criticals(work, optimizer, group, everything)
+    criticals = _Criticals(work, optimizer, process_group, everything)
     strengths = target.calibrate(criticals, k)
     for w, (bucket, tensors, lr, group, fill, floors) in enumerate(criticals.work):
         by_strength: dict[float, list[int]] = {}  # strength -> indices into tensors, mapped at once

@@ -60,6 +60,7 @@ def _before_step(optimizer, args, kwargs) -> None:
     _enter(optimizer)
     if live_carriers():
         state.save_with(optimizer)  # before any step, also DCP's null one: its state_dict records paramreg's keys
+        _refuse_coupled_targets_across_ranks(optimizer)
     state.advance_fills(optimizer, advance=not _null_step(optimizer))
 
 
@@ -83,29 +84,54 @@ def _after_step(optimizer, args, kwargs) -> None:
         applying.run(optimizer, found.plan or [], found.partition)
 
 
-def _partition(optimizer, by_param: dict) -> applying.Partition | None:
-    """Where ``optimizer`` is the inner optimizer of a ``ZeroRedundancyOptimizer`` over more than one
-    rank: the sparsity targets over the outer optimizer's parameters, each with all its tensors in
-    the order of the outer parameter groups, which every rank holds alike (Note [Targets across
-    ZeRO's ranks] in optim/applying.py); else None. A target whose map couples its tensors
-    (``attach_channels``) is refused: its tensors may lie on different ranks."""
+def _zero_outer(depth: int):
+    """The ``ZeroRedundancyOptimizer`` over more than one rank whose step runs ``depth`` entries
+    below the top of this thread's stack of running steps (Note [Nested steps]), or None."""
     stack = getattr(_running, "stack", None) or []
-    outer = stack[-1][0]() if stack else None
+    outer = stack[-depth][0]() if len(stack) >= depth else None
     if type(outer).__name__ != "ZeroRedundancyOptimizer" or getattr(outer, "world_size", 1) <= 1:
         return None
+    return outer
+
+
+def _targets_of(outer, by_param: dict) -> dict[int, tuple]:
+    """id(target) -> (target, [(parameter, carrier)]) over ``outer``'s parameters, in its groups' order."""
     targets: dict[int, tuple] = {}
     for group in outer.param_groups:
         for p in group["params"]:
             c = by_param.get(id(p))
-            if c is None or c.target is None or c.mode != "prox":
-                continue
-            if c.regularizer.joint:
-                raise ParamregError(
-                    f"a sparsity target over coupled tensors ({c.name}) under ZeroRedundancyOptimizer on "
-                    f"{outer.world_size} ranks: its tensors may be stepped on different ranks; train it with DDP "
-                    "and a plain optimizer, or with FSDP2 (fully_shard)"
-                )
-            targets.setdefault(id(c.target), (c.target, []))[1].append((p, c))
+            if c is not None and c.target is not None and c.mode == "prox":
+                targets.setdefault(id(c.target), (c.target, []))[1].append((p, c))
+    return targets
+
+
+def _refuse_coupled_targets_across_ranks(optimizer) -> None:
+    """Before the inner step of a ``ZeroRedundancyOptimizer`` over several ranks: a sparsity target
+    whose map couples its tensors (``attach_channels``) is refused, on every rank alike and
+    before anything moved, since its tensors may be stepped on different ranks."""
+    outer = _zero_outer(2)  # this optimizer's own step is on top
+    if outer is None:
+        return
+    for _, tensors in _targets_of(outer, state.carriers_by_param()).values():
+        c = tensors[0][1]
+        if c.regularizer.joint:
+            _leave(optimizer)
+            raise ParamregError(
+                f"a sparsity target over coupled tensors ({c.name}) under ZeroRedundancyOptimizer on "
+                f"{outer.world_size} ranks: its tensors may be stepped on different ranks; train it with DDP "
+                "and a plain optimizer, or with FSDP2 (fully_shard)"
+            )
+
+
+def _partition(optimizer, by_param: dict) -> applying.Partition | None:
+    """Where ``optimizer`` is the inner optimizer of a ``ZeroRedundancyOptimizer`` over more than one
+    rank: the sparsity targets over the outer optimizer's parameters, each with all its tensors in
+    the order of the outer parameter groups, which every rank holds alike (Note [Targets across
+    ZeRO's ranks] in optim/applying.py); else None."""
+    outer = _zero_outer(1)  # this optimizer's own step has left the stack
+    if outer is None:
+        return None
+    targets = _targets_of(outer, by_param)
     return applying.Partition(outer.process_group, list(targets.values())) if targets else None
 
 
