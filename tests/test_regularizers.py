@@ -3,6 +3,8 @@
 import math
 
 import numpy as np
+import threading
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -166,3 +168,40 @@ def test_an_l1_penalty_over_many_small_tensors_takes_one_foreach_call_with_the_l
     assert torch.allclose(value.float(), loop, rtol=1e-6, atol=0)
     for w, g in zip(tensors, grads, strict=True):
         assert torch.equal(g, 0.5 * torch.sign(w.detach()).to(g.dtype))
+
+
+def test_an_l1_penalty_over_large_cpu_tensors_passes_through_one_held_buffer(monkeypatch):
+    """Note [Sums of many small tensors]: large CPU tensors (here, with the sizes scaled down, over
+    1,000 elements and 5,000 together) pass abs(w) through one buffer per dtype, kept between
+    calls, in chunks (a non-contiguous one too); the value equals the loop's up to summation
+    order, the gradient exactly (sign(w), 0 at 0); float16 and few small tensors take the loop."""
+    from paramreg.catalogue import elementwise
+
+    monkeypatch.setattr(elementwise, "FOREACH_BELOW", 1000)
+    monkeypatch.setattr(elementwise, "CHUNK", 1000)
+    monkeypatch.setattr(elementwise, "CHUNKED_FROM", 5000)
+    monkeypatch.setattr(elementwise, "_buffers", threading.local())
+    torch.manual_seed(0)
+    large = [torch.randn(3000), torch.randn(60, 70).t(), torch.randn(2500, dtype=torch.float64), torch.randn(2600, dtype=torch.float64)]
+    large[0][:7] = 0.0
+    tensors = [w.requires_grad_() for w in [*large, torch.randn(4, 4).half()]]
+    applied = []
+    real = elementwise._ChunkedAbsSum.apply
+    monkeypatch.setattr(elementwise._ChunkedAbsSum, "apply", lambda *ws: applied.append(len(ws)) or real(*ws))
+    value = paramreg.L1(0.5).penalty_sum(tensors)
+    assert applied == [2, 2]  # float32 and float64, each in one node
+    buffers = dict(elementwise._buffers.by_key)
+    assert {k: b.numel() for k, b in buffers.items()} == {(torch.float32, torch.device("cpu")): 1000, (torch.float64, torch.device("cpu")): 1000}
+    grads = torch.autograd.grad(value, tensors)
+    loop = 0.5 * sum(w.abs().sum().double() for w in tensors)
+    assert torch.allclose(value.double(), loop, rtol=1e-6, atol=0)
+    for w, g in zip(tensors, grads, strict=True):
+        assert torch.equal(g, 0.5 * torch.sign(w.detach()).to(g.dtype))
+    paramreg.L1(0.5).penalty_sum(tensors)
+    assert all(elementwise._buffers.by_key[k] is b for k, b in buffers.items())  # held, not made again
+    applied.clear()
+    paramreg.L1(0.5).penalty_sum(large[:2])  # 7,200 float32 elements in two tensors
+    assert applied == [2]
+    applied.clear()
+    paramreg.L1(0.5).penalty_sum([large[0]])  # under 5,000 elements: the loop
+    assert applied == []
