@@ -26,7 +26,8 @@ a 3-step ramp; "zero-target-coupled": "zero" with a target over channels coupled
 two layers (``attach_channels``), which paramreg refuses before the step moves anything (each rank
 writes the message to OUTDIR/zero-target-coupled-error-rank<r>.txt); "zero-target-warmup": "zero-target"
 with a frozen parameter of 1,000 elements, which ZeRO gives to rank 0 alone, and an lr warm-up
-from 0, so that rank 0's first step is a null step while rank 1's is not.
+from 0, so that rank 0's first step is a null step while rank 1's is not; "zero-target-uniform":
+"zero-target" with ``allocation="uniform"`` (each weight selected by its owner alone).
 KIND "fsdp-targets": every case of TARGET_CASES (l0, rows, columns) at both WIDTHS in turn, each
 step's collectives and their bytes to OUTDIR/fsdp-<case>-comms-rank<r>.json.
 KIND "fsdp-dcp": the DCP round trips of DCP_CASES, to OUTDIR/fsdp-dcp-<i>-rank0.pt.
@@ -65,6 +66,7 @@ REGULARIZERS = {
     "zero-target-one": [("2.weight", {"sparsity": 0.6, "sparsity_steps": 3, "keep_zeros": True})],
     "zero-target-coupled": [],  # attach_channels in build()
     "zero-target-warmup": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
+    "zero-target-uniform": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4, "allocation": "uniform"})],
     # the last layer's 5 rows shard unevenly over 2 ranks (3 + 2)
     "fsdp-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
     "fsdp-keep-zeros": [("*.weight", {"keep_zeros": True})],  # attached before fully_shard: a plain mask

@@ -144,19 +144,24 @@ def test_ddp_sparsity_target_is_exact_on_every_rank_and_matches_one_process(tmp_
         torch.testing.assert_close(ranks[0][key], expected[key], rtol=0, atol=1e-5 * float(expected[key].abs().max()))
 
 
-@pytest.mark.parametrize("kind", ["zero-target", "zero-target-one", "zero-target-warmup"])
+@pytest.mark.parametrize("kind", ["zero-target", "zero-target-one", "zero-target-warmup", "zero-target-uniform"])
 def test_a_sparsity_target_under_zero_redundancy_optimizer_selects_over_every_rank(kind, tmp_path):
     """ZeroRedundancyOptimizer (Adam) steps each weight on the one rank that owns it; the target still
     selects over all of them (Note [Targets across ZeRO's ranks] in optim/applying.py): after the
     ramp every rank holds exactly the budget, the ranks agree bitwise, and the zero set is that of
     the same training in one process. "zero-target-one": a target over one weight that rank 1 does
-    not own, kept after its ramp (rank 1 still takes part in every selection). "zero-target-warmup":
+    not own, kept after its ramp (rank 1 still takes part in every selection). "zero-target-uniform":
+    each weight reaches 60% itself, selected by its owner alone. "zero-target-warmup":
     rank 0 owns only a frozen parameter, and its first step (lr 0) is a null step that skips the
     hook while rank 1's is not: no rank waits for the other (this hung), and the budget is exact."""
     _run_distributed(kind, tmp_path)
     ranks = [torch.load(tmp_path / f"{kind}-rank{r}.pt", weights_only=True) for r in (0, 1)]
     selected = ["2.weight"] if kind == "zero-target-one" else ["0.weight", "2.weight", "4.weight"]
     budget = round(0.6 * sum(ranks[0][k].numel() for k in selected))
+    if kind == "zero-target-uniform":  # each weight its own 60%
+        budget = sum(round(0.6 * ranks[0][k].numel()) for k in selected)
+        for r in ranks:
+            assert all(int((r[k] == 0).sum()) == round(0.6 * r[k].numel()) for k in selected)
     for r in ranks:
         assert int(r.pop("report.zeros").sum()) == budget
         assert sum(int((r[k] == 0).sum()) for k in selected) == budget

@@ -46,8 +46,9 @@ class Partition(NamedTuple):
         selects nothing on any rank: a rank whose own tensors have no gradient then takes a null
         step and skips the hook (Note [Null steps] in optim/hooks.py), and the others must not
         wait for it. A target that couples its tensors is refused before the first step moves
-        anything. With ``allocation="uniform"`` each tensor's selection is its own, over every
-        rank as the others: two collectives of the counts per tensor and step.
+        anything. With ``allocation="uniform"`` each tensor's selection is its owner's alone, with
+        no collective; then one collective of one number gives every rank the largest strength
+        (the one ``report`` shows).
     """
 
     group: object  # the outer optimizer's process group
@@ -251,6 +252,8 @@ class _Criticals:
         self.of_work: list[list[int]] = []
         self.sizes: list[int] = []
         self.reduce = None
+        self.owned: set[int] | None = None
+        self.process_group = process_group
         self.device = work[0][1][0].device if work else everything[0][0].device
         for bucket, tensors, lr, group, fill in work:
             floors = None
@@ -298,6 +301,17 @@ class _Criticals:
         dist.all_reduce(sizes, group=process_group)
         self.sizes = sizes.tolist()
         self.reduce = _reducer(process_group)
+        self.owned = {u for u, (w, _) in enumerate(self.units) if w is not None}
+
+    def largest(self, value: float) -> float:
+        """The largest ``value`` over the ranks under ZeRO (one collective of one number), else ``value``."""
+        if self.owned is None:
+            return value
+        import torch.distributed as dist
+
+        found = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.process_group)
+        return float(found)
 
     def chunks(self, units=None, limits=None):
         """(unit, this rank's critical strengths of some of its groups) for every group of ``units``

@@ -194,12 +194,17 @@ class SparsityTarget:
         """The strength of step ``k`` for each unit of ``criticals`` (a tensor, or a coupled group
         of tensors, that the step updated; Note [Critical strengths on the fly] in optim/applying.py)."""
         self.asked = ramp(self.sparsity, self.steps, k, self.start)
-        if self.allocation == "uniform":
+        if self.allocation == "uniform" and criticals.owned is not None:  # each tensor on its owner alone
+            alone = _Alone(criticals)
+            strengths = [_kth(alone, round(self.asked * n), [u]) if u in criticals.owned else 0.0 for u, n in enumerate(criticals.sizes)]
+        elif self.allocation == "uniform":
             strengths = [_kth(criticals, round(self.asked * n), [u]) for u, n in enumerate(criticals.sizes)]
         else:
             strengths = self._global(criticals)
         finite = [s if math.isfinite(s) else 0.0 for s in strengths]
         self.strength = max(finite, default=0.0)
+        if self.allocation == "uniform" and criticals.owned is not None:
+            self.strength = criticals.largest(self.strength)  # the same on every rank, as report shows it
         return finite
 
     def _global(self, criticals: "Criticals") -> list[float]:
@@ -254,10 +259,24 @@ class Criticals(Protocol):
     reduce: Callable[[Tensor], object] | None
     #: Where the counts live.
     device: torch.device
+    #: Under ZeroRedundancyOptimizer, the units this rank stepped, each on this rank alone (None
+    #: elsewhere: every unit's groups are counted over every rank alike).
+    owned: set[int] | None
 
     def chunks(self, units: Iterable[int] | None = None, limits: dict[int, float] | None = None) -> Iterator[tuple[int, Tensor]]:
         """(unit, this rank's critical strengths of some of its groups) over ``units`` (default all),
         every group once; a unit in ``limits`` has its values above the limit as +inf."""
+
+    def largest(self, value: float) -> float:
+        """The largest ``value`` over the ranks (``value`` in one process)."""
+
+
+class _Alone:
+    """The units of ``criticals`` this rank owns, selected here without a collective (Note
+    [Targets across ZeRO's ranks] in optim/applying.py)."""
+
+    def __init__(self, criticals: Criticals):
+        self.sizes, self.device, self.chunks, self.reduce = criticals.sizes, criticals.device, criticals.chunks, None
 
 
 def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[int] | None = None) -> float:
