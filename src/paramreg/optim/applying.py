@@ -195,7 +195,7 @@ def _apply_target(target, work: list[tuple], optimizer, process_group=None, ever
     stepped = [p for _, tensors, *_ in work for p in tensors]
     k = max((carriers[id(p)].calls for p in stepped), default=0)
     if everything is not None:
-        k = _largest_over_ranks(k, process_group, everything[0][0].device)
+        k = int(_largest_over_ranks(k, process_group, everything[0][0].device))
         if not k:  # no rank stepped a tensor of this target
             return
     if target.holds(k):  # after the ramp: its zeros kept (Note [Ramp, then keep the zeros] in optim/targets.py)
@@ -266,8 +266,7 @@ class _Criticals:
             return
         for w, (bucket, tensors, *_) in enumerate(work):
             regularizer = bucket.regularizer
-            meta = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in tensors]
-            sizes = [c.numel() for c in regularizer.critical(meta, meta)]  # only their sizes
+            sizes = _critical_sizes(regularizer, tensors)
             if len(sizes) == len(tensors):  # a unit per tensor
                 units = [[i] for i in range(len(tensors))]
             else:  # a map that couples its tensors: one unit
@@ -295,8 +294,7 @@ class _Criticals:
                 continue
             self.of_work[w].append(len(self.units))
             self.units.append((w, [i]))
-            meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-            local.append(carrier.regularizer.critical([meta], [meta])[0].numel())
+            local += _critical_sizes(carrier.regularizer, [p])
         sizes = torch.tensor(local, dtype=torch.int64, device=self.device)
         dist.all_reduce(sizes, group=process_group)
         self.sizes = sizes.tolist()
@@ -305,13 +303,7 @@ class _Criticals:
 
     def largest(self, value: float) -> float:
         """The largest ``value`` over the ranks under ZeRO (one collective of one number), else ``value``."""
-        if self.owned is None:
-            return value
-        import torch.distributed as dist
-
-        found = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.process_group)
-        return float(found)
+        return value if self.owned is None else _largest_over_ranks(value, self.process_group, self.device)
 
     def chunks(self, units=None, limits=None):
         """(unit, this rank's critical strengths of some of its groups) for every group of ``units``
@@ -375,12 +367,19 @@ class _Criticals:
                 yield [indices[j]], values
 
 
-def _largest_over_ranks(k: int, group, device) -> int:
+def _critical_sizes(regularizer, tensors: list[Tensor]) -> list[int]:
+    """How many critical strengths ``regularizer`` has for ``tensors`` (taken on meta tensors: no work)."""
+    meta = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in tensors]
+    return [c.numel() for c in regularizer.critical(meta, meta)]
+
+
+def _largest_over_ranks(value: float, group, device) -> float:
+    """The largest ``value`` over the ranks of ``group`` (float64: exact for step counts too)."""
     import torch.distributed as dist
 
-    found = torch.tensor([k], dtype=torch.int64, device=device)
+    found = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
-    return int(found)
+    return float(found)
 
 
 def _reducer(group):

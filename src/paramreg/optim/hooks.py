@@ -108,14 +108,15 @@ def _targets_of(outer, by_param: dict) -> dict[int, tuple]:
 def _refuse_coupled_targets_across_ranks(optimizer) -> None:
     """Before the inner step of a ``ZeroRedundancyOptimizer`` over several ranks: a sparsity target
     whose map couples its tensors (``attach_channels``) is refused, on every rank alike and
-    before anything moved, since its tensors may be stepped on different ranks."""
+    before anything moved, since its tensors may be stepped on different ranks. Checked where the
+    step will build its plan anew (the carriers or the groups changed), not on every step."""
     outer = _zero_outer(2)  # this optimizer's own step is on top
-    if outer is None:
-        return
+    found = state.get(optimizer)
+    if outer is None or (found is not None and found.signature == plans.signature(optimizer)):
+        return  # not under ZeRO, or its plan was built (and these carriers checked) at an earlier step
     for _, tensors in _targets_of(outer, state.carriers_by_param()).values():
         c = tensors[0][1]
         if c.regularizer.joint:
-            _leave(optimizer)
             raise ParamregError(
                 f"a sparsity target over coupled tensors ({c.name}) under ZeroRedundancyOptimizer on "
                 f"{outer.world_size} ranks: its tensors may be stepped on different ranks; train it with DDP "
