@@ -81,6 +81,7 @@ FOREACH_BELOW = 65_536  # Note [Sums of many small tensors]: a tensor this small
 FOREACH_FROM = 4  # ... when at least this many of them share a device and dtype
 CHUNK = 1 << 18  # elements of the buffer that large CPU tensors' abs values pass through
 CHUNKED_FROM = 1 << 20  # ... when together they have at least this many elements
+PREFIXES_HELD = 64  # views of the buffer's first n elements kept per thread (one per tensor size)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter of a DTensor is a DTensor: it takes abs().sum()
 _buffers = threading.local()  # per thread: (dtype, device) -> the CHUNK-element buffer
 
@@ -153,12 +154,19 @@ class _ChunkedAbsSum(torch.autograd.Function):
         if key not in buffers:
             buffers[key] = torch.empty(CHUNK, dtype=first.dtype, device=first.device)
         buffer = buffers[key]
+        prefixes = _buffers.__dict__.setdefault("prefixes", {})  # (key, n) -> buffer[:n], made once
+        if len(prefixes) > PREFIXES_HELD:
+            prefixes.clear()
         parts = []
         for w in tensors:
-            flat = w.reshape(-1)  # a copy only where w is not contiguous
-            for start in range(0, flat.numel(), CHUNK):
-                piece = flat[start : start + CHUNK]
-                parts.append(torch.abs(piece, out=buffer[: piece.numel()]).sum())
+            flat = w.view(-1) if w.is_contiguous() else w.reshape(-1)  # reshape copies
+            n = flat.numel()
+            for start in range(0, n, CHUNK):
+                size = min(CHUNK, n - start)
+                out = buffer if size == CHUNK else prefixes.get((key, size))
+                if out is None:
+                    out = prefixes[(key, size)] = buffer[:size]
+                parts.append(torch.abs(flat if size == n else flat[start : start + size], out=out).sum())
         return torch.stack(parts).sum() if len(parts) > 1 else parts[0]
 
     @staticmethod

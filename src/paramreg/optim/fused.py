@@ -8,9 +8,13 @@ Note [Fused map]
         w ← softshrink(u·w, a)/(u + b)          (scale, shift: ``step_sizes.adam_scalars``)
 
     (b = 0 for L1, the elastic net's l2 otherwise). The eager map takes it in about 10 elementwise
-    passes' worth of time (benchmarks/adaptive_floor.py); this module compiles the whole formula,
-    the reduction included, with ``torch.compile`` (inductor: one C++ loop over g, one over v and
-    w, vectorized and parallel), so that g and v are read once and w is read and written once.
+    passes' worth of time (benchmarks/adaptive_floor.py); this module takes ‖g‖₂ by one BLAS dot
+    product (``_floor``: one read of g at memory speed, where inductor's compiled reduction took
+    twice as long, 232 against 101 µs on 2^20 float32 values on this machine's 2 cores) and
+    compiles the rest of the formula with ``torch.compile`` (inductor: one C++ loop over v and w,
+    vectorized and parallel), so that g and v are read once and w is read and written once. That
+    loop is bound by its sqrt and division, not by memory: it takes what the least map in this
+    metric, a compiled w/sqrt(v), takes (440 against 395 µs there).
     The group lasso over rows (``groups="out"``, the default) is the same Newton solve as the
     eager one (Note [Group lasso in a diagonal metric, fast] in catalogue/structured.py) in one
     compiled call per tensor for the start, the first evaluation and the map (a call per further
@@ -41,8 +45,8 @@ Note [Fused map]
     are softshrink's: x − a, x + a or x − x = +0, NaN kept), only in two roundings. torch's eager
     ``sqrt`` on large CPU tensors (MKL's vectorized math) is within 1 ulp, the compiled one
     correctly rounded; and torch's eager float32 ``_foreach_norm`` accumulates an error that grows
-    with the tensor (measured 1.8e-5 relative over 1M elements, 2.1e-4 over 8M), the compiled
-    reduction about 3e-7. A perturbation δ of u relative moves the result by at most δ·abs(w) (the
+    with the tensor (measured 1.8e-5 relative over 1M elements, 2.1e-4 over 8M), the dot product
+    about 1.2e-7 (blockwise accumulation). A perturbation δ of u relative moves the result by at most δ·abs(w) (the
     map is w − clamp(w, −a/u, a/u) in exact arithmetic; near the threshold the subtraction keeps
     the absolute error of u·w). So the two maps agree within 4 ulp of abs(w) where the floor does
     not bind (measured: 1.8), and within 8 ulp plus abs(w) times twice the eager floor's relative
@@ -54,13 +58,13 @@ Note [Fused map]
 
     Under a sparsity target the map must zero exactly the groups whose critical strengths, taken
     with the floors of that step, lie at or below the calibrated strength (raised by 2^-18,
-    ``BOUNDARY`` in optim/applying.py). A floor recomputed by the compiled reduction differs from
+    ``BOUNDARY`` in optim/applying.py). A floor recomputed by another reduction differs from
     the eager one by up to 2.1e-4 relative at 8M elements, far more than 2^-18: the map then left
     up to 13 of 2M weights nonzero below the asked count (an AdamW L1 target on two 1024x1024
-    layers). So a target passes its floors, and the map takes them as they are (``l1_at``); the
+    layers). So a target passes its floors, and the map takes them as they are; the
     sqrt's 1 ulp is well inside 2^-18. A target's group lasso takes the eager solve.
 
-    L0 (the default target's regularizer) has the same two kernels, ``l0`` and ``l0_at``: w_i ← 0
+    L0 (the default target's regularizer) has the same kernel, ``l0``: w_i ← 0
     where u_i·w_i² <= 2a, the score rounded as ``L0.critical`` rounds it; it keeps every other
     weight bitwise, and differs from the eager map only where the score lies within the sqrt's
     ulp (and the floor's error, without a target) of 2a. A target's selection computes the
@@ -110,14 +114,8 @@ _compiled: dict = {}  # (kernel, dtype, device type) -> its torch.compile'd func
 _eager_calls: set = set()  # (kernel, dtype, device type) whose later calls fell back to the formula, eagerly
 
 
-def _kernel(w: Tensor, v: Tensor, g: Tensor, c: Tensor) -> None:
-    """In place on w (flat): the formula of Note [Fused map], c = [scale, shift, a, b, floor per unit of ‖g‖₂]."""
-    _kernel_at(w, v, torch.where(c[4] > 0, torch.linalg.vector_norm(g) * c[4], 0.0), c)
-
-
-def _kernel_at(w: Tensor, v: Tensor, floor: Tensor, c: Tensor) -> None:
-    """``_kernel`` with the floor given (a target's, taken once per step by the eager reduction
-    its critical strengths used: Note [Fused map], the last paragraph)."""
+def _l1(w: Tensor, v: Tensor, floor: Tensor, c: Tensor) -> None:
+    """In place on w (flat): the formula of Note [Fused map] with the floor F given, c = [scale, shift, a, b]."""
     u = _inverse(v, floor, c)
     x = w * u
     w.copy_((x - x.clamp(-c[2], c[2])) / (u + c[3]))  # softshrink's values: x − a, x + a, or +0; NaN kept
@@ -127,15 +125,10 @@ def _inverse(v: Tensor, floor: Tensor, c: Tensor) -> Tensor:
     return torch.maximum(torch.sqrt(v), floor) * c[0] + c[1]
 
 
-def _l0(w: Tensor, v: Tensor, g: Tensor, c: Tensor) -> None:
-    """In place on w (flat): the L0 map (hard threshold) in the metric, c = [scale, shift, 2a, 0, floor
-    per unit of ‖g‖₂]."""
-    _l0_at(w, v, torch.where(c[4] > 0, torch.linalg.vector_norm(g) * c[4], 0.0), c)
-
-
-def _l0_at(w: Tensor, v: Tensor, floor: Tensor, c: Tensor) -> None:
-    """``_l0`` with the floor given: w_i ← 0 where u_i·w_i² <= 2a, the score rounded as the eager
-    map and ``L0.critical`` round it."""
+def _l0(w: Tensor, v: Tensor, floor: Tensor, c: Tensor) -> None:
+    """In place on w (flat): the L0 map (hard threshold) in the metric with the floor F given, c =
+    [scale, shift, 2a, 0]: w_i ← 0 where u_i·w_i² <= 2a, the score rounded as the eager map and
+    ``L0.critical`` round it."""
     u = _inverse(v, floor, c)
     w.copy_(torch.where(u * (w * w) <= c[2], 0.0, w))  # NaN kept, as masked_fill_ keeps it
 
@@ -150,19 +143,18 @@ def _l0_critical(out: Tensor, w: Tensor, v: Tensor, floor: Tensor, c: Tensor) ->
     out.copy_(w * w * _inverse(v, floor, c) / 2)
 
 
-def _group_first(w: Tensor, v: Tensor, g: Tensor, c: Tensor):
+def _group_first(w: Tensor, v: Tensor, floor: Tensor, c: Tensor):
     """The group lasso's solve on rows of w (G, B) (Note [Group lasso in a diagonal metric, fast] in
-    catalogue/structured.py), c = [scale, shift, threshold, floor per unit of ‖g‖₂, rtol, tiny]:
+    catalogue/structured.py) with the floor F given, c = [scale, shift, threshold, 0, rtol, tiny]:
     the start and one Newton evaluation; w mapped in place if that evaluation proves the
-    tolerance. Returns (floor, ‖w_g‖, the new iterate, whether w was mapped)."""
-    floor = torch.where(c[3] > 0, torch.linalg.vector_norm(g) * c[3], 0.0)
+    tolerance. Returns (‖w_g‖, the new iterate, whether w was mapped)."""
     t = 1 / _inverse(v, floor, c)
     norm = torch.linalg.vector_norm(w, dim=1, keepdim=True)
     mean = (w * t * w).sum(dim=1, keepdim=True) * c[2] / (norm * norm).clamp(min=c[5])
     r = (norm - mean).clamp(min=0.0)
     new, done = _group_round(w, t, norm, r, c)
     w.copy_(torch.where(done, w * (new / (new + c[2] * t)), w))
-    return floor, norm, new, done
+    return norm, new, done
 
 
 def _group_round(w: Tensor, t: Tensor, norm: Tensor, r: Tensor, c: Tensor):
@@ -190,8 +182,7 @@ def _group_finish(w: Tensor, v: Tensor, floor: Tensor, r: Tensor, c: Tensor) -> 
     w.copy_(w * (r / (r + c[2] * t)))
 
 
-_KERNELS = {"l1": _kernel, "l1_at": _kernel_at, "l0": _l0, "l0_at": _l0_at, "l1_critical": _l1_critical,
-            "l0_critical": _l0_critical, "group_first": _group_first, "group_next": _group_next, "group_finish": _group_finish}
+_KERNELS = {"l1": _l1, "l0": _l0, "l1_critical": _l1_critical, "l0_critical": _l0_critical, "group_first": _group_first, "group_next": _group_next, "group_finish": _group_finish}
 
 
 def _elementwise_map(regularizer) -> tuple[str, float, float] | None:
@@ -266,15 +257,15 @@ def _call(name: str, *args: Tensor):
         return out
 
 
-def _group_lasso_(p: Tensor, v: Tensor, c: Tensor) -> bool:
+def _group_lasso_(p: Tensor, v: Tensor, floor: Tensor, c: Tensor) -> bool:
     """The group lasso over the rows of p (Note [Fused map]); False if it cannot be compiled."""
     rows = (p.shape[0], p.numel() // p.shape[0])
     w, v = _flat(p, rows), _flat(v, rows)
     torch.autograd.graph.increment_version(p)  # written through an alias (_flat)
-    out = _call("group_first", w, v, _flat(p.grad), c)
+    out = _call("group_first", w, v, floor, c)
     if out is _NOT_COMPILED:
         return False
-    floor, norm, r, done = out
+    norm, r, done = out
     for _ in range(NEWTON_MAX_ITERATIONS - 1):
         if bool(done):
             return True
@@ -299,7 +290,7 @@ def map_(optimizer, group: dict, regularizer, tensors: list[Tensor], states: lis
     if elementwise is not None and elementwise[1:] == (0.0, 0.0) and type(regularizer) is not ElasticNet:
         return []  # L1(0) and L0(0) are the identity, as in the eager maps
     cls, key = step_sizes.resolve(optimizer), step_sizes.adam_key(group)
-    name = "group_first" if grouped else elementwise[0] if floors is None and ratio else elementwise[0] + "_at"
+    name = "group_first" if grouped else elementwise[0]
     left = []
     for i, (p, state) in enumerate(zip(tensors, states, strict=True)):
         v = state.get(key)
@@ -308,23 +299,31 @@ def map_(optimizer, group: dict, regularizer, tensors: list[Tensor], states: lis
             left.append(i)
             continue
         scale, shift = step_sizes.adam_scalars(group, float(state["step"]), lr)
-        factor = step_sizes.floor_factor(cls, group, p.numel(), state, ratio)
+        if floors is not None:  # a target's floor, as its critical strengths took it
+            floor = floors[i].to(p.dtype)
+        else:
+            floor = _floor(p.grad, step_sizes.floor_factor(cls, group, p.numel(), state, ratio))
         if grouped:
             threshold = regularizer.strength * (math.sqrt(group_size(regularizer.groups, tuple(p.shape))) if regularizer.weighted else 1.0)
-            c = torch.tensor([scale, shift, threshold, factor, NEWTON_RTOL[p.dtype], torch.finfo(p.dtype).tiny], dtype=p.dtype, device=p.device)
-            done = _group_lasso_(p, v, c)
+            c = torch.tensor([scale, shift, threshold, 0.0, NEWTON_RTOL[p.dtype], torch.finfo(p.dtype).tiny], dtype=p.dtype, device=p.device)
+            done = _group_lasso_(p, v, floor, c)
         else:
-            c = torch.tensor([scale, shift, *elementwise[1:], factor], dtype=p.dtype, device=p.device)
-            if name.endswith("_at"):  # a target's floor, or none: the metric_floor is 0
-                floor = floors[i].to(p.dtype) if floors is not None else torch.zeros((), dtype=p.dtype, device=p.device)
-                done = _call(name, _flat(p), _flat(v), floor, c) is not _NOT_COMPILED
-            else:
-                done = _call(name, _flat(p), _flat(v), _flat(p.grad), c) is not _NOT_COMPILED
+            c = torch.tensor([scale, shift, *elementwise[1:]], dtype=p.dtype, device=p.device)
+            done = _call(name, _flat(p), _flat(v), floor, c) is not _NOT_COMPILED
             if done:
                 torch.autograd.graph.increment_version(p)  # written through an alias (_flat)
         if not done:
             left.append(i)
     return left
+
+
+def _floor(g: Tensor, factor: float) -> Tensor:
+    """The metric floor F = factor·‖g‖₂ (0 where factor is 0), ‖g‖₂ by one BLAS dot product: one
+    read of g at memory speed, accumulated blockwise (Note [Fused map])."""
+    if not factor > 0:
+        return torch.zeros((), dtype=g.dtype, device=g.device)
+    flat = g.view(-1)
+    return torch.dot(flat, flat).sqrt_().mul_(factor)
 
 
 #: Elements per call of a compiled critical-strength kernel: each block is counted by the target's
