@@ -107,8 +107,13 @@ def _abs_sum(tensors: Sequence[Tensor]) -> Tensor:
         transformer took 4.2-4.6x the hand-written loop, after the MLP's). Through the held
         buffer no call allocates and the buffer stays in the caches: on the MLP's 1.9M weights
         367-416 µs in every allocator state, where the loop takes 544 µs or 2.4-2.9 ms; on the
-        transformer's 16 large weights 1.17x the loop's fast state (7 µs more a tensor: the
-        slices and the partial sums) and 0.17x its slow one. Below 2^20 elements the node's
+        transformer (16 large weights and a small one) 1.14-1.18x the loop's fast state in six
+        runs of benchmarks/suite.py's penalty table, and 0.20x its slow one. A chunk shorter than
+        the buffer writes into a view of the buffer's first n elements, made once per n and kept
+        (at most ``PREFIXES_HELD`` per thread), and a contiguous tensor that fits is not sliced:
+        the slices had cost about 7 µs a tensor (742 against 620 µs for those 16 weights in an
+        ad-hoc loop). A compiled ``abs().sum()``, which needs no buffer, took 1.8x the loop there
+        (ad hoc): a compiled call's fixed cost, about 20 µs, is paid per tensor. Below 2^20 elements the node's
         fixed cost (about 20 µs) outweighs what it saves. Under ``torch.compile``, for tensor
         subclasses (DTensor), half precision and other devices (whose allocators cache) each
         tensor takes ``abs().sum()``. The value can differ from the loop's in the last bits
