@@ -201,6 +201,10 @@ def test_an_l1_penalty_over_large_cpu_tensors_passes_through_one_held_buffer(mon
     assert all(elementwise._buffers.by_key[k] is b for k, b in buffers.items())  # held, not made again
     prefixes = elementwise._buffers.prefixes  # the shorter last chunks' outputs: views of the held buffer
     assert sorted(n for _, n in prefixes) == [200, 500, 600] and all(v.data_ptr() == buffers[k].data_ptr() for (k, _), v in prefixes.items())
+    monkeypatch.setattr(elementwise, "PREFIXES_HELD", 2)
+    prefixes.clear()
+    held = paramreg.L1(0.5).penalty_sum(tensors)  # three sizes of shorter chunk, at most two views kept
+    assert len(prefixes) <= 2 and torch.allclose(held.double(), value.double(), rtol=1e-6, atol=0)
     applied.clear()
     paramreg.L1(0.5).penalty_sum(large[:2])  # 7,200 float32 elements in two tensors
     assert applied == [2]

@@ -160,16 +160,16 @@ class _ChunkedAbsSum(torch.autograd.Function):
             buffers[key] = torch.empty(CHUNK, dtype=first.dtype, device=first.device)
         buffer = buffers[key]
         prefixes = _buffers.__dict__.setdefault("prefixes", {})  # (key, n) -> buffer[:n], made once
-        if len(prefixes) > PREFIXES_HELD:
-            prefixes.clear()
         parts = []
         for w in tensors:
             flat = w.view(-1) if w.is_contiguous() else w.reshape(-1)  # reshape copies
             n = flat.numel()
             for start in range(0, n, CHUNK):
                 size = min(CHUNK, n - start)
-                out = buffer if size == CHUNK else prefixes.get((key, size))
+                out = buffer if size == buffer.numel() else prefixes.get((key, size))
                 if out is None:
+                    if len(prefixes) >= PREFIXES_HELD:
+                        prefixes.clear()
                     out = prefixes[(key, size)] = buffer[:size]
                 parts.append(torch.abs(flat if size == n else flat[start : start + size], out=out).sum())
         return torch.stack(parts).sum() if len(parts) > 1 else parts[0]
