@@ -145,12 +145,12 @@ def _l0_critical(out: Tensor, w: Tensor, v: Tensor, floor: Tensor, c: Tensor) ->
 
 def _group_first(w: Tensor, v: Tensor, floor: Tensor, c: Tensor):
     """The group lasso's solve on rows of w (G, B) (Note [Group lasso in a diagonal metric, fast] in
-    catalogue/structured.py) with the floor F given, c = [scale, shift, threshold, 0, rtol, tiny]:
+    catalogue/structured.py) with the floor F given, c = [scale, shift, threshold, rtol, tiny]:
     the start and one Newton evaluation; w mapped in place if that evaluation proves the
     tolerance. Returns (‖w_g‖, the new iterate, whether w was mapped)."""
     t = 1 / _inverse(v, floor, c)
     norm = torch.linalg.vector_norm(w, dim=1, keepdim=True)
-    mean = (w * t * w).sum(dim=1, keepdim=True) * c[2] / (norm * norm).clamp(min=c[5])
+    mean = (w * t * w).sum(dim=1, keepdim=True) * c[2] / (norm * norm).clamp(min=c[4])
     r = (norm - mean).clamp(min=0.0)
     new, done = _group_round(w, t, norm, r, c)
     w.copy_(torch.where(done, w * (new / (new + c[2] * t)), w))
@@ -161,12 +161,12 @@ def _group_round(w: Tensor, t: Tensor, norm: Tensor, r: Tensor, c: Tensor):
     d = r + c[2] * t
     y = w / d
     s = (y * y).sum(dim=1, keepdim=True)  # S(r) = Σ w_i²/(r + c_i)²
-    slope = (y * y / d).sum(dim=1, keepdim=True).clamp(min=c[5])
+    slope = (y * y / d).sum(dim=1, keepdim=True).clamp(min=c[4])
     root = s.sqrt()
     below = root - 1.0
     new = (r + s * below / slope).clamp(min=0.0)
     upper = r + norm * (below / root).clamp(min=0.0)
-    return new, ((upper - new <= new * c[4]) | (new == 0)).all()
+    return new, ((upper - new <= new * c[3]) | (new == 0)).all()
 
 
 def _group_next(w: Tensor, v: Tensor, floor: Tensor, norm: Tensor, r: Tensor, c: Tensor):
@@ -305,7 +305,7 @@ def map_(optimizer, group: dict, regularizer, tensors: list[Tensor], states: lis
             floor = _floor(p.grad, step_sizes.floor_factor(cls, group, p.numel(), state, ratio))
         if grouped:
             threshold = regularizer.strength * (math.sqrt(group_size(regularizer.groups, tuple(p.shape))) if regularizer.weighted else 1.0)
-            c = torch.tensor([scale, shift, threshold, 0.0, NEWTON_RTOL[p.dtype], torch.finfo(p.dtype).tiny], dtype=p.dtype, device=p.device)
+            c = torch.tensor([scale, shift, threshold, NEWTON_RTOL[p.dtype], torch.finfo(p.dtype).tiny], dtype=p.dtype, device=p.device)
             done = _group_lasso_(p, v, floor, c)
         else:
             c = torch.tensor([scale, shift, *elementwise[1:]], dtype=p.dtype, device=p.device)
