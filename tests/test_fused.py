@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 import paramreg
 from paramreg.optim import applying, fused, step_sizes
+from paramreg.catalogue.structured import NEWTON_MAX_ITERATIONS
 from paramreg.optim.plans import Bucket
 
 
@@ -99,6 +100,35 @@ def test_fused_and_eager_group_lasso_agree_to_the_solver_tolerance(dtype, regula
         zeroed += int((e.abs().sum(1) == 0).sum())
     assert 0 < zeroed < sum(w.shape[0] for w in weights)
     assert fused.compile_seconds.get(("group_first", dtype, "cpu")) is not None
+
+
+def test_further_group_lasso_evaluations_run_on_the_rows_left_unproven_only(monkeypatch):
+    """After the first evaluation, which maps the rows it proves, each further one takes only the
+    rows still unproven; a row that never proves (NaN) is mapped with the last iterate, as the
+    eager solve maps it: NaN in both paths, every other row within the solver's tolerance."""
+    model, opt = _adam_state(torch.float32)
+    weights = [model[0].weight]
+    with torch.no_grad():
+        model[0].weight[5, 3] = float("nan")
+    before = weights[0].detach().clone()
+    rows = []
+    original = fused._call
+
+    def counting(name, w, *rest):
+        if name == "group_next":
+            rows.append(w.shape[0])
+        return original(name, w, *rest)
+
+    monkeypatch.setattr(fused, "_call", counting)
+    got = _map("fused", monkeypatch, paramreg.GroupLasso(1.9), weights, opt, 1.0)[0]
+    want = _map("eager", monkeypatch, paramreg.GroupLasso(1.9), weights, opt, 1.0)[0]
+    assert len(rows) == NEWTON_MAX_ITERATIONS - 1 and rows[0] < before.shape[0] and rows[-1] == 2  # at last the NaN row, twice
+    assert rows == sorted(rows, reverse=True)  # each evaluation on rows of the last
+    assert bool(got[5].isnan().all()) and bool(want[5].isnan().all())
+    rest = torch.ones(before.shape[0], dtype=torch.bool)
+    rest[5] = False
+    assert bool(((got[rest] - want[rest]).abs() <= 4e-6 * before[rest].abs()).all())
+    assert torch.equal(got[rest].abs().sum(1) == 0, want[rest].abs().sum(1) == 0)
 
 
 def _eager_scores(opt, weights, floor):
