@@ -226,9 +226,11 @@ def _flat(t: Tensor, shape: tuple[int, ...] | None = None, start: int = 0) -> Te
     sizes that equal other sizes), so views of differently shaped weights would each compile a
     graph; this alias is guarded on its own sizes, which are dynamic. Writes through it do not
     advance t's version counter: a caller that writes advances it."""
-    shape = (t.numel() - start,) if shape is None else shape
-    strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset() + start, shape, strides)
+    if shape is None:
+        shape, strides = (t.numel() - start,), (1,)
+    else:
+        strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset() + start, shape, strides)
 
 
 def _call(name: str, *args: Tensor):
@@ -269,11 +271,14 @@ def _call(name: str, *args: Tensor):
 
 
 def _generic_rows(w: Tensor, v: Tensor, floor: Tensor, norm: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, ...]:
-    """``group_next``'s arguments on 2 rows of 3: traced first on sizes that equal neither each
-    other, nor 1, nor the constants' 5, its graph takes any number of rows without a recompile
-    (Dynamo guards a graph first traced on equal sizes, e.g. as many rows as columns, on that
-    equality; tests/test_fused.py counts the graphs)."""
-    block, column = torch.ones(2, 3, dtype=w.dtype, device=w.device), torch.ones(2, 1, dtype=w.dtype, device=w.device)
+    """``group_next``'s arguments on 2 rows (3 where w has 2 columns) of w's width: traced first on
+    a number of rows that equals neither the columns, nor 1, nor the constants' 5, its graph takes
+    any number of rows without a recompile (Dynamo guards a graph first traced on equal sizes, e.g.
+    as many rows as columns, on that equality, and specializes a size of 1; inductor guards a
+    reduction's size on either side of 4096, so the width is w's; tests/test_fused.py counts the
+    graphs)."""
+    rows = 3 if w.shape[1] == 2 else 2
+    block, column = torch.ones(rows, w.shape[1], dtype=w.dtype, device=w.device), torch.ones(rows, 1, dtype=w.dtype, device=w.device)
     return block, block.clone(), floor, column, column.clone(), c
 
 
