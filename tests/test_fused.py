@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 import paramreg
 from paramreg.optim import applying, fused, step_sizes
+from paramreg.catalogue import structured
 from paramreg.catalogue.structured import NEWTON_MAX_ITERATIONS
 from paramreg.optim.plans import Bucket
 
@@ -129,6 +130,28 @@ def test_further_group_lasso_evaluations_run_on_the_rows_left_unproven_only(monk
     rest[5] = False
     assert bool(((got[rest] - want[rest]).abs() <= 4e-6 * before[rest].abs()).all())
     assert torch.equal(got[rest].abs().sum(1) == 0, want[rest].abs().sum(1) == 0)
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-20), (torch.float64, 1e-160)], ids=str)
+def test_groups_whose_squared_norm_underflows_are_solved_to_the_tolerance(dtype, scale):
+    """‖w_g‖² below the dtype's tiny: the start lies right of the root (Note [Group lasso in a
+    diagonal metric, fast]), and a Newton point that does not rise from there is no stop; both
+    solves agree within 4·rtol of abs(w) with the reference solve of the same problem scaled to
+    norms near 1, in float64 (the prox is equivariant: scale·prox of w/scale with threshold 1).
+    Before the stop asked for a left point, both were 3.5e-4 off."""
+    w = torch.tensor([[1.0, 3.0, 0.5], [2.0, -1.0, 0.25], [0.1, 0.1, 0.1]], dtype=dtype) * scale
+    u = 1 / torch.tensor([[0.02, 1.0, 0.2], [0.5, 0.05, 1.0], [1.0, 1.0, 1.0]], dtype=dtype)
+    rtol = {torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    want = structured._group_shrink_diag(w.double() / scale, 1 / u.double(), "out", 1.0) * scale
+    eager = w.clone()
+    structured.group_shrink_diag_(eager, u.clone(), "out", scale)
+    fast = w.clone()
+    c = torch.tensor([1.0, 0.0, scale, rtol, torch.finfo(dtype).tiny], dtype=dtype)
+    assert fused._group_lasso_(fast, u * u, torch.zeros((), dtype=dtype), c)
+    for got in (eager, fast):
+        assert bool(((got.double() - want).abs() <= 4 * rtol * w.double().abs()).all()), got
+        assert torch.equal(got.abs().sum(1) == 0, want.abs().sum(1) == 0)
+    assert bool((want[2] == 0).all()) and bool((want[:2] != 0).all())
 
 
 def _eager_scores(opt, weights, floor):

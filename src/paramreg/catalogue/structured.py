@@ -112,28 +112,35 @@ def group_shrink_diag_(w: Tensor, u: Tensor, groups, threshold: float, l1: float
         slope >= 1. Hence:
 
         - the start r_0 = ‖w_g‖ − m, m the weighted mean of c_i, is never right of the root
-          (M_(-2) <= M_1), and is the root when the c_i are equal (one shared step);
+          (M_(-2) <= M_1), and is the root when the c_i are equal (one shared step), except
+          where ‖w_g‖² underflows below the dtype's ``tiny`` (the clamp of its denominator then
+          makes m too small): a right start only brackets, r itself the far end;
         - from a point r left of the root, Newton's step lands at or left of the root (the
           tangent of a concave function lies above it), and r − ‖w_g‖·g(r) is at or right of it
           (the slope is at least 1/‖w_g‖): every evaluation brackets the root, and the iterates
           rise monotonically without a safeguard;
         - a group whose start is 0 and whose g(0) >= 0 (‖w_g/c_g‖ <= 1) is zero: its Newton step
-          from 0 is <= 0 (from a left point it is >= 0), and the iterate is clamped at 0.
+          from 0 is <= 0 (from a left point it is >= 0), and the iterate is clamped at 0; a
+          Newton point of 0 proves a zero group only when taken from 0 (from a right start it
+          may be clamped there too).
 
         The iteration stops when every group is done, and maps with the last Newton point. A
         group is done when its bracket is narrower than ``NEWTON_RTOL`` times its Newton point (a
         proof of the tolerance, where the reference stops on a small step), or when its Newton
-        point does not rise above the point it was taken from: in exact arithmetic every step
-        from a left point rises until the root, so the iterate then lies at the root within the
-        rounding of S. That happens in float32 to a group shrunk to a small part of its norm
-        (‖w_g‖/r about 30: S rounded at 1e-7 relative moves the bracket's far end by about 3e-6 of
-        r, so the bracket cannot close to 1e-6), whose iterates then jitter at that scale; the
-        solve ran its 50 evaluations on them before. On Adam's steps in the benchmarks one
-        evaluation suffices for almost every group. The passes: the inverse steps to steps (1), ‖w_g‖ and m (4), per evaluation S and S' (7), the
-        map (3); all in place or in two scratch tensors, and the per-group arithmetic on (G,)
-        tensors. With ``l1`` > 0 (the sparse group lasso) the metric soft-threshold comes first
-        (the composition is exact, as in ``SparseGroupLasso.prox_diag``). A tensor subclass or a
-        tensor with no (A, G, B) view (not contiguous) takes the reference.
+        point does not rise above a point left of the root (S >= 1) it was taken from: in exact
+        arithmetic every step from a left point rises until the root, so the iterate then lies
+        at the root within the rounding of S, about eps·‖w_g‖ (eps·‖w_g‖/r relative to abs(w):
+        float32 solves of such groups differ from a float64 one by as much). That happens in
+        float32 to a group shrunk to a small part of its norm (‖w_g‖/r about 30: S rounded at
+        1e-7 relative moves the bracket's far end by about 3e-6 of r, so the bracket cannot
+        close to 1e-6), whose iterates then jitter at that scale; the solve ran its 50
+        evaluations on them before. On Adam's steps in the benchmarks one evaluation suffices
+        for almost every group. The passes: the inverse steps to steps (1), ‖w_g‖ and m (4), per
+        evaluation S and S' (7), the map (3); all in place or in two scratch tensors, and the
+        per-group arithmetic on (G,) tensors. With ``l1`` > 0 (the sparse group lasso) the
+        metric soft-threshold comes first (the composition is exact, as in
+        ``SparseGroupLasso.prox_diag``). A tensor subclass or a tensor with no (A, G, B) view
+        (not contiguous) takes the reference.
     """
     dtype = torch.promote_types(accurate_dtype(w) or w.dtype, u.dtype)
     plain = type(w) in (Tensor, torch.nn.Parameter) and type(u) is Tensor
@@ -173,7 +180,7 @@ def group_shrink_diag_(w: Tensor, u: Tensor, groups, threshold: float, l1: float
         new = torch.addcdiv(r, s.mul_(below), slope).clamp_(min=0.0)
         # the bracket's far end: r − ‖w_g‖·g(r) = r + ‖w_g‖·(1 − 1/√S), or r when r is right of the root
         upper = torch.addcmul(r, norm, below.div_(root).clamp_(min=0.0))
-        proven = (upper.sub_(new) <= new * rtol) | (new == 0) | (new <= r)  # new <= r: rounding's scale (the Note)
+        proven = (upper.sub_(new) <= new * rtol) | ((new == 0) & (r == 0)) | ((new <= r) & (root >= 1.0))  # the Note
         r = new
         if bool(proven.all()):
             break

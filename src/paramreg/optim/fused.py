@@ -32,7 +32,11 @@ Note [Fused map]
     sizes equal to others, so views of a square weight, a conv weight and a vector compiled a
     graph each), and every number that moves between steps (lr, the step count, the strength)
     travels in a small tensor, so no step after the first recompiles, whatever the weights'
-    shapes (tests/test_fused.py counts the graphs). A call that Dynamo still refuses after the
+    shapes (tests/test_fused.py counts the graphs). Two exceptions: the group lasso's further
+    evaluation compiles at the first step that needs one (then takes any number of rows,
+    ``_generic_rows``), and inductor guards a reduction's size on either side of 4096, so rows
+    of both kinds compile a graph each (as a first trace on a square weight, or on 5 rows or
+    columns, the constants' length, is guarded on that equality), each once. A call that Dynamo still refuses after the
     first (a new shape past its recompile limit) runs the kernel's formula eagerly, with a
     warning once per kernel, rather than failing the optimizer's step.
 
@@ -56,10 +60,11 @@ Note [Fused map]
     the absolute error of u·w). So the two maps agree within 4 ulp of abs(w) where the floor does
     not bind (measured: 1.8), and within 8 ulp plus abs(w) times twice the eager floor's relative
     error where it binds (measured: 14 ulp, float32 and float64); an entry may be 0 in one and
-    not the other only within that band around the threshold. The group lasso's two solves stop
-    each group on the same rule: its norm proven within ``NEWTON_RTOL`` of the root (1e-6 relative
-    in float32, 1e-12 in float64), or found at it within rounding; so they agree within 4 times
-    that relative to abs(w) (measured:
+    not the other only within that band around the threshold. The group lasso's two solves are done
+    with each group by the same rule: its norm proven within ``NEWTON_RTOL`` of the root (1e-6
+    relative in float32, 1e-12 in float64), or found at it within the rounding of S; the eager
+    solve maps every group with its last iterate, the fused one each group with its first done
+    point. Where the tolerance is proven they agree within 4 times it relative to abs(w) (measured:
     2.2e-7 and 4.4e-16) and zero the same groups (``tests/test_fused.py``).
 
     Under a sparsity target the map must zero exactly the groups whose critical strengths, taken
@@ -170,7 +175,7 @@ def _group_evaluate(w: Tensor, u: Tensor, norm: Tensor, r: Tensor, c: Tensor):
     """One Newton evaluation per row from r (g(r) = S(r)^(-1/2) − 1, S(r) = Σ w_i²/(r + c_i)², c_i =
     threshold/u_i), each 1/(r + c_i) taken as u_i/(r·u_i + threshold): one division per element.
     A row is done when its bracket [new, upper] is narrower than rtol·new, new is 0, or new <= r
-    (Note [Group lasso in a diagonal metric, fast])."""
+    with r left of the root (S(r) >= 1; Note [Group lasso in a diagonal metric, fast])."""
     q = _group_reciprocal(u, r, c)
     y = w * q
     s = (y * y).sum(dim=1, keepdim=True)
@@ -179,14 +184,16 @@ def _group_evaluate(w: Tensor, u: Tensor, norm: Tensor, r: Tensor, c: Tensor):
     below = root - 1.0
     new = (r + s * below / slope).clamp(min=0.0)
     upper = r + norm * (below / root).clamp(min=0.0)
-    proven = (upper - new <= new * c[3]) | (new == 0) | (new <= r)
+    proven = (upper - new <= new * c[3]) | ((new == 0) & (r == 0)) | ((new <= r) & (root >= 1.0))
     w.copy_(torch.where(proven, w * (new * _group_reciprocal(u, new, c)), w))
     return new, proven
 
 
 def _group_reciprocal(u: Tensor, r: Tensor, c: Tensor) -> Tensor:
-    """1/(r + threshold/u) as u/(r·u + threshold); 1/r where r·u + threshold overflows (u = inf:
-    the eager solve's step t = 1/u is 0 there)."""
+    """1/(r + threshold/u) as u/(r·u + threshold); 1/r where r·u + threshold overflows: then
+    threshold/u <= threshold·r/MAX (MAX the dtype's largest value) lies below r's rounding unless
+    the threshold exceeds MAX·eps, and for u = inf the eager solve's step t = 1/u is 0 (at r = 0
+    and u = inf both give NaN: 0·inf here, a group norm of 0/0 there)."""
     ru = r * u + c[2]
     return torch.where(ru == math.inf, 1.0 / r, u / ru)
 
@@ -240,6 +247,8 @@ def _call(name: str, *args: Tensor):
     formula eagerly, with a warning once per kernel, dtype and device."""
     key = (name, args[0].dtype, args[0].device.type)
     if key in compile_seconds:
+        if compile_seconds[key] is None:  # its first call could not be compiled: not tried again
+            return _NOT_COMPILED
         try:
             return _compiled[key](*args)
         except Exception as e:
