@@ -404,7 +404,7 @@ class Runner:
         # attached at the shared checkpoint: nothing acts before the ramp starts, so this is the call
         # sparsity_steps=(start, end) made at step 0 (tests/test_sparsity.py, test_one_call_...)
         paramreg.attach(model, self.task.selected, sparsity=level, sparsity_steps=(start - here, end - here), keep_zeros=True,
-                        allocation=allocation, **({"l0": True} if reg == "l0" else {}))
+                        allocation=allocation, **{reg: True})  # named either way: the target's default is whatever the rule chose
         steps = here + self.train(model, opt, seed, here, self.task.budget)
         paramreg.remove(model)
         return [self.row("paramreg", setting, level, seed, model, steps, started)]

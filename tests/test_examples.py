@@ -141,6 +141,9 @@ def test_tasks_study_smoke_run(tmp_path):
     pruned = [r for r in rows if r["level"]]
     assert max(abs(float(r["sparsity"]) - float(r["level"])) for r in pruned) <= 0.01
     assert (tmp_path / "summary.md").read_text() == study.summary_markdown(rows)
+    # the L1 candidates run an L1 target, whatever the library's default target is
+    val = {(r["task"], r["setting"], r["level"], r["seed"]): r["val"] for r in rows if r["method"] == "paramreg"}
+    assert any(v != val[(t, s.replace("l1/", "l0/", 1), level, seed)] for (t, s, level, seed), v in val.items() if s.startswith("l1/"))
 
 
 def test_the_rule_ranks_candidates_on_validation_in_each_task_and_level():
