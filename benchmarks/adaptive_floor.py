@@ -15,10 +15,10 @@ elements (Note [Blocks]). Its work after ``optimizer.step()``:
 
 and, last, the fused map (Note [Fused map] in paramreg/optim/fused.py) that takes the floor's
 ‖g‖₂ from one dot product and runs the rest as one compiled kernel per tensor (its first call,
-which compiles, is reported apart), and the
-least any map in this metric does: the gradients' norms (``_foreach_norm``) and one compiled
-``w ← w/sqrt(v)`` per tensor (one read of g, v and w, one write of w, one sqrt and one division
-per weight, no floor, eps or threshold; v = 1 there so that the weights do not move).
+which compiles, is reported apart), and the least any map in this metric does: the gradients'
+norms (``_foreach_norm``) and one compiled ``w ← w/sqrt(v)`` per tensor (one read of g, v and w,
+one write of w, one sqrt and one division per weight, no floor, eps or threshold; v = 1 there so
+that the weights do not move).
 
 Each of those is timed alone over the same blocks (median of --rounds rounds), next to the
 training step's parts measured in the same process and interleaved with them: forward and

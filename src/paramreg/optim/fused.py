@@ -36,9 +36,9 @@ Note [Fused map]
     evaluation compiles at the first step that needs one (then takes any number of rows,
     ``_generic_rows``), and inductor guards a reduction's size on either side of 4096, so rows
     of both kinds compile a graph each (as a first trace on a square weight, or on 5 rows or
-    columns, the constants' length, is guarded on that equality), each once. A call that Dynamo still refuses after the
-    first (a new shape past its recompile limit) runs the kernel's formula eagerly, with a
-    warning once per kernel, rather than failing the optimizer's step.
+    columns, the constants' length, is guarded on that equality), each once. A call that Dynamo
+    still refuses after the first (a new shape past its recompile limit) runs the kernel's
+    formula eagerly, with a warning once per kernel, rather than failing the optimizer's step.
 
     Where it runs (the rule): ``enabled`` (default True), a plain contiguous tensor on a device
     in ``devices`` (default the CPU, where it was measured faster; the first call compiles, which
@@ -185,8 +185,13 @@ def _group_evaluate(w: Tensor, u: Tensor, norm: Tensor, r: Tensor, c: Tensor):
     new = (r + s * below / slope).clamp(min=0.0)
     upper = r + norm * (below / root).clamp(min=0.0)
     proven = (upper - new <= new * c[3]) | ((new == 0) & (r == 0)) | ((new <= r) & (root >= 1.0))
-    w.copy_(torch.where(proven, w * (new * _group_reciprocal(u, new, c)), w))
+    w.copy_(torch.where(proven, w * _group_factor(u, new, c), w))
     return new, proven
+
+
+def _group_factor(u: Tensor, r: Tensor, c: Tensor) -> Tensor:
+    """The map's factor r/(r + c_i) of each row's entries, at the group norm r."""
+    return r * _group_reciprocal(u, r, c)
 
 
 def _group_reciprocal(u: Tensor, r: Tensor, c: Tensor) -> Tensor:
@@ -303,23 +308,20 @@ def _group_lasso_(p: Tensor, v: Tensor, floor: Tensor, c: Tensor) -> bool:
         return False
     norm, r, proven = out
     at = None  # the indices in w of the rows of the last evaluation
-    for _ in range(NEWTON_MAX_ITERATIONS - 1):
+    for evaluation in range(1, NEWTON_MAX_ITERATIONS + 1):
         left = (~proven).view(-1).nonzero().view(-1)
         if not len(left):
             return True
         if len(left) == 1:  # a compiled size of 1 would specialize (Note [Fused map]): the row twice
             left = left.repeat(2)
         at = left if at is None else at[left]
-        norm, r, part = norm[left], r[left], w.index_select(0, at)
-        args = (part, v.index_select(0, at), floor, norm, r, c)
-        out = _call("group_next", *args)
-        r, proven = _group_next(*args) if out is _NOT_COMPILED else out
-        w.index_copy_(0, at, part)
-    left = (~proven).view(-1).nonzero().view(-1)
-    if len(left):  # the eager solve's last iterate, as it maps it (rows that never proved: NaN, inf)
-        at = left if at is None else at[left]
-        part = w.index_select(0, at)
-        part.mul_(r[left] * _group_reciprocal(_inverse(v.index_select(0, at), floor, c), r[left], c))
+        norm, r, part, part_v = norm[left], r[left], w.index_select(0, at), v.index_select(0, at)
+        if evaluation == NEWTON_MAX_ITERATIONS:  # the eager solve's last iterate, as it maps it (rows that never proved: NaN, inf)
+            part.mul_(_group_factor(_inverse(part_v, floor, c), r, c))
+        else:
+            args = (part, part_v, floor, norm, r, c)
+            out = _call("group_next", *args)
+            r, proven = _group_next(*args) if out is _NOT_COMPILED else out
         w.index_copy_(0, at, part)
     return True
 
