@@ -24,10 +24,12 @@ checkpoint at 0.25 of the budget, where every method's pruning starts (one-shot 
 run's checkpoint at 0.5 or 0.75). Methods, each with two settings but paramreg's recipe:
 
   paramreg     attach(model, SELECTED, sparsity=s, sparsity_steps=(start, end), keep_zeros=True,
-               allocation=..., [l0=True]): one call that ramps (cubic) from `start` to `end`, then keeps
-               its zeros; the default step policy of the optimizer. CANDIDATES: L1 or L0, the ramp over
-               0.25-0.5 or 0.25-0.75 of the budget, global (capped at 99% per tensor) or uniform
-               allocation. One of them becomes the default by RULE, the same for every task.
+               allocation=..., regrow=..., l1=True or l0=True): one call that ramps (cubic) from `start`
+               to `end`, then keeps its zeros; the default step policy of the optimizer. CANDIDATES (16):
+               L1 or L0, global (capped at 99% per tensor) or uniform allocation, the ramp over 0.25-0.5
+               or 0.25-0.75 of the budget, zeros that may regrow or not (regrow=False: a zero weight's
+               gradient is set to zero before each step). One of them becomes the default by RULE, the
+               same for every task.
   gmp-tensor   gradual magnitude pruning, the same fraction in every tensor, on torch.ao.pruning's
                sparsifier (BaseSparsifier's masks, ranking the masked weights' magnitudes as its
                WeightNormSparsifier does, which refuses 4-d conv weights) with its CubicSL scheduler
@@ -98,7 +100,9 @@ PRUNE_FROM = 0.25  # every method's pruning starts here (a fraction of the budge
 WINDOWS = ((0.25, 0.5), (0.25, 0.75))  # ramp (start, end) as fractions of the budget: hold the rest
 ONE_SHOT_AT = (0.5, 0.75)
 MANUAL_STRENGTHS = (1e-5, 1e-4)
-CANDIDATES = tuple(f"{reg}/{alloc}/{a}-{b}" for reg in ("l1", "l0") for alloc in ("global", "uniform") for a, b in WINDOWS)
+REGROWTH = ("regrow", "no-regrow")  # attach(..., regrow=True / False)
+CANDIDATES = tuple(f"{reg}/{alloc}/{a}-{b}/{regrow}" for reg in ("l1", "l0") for alloc in ("global", "uniform")
+                   for a, b in WINDOWS for regrow in REGROWTH)
 METHODS = {
     "paramreg": "paramreg, one call (the recipe's default)",
     "gmp-tensor": "gradual magnitude, per tensor (torch.ao.pruning)",
@@ -396,7 +400,7 @@ class Runner:
             steps = self.train(model, opt, seed, 0, self.task.budget)
             paramreg.remove(model)
             return [self.row("paramreg", setting, level, seed, model, steps, started)]
-        reg, allocation, window = setting.split("/")
+        reg, allocation, window, regrowth = setting.split("/")
         start, end = (self.at(float(f)) for f in window.split("-"))
         model, opt = self.resume(seed, PRUNE_FROM)
         here = self.at(PRUNE_FROM)
@@ -404,7 +408,8 @@ class Runner:
         # attached at the shared checkpoint: nothing acts before the ramp starts, so this is the call
         # sparsity_steps=(start, end) made at step 0 (tests/test_sparsity.py, test_one_call_...)
         paramreg.attach(model, self.task.selected, sparsity=level, sparsity_steps=(start - here, end - here), keep_zeros=True,
-                        allocation=allocation, **{reg: True})  # named either way: the target's default is whatever the rule chose
+                        allocation=allocation, regrow=regrowth == "regrow",
+                        **{reg: True})  # named either way: the target's defaults are whatever the rule chose
         steps = here + self.train(model, opt, seed, here, self.task.budget)
         paramreg.remove(model)
         return [self.row("paramreg", setting, level, seed, model, steps, started)]

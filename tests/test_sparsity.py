@@ -542,7 +542,9 @@ def test_a_uniform_allocation_gives_each_tensor_the_fraction(selection):
     ({"sparsity": 0.5, "sparsity_steps": 1, "allocation": "per-layer"}, "allocation must be one of 'global', 'uniform'"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "max_sparsity": 0.4}, "max_sparsity must be a number from the target sparsity"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "max_sparsity": 1.5}, "max_sparsity must be a number from the target sparsity"),
-    ({"l1": 1e-3, "max_sparsity": 0.9}, "allocation= and max_sparsity= belong to a sparsity target"),
+    ({"l1": 1e-3, "max_sparsity": 0.9}, "allocation=, max_sparsity= and regrow= belong to a sparsity target"),
+    ({"l1": 1e-3, "regrow": False}, "allocation=, max_sparsity= and regrow= belong to a sparsity target"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "regrow": "no"}, "regrow must be True or False"),
 ])
 def test_bad_allocation_options_are_refused(keywords, match):
     model = _lopsided()

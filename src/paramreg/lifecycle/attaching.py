@@ -89,6 +89,7 @@ def attach(
     total_steps=None,
     allocation="global",
     max_sparsity=None,
+    regrow=None,
     metric_floor=1.0,
     **keywords,
 ) -> list[str]:
@@ -151,6 +152,11 @@ def attach(
             ``"uniform"`` gives each tensor the fraction itself.
         max_sparsity: with a global target, the largest fraction of one tensor's groups that may
             be zero; default 0.99 (or ``sparsity``, if higher), so that no tensor is emptied.
+        regrow: with a target, whether a weight it zeroed may come back. ``True`` (default): the
+            proximal path, a zero returns when its gradient outweighs the strength. ``False``:
+            from the ramp's first step on, the gradient of every exactly zero weight is set to zero
+            before each optimizer step, as a pruning mask would (Note [Zeros that do not regrow]
+            in :mod:`paramreg.optim.targets`).
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
     parametrization, visible in ``print(model)``). A Parameter tied under several names is
@@ -179,9 +185,11 @@ def attach(
     target = None
     if sparsity is not None or sparsity_steps is not None or total_steps is not None:
         regularizer, target = options.checked_target(reg, given, mode, schedule, sparsity, sparsity_steps, where, allocation,
-                                                     max_sparsity, total_steps)
-    elif allocation != "global" or max_sparsity is not None:
-        raise ParamregError(f"{where}: allocation= and max_sparsity= belong to a sparsity target: give sparsity=s and total_steps=T too")
+                                                     max_sparsity, total_steps, regrow)
+    elif allocation != "global" or max_sparsity is not None or regrow is not None:
+        raise ParamregError(
+            f"{where}: allocation=, max_sparsity= and regrow= belong to a sparsity target: give sparsity=s and total_steps=T too"
+        )
     else:
         regularizer = options.checked_regularizer(reg, given, where)
     mode = options.checked_mode(regularizer, mode, where)

@@ -116,7 +116,7 @@ def checked_mode(regularizer: Regularizer, mode, where: str) -> str:
 
 
 def checked_target(reg, given: dict, mode: str, schedule, sparsity, sparsity_steps, where: str, allocation="global",
-                   max_sparsity=None, total_steps=None):
+                   max_sparsity=None, total_steps=None, regrow=None):
     """For ``sparsity=``: the regularizer at unit strength and the sparsity target (Note [Target
     sparsity] in optim/targets.py); a strength given with it is the target's first. With
     ``total_steps`` the ramp and ``keep_zeros`` take the recipe's defaults (Note [The recipe's
@@ -141,7 +141,7 @@ def checked_target(reg, given: dict, mode: str, schedule, sparsity, sparsity_ste
         if isinstance(sparsity_steps, (tuple, list)) and len(sparsity_steps) == 2:
             start, end = sparsity_steps
     keep = given.pop("keep_zeros", total_steps is not None)  # the recipe in one call (Note [Ramp, then keep the zeros])
-    target = SparsityTarget(sparsity, end, allocation, max_sparsity, start, keep)
+    target = SparsityTarget(sparsity, end, allocation, max_sparsity, start, keep, True if regrow is None else regrow)
     if schedule is not None or any(is_schedule(v) for v in given.values()):
         raise ParamregError(f"{where}: a sparsity target sets the strength at every step; it takes no strength schedule")
     # a strength keyword may be True (no starting value): the form alone

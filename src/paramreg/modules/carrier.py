@@ -111,7 +111,8 @@ class Carrier(nn.Module):
         if self.target is not None:
             start = f" from step {self.target.start}" if self.target.start else ""
             kept = ", then keeps its zeros" if self.target.keep_zeros else ""
-            target = f", sparsity={self.target.sparsity:g}{start} by step {self.target.steps}{kept}"
+            regrow = "" if self.target.regrow else ", regrow=False"
+            target = f", sparsity={self.target.sparsity:g}{start} by step {self.target.steps}{kept}{regrow}"
         return f"{self.current()!r}, mode={self.mode!r}{step}{floor}{schedule}{target}"
 
     def remember(self, w: Tensor) -> None:

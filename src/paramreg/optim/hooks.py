@@ -61,6 +61,7 @@ def _before_step(optimizer, args, kwargs) -> None:
     if live_carriers():
         state.save_with(optimizer)  # before any step, also DCP's null one: its state_dict records paramreg's keys
         _refuse_coupled_targets_across_ranks(optimizer)
+        _hold_zeros(optimizer)
     state.advance_fills(optimizer, advance=not _null_step(optimizer))
 
 
@@ -82,6 +83,27 @@ def _after_step(optimizer, args, kwargs) -> None:
             state.save_with(optimizer)
     if found.plan or found.partition:
         applying.run(optimizer, found.plan or [], found.partition)
+
+
+def _hold_zeros(optimizer) -> None:
+    """Before a step: the gradient of every zero weight of a target with ``regrow=False`` set to
+    zero once its ramp has begun (Note [Zeros that do not regrow] in optim/targets.py). The
+    tensors are listed once per plan signature; a resumed run's step counts are restored here,
+    before its first step, since they decide."""
+    found = state.of(optimizer)
+    signature = plans.signature(optimizer)
+    if found.held_for != signature:
+        by_param = state.carriers_by_param()
+        found.held = [
+            (p, c) for g in optimizer.param_groups for p in g["params"]
+            if (c := by_param.get(id(p))) is not None and c.mode == "prox" and c.target is not None and not c.target.regrow
+        ]
+        if found.held:
+            state.restore_counts(optimizer, by_param)  # a loaded state_dict's counts (Note [Resume] in optim/state.py)
+        found.held_for = signature
+    for p, c in found.held:
+        if p.grad is not None and c.target.masks_gradient(c.calls):
+            p.grad.masked_fill_(p == 0, 0)
 
 
 def _zero_outer(depth: int):

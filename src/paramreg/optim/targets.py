@@ -26,7 +26,8 @@ Note [Target sparsity]
     within 2^-18 of the m-th value, ties), every other group is shrunk as L1 or group lasso
     shrinks it at that strength. It is
     the smallest strength that reaches s_k on this step, so the method stays a proximal method
-    whose strength follows a path, not a mask: zeros come back when their gradient outweighs it.
+    whose strength follows a path, not a mask: zeros come back when their gradient outweighs it
+    (unless ``regrow=False``, Note [Zeros that do not regrow]).
     In an optimizer's metric c_i = abs(w⁺_i)·(sqrt(v̂_i) + eps)/lr for Adam, a weight's magnitude
     times its gradient scale; with SGD it is the magnitude over lr·fill.
 
@@ -75,6 +76,21 @@ Note [Ramp, then keep the zeros]
     the two-phase form (``remove``, then ``attach(..., keep_zeros=True)``) without leaving the
     target. A resumed run takes the mask from the loaded weights (the state-dict load hook), so it
     continues exactly.
+
+Note [Zeros that do not regrow]
+    With ``regrow=False``, before every optimizer step from the one after the ramp's first step
+    on (a tensor's step count above the ramp's start: before it the target has zeroed nothing, so
+    a weight initialized at zero, LoRA's B, still trains), the gradient of each exactly zero
+    weight of the target's tensors is set to zero, as a pruning mask (torch.ao.pruning's, or
+    ``torch.nn.utils.prune``'s) sets it: ``grad.masked_fill_(w == 0, 0)`` in the global pre-step
+    hook (optim/hooks.py), after ``GradScaler`` unscaled it and after DDP reduced it, once per
+    real step. Nothing is added to a gradient; its moments no longer see the zeroed weights, so a
+    zero moves only by the momentum it had (Adam's decays by β₁ per step), and that small value
+    ranks first for zeroing again at the same step: the zero set only grows, as gradual magnitude
+    pruning's does, while the strength still follows the proximal path. After the ramp of a
+    target that keeps its zeros, the same weights are the kept ones. A resumed run masks from the
+    same step: the counts are restored before its first step, and the zeros are the loaded
+    weights'. The cost is one comparison and one masked write per target tensor per step.
 
 Note [The recipe's defaults]
     ``attach(model, targets, sparsity=s, total_steps=T)`` is the recipe with its defaults: the
@@ -161,6 +177,7 @@ class SparsityTarget:
     max_sparsity: float | None = None
     start: int = 0
     keep_zeros: bool = False
+    regrow: bool = True
     strength: float | None = None
     asked: float = 0.0
 
@@ -178,6 +195,8 @@ class SparsityTarget:
             )
         if not isinstance(self.keep_zeros, bool):
             raise ParamregError(f"keep_zeros with a sparsity target must be True or False, got {self.keep_zeros!r}")
+        if not isinstance(self.regrow, bool):
+            raise ParamregError(f"regrow must be True or False (whether a weight the target zeroed may come back), got {self.regrow!r}")
         if self.allocation not in ALLOCATIONS:
             raise ParamregError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {self.allocation!r}")
         if self.max_sparsity is None:
@@ -232,6 +251,11 @@ class SparsityTarget:
                 limits[u] = _kth(criticals, caps[u], [u])
             strength = _kth(criticals, m, limits=limits)
 
+    def masks_gradient(self, calls: int) -> bool:
+        """Whether, before the step that follows ``calls`` steps of a tensor, the gradient of its
+        zero weights is set to zero (Note [Zeros that do not regrow])."""
+        return not self.regrow and calls > self.start
+
     def holds(self, k: int) -> bool:
         """Whether step ``k`` comes after the ramp of a target that then keeps its zeros."""
         return self.keep_zeros and k > self.steps
@@ -242,6 +266,8 @@ class SparsityTarget:
             out["start"] = self.start
         if self.keep_zeros:
             out["keep_zeros"] = True
+        if not self.regrow:
+            out["regrow"] = False
         if self.allocation != "global":
             out["allocation"] = self.allocation
         if self.max_sparsity != max(MAX_SPARSITY, self.sparsity):
