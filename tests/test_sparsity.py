@@ -601,6 +601,80 @@ def test_one_call_ramps_then_keeps_its_zeros_and_resumes_bitwise(name, tmp_path)
     assert "then zeros kept" in paramreg.report(full).rows[0].regularizer
 
 
+def _zero_sets(regrow, make_opt, steps=30):
+    """The zero sets of an L1 target (ramp from step 3 to 20) after each step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    paramreg.attach(model, "*.weight", sparsity=0.7, sparsity_steps=(3, 20), l1=True, regrow=regrow)
+    opt = make_opt(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    sets = []
+    for _ in range(steps):
+        x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        sets.append(torch.cat([model[0].weight.detach().flatten(), model[2].weight.detach().flatten()]) == 0)
+    return sets
+
+
+@pytest.mark.parametrize("name", ["SGD", "SGD momentum", "Adam"])
+def test_regrow_false_keeps_every_zero_of_the_ramp_where_the_proximal_path_lets_some_return(name):
+    """Note [Zeros that do not regrow]: the zero set only grows, and the ramp's fraction is met
+    exactly at its end, under every optimizer (momentum would move a zero whose gradient alone
+    was set to zero); with regrow=True (the default) the same run under plain SGD has zeros that
+    come back."""
+    make_opt = {"SGD": lambda p: torch.optim.SGD(p, lr=0.2), "SGD momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+                "Adam": lambda p: torch.optim.Adam(p, lr=1e-2)}[name]
+    sets = _zero_sets(False, make_opt)
+    assert all(not (a & ~b).any() for a, b in zip(sets, sets[1:], strict=False))
+    assert int(sets[19].sum()) == round(0.7 * sets[0].numel())
+    if name == "SGD":
+        sets = _zero_sets(True, make_opt)
+        assert any((a & ~b).any() for a, b in zip(sets, sets[1:], strict=False))
+
+
+def test_regrow_false_masks_nothing_before_the_ramp_so_a_zero_initialized_weight_trains():
+    """A tensor that starts at zero (LoRA's B) is not frozen: the mask starts after the ramp's
+    first step, when the zeros are the target's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))  # no unit without gradient
+    nn.init.zeros_(model[2].weight)
+    # from step 2: Adam's first step moves every weight by lr, whose critical strengths then tie
+    paramreg.attach(model, "2.weight", sparsity=0.5, sparsity_steps=(2, 6), l0=True, regrow=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(8):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(32, 8)), torch.randint(0, 3, (32,))).backward()
+        opt.step()
+    assert int((model[2].weight == 0).sum()) == 24  # half of 48 trained weights, not all 48
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_regrow_false_changes_the_run_and_resumes_bitwise_from_any_step(name, tmp_path):
+    """The optimizer's moments differ from the regrowing run's (an L0 map that zeroes the same
+    weights leaves the weights alike over these 12 steps). Saved before the ramp (step 2: nothing masked yet), at its first masked step (3) and in it
+    (5), resumed runs equal the uninterrupted one: the step counts that decide the mask are
+    restored before the resumed run's first step."""
+    make_opt = {"SGD": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2)}[name]
+    full, full_opt = _recipe_run(make_opt, 12, total_steps=8, regrow=False)
+    _, regrowing_opt = _recipe_run(make_opt, 12, total_steps=8)
+    moments = [[t for s in o.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()] for o in (full_opt, regrowing_opt)]
+    assert not all(torch.equal(a, b) for a, b in zip(*moments, strict=True))  # the zeros' moments no longer see their gradients
+    for stop in (2, 3, 5):
+        model, opt = _recipe_run(make_opt, stop, total_steps=8, regrow=False)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "spec": paramreg.spec(model)}, tmp_path / "c.pt")
+        saved = torch.load(tmp_path / "c.pt", weights_only=True)
+        resumed = SmallCNN()
+        paramreg.attach_spec(resumed, saved["spec"])
+        resumed_opt = make_opt(resumed.parameters())
+        resumed.load_state_dict(saved["model"])
+        resumed_opt.load_state_dict(saved["opt"])
+        resumed, _ = _recipe_run(make_opt, 12 - stop, resumed, resumed_opt, first=stop)
+        assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)), stop
+    assert "then keeps its zeros, regrow=False" in repr(full.conv1.parametrizations.weight[0])
+
+
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])
 def test_total_steps_is_the_recipe_spelled_out(name):
     """Note [The recipe's defaults]: total_steps=T is the ramp over 0.25-0.75 of T with L0 in the

@@ -70,6 +70,8 @@ def _after_step(optimizer, args, kwargs) -> None:
     if _leave(optimizer) or not live_carriers() or _null_step(optimizer):
         return
     found = state.of(optimizer)
+    if found.zeros:
+        _rezero(found)
     signature = plans.signature(optimizer)
     if found.signature != signature:
         by_param = state.carriers_by_param()
@@ -87,10 +89,11 @@ def _after_step(optimizer, args, kwargs) -> None:
 
 def _hold_zeros(optimizer) -> None:
     """Before a step: the gradient of every zero weight of a target with ``regrow=False`` set to
-    zero once its ramp has begun (Note [Zeros that do not regrow] in optim/targets.py). The
-    tensors are listed once per plan signature; a resumed run's step counts are restored here,
-    before its first step, since they decide."""
+    zero once its ramp has begun, and its mask kept for :func:`_rezero` (Note [Zeros that do not
+    regrow] in optim/targets.py). The tensors are listed once per plan signature; a resumed run's
+    step counts are restored here, before its first step, since they decide."""
     found = state.of(optimizer)
+    found.zeros = []
     signature = plans.signature(optimizer)
     if found.held_for != signature:
         by_param = state.carriers_by_param()
@@ -103,7 +106,18 @@ def _hold_zeros(optimizer) -> None:
         found.held_for = signature
     for p, c in found.held:
         if p.grad is not None and c.target.masks_gradient(c.calls):
-            p.grad.masked_fill_(p == 0, 0)
+            zeros = p == 0
+            p.grad.masked_fill_(zeros, 0)
+            found.zeros.append((p, zeros))
+
+
+def _rezero(found) -> None:
+    """After a step, before its proximal maps: the weights :func:`_hold_zeros` found zero set to
+    zero again (the optimizer's momentum moved them)."""
+    with torch.no_grad():
+        for p, zeros in found.zeros:
+            p.masked_fill_(zeros, 0)
+    found.zeros = []
 
 
 def _zero_outer(depth: int):

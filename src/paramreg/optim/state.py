@@ -74,7 +74,7 @@ FILL_KEY = "paramreg_momentum_fill"  # where a group's momentum fill goes in the
 class OptimizerState:
     """What paramreg keeps of one optimizer."""
 
-    __slots__ = ("fills", "signature", "plan", "partition", "saving", "warned", "wrapper", "held", "held_for")
+    __slots__ = ("fills", "signature", "plan", "partition", "saving", "warned", "wrapper", "held", "held_for", "zeros")
 
     def __init__(self):
         self.fills: list[list] | None = None  # SGD and RMSprop: [group, fill] per parameter group (Note [Momentum fill])
@@ -86,6 +86,7 @@ class OptimizerState:
         self.wrapper = False  # another optimizer steps inside its step() (Note [Nested steps] in optim/hooks.py)
         self.held: list = []  # (parameter, carrier) of its targets with regrow=False (Note [Zeros that do not regrow])
         self.held_for: tuple | None = None  # the plan signature ``held`` was listed for
+        self.zeros: list = []  # (parameter, its zero mask) from the step's pre-step hook to its post-step hook
 
 
 _STATES: "weakref.WeakKeyDictionary[torch.optim.Optimizer, OptimizerState]" = weakref.WeakKeyDictionary()

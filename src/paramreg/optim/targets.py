@@ -78,19 +78,26 @@ Note [Ramp, then keep the zeros]
     continues exactly.
 
 Note [Zeros that do not regrow]
-    With ``regrow=False``, before every optimizer step from the one after the ramp's first step
-    on (a tensor's step count above the ramp's start: before it the target has zeroed nothing, so
-    a weight initialized at zero, LoRA's B, still trains), the gradient of each exactly zero
-    weight of the target's tensors is set to zero, as a pruning mask (torch.ao.pruning's, or
-    ``torch.nn.utils.prune``'s) sets it: ``grad.masked_fill_(w == 0, 0)`` in the global pre-step
-    hook (optim/hooks.py), after ``GradScaler`` unscaled it and after DDP reduced it, once per
-    real step. Nothing is added to a gradient; its moments no longer see the zeroed weights, so a
-    zero moves only by the momentum it had (Adam's decays by β₁ per step), and that small value
-    ranks first for zeroing again at the same step: the zero set only grows, as gradual magnitude
-    pruning's does, while the strength still follows the proximal path. After the ramp of a
-    target that keeps its zeros, the same weights are the kept ones. A resumed run masks from the
-    same step: the counts are restored before its first step, and the zeros are the loaded
-    weights'. The cost is one comparison and one masked write per target tensor per step.
+    With ``regrow=False`` a weight the target zeroed stays zero, as under a pruning mask
+    (torch.ao.pruning's or ``torch.nn.utils.prune``'s, which multiply the weight by its mask):
+    before every optimizer step from the one after the ramp's first step on (a tensor's step
+    count above the ramp's start: before it the target has zeroed nothing, so a weight
+    initialized at zero, LoRA's B, still trains), the gradient of each exactly zero weight of the
+    target's tensors is set to zero (the global pre-step hook in optim/hooks.py: after
+    ``GradScaler`` unscaled it and after DDP reduced it, once per real step), so the optimizer's
+    moments no longer see it; after the step those weights are set to zero again before the
+    target ranks (momentum from earlier steps moved them). Nothing is added to a gradient. So a
+    zero's critical strength is 0, the zero set only grows along the ramp, and the strength still
+    follows the proximal path for the weights left. Setting only the gradient is not enough:
+    under Adam, every weight zeroed at one step and moved by its decaying momentum alone moves by
+    the same amount (Adam's step is scale-free), and where the metric's floor binds they tie in
+    critical strength, so the map zeroed up to 8% more than asked on a small tensor. A resumed
+    run masks from the same step: the counts are restored before its first step, and the zeros
+    are the loaded weights'. Ties at a step (Note [Target sparsity]) are kept as well: a tensor
+    initialized at zero whose ramp starts at its first Adam step, which moves every weight by lr,
+    ties many critical strengths there (start its ramp a step or more later). The cost: one comparison, one masked write of the gradient and one
+    of the weight per target tensor per step, and a boolean mask of each from the pre-step to the
+    post-step hook.
 
 Note [The recipe's defaults]
     ``attach(model, targets, sparsity=s, total_steps=T)`` is the recipe with its defaults: the
