@@ -149,3 +149,59 @@ def test_a_checkpoint_of_an_older_paramreg_with_group_keys_resumes_the_same():
     _dcp_train(full, opt, range(3, 7))
     _dcp_train(resumed, resumed_opt, range(3, 7))
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True))
+
+
+def _target_run(make_opt, steps, first=0, saved=None, **keywords):
+    """An L1 target (ramp from step 2 to 6) on the first layer and a plain l1= on the second,
+    ``steps`` steps from ``first``, optionally resumed from ``saved`` (model and optimizer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    paramreg.attach(model, "0.weight", sparsity=0.6, sparsity_steps=(2, 6), l1=True, **keywords)
+    paramreg.attach(model, "2.weight", l1=1e-2)
+    opt = make_opt(model.parameters())
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+    g = torch.Generator().manual_seed(1)
+    for k in range(first + steps):
+        x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+        if k < first:
+            continue
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("regrow", [True, False])
+@pytest.mark.parametrize("name", ["SGD", "SGD momentum"])
+def test_a_resumed_target_under_sgd_continues_its_ramp_and_fill_bitwise(name, regrow, tmp_path):
+    """Plain SGD keeps no state for a parameter: the step counts make an entry (they were left
+    out, and a resumed ramp started again at 0); with momentum the loaded fill is read before
+    anything takes paramreg's keys out (regrow=False restores the counts before the step, and
+    took the fill with them: every carrier of the optimizer then stepped at the settled fill)."""
+    make_opt = {"SGD": lambda p: torch.optim.SGD(p, lr=0.1), "SGD momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)}[name]
+    full, _ = _target_run(make_opt, 10, regrow=regrow)
+    for stop in (1, 3, 5):
+        model, opt = _target_run(make_opt, stop, regrow=regrow)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "c.pt")
+        saved = torch.load(tmp_path / "c.pt", weights_only=True)
+        resumed, _ = _target_run(make_opt, 10 - stop, first=stop, saved=saved, regrow=regrow)
+        assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)), stop
+
+
+def test_an_optimizer_state_dict_taken_mid_run_does_not_roll_the_counts_back_later():
+    """torch's state_dict() shares the live per-parameter dicts, so paramreg's keys land in the
+    live state (DCP's flattened form needs them there); when the carriers change later, those
+    counts are not read back as if loaded."""
+    model, opt = _target_run(lambda p: torch.optim.Adam(p, lr=1e-2), 4)
+    saved = opt.state_dict()
+    assert sum(paramreg.optim.state.STEPS_KEY in entry for entry in saved["state"].values()) == 2  # the two weights
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    for k in range(3):
+        if k == 1:
+            paramreg.attach(model, "2.bias", l2=1e-2)  # the carriers change: the plan is built again
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert model[0].parametrizations.weight[0].calls == 7

@@ -524,3 +524,59 @@ def test_optimizer_without_lr_gets_a_clear_error():
     loss_of(model, x, y).backward()
     with pytest.raises(paramreg.ParamregError, match="SignSGD has no 'lr'.*paramreg.prox_step"):
         opt.step()
+
+
+def test_a_fused_optimizers_skipped_step_under_grad_scaler_applies_no_prox_and_counts_nothing():
+    """Note [Skipped fused steps]: GradScaler calls a fused optimizer's step() on an inf gradient,
+    with optimizer.found_inf set; the kernel moves nothing, and neither does paramreg (its map
+    read the inf gradient's norm and made the weights NaN)."""
+    x, y = mlp_batch()
+    model = mlp()
+    paramreg.attach(model, "*.weight", sparsity=0.5, sparsity_steps=(1, 4), l1=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for k in range(6):
+        opt.zero_grad()
+        scaler.scale(loss_of(model, x, y)).backward()
+        if k == 2:
+            model[0].weight.grad[0, 0] = float("inf")
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        scaler.step(opt)
+        scaler.update()
+        if k == 2:
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    carrier = model[0].parametrizations.weight[0]
+    assert carrier.calls == 5 == int(opt.state[model[0].parametrizations.weight.original]["step"])
+    weights = [model[0].weight, model[2].weight]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.5 * sum(w.numel() for w in weights))
+
+
+@pytest.mark.parametrize("passed", ["positional", "keyword"])
+def test_regrow_false_masks_the_gradient_a_closure_computes(passed):
+    """Note [Zeros that do not regrow] with step(closure): the pre-step hook runs before the
+    closure computes the gradient, so the closure is wrapped to set the kept zeros' gradient to
+    zero after it; the optimizer's moments never see them."""
+    x, y = mlp_batch()
+    model = mlp()
+    paramreg.attach(model, "*.weight", sparsity=0.6, sparsity_steps=(1, 5), l1=True, regrow=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    weight, original = model[0].weight, model[0].parametrizations.weight.original
+    zeros = weight == 0
+    masked = 0
+    for _ in range(8):
+        second = opt.state[original]["exp_avg_sq"].clone() if opt.state[original] else None
+        opt.step(closure) if passed == "positional" else opt.step(closure=closure)
+        assert not (zeros & (weight != 0)).any()  # no zero came back
+        if zeros.any():  # a zero's second moment only decays: its gradient was 0
+            assert torch.equal(opt.state[original]["exp_avg_sq"][zeros], second[zeros] * 0.999)
+            masked += 1
+        zeros = weight == 0
+    assert masked >= 6

@@ -153,10 +153,11 @@ def attach(
         max_sparsity: with a global target, the largest fraction of one tensor's groups that may
             be zero; default 0.99 (or ``sparsity``, if higher), so that no tensor is emptied.
         regrow: with a target, whether a weight it zeroed may come back. ``True`` (default): the
-            proximal path, a zero returns when its gradient outweighs the strength. ``False``:
-            from the ramp's first step on, the gradient of every exactly zero weight is set to zero
-            before each optimizer step, as a pruning mask would (Note [Zeros that do not regrow]
-            in :mod:`paramreg.optim.targets`).
+            proximal path, a zero returns when its gradient outweighs the strength. ``False``: a
+            zero stays zero, as under a pruning mask: from the step after the ramp's first on,
+            the gradient of every exactly zero weight is set to zero before each optimizer step
+            and the weight set back to zero after it (Note [Zeros that do not regrow] in
+            :mod:`paramreg.optim.targets`).
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
     parametrization, visible in ``print(model)``). A Parameter tied under several names is

@@ -3,8 +3,9 @@
 Note [Why a global optimizer post-step hook]
     ``torch.optim.optimizer.register_optimizer_step_post_hook`` runs after the ``step()`` of every
     ``torch.optim.Optimizer``, whether it was built before or after ``attach``, with no extra line
-    in the user's loop. ``GradScaler`` does not call ``step()`` on a step with inf/NaN gradients,
-    so the prox is skipped exactly when the step is; with gradient accumulation it runs once per
+    in the user's loop. ``GradScaler`` does not call ``step()`` on a step with inf/NaN gradients
+    (a fused optimizer's it calls, flagged: Note [Skipped fused steps]), so the prox is skipped
+    exactly when the step is; with gradient accumulation it runs once per
     real step. Nothing is ever added to gradients (a backward hook would see AMP-scaled gradients
     and fire once per micro-batch). A global pre-step hook, skipped with the step in the same
     way, keeps the momentum fill of SGD and RMSprop (Note [Momentum fill] in optim/state.py).
@@ -54,24 +55,32 @@ def install() -> None:
 
 
 @torch.compiler.disable  # bookkeeping in Python, like _after_step
-def _before_step(optimizer, args, kwargs) -> None:
-    """Note that ``optimizer`` is stepping (Note [Nested steps]), and advance its momentum fills
-    (Note [Momentum fill] in optim/state.py) unless the step is a null step (Note [Null steps])."""
+def _before_step(optimizer, args, kwargs):
+    """Note that ``optimizer`` is stepping (Note [Nested steps]), advance its momentum fills
+    (Note [Momentum fill] in optim/state.py) unless the step is a null step (Note [Null steps])
+    or a skipped one (Note [Skipped fused steps]), and set the gradient of the zeros a target
+    keeps to zero (Note [Zeros that do not regrow] in optim/targets.py); with a closure, after
+    the closure has computed it (the step's arguments returned with the closure wrapped)."""
     _enter(optimizer)
+    skipped = _skipped(optimizer)
     if live_carriers():
         state.save_with(optimizer)  # before any step, also DCP's null one: its state_dict records paramreg's keys
         _refuse_coupled_targets_across_ranks(optimizer)
-        _hold_zeros(optimizer)
-    state.advance_fills(optimizer, advance=not _null_step(optimizer))
+    state.advance_fills(optimizer, advance=not (skipped or _null_step(optimizer)))  # reads a loaded fill: before _hold_zeros
+    if live_carriers() and not skipped and _hold_zeros(optimizer):
+        return _masking_closure(optimizer, args, kwargs)
+    return None
 
 
 @torch.compiler.disable  # bookkeeping in Python: runs eagerly after a compiled optimizer step
 def _after_step(optimizer, args, kwargs) -> None:
-    if _leave(optimizer) or not live_carriers() or _null_step(optimizer):
+    wrapper = _leave(optimizer)
+    found = state.get(optimizer)
+    if found is not None and found.zeros:
+        _rezero(found)  # also after a wrapper's step (a lookahead's slow weights) and a null one
+    if wrapper or not live_carriers() or _null_step(optimizer) or _skipped(optimizer):
         return
     found = state.of(optimizer)
-    if found.zeros:
-        _rezero(found)
     signature = plans.signature(optimizer)
     if found.signature != signature:
         by_param = state.carriers_by_param()
@@ -87,28 +96,55 @@ def _after_step(optimizer, args, kwargs) -> None:
         applying.run(optimizer, found.plan or [], found.partition)
 
 
-def _hold_zeros(optimizer) -> None:
-    """Before a step: the gradient of every zero weight of a target with ``regrow=False`` set to
-    zero once its ramp has begun, and its mask kept for :func:`_rezero` (Note [Zeros that do not
-    regrow] in optim/targets.py). The tensors are listed once per plan signature; a resumed run's
-    step counts are restored here, before its first step, since they decide."""
+def _hold_zeros(optimizer) -> bool:
+    """Before a step: the mask of every zero weight of a target with ``regrow=False`` once its
+    ramp has begun, kept for :func:`_rezero`, and the gradient there set to zero (Note [Zeros that
+    do not regrow] in optim/targets.py); True if any mask was taken. The tensors are listed once
+    per plan signature, their carriers weakly; a resumed run's step counts are restored here,
+    before its first step, since they decide."""
     found = state.of(optimizer)
     found.zeros = []
     signature = plans.signature(optimizer)
     if found.held_for != signature:
         by_param = state.carriers_by_param()
         found.held = [
-            (p, c) for g in optimizer.param_groups for p in g["params"]
+            (p, weakref.ref(c)) for g in optimizer.param_groups for p in g["params"]
             if (c := by_param.get(id(p))) is not None and c.mode == "prox" and c.target is not None and not c.target.regrow
         ]
         if found.held:
             state.restore_counts(optimizer, by_param)  # a loaded state_dict's counts (Note [Resume] in optim/state.py)
         found.held_for = signature
-    for p, c in found.held:
-        if p.grad is not None and c.target.masks_gradient(c.calls):
-            zeros = p == 0
-            p.grad.masked_fill_(zeros, 0)
-            found.zeros.append((p, zeros))
+    for p, ref in found.held:
+        c = ref()
+        if c is not None and c.target.masks_gradient(c.calls):
+            found.zeros.append((p, p.detach() == 0))
+    _mask_gradients(found.zeros)
+    return bool(found.zeros)
+
+
+def _mask_gradients(zeros: list) -> None:
+    with torch.no_grad():
+        for p, mask in zeros:
+            if p.grad is not None:
+                p.grad.masked_fill_(mask, 0)
+
+
+def _masking_closure(optimizer, args, kwargs):
+    """The step's arguments with its closure (LBFGS, Lightning's automatic optimization) made to
+    set the kept zeros' gradient to zero after computing it; None without a closure."""
+    closure = kwargs.get("closure") if "closure" in kwargs else args[1] if len(args) > 1 else None  # args[0]: the optimizer
+    if not callable(closure):
+        return None
+    zeros = state.of(optimizer).zeros
+
+    def masked():
+        loss = closure()
+        _mask_gradients(zeros)
+        return loss
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": masked}
+    return (args[0], masked, *args[2:]), kwargs
 
 
 def _rezero(found) -> None:
@@ -118,6 +154,23 @@ def _rezero(found) -> None:
         for p, zeros in found.zeros:
             p.masked_fill_(zeros, 0)
     found.zeros = []
+
+
+def _skipped(optimizer) -> bool:
+    """Whether a fused optimizer's step under ``GradScaler`` is skipped (Note [Skipped fused steps]).
+
+    Note [Skipped fused steps]
+        ``GradScaler.step`` does not call ``step()`` when a gradient is inf or NaN, except for an
+        optimizer that handles scaling itself (``fused=True``: ``_step_supports_amp_scaling``):
+        that one is called with the gradients still scaled and ``optimizer.found_inf`` set (and
+        deleted after the step), and its kernel leaves the weights, moments and step counts as
+        they were when ``found_inf`` is not zero. paramreg does the same: no map, no count, no
+        fill, no mask on that step (a map there read the inf gradient's norm and made the weights
+        NaN). On a step that is not skipped the kernel has unscaled the gradients in place when
+        the post-step hook reads them (checked on the CPU).
+    """
+    found_inf = getattr(optimizer, "found_inf", None)
+    return isinstance(found_inf, torch.Tensor) and bool(found_inf)
 
 
 def _zero_outer(depth: int):

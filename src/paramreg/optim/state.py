@@ -18,7 +18,12 @@ Note [Resume]
     ``STEPS_KEY``, and each parameter of an SGD or RMSprop group the group's momentum fill under
     ``FILL_KEY`` (plain Python numbers: ``load_state_dict`` casts tensors to the parameter's
     dtype). Keys are only added to a parameter's existing state, never make one (Adam takes an
-    empty state for a first step). The hook is registered before an optimizer's first step, so
+    empty state for a first step), except under SGD, which keeps none for a parameter it steps
+    without momentum and reads only the keys it knows. ``state_dict()`` shares the live
+    per-parameter dicts, so the keys land in the live state too, which DCP's
+    ``flatten_optimizer_state_dict`` needs (it unflattens the keys the live state has); a count
+    found in an entry that this run's own ``state_dict()`` wrote into is not restored (it would
+    roll the count back to that moment when the carriers change later), only dropped. The hook is registered before an optimizer's first step, so
     that the state_dict DCP takes of a fresh optimizer as its template has the keys to fill. When
     the hook first sees the loaded groups (new group dicts), :func:`restore_counts` sets the
     carriers' counts and takes the keys out of the live state, before the plan is built; the fill
@@ -74,7 +79,7 @@ FILL_KEY = "paramreg_momentum_fill"  # where a group's momentum fill goes in the
 class OptimizerState:
     """What paramreg keeps of one optimizer."""
 
-    __slots__ = ("fills", "signature", "plan", "partition", "saving", "warned", "wrapper", "held", "held_for", "zeros")
+    __slots__ = ("fills", "signature", "plan", "partition", "saving", "warned", "wrapper", "held", "held_for", "zeros", "written")
 
     def __init__(self):
         self.fills: list[list] | None = None  # SGD and RMSprop: [group, fill] per parameter group (Note [Momentum fill])
@@ -87,6 +92,7 @@ class OptimizerState:
         self.held: list = []  # (parameter, carrier) of its targets with regrow=False (Note [Zeros that do not regrow])
         self.held_for: tuple | None = None  # the plan signature ``held`` was listed for
         self.zeros: list = []  # (parameter, its zero mask) from the step's pre-step hook to its post-step hook
+        self.written: dict = {}  # id(parameter) -> the live state entry its state_dict() wrote a count into (Note [Resume])
 
 
 _STATES: "weakref.WeakKeyDictionary[torch.optim.Optimizer, OptimizerState]" = weakref.WeakKeyDictionary()
@@ -194,15 +200,22 @@ def _save_state(optimizer, state_dict) -> None:
     in the per-parameter state, so that ``load_state_dict`` resumes them (Note [Resume])."""
     by_param = carriers_by_param()
     saved_state = state_dict["state"]
+    found = of(optimizer)
+    # SGD keeps no state for a parameter it steps without momentum, and reads no key it does not
+    # know: there the keys go into a state entry made for them
+    tolerant = step_sizes.resolve(optimizer) is torch.optim.SGD
     for index, (live, saved) in enumerate(zip(optimizer.param_groups, state_dict["param_groups"], strict=False)):
         fill = fill_of(optimizer, index, live)
         for p, key in zip(live["params"], saved["params"], strict=False):
             entry = saved_state.get(key)
             if not entry:
-                continue  # no optimizer state yet: never make one (Note [Resume])
+                if not tolerant:
+                    continue  # no optimizer state yet: never make one (Note [Resume])
+                entry = saved_state[key] = optimizer.state[p]  # the live entry, as state_dict() shares the others
             c = by_param.get(id(p))
             if c is not None:
                 entry[STEPS_KEY] = c.calls
+                found.written[id(p)] = entry  # in the live state: not a loaded count (restore_counts)
             if fill is not None:  # 0.0 too: a template's key that a load fills
                 entry[FILL_KEY] = fill
 
@@ -211,6 +224,7 @@ def restore_counts(optimizer, by_param: dict) -> None:
     """Set the step counts a loaded optimizer state recorded (``STEPS_KEY``) on the carriers of
     ``by_param`` (id(Parameter) -> carrier), and take paramreg's keys out of the live state
     (Note [Resume])."""
+    written = of(optimizer).written
     for group in optimizer.param_groups:
         params = group["params"]
         for position, calls in group.pop(STEPS_KEY, None) or []:  # a checkpoint of an older paramreg
@@ -222,7 +236,10 @@ def restore_counts(optimizer, by_param: dict) -> None:
             if live:
                 live.pop(FILL_KEY, None)
                 if STEPS_KEY in live:
-                    _restore(by_param.get(id(p)), live.pop(STEPS_KEY))
+                    calls = live.pop(STEPS_KEY)
+                    if written.get(id(p)) is not live:  # a loaded entry, not one a state_dict() of this run wrote into
+                        _restore(by_param.get(id(p)), calls)
+    written.clear()
 
 
 def _restore(c, calls) -> None:

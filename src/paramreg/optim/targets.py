@@ -83,10 +83,11 @@ Note [Zeros that do not regrow]
     before every optimizer step from the one after the ramp's first step on (a tensor's step
     count above the ramp's start: before it the target has zeroed nothing, so a weight
     initialized at zero, LoRA's B, still trains), the gradient of each exactly zero weight of the
-    target's tensors is set to zero (the global pre-step hook in optim/hooks.py: after
-    ``GradScaler`` unscaled it and after DDP reduced it, once per real step), so the optimizer's
-    moments no longer see it; after the step those weights are set to zero again before the
-    target ranks (momentum from earlier steps moved them). Nothing is added to a gradient. So a
+    target's tensors is set to zero (the global pre-step hook in optim/hooks.py, after DDP
+    reduced it; with ``step(closure)``, after the closure computed it), so the optimizer's moments
+    no longer see it; after the step, and after a wrapping optimizer's step (a lookahead's slow
+    weights), those weights are set to zero again before the target ranks (momentum from earlier
+    steps moved them). Nothing is added to a gradient. ``attach_channels`` takes no ``regrow``. So a
     zero's critical strength is 0, the zero set only grows along the ramp, and the strength still
     follows the proximal path for the weights left. Setting only the gradient is not enough:
     under Adam, every weight zeroed at one step and moved by its decaying momentum alone moves by
