@@ -176,10 +176,11 @@ def test_tasks_study_page_shows_the_committed_results_and_the_library_uses_its_d
     begin, end = study.MARKS["tables"]
     assert page.split(begin, 1)[1].split(end, 1)[0].strip() == study.summary_markdown(rows).strip()
     assert {r["task"] for r in rows} == set(study.TASKS) and {r["seed"] for r in rows} == {"0", "1", "2"}
-    reg, allocation, window = study.default_candidate(study.normalized(rows))[0].split("/")
+    reg, allocation, window, regrowth = study.default_candidate(study.normalized(rows))[0].split("/")
     assert tuple(float(f) for f in window.split("-")) == RECIPE_RAMP
     model = study.SmallCNN()
     paramreg.attach(model, "conv1.weight", sparsity=0.5, total_steps=100)
     carrier = model.conv1.parametrizations.weight[0]
     assert type(carrier.regularizer).__name__ == {"l0": "L0", "l1": "L1"}[reg]
     assert carrier.target.allocation == allocation and carrier.target.keep_zeros
+    assert carrier.target.regrow == (regrowth == "regrow")

@@ -304,7 +304,7 @@ def test_group_lasso_target_counts_groups_and_the_spec_round_trips():
     assert int((rows == 0).sum()) == 16  # 25% of 64 rows
     fresh = SmallCNN()
     paramreg.attach_spec(fresh, paramreg.spec(model))
-    assert fresh.fc1.parametrizations.weight[0].target.to_dict() == {"target": 0.25, "steps": 30}
+    assert fresh.fc1.parametrizations.weight[0].target.to_dict() == {"target": 0.25, "steps": 30, "regrow": False}
     assert paramreg.spec(fresh)["attached"]["fc1.weight"] == paramreg.spec(model)["attached"]["fc1.weight"]
 
 
@@ -434,7 +434,8 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, for
     with torch.no_grad():
         model[2].weight.copy_(torch.randn(6).repeat(150).reshape(30, 30))  # ties
     reference = copy.deepcopy(model)
-    paramreg.attach(model, "*.weight", sparsity=0.6, sparsity_steps=4, allocation=allocation, **{form: True})
+    # regrow=True: the proximal path alone, as the reference computes it
+    paramreg.attach(model, "*.weight", sparsity=0.6, sparsity_steps=4, allocation=allocation, regrow=True, **{form: True})
     kind = {"l0": paramreg.L0, "l1": paramreg.L1}[form]
     opt, ref_opt = OPTIMIZERS[name](model.parameters()), OPTIMIZERS[name](reference.parameters())
     x, y = torch.randn(16, 500), torch.randn(16, 20)
@@ -658,7 +659,7 @@ def test_regrow_false_changes_the_run_and_resumes_bitwise_from_any_step(name, tm
     restored before the resumed run's first step."""
     make_opt = {"SGD": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2)}[name]
     full, full_opt = _recipe_run(make_opt, 12, total_steps=8, regrow=False)
-    _, regrowing_opt = _recipe_run(make_opt, 12, total_steps=8)
+    regrowing, regrowing_opt = _recipe_run(make_opt, 12, total_steps=8, regrow=True)
     moments = [[t for s in o.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()] for o in (full_opt, regrowing_opt)]
     assert not all(torch.equal(a, b) for a, b in zip(*moments, strict=True))  # the zeros' moments no longer see their gradients
     for stop in (2, 3, 5):
@@ -672,7 +673,8 @@ def test_regrow_false_changes_the_run_and_resumes_bitwise_from_any_step(name, tm
         resumed_opt.load_state_dict(saved["opt"])
         resumed, _ = _recipe_run(make_opt, 12 - stop, resumed, resumed_opt, first=stop)
         assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)), stop
-    assert "then keeps its zeros, regrow=False" in repr(full.conv1.parametrizations.weight[0])
+    assert repr(full.conv1.parametrizations.weight[0]).endswith("then keeps its zeros)")
+    assert repr(regrowing.conv1.parametrizations.weight[0]).endswith("then keeps its zeros, regrow=True)")
 
 
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])

@@ -17,7 +17,7 @@ from ..catalogue.elementwise import L0, ElasticNet
 from ..errors import ParamregError
 from ..modules.carrier import USER_MODES
 from ..optim.step_sizes import DEFAULT_METRIC_FLOOR, POLICIES
-from ..optim.targets import SparsityTarget, recipe_steps
+from ..optim.targets import REGROW, SparsityTarget, recipe_steps
 
 __all__ = ["checked_regularizer", "is_schedule", "checked_schedule", "checked_step", "checked_mode", "checked_target", "checked_metric_floor"]
 
@@ -141,7 +141,7 @@ def checked_target(reg, given: dict, mode: str, schedule, sparsity, sparsity_ste
         if isinstance(sparsity_steps, (tuple, list)) and len(sparsity_steps) == 2:
             start, end = sparsity_steps
     keep = given.pop("keep_zeros", total_steps is not None)  # the recipe in one call (Note [Ramp, then keep the zeros])
-    target = SparsityTarget(sparsity, end, allocation, max_sparsity, start, keep, True if regrow is None else regrow)
+    target = SparsityTarget(sparsity, end, allocation, max_sparsity, start, keep, REGROW if regrow is None else regrow)
     if schedule is not None or any(is_schedule(v) for v in given.values()):
         raise ParamregError(f"{where}: a sparsity target sets the strength at every step; it takes no strength schedule")
     # a strength keyword may be True (no starting value): the form alone

@@ -111,7 +111,7 @@ class Carrier(nn.Module):
         if self.target is not None:
             start = f" from step {self.target.start}" if self.target.start else ""
             kept = ", then keeps its zeros" if self.target.keep_zeros else ""
-            regrow = "" if self.target.regrow else ", regrow=False"
+            regrow = ", regrow=True" if self.target.regrow else ""  # attach's default is False (its Note in optim/targets.py)
             target = f", sparsity={self.target.sparsity:g}{start} by step {self.target.steps}{kept}{regrow}"
         return f"{self.current()!r}, mode={self.mode!r}{step}{floor}{schedule}{target}"
 

@@ -26,8 +26,9 @@ Note [Target sparsity]
     within 2^-18 of the m-th value, ties), every other group is shrunk as L1 or group lasso
     shrinks it at that strength. It is
     the smallest strength that reaches s_k on this step, so the method stays a proximal method
-    whose strength follows a path, not a mask: zeros come back when their gradient outweighs it
-    (unless ``regrow=False``, Note [Zeros that do not regrow]).
+    whose strength follows a path, not a mask. With ``regrow=True`` zeros come back when their
+    gradient outweighs it; by default (``regrow=False``, Note [Zeros that do not regrow]) a zero
+    stays zero and the path ranks the weights left.
     In an optimizer's metric c_i = abs(w⁺_i)·(sqrt(v̂_i) + eps)/lr for Adam, a weight's magnitude
     times its gradient scale; with SGD it is the magnitude over lr·fill.
 
@@ -78,7 +79,8 @@ Note [Ramp, then keep the zeros]
     continues exactly.
 
 Note [Zeros that do not regrow]
-    With ``regrow=False`` a weight the target zeroed stays zero, as under a pruning mask
+    With ``regrow=False`` (``attach``'s default, Note [The recipe's defaults]) a weight the
+    target zeroed stays zero, as under a pruning mask
     (torch.ao.pruning's or ``torch.nn.utils.prune``'s, which multiply the weight by its mask):
     before every optimizer step from the one after the ramp's first step on (a tensor's step
     count above the ramp's start: before it the target has zeroed nothing, so a weight
@@ -87,9 +89,10 @@ Note [Zeros that do not regrow]
     reduced it; with ``step(closure)``, after the closure computed it), so the optimizer's moments
     no longer see it; after the step, and after a wrapping optimizer's step (a lookahead's slow
     weights), those weights are set to zero again before the target ranks (momentum from earlier
-    steps moved them). Nothing is added to a gradient. ``attach_channels`` takes no ``regrow``. So a
+    steps moved them). Nothing is added to a gradient. ``attach_channels`` takes no ``regrow``: its targets regrow. So a
     zero's critical strength is 0, the zero set only grows along the ramp, and the strength still
-    follows the proximal path for the weights left. Setting only the gradient is not enough:
+    follows the proximal path for the weights left (it is 0 at a step whose fraction the zeros
+    kept already reach, as at the end of a ramp whose last steps ask for no new zero). Setting only the gradient is not enough:
     under Adam, every weight zeroed at one step and moved by its decaying momentum alone moves by
     the same amount (Adam's step is scale-free), and where the metric's floor binds they tie in
     critical strength, so the map zeroed up to 8% more than asked on a small tensor. A resumed
@@ -104,12 +107,14 @@ Note [The recipe's defaults]
     ``attach(model, targets, sparsity=s, total_steps=T)`` is the recipe with its defaults: the
     ramp from step round(0.25·T) to round(0.75·T) (``RECIPE_RAMP``), then the zeros kept to the
     end (``keep_zeros=True``), with ``L0`` in the optimizer's metric (hard thresholding; the
-    default regularizer of every ``sparsity=`` target) and the global allocation, each tensor at
-    most ``MAX_SPARSITY`` zero. These were chosen by one rule across four tasks (a CNN on digits,
-    a transformer on Python source, the same transformer fine-tuned on C, a GRU on English), not
-    per task: among 8 candidates (L1 or L0, global or uniform, the ramp ending at 0.5 or 0.75 of
-    the budget, always starting at 0.25), the best mean rank on validation over every task and
-    level. ``examples/study_tasks.py`` runs that study; docs/sparsity-recipe.md has its tables.
+    default regularizer of every ``sparsity=`` target), zeros that do not regrow (``REGROW``,
+    also every ``sparsity=`` target's default) and the global allocation, each tensor at most
+    ``MAX_SPARSITY`` zero. These were chosen by one rule across four tasks (a CNN on digits, a
+    transformer on Python source, the same transformer fine-tuned on C, a GRU on English), not
+    per task: among 16 candidates (L1 or L0, global or uniform, the ramp ending at 0.5 or 0.75 of
+    the budget, always starting at 0.25, zeros that regrow or not), the best mean rank on
+    validation over every task and level. ``examples/study_tasks.py`` runs that study;
+    docs/sparsity-recipe.md has its tables.
 """
 
 from __future__ import annotations
@@ -124,9 +129,10 @@ from torch import Tensor
 from ..errors import ParamregError
 from .order_statistic import kth_smallest
 
-__all__ = ["SparsityTarget", "ramp", "recipe_steps", "RECIPE_RAMP"]
+__all__ = ["SparsityTarget", "ramp", "recipe_steps", "RECIPE_RAMP", "REGROW"]
 
 RECIPE_RAMP = (0.25, 0.75)  # Note [The recipe's defaults]: the ramp's start and end, fractions of total_steps
+REGROW = False  # Note [The recipe's defaults]: attach's sparsity targets keep every zero they make
 
 
 def ramp(sparsity: float, steps: int, k: int, start: int = 0) -> float:
