@@ -147,7 +147,8 @@ def peak_bytes(variant: str, selected: int, optimizer: str) -> int | None:
         return None
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     done = subprocess.run([sys.executable, __file__, "--peak-of", variant, str(selected), optimizer,
-                           "--target-form", *TARGET_FORM], env=env,
+                           "--target-form", *(k for k in TARGET_FORM if k != "regrow"),
+                           *(["--regrow"] if TARGET_FORM.get("regrow") else [])], env=env,
                           capture_output=True, text=True, check=True, timeout=900)
     return int(done.stdout.split()[-1])
 
@@ -165,9 +166,14 @@ def main() -> None:
     parser.add_argument("--no-target", action="store_true", help="only none and l1 (the target's columns read -)")
     parser.add_argument("--target-form", choices=("l1", "l0"), default="l1",
                         help="the target's regularizer: l1 (default here, as the published figures) or l0 (attach's default)")
+    parser.add_argument("--regrow", action="store_true",
+                        help="a target whose zeros may regrow (regrow=True); attach's default keeps them, with a masked "
+                             "write of the gradient before each step and of the weights after it")
     args = parser.parse_args()
     TARGET_FORM.clear()
     TARGET_FORM[args.target_form] = True
+    if args.regrow:
+        TARGET_FORM["regrow"] = True
     if args.peak_of:
         variant, selected, optimizer = args.peak_of
         print(peak_of(variant, int(selected), optimizer))
@@ -179,7 +185,7 @@ def main() -> None:
         torch.set_num_threads(2)
     where = torch.cuda.get_device_name() if device == "cuda" else f"threads {torch.get_num_threads()}"
     print(f"torch {torch.__version__}, {device} ({where}), batch 8, medians of {rounds} interleaved rounds, "
-          f"{args.target_form} target")
+          f"{args.target_form} target{', zeros regrow' if args.regrow else ''}")
     print("selected   optimizer  none ms  l1/none  floor/none  target/none  target/l1  read/l1  peak MB: none / l1 / target")
     x, y = torch.randn(8, 64, device=device), torch.randint(0, 10, (8,), device=device)
     for size in sizes:
