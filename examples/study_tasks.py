@@ -28,8 +28,8 @@ run's checkpoint at 0.5 or 0.75). Methods, each with two settings but paramreg's
                to `end`, then keeps its zeros; the default step policy of the optimizer. CANDIDATES (16):
                L1 or L0, global (capped at 99% per tensor) or uniform allocation, the ramp over 0.25-0.5
                or 0.25-0.75 of the budget, zeros that may regrow or not (regrow=False: a zero weight's
-               gradient is set to zero before each step, the weight to zero after it). One of them becomes the default by RULE, the
-               same for every task.
+               gradient and momentum are set to zero before each step). One of them becomes the default
+               by RULE, the same for every task.
   gmp-tensor   gradual magnitude pruning, the same fraction in every tensor, on torch.ao.pruning's
                sparsifier (BaseSparsifier's masks, ranking the masked weights' magnitudes as its
                WeightNormSparsifier does, which refuses 4-d conv weights) with its CubicSL scheduler

@@ -721,3 +721,29 @@ def test_a_target_zeroes_exactly_its_budget_at_every_step_however_its_map_rounds
             else:
                 zeros = sum(int((w.norm(dim=1 if grouping == "out" else 0) == 0).sum()) for w in weights)
             assert zeros == round(ramp(0.6, 4, step) * groups), (seed, step)
+
+
+class _HeavyBall(torch.optim.Optimizer):
+    """An optimizer paramreg does not know: momentum that moves a weight whose gradient is 0."""
+
+    def __init__(self, params, lr=0.05, momentum=0.9):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("velocity", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                p.add_(buf, alpha=-group["lr"])
+
+
+def test_regrow_false_under_an_optimizer_paramreg_does_not_know_sets_the_zeros_back_after_its_step():
+    """Note [Zeros that do not regrow]: where paramreg does not know which state moves a weight,
+    it keeps each zero mask from before the step and sets those weights to zero after it."""
+    with pytest.warns(UserWarning):  # paramreg does not know its update (Note [Which optimizers paramreg knows])
+        sets = _zero_sets(False, lambda p: _HeavyBall(p))
+    assert all(not (a & ~b).any() for a, b in zip(sets, sets[1:], strict=False))
+    assert int(sets[19].sum()) == round(0.7 * sets[0].numel())

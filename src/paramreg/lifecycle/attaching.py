@@ -154,9 +154,10 @@ def attach(
             be zero; default 0.99 (or ``sparsity``, if higher), so that no tensor is emptied.
         regrow: with a target, whether a weight it zeroed may come back. ``False`` (default,
             chosen across four tasks with the recipe's other defaults): a zero stays zero, as
-            under a pruning mask: from the step after the ramp's first on, the gradient of every
-            exactly zero weight is set to zero before each optimizer step and the weight set back
-            to zero after it (Note [Zeros that do not regrow] in :mod:`paramreg.optim.targets`).
+            under a pruning mask: from the step after the ramp's first on, the gradient and the
+            momentum of every exactly zero weight are set to zero before each optimizer step, so
+            the step leaves it at zero (Note [Zeros that do not regrow] in
+            :mod:`paramreg.optim.targets`).
             ``True``: the proximal path, a zero returns when its gradient outweighs the strength.
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``

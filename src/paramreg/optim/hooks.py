@@ -38,6 +38,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from ..errors import ParamregError
 from ..modules.carrier import live_carriers
 from . import applying, plans, state
+from . import step_sizes
 from .step_sizes import whole
 
 __all__ = ["install"]
@@ -67,8 +68,8 @@ def _before_step(optimizer, args, kwargs):
         state.save_with(optimizer)  # before any step, also DCP's null one: its state_dict records paramreg's keys
         _refuse_coupled_targets_across_ranks(optimizer)
     state.advance_fills(optimizer, advance=not (skipped or _null_step(optimizer)))  # reads a loaded fill: before _hold_zeros
-    if live_carriers() and not skipped and _hold_zeros(optimizer):
-        return _masking_closure(optimizer, args, kwargs)
+    if live_carriers() and not skipped:
+        return _hold_zeros(optimizer, args, kwargs)
     return None
 
 
@@ -96,12 +97,19 @@ def _after_step(optimizer, args, kwargs) -> None:
         applying.run(optimizer, found.plan or [], found.partition)
 
 
-def _hold_zeros(optimizer) -> bool:
-    """Before a step: the mask of every zero weight of a target with ``regrow=False`` once its
-    ramp has begun, kept for :func:`_rezero`, and the gradient there set to zero (Note [Zeros that
-    do not regrow] in optim/targets.py); True if any mask was taken. The tensors are listed once
-    per plan signature, their carriers weakly; a resumed run's step counts are restored here,
-    before its first step, since they decide."""
+#: The state that moves a weight with no gradient in the optimizers paramreg knows, whose updates
+#: are elementwise: the first moment (Adam, AdamW, NAdam, RAdam, Adamax) or momentum buffer (SGD, RMSprop).
+_MOMENTA = ("exp_avg", "momentum_buffer")
+
+
+def _hold_zeros(optimizer, args, kwargs):
+    """Before a step: for the zero weights of every target with ``regrow=False`` whose ramp has
+    begun, the gradient set to zero, and either their momentum too (an optimizer paramreg knows:
+    its step then leaves them at zero) or their mask kept for :func:`_rezero` (any other
+    optimizer); Note [Zeros that do not regrow] in optim/targets.py. With a closure, the step's
+    arguments returned with the closure made to set the gradient after computing it. The tensors
+    are listed once per plan signature, their carriers weakly; a resumed run's step counts are
+    restored here, before its first step, since they decide."""
     found = state.of(optimizer)
     found.zeros = []
     signature = plans.signature(optimizer)
@@ -114,12 +122,40 @@ def _hold_zeros(optimizer) -> bool:
         if found.held:
             state.restore_counts(optimizer, by_param)  # a loaded state_dict's counts (Note [Resume] in optim/state.py)
         found.held_for = signature
-    for p, ref in found.held:
-        c = ref()
-        if c is not None and c.target.masks_gradient(c.calls):
-            found.zeros.append((p, p.detach() == 0))
-    _mask_gradients(found.zeros)
-    return bool(found.zeros)
+    if not found.held:
+        return None
+    closure = kwargs.get("closure") if "closure" in kwargs else args[1] if len(args) > 1 else None  # args[0]: the optimizer
+    known = step_sizes.resolve(optimizer) in step_sizes.KNOWN
+    masks = []
+    with torch.no_grad():
+        for p, ref in found.held:
+            c = ref()
+            if c is None or not c.target.masks_gradient(c.calls):
+                continue
+            zeros = p.detach() == 0
+            if known:
+                moving = optimizer.state.get(p) or {}
+                for key in _MOMENTA:
+                    t = moving.get(key)
+                    if isinstance(t, torch.Tensor) and t.shape == p.shape:
+                        t.masked_fill_(zeros, 0)
+            else:
+                found.zeros.append((p, zeros))
+            if callable(closure):
+                masks.append((p, zeros))
+            elif p.grad is not None:
+                p.grad.masked_fill_(zeros, 0)
+    if not masks:
+        return None
+
+    def masked():
+        loss = closure()
+        _mask_gradients(masks)
+        return loss
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": masked}
+    return (args[0], masked, *args[2:]), kwargs
 
 
 def _mask_gradients(zeros: list) -> None:
@@ -127,24 +163,6 @@ def _mask_gradients(zeros: list) -> None:
         for p, mask in zeros:
             if p.grad is not None:
                 p.grad.masked_fill_(mask, 0)
-
-
-def _masking_closure(optimizer, args, kwargs):
-    """The step's arguments with its closure (LBFGS, Lightning's automatic optimization) made to
-    set the kept zeros' gradient to zero after computing it; None without a closure."""
-    closure = kwargs.get("closure") if "closure" in kwargs else args[1] if len(args) > 1 else None  # args[0]: the optimizer
-    if not callable(closure):
-        return None
-    zeros = state.of(optimizer).zeros
-
-    def masked():
-        loss = closure()
-        _mask_gradients(zeros)
-        return loss
-
-    if "closure" in kwargs:
-        return args, {**kwargs, "closure": masked}
-    return (args[0], masked, *args[2:]), kwargs
 
 
 def _rezero(found) -> None:
