@@ -747,3 +747,47 @@ def test_regrow_false_under_an_optimizer_paramreg_does_not_know_sets_the_zeros_b
         sets = _zero_sets(False, lambda p: _HeavyBall(p))
     assert all(not (a & ~b).any() for a, b in zip(sets, sets[1:], strict=False))
     assert int(sets[19].sum()) == round(0.7 * sets[0].numel())
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD momentum", "RMSprop momentum", "NAdam"])
+def test_regrow_false_leaves_every_kept_zero_at_zero_through_the_optimizers_own_step(name):
+    """Note [Zeros that do not regrow]: with the gradient and the momentum of the kept zeros set to
+    zero, the optimizer's own step leaves them at zero, before paramreg's map runs (a hook of the
+    optimizer itself runs between its step and paramreg's global post-step hook): a map that
+    zeroed them again would hide a momentum left in place."""
+    make_opt = {"Adam": lambda p: torch.optim.Adam(p, lr=1e-2), "SGD momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+                "RMSprop momentum": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9),
+                "NAdam": lambda p: torch.optim.NAdam(p, lr=1e-2)}[name]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    paramreg.attach(model, "*.weight", sparsity=0.8, sparsity_steps=(2, 15))
+    opt = make_opt(model.parameters())
+    weights = [model[0].weight, model[2].weight]
+    before, moved = [], []
+    opt.register_step_pre_hook(lambda *_: before.__setitem__(slice(None), [w.detach() == 0 for w in weights]))
+    opt.register_step_post_hook(lambda *_: moved.append(sum(int((z & (w != 0)).sum()) for z, w in zip(before, weights, strict=True))))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))
+    assert moved[3:] == [0] * 17 and sum(moved) == 0
+
+
+def test_regrow_false_with_a_sparse_gradient_sets_the_zeros_back_after_the_step():
+    """A sparse gradient (``Embedding(sparse=True)``) takes no masked write: its zeros are kept by
+    setting them back after the step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 16, sparse=True), nn.Flatten(), nn.Linear(64, 3))
+    paramreg.attach(model, "0.weight", sparsity=0.7, sparsity_steps=(2, 10), l1=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    zeros = model[0].weight == 0
+    for _ in range(14):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randint(0, 50, (32, 4))), torch.randint(0, 3, (32,))).backward()
+        opt.step()
+        assert not (zeros & (model[0].weight != 0)).any()
+        zeros = model[0].weight == 0
+    assert int(zeros.sum()) == round(0.7 * zeros.numel())

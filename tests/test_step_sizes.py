@@ -661,3 +661,21 @@ def test_a_bad_metric_floor_is_refused_and_changes_nothing(bad, match):
     with pytest.raises(paramreg.ParamregError, match=match):
         paramreg.attach(model, "*.weight", l1=1e-3, **bad)
     assert paramreg.spec(model)["attached"] == {}
+
+
+def test_a_subclass_built_before_its_base_resolves_to_the_base():
+    """torch wraps ``step`` with its hooks in the class of the first instance built; a subclass
+    built before any instance of its base held a wrapper of its own around the same step, and
+    paramreg took it for an override (a fresh process: the classes' first instances)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from paramreg.optim.step_sizes import resolve\n"
+        "class MyAdam(torch.optim.Adam): pass\n"
+        "p = [torch.nn.Parameter(torch.zeros(1))]\n"
+        "print(resolve(MyAdam(p)).__name__, resolve(torch.optim.Adam(p)).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split() == ["Adam", "Adam"]

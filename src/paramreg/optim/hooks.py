@@ -133,6 +133,9 @@ def _hold_zeros(optimizer, args, kwargs):
             if c is None or not c.target.masks_gradient(c.calls):
                 continue
             zeros = p.detach() == 0
+            if p.grad is not None and p.grad.is_sparse:  # no masked write into it: the zeros set back after the step
+                found.zeros.append((p, zeros))
+                continue
             if known:
                 moving = optimizer.state.get(p) or {}
                 for key in _MOMENTA:

@@ -60,6 +60,7 @@ in optim/state.py.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -232,7 +233,9 @@ def resolve(optimizer) -> type | None:
     cls = type(optimizer)
     for base in cls.__mro__:
         if base in _DIAGONAL or base in _SCALAR:
-            return base if cls.step is base.step else None
+            # torch wraps ``step`` with its hooks in the class of the first instance built: a subclass
+            # built before any instance of its base holds a wrapper of its own around the same step
+            return base if inspect.unwrap(cls.step) is inspect.unwrap(base.step) else None
     return None
 
 

@@ -104,7 +104,10 @@ Note [Zeros that do not regrow]
     before its first step, and the zeros are the loaded weights'. Ties at a step (Note [Target
     sparsity]) are kept as well: a tensor initialized at zero whose ramp starts at its first Adam
     step, which moves every weight by lr, ties many critical strengths there (start its ramp a
-    step or more later). ``attach_channels`` takes no ``regrow``: its targets regrow. The cost:
+    step or more later). A sparse gradient (``Embedding(sparse=True)``) takes no masked write:
+    those zeros are set back after the step. Adam with ``eps=0``: a kept zero's second moment may
+    decay to exactly 0 (with flushed denormals), and its step is then 0/0, as for a weight that
+    never had a gradient. ``attach_channels`` takes no ``regrow``: its targets regrow. The cost:
     one comparison and two masked writes per target weight per step (three and a held mask under
     an optimizer paramreg does not know).
 
