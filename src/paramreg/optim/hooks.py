@@ -37,8 +37,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from ..errors import ParamregError
 from ..modules.carrier import live_carriers
-from . import applying, plans, state
-from . import step_sizes
+from . import applying, plans, state, step_sizes
 from .step_sizes import whole
 
 __all__ = ["install"]

@@ -23,8 +23,9 @@ Note [Resume]
     per-parameter dicts, so the keys land in the live state too, which DCP's
     ``flatten_optimizer_state_dict`` needs (it unflattens the keys the live state has); a count
     found in an entry that this run's own ``state_dict()`` wrote into is not restored (it would
-    roll the count back to that moment when the carriers change later), only dropped. The hook is registered before an optimizer's first step, so
-    that the state_dict DCP takes of a fresh optimizer as its template has the keys to fill. When
+    roll the count back to that moment when the carriers change later), only dropped. The hook
+    is registered before an optimizer's first step, so that the state_dict DCP takes of a fresh
+    optimizer as its template has the keys to fill. When
     the hook first sees the loaded groups (new group dicts), :func:`restore_counts` sets the
     carriers' counts and takes the keys out of the live state, before the plan is built; the fill
     is read back by :func:`first_fill` before that step. A checkpoint written by an older
