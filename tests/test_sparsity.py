@@ -572,6 +572,19 @@ def _recipe_run(make_opt, steps, model=None, opt=None, first=0, **recipe):
     return model, opt
 
 
+def _resumed_recipe(make_opt, model, opt, stop, steps, tmp_path):
+    """``model`` and ``opt`` after ``stop`` steps of :func:`_recipe_run`, saved (state_dicts and
+    spec), rebuilt in a fresh SmallCNN and run on to ``steps``."""
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "spec": paramreg.spec(model)}, tmp_path / "c.pt")
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    resumed = SmallCNN()
+    paramreg.attach_spec(resumed, saved["spec"])
+    resumed_opt = make_opt(resumed.parameters())
+    resumed.load_state_dict(saved["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    return _recipe_run(make_opt, steps - stop, resumed, resumed_opt, first=stop)[0]
+
+
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])
 def test_one_call_ramps_then_keeps_its_zeros_and_resumes_bitwise(name, tmp_path):
     """Note [Ramp, then keep the zeros]: nothing before step 2, the ramp to 80% by step 6, then the
@@ -588,14 +601,7 @@ def test_one_call_ramps_then_keeps_its_zeros_and_resumes_bitwise(name, tmp_path)
     assert all(int((dict(early.named_parameters())[n] == 0).sum()) == 0 for n in TARGET_NAMES)  # the ramp starts at 2
     for stop in (4, 8):
         model, opt = _recipe_run(make_opt, stop)
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "spec": paramreg.spec(model)}, tmp_path / "c.pt")
-        saved = torch.load(tmp_path / "c.pt", weights_only=True)
-        resumed = SmallCNN()
-        paramreg.attach_spec(resumed, saved["spec"])
-        resumed_opt = make_opt(resumed.parameters())
-        resumed.load_state_dict(saved["model"])
-        resumed_opt.load_state_dict(saved["opt"])
-        resumed, _ = _recipe_run(make_opt, 12 - stop, resumed, resumed_opt, first=stop)
+        resumed = _resumed_recipe(make_opt, model, opt, stop, 12, tmp_path)
         assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)), stop
     assert "from step 2 by step 6, then keeps its zeros" in repr(full.conv1.parametrizations.weight[0])
     assert "L0 target 80%" in paramreg.report(full).rows[0].regularizer
@@ -664,14 +670,7 @@ def test_regrow_false_changes_the_run_and_resumes_bitwise_from_any_step(name, tm
     assert not all(torch.equal(a, b) for a, b in zip(*moments, strict=True))  # the zeros' moments no longer see their gradients
     for stop in (2, 3, 5):
         model, opt = _recipe_run(make_opt, stop, total_steps=8, regrow=False)
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "spec": paramreg.spec(model)}, tmp_path / "c.pt")
-        saved = torch.load(tmp_path / "c.pt", weights_only=True)
-        resumed = SmallCNN()
-        paramreg.attach_spec(resumed, saved["spec"])
-        resumed_opt = make_opt(resumed.parameters())
-        resumed.load_state_dict(saved["model"])
-        resumed_opt.load_state_dict(saved["opt"])
-        resumed, _ = _recipe_run(make_opt, 12 - stop, resumed, resumed_opt, first=stop)
+        resumed = _resumed_recipe(make_opt, model, opt, stop, 12, tmp_path)
         assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)), stop
     assert repr(full.conv1.parametrizations.weight[0]).endswith("then keeps its zeros)")
     assert repr(regrowing.conv1.parametrizations.weight[0]).endswith("then keeps its zeros, regrow=True)")
