@@ -318,8 +318,8 @@ def _train_mixed(model, opt, steps):
 @pytest.mark.parametrize("keywords", [{"sparsity": 0.5, "sparsity_steps": 8}, {"sparsity": 0.5, "sparsity_steps": 8, "l1": True},
                                       {"l1": 1e-3}, {"l0": 1e-6}, {"group_lasso": 1e-3}], ids=repr)
 def test_no_step_recompiles_over_weights_of_every_shape(keywords, monkeypatch):
-    """Weights of 1, 2 and 4 dims, square and not, through every kernel: the first step compiles
-    what it needs, no later step compiles anything (the kernels take flat aliases, not views whose
+    """Weights of 1, 2 and 4 dims, square and not, through every kernel: the first two steps
+    compile what they need, no later step compiles anything (the kernels take flat aliases, not views whose
     bases Dynamo would guard on)."""
     from torch._dynamo.utils import counters
 
@@ -330,11 +330,11 @@ def test_no_step_recompiles_over_weights_of_every_shape(keywords, monkeypatch):
     paramreg.attach(model, selected, **keywords)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     calls = _count_calls(monkeypatch, every=True)
-    _train_mixed(model, opt, 1)
+    _train_mixed(model, opt, 2)  # a target holds its zeros from its second step on (Note [Held zeros, fused])
     graphs = counters["stats"]["unique_graphs"]
     _train_mixed(model, opt, 5)
     assert counters["stats"]["unique_graphs"] == graphs
-    assert len(calls) >= 6 * (3 if "group_lasso" in keywords else 4)  # every tensor took a fused kernel in every step
+    assert len(calls) >= 7 * (3 if "group_lasso" in keywords else 4)  # every tensor took a fused kernel in every step
 
 
 def test_a_kernel_that_cannot_compile_warns_once_and_the_eager_map_runs(monkeypatch):
@@ -466,14 +466,14 @@ def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(f
 
 def test_a_later_call_that_cannot_compile_runs_the_formula_eagerly(monkeypatch):
     """A call past the first that Dynamo refuses (a new shape past its recompile limit) runs the
-    kernel's formula eagerly, with one warning per kernel, and the target zeroes what the eager
-    path zeroes."""
+    kernel's formula eagerly, with one warning per kernel (the map, the critical strengths and
+    the held zeros), and the target zeroes what the eager path zeroes."""
     monkeypatch.setattr(fused, "min_numel", 2)
     monkeypatch.setattr(fused, "CRITICAL_BLOCK", 300)
     monkeypatch.setattr(fused, "_eager_calls", set())
     with pytest.warns(UserWarning, match="could not be compiled for a new shape .*recompile limit") as caught:
         broken = _target_run(monkeypatch, True, {}, "global", broken_after=2)
-    assert len({str(w.message).split(" for ")[0] for w in caught if "new shape" in str(w.message)}) == len(fused._eager_calls) == 2
+    assert len({str(w.message).split(" for ")[0] for w in caught if "new shape" in str(w.message)}) == len(fused._eager_calls) == 3
     eager = _target_run(monkeypatch, False, {}, "global")
     for step_broken, step_eager in zip(broken, eager, strict=True):
         assert all(torch.equal(a == 0, b == 0) for a, b in zip(step_broken, step_eager, strict=True))
@@ -490,3 +490,65 @@ def test_the_fused_map_advances_the_weights_version_counter(regularizer, monkeyp
     with torch.no_grad():
         assert fused.map_(opt, opt.param_groups[0], regularizer, [w], [opt.state[w]], 1e-3, 1.0) == []
     assert w._version > version
+
+
+def _held_run(name, dtype, steps=14):
+    """The one-call recipe (``total_steps=12``: ramp from step 3 to 9, then the zeros kept; its
+    zeros do not regrow) under optimizer ``name``: the model and the optimizer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).to(dtype)
+    paramreg.attach(model, "*.weight", sparsity=0.7, total_steps=12)
+    make = {"Adam": lambda p: torch.optim.Adam(p, lr=1e-2), "NAdam": lambda p: torch.optim.NAdam(p, lr=1e-2),
+            "SGD": lambda p: torch.optim.SGD(p, lr=0.1), "SGD momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+            "RMSprop momentum": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9)}
+    opt = make[name](model.parameters())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x, y = torch.randn(64, 8, generator=g, dtype=dtype), torch.randint(0, 3, (64,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ["Adam", "NAdam", "SGD", "SGD momentum", "RMSprop momentum"])
+def test_the_fused_hold_keeps_the_zeros_as_the_masked_writes_do_bit_for_bit(name, dtype, monkeypatch):
+    """Note [Held zeros, fused]: a run whose zeros are held by the compiled pass equals, weights
+    and optimizer state bit for bit, the run whose zeros are held by the masked writes."""
+    monkeypatch.setattr(fused, "min_numel", 2)
+    with monkeypatch.context() as m:
+        m.setattr(fused, "hold_", lambda p, momentum: False)
+        reference, reference_opt = _held_run(name, dtype)
+    taken = []
+    original = fused.hold_
+    monkeypatch.setattr(fused, "hold_", lambda p, momentum: taken.append(original(p, momentum)) or taken[-1])
+    held, held_opt = _held_run(name, dtype)
+    assert taken and all(taken)  # every held tensor took the compiled pass
+    kernel = "hold" if name == "SGD" else "hold_momentum"
+    assert fused.compile_seconds.get((kernel, dtype, "cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), held.state_dict().values(), strict=True))
+    states = [[t for s in o.state.values() for t in s.values() if torch.is_tensor(t)] for o in (reference_opt, held_opt)]
+    assert len(states[0]) == len(states[1]) and all(torch.equal(a, b) for a, b in zip(*states, strict=True))
+    zeros = sum(int((w == 0).sum()) for w in (held[0].weight, held[2].weight))
+    assert zeros == round(0.7 * (held[0].weight.numel() + held[2].weight.numel()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_the_fused_hold_writes_what_masked_fill_writes_at_signed_zeros_infinities_and_nans(dtype, monkeypatch):
+    """Where the weight is 0 or -0.0 the gradient and the momentum become +0.0, whatever they held
+    (inf, NaN, -0.0); elsewhere (a NaN weight too) they keep every bit; both version counters advance."""
+    monkeypatch.setattr(fused, "min_numel", 2)
+    inf, nan = math.inf, math.nan
+    w = nn.Parameter(torch.tensor([0.0, -0.0, 1.0, 0.0, 2.0, 0.0, nan, -1.0], dtype=dtype))
+    w.grad = torch.tensor([inf, nan, nan, -3.0, inf, -0.0, 5.0, -0.0], dtype=dtype)
+    m = torch.tensor([nan, 1.0, 2.0, -inf, -0.0, 4.0, 6.0, -0.0], dtype=dtype)
+    zero = w.detach() == 0
+    expected = [t.masked_fill(zero, 0) for t in (w.grad, m)]
+    versions = (w.grad._version, m._version)
+    assert fused.hold_(w, m)
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    assert all(torch.equal(a.view(bits), b.view(bits)) for a, b in zip((w.grad, m), expected, strict=True))
+    assert w.grad._version > versions[0] and m._version > versions[1]
+    grad = w.grad.clone()
+    assert fused.hold_(w, None) and torch.equal(w.grad.view(bits), grad.view(bits))  # the gradient alone: the same

@@ -37,7 +37,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from ..errors import ParamregError
 from ..modules.carrier import live_carriers
-from . import applying, plans, state, step_sizes
+from . import applying, fused, plans, state, step_sizes
 from .step_sizes import whole
 
 __all__ = ["install"]
@@ -131,8 +131,14 @@ def _hold_zeros(optimizer, args, kwargs):
             c = ref()
             if c is None or not c.target.masks_gradient(c.calls):
                 continue
+            grad = p.grad
+            if known and not callable(closure) and grad is not None and not grad.is_sparse:
+                moving = optimizer.state.get(p) or {}
+                momenta = [t for key in _MOMENTA if isinstance(t := moving.get(key), torch.Tensor) and t.shape == p.shape]
+                if len(momenta) <= 1 and fused.hold_(p, momenta[0] if momenta else None):
+                    continue  # one compiled pass did what the masked writes below do
             zeros = p.detach() == 0
-            if p.grad is not None and p.grad.is_sparse:  # no masked write into it: the zeros set back after the step
+            if grad is not None and grad.is_sparse:  # no masked write into it: the zeros set back after the step
                 found.zeros.append((p, zeros))
                 continue
             if known:

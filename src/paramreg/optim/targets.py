@@ -108,8 +108,10 @@ Note [Zeros that do not regrow]
     those zeros are set back after the step. Adam with ``eps=0``: a kept zero's second moment may
     decay to exactly 0 (with flushed denormals), and its step is then 0/0, as for a weight that
     never had a gradient. ``attach_channels`` takes no ``regrow``: its targets regrow. The cost:
-    one comparison and two masked writes per target weight per step (three and a held mask under
-    an optimizer paramreg does not know).
+    one compiled pass per tensor and step that reads the weight, its gradient and momentum and
+    writes the latter two (Note [Held zeros, fused] in optim/fused.py), or where that pass does
+    not take the tensor one comparison and two masked writes (three and a held mask under an
+    optimizer paramreg does not know).
 
 Note [The recipe's defaults]
     ``attach(model, targets, sparsity=s, total_steps=T)`` is the recipe with its defaults: the
