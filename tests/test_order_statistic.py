@@ -255,3 +255,71 @@ def test_empty_chunks_count_nothing():
     values = torch.tensor([3.0, 1.0, 2.0])
     chunks = [torch.empty(0), values[:2], torch.empty(0, 4), values[2:], torch.empty(0)]
     assert kth_smallest(lambda: chunks, 2).value == 2.0
+
+
+def check_guessed(chunks, m, guess, **options) -> Selected:
+    """kth_smallest over ``chunks`` with a guessed bracket equals the reference, and every pass
+    calls chunks() once; one pass where the answer lies in the guess."""
+    calls, brackets = [], []
+    selected = kth_smallest(lambda: calls.append(1) or iter(chunks), m, guess=guess, bracket=lambda lo, hi: brackets.append((lo, hi)),
+                            **options)
+    value, below, equal = reference(chunks, m)
+    assert (math.isnan(selected.value) and math.isnan(value)) or selected.value == value, (selected, value)
+    assert (selected.below, selected.equal) == (below, equal)
+    assert len(calls) == selected.passes
+    lo, hi = brackets[0]  # the guess, as float32 values, before its pass
+    assert (lo, hi) == tuple(float(torch.tensor(x, dtype=torch.float32)) for x in guess)
+    if lo <= value < hi or (value == 0.0 and lo == TINY):
+        assert selected.passes == 1
+    return selected
+
+
+TINY = float(torch.tensor(1, dtype=torch.int32).view(torch.float32))  # the smallest positive float32
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_guess_takes_one_pass_when_it_holds_the_answer_and_resolves_a_miss(case):
+    """Note [Guessed bracket]: a bracket around the answer, one below it and one above it, over
+    ties, zeros of both signs, infinities, denormals and NaN."""
+    x = CASES[case].abs()
+    chunks = [x[: len(x) // 2], torch.zeros(0), x[len(x) // 2 :]]
+    for m in sorted({1, 2, len(x) // 2 + 1, len(x) - 1, len(x)} & set(range(1, len(x) + 1))):
+        value = reference(chunks, m)[0]
+        finite = [v for v in x.tolist() if math.isfinite(v) and v > 0] or [1.0]
+        guesses = [(TINY, INF), (max(min(finite), TINY), max(finite) * 2), (max(finite) * 4, INF), (TINY, max(min(finite), 2 * TINY))]
+        if math.isfinite(value) and value > 0:
+            guesses.append((value, value * 1.5))
+        for lo, hi in guesses:
+            if float(torch.tensor(lo, dtype=torch.float32)) < float(torch.tensor(hi, dtype=torch.float32)):
+                assert check_guessed(chunks, m, (lo, hi)).passes <= 3, (lo, hi, m)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    chunks=st.lists(st.lists(values, max_size=12), min_size=1, max_size=5),
+    rank=st.floats(min_value=0.0, max_value=1.0),
+    lo=st.floats(min_value=TINY, allow_infinity=False, allow_subnormal=True, width=32),
+    width=st.floats(min_value=1.0, max_value=2.0**100, width=32),
+    bins=st.sampled_from([1 << 9, 1 << 16]),
+)
+def test_a_guess_matches_kthvalue(chunks, rank, lo, width, bins):
+    tensors = [torch.tensor(c, dtype=torch.float32).abs() for c in chunks]
+    n = sum(len(c) for c in chunks)
+    hi = lo * width
+    if n == 0 or not float(torch.tensor(hi, dtype=torch.float32)) > float(torch.tensor(lo, dtype=torch.float32)):
+        return
+    m = 1 + min(n - 1, int(rank * n))
+    selected = check_guessed(tensors, m, (lo, hi), bins=bins)
+    assert selected.passes <= (5 if bins == 1 << 9 else 3)  # the guess's pass, then ceil(31 / 9) or 2 at most
+
+
+@pytest.mark.parametrize("guess", [(0.0, 1.0), (2.0, 2.0), (3.0, 1.0), (INF, INF), (-1.0, 1.0)])
+def test_a_guess_must_be_an_increasing_pair_of_positive_floats(guess):
+    with pytest.raises(ValueError, match="guess must be"):
+        kth_smallest(lambda: [torch.ones(3)], 1, guess=guess)
+
+
+def test_a_guess_takes_no_reduce():
+    """The values a guess gathers stay in the process: no collective could complete them."""
+    with pytest.raises(ValueError, match="guess= needs every value in this process"):
+        kth_smallest(lambda: [torch.ones(3)], 1, guess=(0.5, 2.0), reduce=lambda counts: None)

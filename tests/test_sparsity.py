@@ -3,6 +3,7 @@ strengths, target sparsity, keep_zeros, resuming schedules and targets, set_stre
 groups (issue: "Say the sparsity you want")."""
 
 import copy
+import functools
 import math
 import sys
 import warnings
@@ -407,12 +408,15 @@ def test_a_deep_copy_shares_its_own_target():
     assert math.isclose(copied.conv1.parametrizations.weight[0].target.sparsity, 0.5)
 
 
-@pytest.fixture(params=["gathered", "counted"])
+@pytest.fixture(params=["gathered", "sampled", "counted"])
 def selection(request, monkeypatch):
-    """Both ways a target selects in one process on the CPU (Note [Target sparsity]): a few values
-    gathered and partitioned, or counted in passes (forced here by gathering none)."""
-    if request.param == "counted":
+    """The three ways a target selects in one process on the CPU (Note [Target sparsity]): a few
+    values gathered and partitioned, a bracket drawn and its values gathered (Note [Sampled
+    bracket]), or counted in passes (forced here by gathering none, then by drawing none)."""
+    if request.param != "gathered":
         monkeypatch.setattr(paramreg.optim.targets, "GATHERED", 0)
+    if request.param == "counted":
+        monkeypatch.setattr(paramreg.optim.targets, "SAMPLE", 0)
     return request.param
 
 
@@ -790,3 +794,56 @@ def test_regrow_false_with_a_sparse_gradient_sets_the_zeros_back_after_the_step(
         assert not (zeros & (model[0].weight != 0)).any()
         zeros = model[0].weight == 0
     assert int(zeros.sum()) == round(0.7 * zeros.numel())
+
+
+def _recording(select, passes, *args, **kwargs):
+    found = select(*args, **kwargs)
+    passes.append(found.passes)
+    return found
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("form", ["l0", "l1"])
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW fused"])
+def test_a_sampled_bracket_changes_no_weight_and_mostly_takes_one_pass(name, form, allocation, monkeypatch):
+    """Note [Sampled bracket]: the recipe's weights at every step are the same, bit for bit,
+    whether its selections draw the default bracket, a draw of 64 values (narrow: it misses
+    more often, and the passes after it resolve the miss) or none (the histogram passes); with
+    the default draw most selections take one pass. A cap that binds (``max_sparsity``) ranks
+    again with limits."""
+    from paramreg.optim import fused, targets
+
+    monkeypatch.setattr(targets, "GATHERED", 0)
+    monkeypatch.setattr(fused, "min_numel", 2 if name == "AdamW fused" else 1 << 16)
+    original = targets.kth_smallest
+    runs, drawn = {}, targets.SAMPLE
+    for sample in (drawn, 64, 0):
+        monkeypatch.setattr(targets, "SAMPLE", sample)
+        passes = []
+        monkeypatch.setattr(targets, "kth_smallest", functools.partial(_recording, original, passes))
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+        paramreg.attach(model, ["0.weight", "2.weight", "4.weight"], sparsity=0.9, total_steps=16, allocation=allocation,
+                        max_sparsity=0.93, **{form: True})
+        opt = {"SGD": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "Adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+               "AdamW fused": lambda p: torch.optim.AdamW(p, lr=1e-2)}[name](model.parameters())
+        g = torch.Generator().manual_seed(0)
+        steps = []
+        for _ in range(16):
+            x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            steps.append([model[i].weight.detach().clone() for i in (0, 2, 4)])
+        runs[sample] = steps, passes
+    reference = runs[0][0]
+    for sample, (steps, _) in runs.items():
+        assert all(torch.equal(a, b) for s, r in zip(steps, reference, strict=True) for a, b in zip(s, r, strict=True)), sample
+    default = runs[drawn][1]
+    assert default and sum(p == 1 for p in default) >= 0.8 * len(default), default
+    assert all(p == 2 for p in runs[0][1])  # the histogram passes alone
+    zeros = sum(int((w == 0).sum()) for w in reference[-1])
+    if allocation == "global":
+        assert zeros == round(0.9 * sum(w.numel() for w in reference[-1]))
+    else:  # each tensor its own rounded count (Note [Allocation])
+        assert zeros == sum(round(0.9 * w.numel()) for w in reference[-1])

@@ -327,6 +327,38 @@ class _Criticals:
                 yield u, values
                 del values  # not held while the next is computed
 
+    def sample(self, units=None, limits=None, count: int = 1 << 16) -> Tensor | None:
+        """The critical strengths of about ``count`` groups drawn at random (the same draw at every
+        step, in proportion to each unit's size) from ``units``, in float32, with ``limits`` as in
+        :meth:`chunks`; None where a unit cannot be sampled (not elementwise, not a plain
+        contiguous tensor with its state, another rank's, or off the CPU). Drawn weights and their
+        state, the same formula (Note [Sampled bracket] in optim/targets.py)."""
+        chosen = range(len(self.units)) if units is None else units
+        total = sum(self.sizes[u] for u in chosen)
+        if self.reduce is not None or self.device.type != "cpu" or not total:
+            return None
+        out = []
+        for u in chosen:
+            w, indices = self.units[u]
+            if w is None or len(indices) != 1:
+                return None
+            bucket, tensors, lr, group, fill, floors = self.work[w]
+            i = indices[0]
+            p = tensors[i]
+            state = self.optimizer.state[p] if bucket.policy == "adaptive" else {}
+            if bucket.regularizer.split(p.dim()) != "elements" or not _sliceable(p, state) or p.device.type != "cpu":
+                return None
+            draws = torch.randint(0, p.numel(), (max(1, count * p.numel() // total),), generator=torch.Generator().manual_seed(u))
+            drawn = p.detach().reshape(-1)[draws]
+            drawn_state = {k: v.reshape(-1)[draws] if _alike(v, p) else v for k, v in state.items()}
+            step = _inverse(bucket, [drawn], lr, self.optimizer, group, fill, [drawn_state], None if floors is None else [floors[i]])
+            inverse = step if isinstance(step, list) else [1.0 / step if step else math.inf]
+            values = bucket.regularizer.critical([drawn], inverse)[0].float()
+            if limits and u in limits:
+                values = torch.where(values <= limits[u], values, math.inf)
+            out.append(values)
+        return torch.cat(out)
+
     def _blocks(self, bucket, tensors, indices, lr, group, fill, floors):
         """(indices into ``tensors`` of one unit, their critical strengths) per block: the blocks
         of Note [Blocks] on the CPU, else one unit at a time."""

@@ -60,6 +60,18 @@ Note [Exact selection]
     cold and 67 ms with a hint on 1 thread, 3.2 s and 154 ms on 2, the concatenation and partition
     98-101 ms on either. On an accelerator ``bincount`` counts with atomics (not measured
     here; it reads its input's extremes to the host, a sync per flush of STAGE keys).
+
+Note [Guessed bracket]
+    With ``guess=(lo, hi)``, the first pass compares instead of counting keys:
+    it counts the values below lo and gathers those in [lo, hi) (numpy's comparison and boolean
+    indexing on the CPU: 0.2 and 0.9-1.4 ns a value here, ad hoc, where a key's preparation and
+    ``bincount`` take 1.4-1.8), and when the m-th smallest lies among them it is their
+    (m - below)-th smallest (``numpy.partition``): 1 pass, whatever the window's width in keys.
+    Otherwise the answer lies below lo or at or above hi, and histogram passes over that side
+    resolve it (at most 2 with the default bins). A caller whose guess comes from a random
+    sample of the values (a sparsity target's, Note [Sampled bracket] in optim/targets.py)
+    gathers a few percent of them; a guess is only a matter of speed, never of the result. The
+    gathered values stay in one process, so ``guess`` takes no ``reduce``.
 """
 
 from __future__ import annotations
@@ -67,6 +79,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, NamedTuple
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -107,13 +120,14 @@ def kth_smallest(
     bins: int = 1 << 16,
     device: torch.device | str | None = None,
     bracket: Callable[[float, float], object] | None = None,
+    guess: tuple[float, float] | None = None,
 ) -> Selected:
     """The m-th smallest (1-based) of the values in ``chunks()``, exactly (Note [Exact selection]).
 
     The same value as ``torch.cat([c.reshape(-1).float() for c in chunks()]).kthvalue(m).values``,
     found by histograms of the float32 bit patterns: a pass over the chunks per histogram, at most
     2 passes with the default ``bins``, 1 when the answer lies within about 0.4% of ``hint``
-    (3 when it does not).
+    (3 when it does not) or in the bracket ``guess`` (at most 3 when it does not).
 
     Args:
         chunks: a callable that returns an iterable of tensors, called once per pass, so that each
@@ -132,7 +146,14 @@ def kth_smallest(
         device: where the counts live when ``chunks()`` yields no tensor (default: the CPU).
         bracket: called before each pass after the first with (lo, hi), float32 values such that
             lo <= the answer < hi (hi may be +inf, or NaN where no float bounds it), so that
-            a caller's ``chunks`` can count something up to the answer in the same pass.
+            a caller's ``chunks`` can count something up to the answer in the same pass; and
+            before a ``guess``'s pass with the guess, which a later pass corrects where the
+            answer lies outside it.
+        guess: (lo, hi), float32 values 0 < lo < hi, a bracket expected to hold the answer (Note
+            [Guessed bracket]): the first pass counts the values below lo and gathers those in
+            [lo, hi), and selects among them, 1 pass; else it says on which side the answer
+            lies, and at most 2 more passes resolve that side. Values must be >= 0 (or -0.0),
+            and ``reduce`` None: the gathered values stay in this process.
 
     Returns:
         :class:`Selected`: the value, how many values are below and equal to it, and the passes.
@@ -154,11 +175,30 @@ def kth_smallest(
         raise ValueError(f"bins must be a power of two from 2**9 to 2**22, got {bins!r}")
     counter = _Counter(chunks, bins, device)
     a, b = 0, _NAN + 1  # the m-th smallest key lies in [a, b)
-    if hint is not None and not math.isnan(float(hint)):
+    passes = 0
+    if guess is not None:
+        if reduce is not None:
+            raise ValueError("guess= needs every value in this process (reduce=None): the values it gathers are not reduced")
+        below_key, above_key = _key(float(guess[0])), _key(float(guess[1]))
+        if not 0 < below_key < above_key <= _INF:
+            raise ValueError(f"guess must be (lo, hi) with 0 < lo < hi <= inf as float32 values, got {guess!r}")
+        low, high = _value(below_key), _value(above_key)
+        if bracket is not None:
+            bracket(low, high)
+        below, inside, total = counter.gather(low, high)
+        passes = 1
+        if m > total:
+            raise ValueError(f"m must be at most the number of values, {total}, got {m}")
+        if below < m <= below + inside.numel():
+            value = float(numpy.partition(inside.numpy(), m - below - 1)[m - below - 1])
+            return Selected(value, below + int(torch.count_nonzero(inside < value)), int(torch.count_nonzero(inside == value)), 1)
+        a, b = (0, below_key) if m <= below else (above_key, _NAN + 1)
+        if b - a == 1:  # below the smallest positive float: every value below it is a zero
+            return Selected(0.0, 0, below, 1)
+    if hint is not None and not math.isnan(float(hint)) and not passes:
         lo, shift = max(0, _key(float(hint)) - bins // 2), 0
     else:
         lo, shift = a, _cover(a, b, bins)
-    passes = 0
     while True:
         if bracket is not None and passes:
             bracket(_value(a), _value(b) if b <= _INF else math.nan)
@@ -167,7 +207,7 @@ def kth_smallest(
             reduce(counts)
         passes += 1
         j, below, inside, total = _pick(counts, m)
-        if passes == 1 and m > total:
+        if passes == 1 and guess is None and m > total:
             raise ValueError(f"m must be at most the number of values, {total}, got {m}")
         if j == 0:  # below the window (a hint's window only)
             b = lo
@@ -212,6 +252,29 @@ class _Counter:
         self.bins = bins
         self.device = None if device is None else torch.device(device)
         self.buffer: Tensor | None = None  # int32 keys, up to STAGE (BLOCK on the CPU) of them
+
+    def gather(self, lo: float, hi: float) -> tuple[int, Tensor, int]:
+        """One pass: (how many values lie below ``lo``, the float32 values in [lo, hi) on the CPU,
+        how many values there are); NaN lies in neither (Note [Guessed bracket])."""
+        below, total, inside = 0, 0, []
+        for chunk in self.chunks():
+            if chunk.is_complex():
+                raise TypeError(f"the values must be real, got a chunk of dtype {chunk.dtype}")
+            if hasattr(chunk, "to_local"):
+                raise TypeError("chunks must be local tensors: yield dtensor.to_local() and pass reduce")
+            flat = chunk.detach().reshape(-1)
+            if flat.dtype != torch.float32:
+                flat = flat.float()  # as .float() converts; exact for the converted values
+            total += flat.numel()
+            if flat.device.type == "cpu":  # numpy's comparisons and boolean indexing: about twice torch's speed here
+                x = flat.numpy()
+                below += int(numpy.count_nonzero(x < lo))
+                inside.append(torch.from_numpy(x[(x >= lo) & (x < hi)]))
+            else:
+                below += int(torch.count_nonzero(flat < lo))
+                inside.append(flat[(flat >= lo) & (flat < hi)].cpu())
+            chunk = flat = None  # nothing of this chunk is held while the next is computed
+        return below, torch.cat(inside) if inside else torch.empty(0), total
 
     def count(self, lo: int, shift: int) -> Tensor:
         """(bins + 2,) int64 counts: of the keys below ``lo``, in each bin of width 2^shift from

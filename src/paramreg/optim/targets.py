@@ -36,7 +36,8 @@ Note [Target sparsity]
     never all held at once: ``kth_smallest`` (Note [Exact selection] in optim/order_statistic.py)
     counts histograms of their bit patterns in two passes, each pass computing them again block
     by block (Note [Critical strengths on the fly] in optim/applying.py), each rank its own shard
-    with one ``all_reduce`` of the counts per pass. It returns the element ``torch.kthvalue``
+    with one ``all_reduce`` of the counts per pass; in one process on the CPU, one pass mostly
+    (Note [Sampled bracket]). It returns the element ``torch.kthvalue``
     returns on the concatenation, on any device, for shards of any size. Only a few (up to
     ``GATHERED``, 4M values, in one process on the CPU) are gathered, in one pass, into one
     buffer of at most 16 MiB, and selected by ``numpy.partition`` on a copy: there one pass and
@@ -47,6 +48,26 @@ Note [Target sparsity]
     The step count k is the count of steps that updated the tensors (``Carrier.calls``), which a
     resumed run restores from the optimizer's state_dict (Note [Resume] in optim/state.py), so a
     resumed run continues the ramp exactly.
+
+Note [Sampled bracket]
+    In one process on the CPU, with more than ``GATHERED`` critical strengths, a selection first
+    computes the critical strengths of ``SAMPLE`` (2^16) groups drawn at random (the same draw at
+    every step; the drawn weights and their optimizer state through the same formula), and takes
+    from them a bracket [lo, hi) around the m-th smallest: the drawn values of rank m/N·n ±
+    ``SPREAD`` (4) standard deviations of that rank (binomial, sqrt(n·p·(1 − p))). Its one pass
+    counts the values below lo and gathers those in [lo, hi), about 8·sqrt(p(1 − p)/n) of them
+    (1.6% at p = 0.5), and selects among those (Note [Guessed bracket] in
+    optim/order_statistic.py); the histogram passes resolve a miss (a draw off by more than 4
+    standard deviations: rare). A draw is never the answer, only where to look: the result is
+    the same value, bit for bit, whatever was drawn (tests/test_sparsity.py). Draws at a fixed
+    stride were tried first and missed in 49 of 53 steps on a 700x700 Linear pair (ad hoc) (the stride
+    divided the rows: the same columns in every row, some of them dead inputs); random draws
+    missed none. lo is at least the smallest positive float, so the zeros the target keeps are
+    counted, not gathered; a bracket expected to hold more than ``BRACKETED`` (2^22) values is
+    not drawn (at p = 0.5 from about 250M critical strengths on). Over DTensor shards or off the CPU
+    the histogram passes run as before. A selection over 16.8M AdamW weights (two 2896x2896
+    Linear layers, a ramp step): 44 ms against 92 with two passes (ad hoc;
+    ``benchmarks/target_cost.py`` measures the steps).
 
 Note [Allocation]
     A global target (``allocation="global"``, the default) ranks the critical strengths of all its
@@ -133,6 +154,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Protocol
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -343,10 +365,14 @@ def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[i
     every step."""
     if m <= 0:
         return 0.0
+    guess = None
     if criticals.reduce is None and criticals.device.type == "cpu":
         total = sum(criticals.sizes[u] for u in (range(len(criticals.sizes)) if units is None else units))
         if total <= GATHERED:
             return _gathered(criticals, m, total, units, limits, counting)
+        if SAMPLE:
+            drawn = criticals.sample(units, limits, SAMPLE)
+            guess = None if drawn is None else _bracket(drawn, m, total)
     top = [math.nan]
 
     def bracket(lo: float, hi: float) -> None:
@@ -357,14 +383,54 @@ def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[i
             counting[:] = [0] * len(counting)
         for u, c in criticals.chunks(units, limits):
             if counting is not None:
-                counting[u] += c.numel() if math.isnan(top[0]) else int(torch.count_nonzero(c < top[0]))
+                counting[u] += c.numel() if math.isnan(top[0]) else _below(c, top[0])
             yield c
             del c  # not held while the next is computed
 
-    found = kth_smallest(chunks, m, reduce=criticals.reduce, device=criticals.device, bracket=bracket)
+    found = kth_smallest(chunks, m, reduce=criticals.reduce, device=criticals.device, bracket=bracket, guess=guess)
     if counting is not None:
         counting[:] = _summed(criticals, counting)
     return float(found.value)
+
+
+def _below(values: Tensor, top: float) -> int:
+    """How many of ``values`` lie below ``top`` (numpy's comparison on the CPU: half torch's time here)."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        return int(numpy.count_nonzero(values.detach().numpy() < top))
+    return int(torch.count_nonzero(values < top))
+
+
+#: Critical strengths drawn per selection to bracket it, in one process on the CPU (Note [Sampled
+#: bracket]); 0: none, every selection takes the histogram passes.
+SAMPLE = 1 << 16
+#: The bracket's half-width in standard deviations of the drawn rank.
+SPREAD = 4.0
+#: No bracket is drawn that is expected to hold more critical strengths than this (16 MiB of float32).
+BRACKETED = 1 << 22
+_TINY = float(torch.tensor(1, dtype=torch.int32).view(torch.float32))  # the smallest positive float32
+
+
+def _bracket(drawn: Tensor, m: int, total: int) -> tuple[float, float] | None:
+    """(lo, hi) around the m-th smallest of ``total`` values, from ``drawn`` values drawn from them
+    at random (Note [Sampled bracket]): the drawn values of rank m/total·n ± SPREAD standard
+    deviations (binomial), lo at least the smallest positive float (every zero lies below it),
+    hi just above the drawn value (+inf past the last); None where the draw brackets nothing
+    (an infinite or NaN value at lo) or where the bracket would hold more than ``BRACKETED``
+    values."""
+    n = drawn.numel()
+    p = m / total
+    rank, spread = p * n, SPREAD * math.sqrt(n * p * (1.0 - p)) + 1.0
+    a, b = math.floor(rank - spread) - 1, math.ceil(rank + spread)  # 0-based ranks in the draw
+    if (min(b, n) - max(a, 0)) * total > BRACKETED * n:  # expected to gather more than BRACKETED values
+        return None
+    picks = [r for r in (a, b) if 0 <= r < n]
+    values = drawn.numpy()
+    if picks:
+        values = numpy.partition(values, picks)
+    lo = float(values[a]) if a >= 0 else 0.0
+    hi = float(numpy.nextafter(values[b], numpy.float32(math.inf))) if b < n else math.inf
+    lo = max(lo, _TINY)
+    return (lo, hi) if math.isfinite(lo) and hi > lo else None
 
 
 #: Up to this many critical strengths in one process on the CPU, a target gathers them into one
