@@ -807,16 +807,16 @@ def _recording(select, passes, *args, **kwargs):
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW fused"])
 def test_a_sampled_bracket_changes_no_weight_and_mostly_takes_one_pass(name, form, allocation, monkeypatch):
     """Note [Sampled bracket]: the recipe's weights at every step are the same, bit for bit,
-    whether its selections draw the default bracket, a draw of 64 values (narrow: it misses
-    more often, and the passes after it resolve the miss) or none (the histogram passes); with
-    the default draw most selections take one pass. A cap that binds (``max_sparsity``) ranks
+    whether its selections draw a bracket from 2048 values, from 64 (narrow: it misses more
+    often, and the passes after it resolve the miss) or none (the histogram passes); with 2048
+    most selections take one pass. A cap that binds (``max_sparsity``) ranks
     again with limits."""
     from paramreg.optim import fused, targets
 
     monkeypatch.setattr(targets, "GATHERED", 0)
     monkeypatch.setattr(fused, "min_numel", 2 if name == "AdamW fused" else 1 << 16)
     original = targets.kth_smallest
-    runs, drawn = {}, targets.SAMPLE
+    runs, drawn = {}, 2048  # a twelfth of the 25,856 weights, as 2^16 of 800K (the default draws far fewer of larger models)
     for sample in (drawn, 64, 0):
         monkeypatch.setattr(targets, "SAMPLE", sample)
         passes = []
@@ -847,3 +847,71 @@ def test_a_sampled_bracket_changes_no_weight_and_mostly_takes_one_pass(name, for
         assert zeros == round(0.9 * sum(w.numel() for w in reference[-1]))
     else:  # each tensor its own rounded count (Note [Allocation])
         assert zeros == sum(round(0.9 * w.numel()) for w in reference[-1])
+
+
+def _sampled_run(monkeypatch, sample, extra=None, steps=12):
+    """The recipe (L0, ramp 3-9 of 12) over two Linear weights (and ``extra``) under AdamW, every
+    selection through the histogram passes (``sample`` 0) or a drawn bracket; the weights."""
+    from paramreg.optim import targets
+
+    monkeypatch.setattr(targets, "GATHERED", 0)
+    monkeypatch.setattr(targets, "SAMPLE", sample)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    names = ["0.weight", "2.weight"]
+    if extra is not None:
+        model.add_module("extra", extra)
+        names.append("extra.weight")
+    paramreg.attach(model, names, sparsity=0.9, total_steps=12)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model[:3](x), y).backward()
+        opt.step()
+    return [p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")]
+
+
+def test_a_sampled_bracket_with_denormals_flushed_gives_the_same_weights(monkeypatch):
+    """With ``torch.set_flush_denormal(True)`` the smallest positive float rounds to 0: the
+    bracket's floor is the smallest normal float, so the kept zeros are counted below it."""
+    reference = _sampled_run(monkeypatch, 0)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        flushed = _sampled_run(monkeypatch, 512)
+    finally:
+        torch.set_flush_denormal(False)
+    assert all(torch.equal(a, b) for a, b in zip(reference, flushed, strict=True))
+
+
+def test_a_sampled_bracket_skips_a_tensor_with_no_elements(monkeypatch):
+    reference = _sampled_run(monkeypatch, 0, nn.Linear(0, 3))
+    drawn = _sampled_run(monkeypatch, 512, nn.Linear(0, 3))
+    assert all(torch.equal(a, b) for a, b in zip(reference, drawn, strict=True))
+
+
+def test_a_count_below_a_float32_value_compares_in_float32():
+    """The caps' upper bounds (Note [Allocation]): a bfloat16 comparison would round the bound down."""
+    from paramreg.optim.targets import _below
+
+    above_one = float(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)))
+    assert _below(torch.ones(3, dtype=torch.bfloat16), above_one) == 3
+    assert _below(torch.ones(3, dtype=torch.float16), 1.0) == 0
+    assert _below(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), above_one) == 2
+
+
+def test_zero_s_shard_of_units_draws_nothing():
+    """Under ZeroRedundancyOptimizer a rank selects its own units alone, from another optimizer's
+    shard of the state: no draw, the histogram passes."""
+    from paramreg.optim import targets
+
+    class Units:
+        sizes, device, reduce = [10], torch.device("cpu"), None
+
+        def chunks(self, units=None, limits=None):
+            yield 0, torch.arange(10.0)
+
+    assert targets._Alone(Units()).sample() is None
+    assert targets._kth(targets._Alone(Units()), 4) == 3.0

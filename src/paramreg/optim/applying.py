@@ -230,10 +230,13 @@ class _Criticals:
         [Fused map] in optim/fused.py: an L1 or L0 target in the Adam family's metric),
         elsewhere one tensor (or one coupled group of tensors) at a time, and drops each block
         before the next is computed. The selection takes two passes (Note [Exact selection] in
-        optim/order_statistic.py; a few values on the CPU, one pass into a buffer), then the map
-        runs blockwise as the default prox runs. So a target's step holds, beyond what the
-        default prox holds, the selection's counts and staging buffer and one block (one tensor
-        off the CPU), and reads every weight and its optimizer state twice more than the default
+        optim/order_statistic.py; a few values on the CPU, one pass into a buffer; more in one
+        process on the CPU, mostly one pass after a random draw: Note [Sampled bracket] in
+        optim/targets.py), then the map runs blockwise as the default prox runs. So a target's
+        step holds, beyond what the default prox holds, the selection's counts and staging
+        buffer and one block (one tensor off the CPU; with a drawn bracket, the draw and at most
+        ``GUESSED`` values of the bracket, Note [Guessed bracket] in optim/order_statistic.py),
+        and reads every weight and its optimizer state once or twice more than the default
         prox. A read of both is not what costs (``benchmarks/target_cost.py``, ``read/l1``: a few
         percent of an AdamW ``l1=`` step at 8M-25M selected weights on this machine); the
         strengths' elementwise computation and the histogram's ``bincount`` are (Note [Exact
@@ -348,6 +351,8 @@ class _Criticals:
             state = self.optimizer.state[p] if bucket.policy == "adaptive" else {}
             if bucket.regularizer.split(p.dim()) != "elements" or not _sliceable(p, state) or p.device.type != "cpu":
                 return None
+            if not p.numel():
+                continue
             draws = torch.randint(0, p.numel(), (max(1, count * p.numel() // total),), generator=torch.Generator().manual_seed(u))
             drawn = p.detach().reshape(-1)[draws]
             drawn_state = {k: v.reshape(-1)[draws] if _alike(v, p) else v for k, v in state.items()}
@@ -357,7 +362,7 @@ class _Criticals:
             if limits and u in limits:
                 values = torch.where(values <= limits[u], values, math.inf)
             out.append(values)
-        return torch.cat(out)
+        return torch.cat(out) if out else None
 
     def _blocks(self, bucket, tensors, indices, lr, group, fill, floors):
         """(indices into ``tensors`` of one unit, their critical strengths) per block: the blocks

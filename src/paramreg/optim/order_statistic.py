@@ -68,7 +68,11 @@ Note [Guessed bracket]
     ``bincount`` take 1.4-1.8), and when the m-th smallest lies among them it is their
     (m - below)-th smallest (``numpy.partition``): 1 pass, whatever the window's width in keys.
     Otherwise the answer lies below lo or at or above hi, and histogram passes over that side
-    resolve it (at most 2 with the default bins). A caller whose guess comes from a random
+    resolve it (at most 2 with the default bins). The pass also counts the zeros (-0.0 too, by
+    their bits: with denormals flushed a comparison takes a denormal for 0): an answer among
+    them is 0 (lo above them all, a target's kept zeros). A bracket that holds
+    more than ``GUESSED`` values (ties at its edges) is counted, not gathered, past that many,
+    and histogram passes over it resolve it, so a guess never gathers more. A caller whose guess comes from a random
     sample of the values (a sparsity target's, Note [Sampled bracket] in optim/targets.py)
     gathers a few percent of them; a guess is only a matter of speed, never of the result. The
     gathered values stay in one process, so ``guess`` takes no ``reduce``.
@@ -97,6 +101,9 @@ STAGE = 1 << 24
 BLOCK = 1 << 20
 # Interleaved histograms of a window's pass on the CPU (Note [Lanes]).
 LANES = 4
+#: At most this many values are gathered by a guess's pass (16 MiB of float32); past it the pass
+#: only counts, and histogram passes resolve the bracket (Note [Guessed bracket]).
+GUESSED = 1 << 22
 
 
 class Selected(NamedTuple):
@@ -185,16 +192,21 @@ def kth_smallest(
         low, high = _value(below_key), _value(above_key)
         if bracket is not None:
             bracket(low, high)
-        below, inside, total = counter.gather(low, high)
+        zeros, below, within, inside, total = counter.gather(low, high)
         passes = 1
         if m > total:
             raise ValueError(f"m must be at most the number of values, {total}, got {m}")
-        if below < m <= below + inside.numel():
+        if m <= zeros:
+            return Selected(0.0, 0, zeros, 1)
+        if below < m <= below + within and inside is not None:
             value = float(numpy.partition(inside.numpy(), m - below - 1)[m - below - 1])
             return Selected(value, below + int(torch.count_nonzero(inside < value)), int(torch.count_nonzero(inside == value)), 1)
-        a, b = (0, below_key) if m <= below else (above_key, _NAN + 1)
-        if b - a == 1:  # below the smallest positive float: every value below it is a zero
-            return Selected(0.0, 0, below, 1)
+        if m <= below:
+            a, b = 0, below_key
+        elif m <= below + within:  # more than GUESSED values in the bracket: counted, not gathered
+            a, b = below_key, above_key
+        else:
+            a, b = above_key, _NAN + 1
     if hint is not None and not math.isnan(float(hint)) and not passes:
         lo, shift = max(0, _key(float(hint)) - bins // 2), 0
     else:
@@ -253,10 +265,11 @@ class _Counter:
         self.device = None if device is None else torch.device(device)
         self.buffer: Tensor | None = None  # int32 keys, up to STAGE (BLOCK on the CPU) of them
 
-    def gather(self, lo: float, hi: float) -> tuple[int, Tensor, int]:
-        """One pass: (how many values lie below ``lo``, the float32 values in [lo, hi) on the CPU,
-        how many values there are); NaN lies in neither (Note [Guessed bracket])."""
-        below, total, inside = 0, 0, []
+    def gather(self, lo: float, hi: float) -> tuple[int, int, int, Tensor | None, int]:
+        """One pass: how many values are zero (or -0.0) and lie below ``lo``, how many lie in [lo,
+        hi), those values in float32 on the CPU (None past ``GUESSED`` of them), and how many
+        values there are; NaN lies in none of them (Note [Guessed bracket])."""
+        zeros, below, within, total, inside = 0, 0, 0, 0, []
         for chunk in self.chunks():
             if chunk.is_complex():
                 raise TypeError(f"the values must be real, got a chunk of dtype {chunk.dtype}")
@@ -267,14 +280,21 @@ class _Counter:
                 flat = flat.float()  # as .float() converts; exact for the converted values
             total += flat.numel()
             if flat.device.type == "cpu":  # numpy's comparisons and boolean indexing: about twice torch's speed here
-                x = flat.numpy()
-                below += int(numpy.count_nonzero(x < lo))
-                inside.append(torch.from_numpy(x[(x >= lo) & (x < hi)]))
+                x, count = flat.numpy(), numpy.count_nonzero
+                zeros += int(count((x.view(numpy.uint32) << 1) == 0))  # bits: a denormal is no zero, flushed or not
             else:
-                below += int(torch.count_nonzero(flat < lo))
-                inside.append(flat[(flat >= lo) & (flat < hi)].cpu())
-            chunk = flat = None  # nothing of this chunk is held while the next is computed
-        return below, torch.cat(inside) if inside else torch.empty(0), total
+                x, count = flat, torch.count_nonzero
+                zeros += int(count((flat.view(torch.int32) & _MAGNITUDE) == 0))
+            below += int(count(x < lo))
+            mask = (x >= lo) & (x < hi)
+            n = int(count(mask))
+            within += n
+            if inside is not None and n:
+                inside = inside + [x[mask]] if within <= GUESSED else None  # past GUESSED: counted only
+            chunk = flat = x = mask = None  # nothing of this chunk is held while the next is computed
+        if inside is not None:
+            inside = torch.cat([torch.from_numpy(v) if isinstance(v, numpy.ndarray) else v.cpu() for v in inside]) if inside else torch.empty(0)
+        return zeros, below, within, inside, total
 
     def count(self, lo: int, shift: int) -> Tensor:
         """(bins + 2,) int64 counts: of the keys below ``lo``, in each bin of width 2^shift from

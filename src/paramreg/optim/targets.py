@@ -62,9 +62,11 @@ Note [Sampled bracket]
     the same value, bit for bit, whatever was drawn (tests/test_sparsity.py). Draws at a fixed
     stride were tried first and missed in 49 of 53 steps on a 700x700 Linear pair (ad hoc) (the stride
     divided the rows: the same columns in every row, some of them dead inputs); random draws
-    missed none. lo is at least the smallest positive float, so the zeros the target keeps are
-    counted, not gathered; a bracket expected to hold more than ``BRACKETED`` (2^22) values is
-    not drawn (at p = 0.5 from about 250M critical strengths on). Over DTensor shards or off the CPU
+    missed none. lo is at least the smallest normal float, so the zeros the target keeps (and
+    any denormal) are counted, not gathered, also with denormals flushed
+    (``torch.set_flush_denormal``); a bracket expected to hold more than ``BRACKETED`` (2^22)
+    values is not drawn (at p = 0.5 from about 250M critical strengths on), and one that would
+    gather more (ties at its edges) stops gathering and is resolved by histogram passes. Over DTensor shards or off the CPU
     the histogram passes run as before. A selection over 16.8M AdamW weights (two 2896x2896
     Linear layers, a ramp step): 44 ms against 92 with two passes (ad hoc;
     ``benchmarks/target_cost.py`` measures the steps).
@@ -159,7 +161,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ParamregError
-from .order_statistic import kth_smallest
+from .order_statistic import GUESSED, kth_smallest
 
 __all__ = ["SparsityTarget", "ramp", "recipe_steps", "RECIPE_RAMP", "REGROW"]
 
@@ -342,6 +344,10 @@ class Criticals(Protocol):
     def largest(self, value: float) -> float:
         """The largest ``value`` over the ranks (``value`` in one process)."""
 
+    def sample(self, units: Iterable[int] | None = None, limits: dict[int, float] | None = None, count: int = 1 << 16) -> Tensor | None:
+        """About ``count`` critical strengths of ``units`` drawn at random, as float32 values, or
+        None where they cannot be drawn (Note [Sampled bracket])."""
+
 
 class _Alone:
     """The units of ``criticals`` this rank owns, selected here without a collective (Note
@@ -349,6 +355,9 @@ class _Alone:
 
     def __init__(self, criticals: Criticals):
         self.sizes, self.device, self.chunks, self.reduce = criticals.sizes, criticals.device, criticals.chunks, None
+
+    def sample(self, units=None, limits=None, count: int = 1 << 16) -> None:
+        return None  # its tensors' state is another optimizer's shard: the histogram passes
 
 
 def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[int] | None = None) -> float:
@@ -394,8 +403,12 @@ def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[i
 
 
 def _below(values: Tensor, top: float) -> int:
-    """How many of ``values`` lie below ``top`` (numpy's comparison on the CPU: half torch's time here)."""
-    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+    """How many of ``values`` lie below the float32 value ``top``, compared in float32 as the
+    selection converts them (a bfloat16 comparison would round ``top`` down: an undercount);
+    numpy's comparison on the CPU, half torch's time here."""
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()
+    if values.device.type == "cpu":
         return int(numpy.count_nonzero(values.detach().numpy() < top))
     return int(torch.count_nonzero(values < top))
 
@@ -405,15 +418,16 @@ def _below(values: Tensor, top: float) -> int:
 SAMPLE = 1 << 16
 #: The bracket's half-width in standard deviations of the drawn rank.
 SPREAD = 4.0
-#: No bracket is drawn that is expected to hold more critical strengths than this (16 MiB of float32).
-BRACKETED = 1 << 22
-_TINY = float(torch.tensor(1, dtype=torch.int32).view(torch.float32))  # the smallest positive float32
+#: No bracket is drawn that is expected to hold more critical strengths than this (16 MiB of
+#: float32); one that would gather more is resolved by histogram passes (``GUESSED``).
+BRACKETED = GUESSED
+_NORMAL = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32: kept with flushed denormals
 
 
 def _bracket(drawn: Tensor, m: int, total: int) -> tuple[float, float] | None:
     """(lo, hi) around the m-th smallest of ``total`` values, from ``drawn`` values drawn from them
     at random (Note [Sampled bracket]): the drawn values of rank m/total·n ± SPREAD standard
-    deviations (binomial), lo at least the smallest positive float (every zero lies below it),
+    deviations (binomial), lo at least the smallest normal float (every zero lies below it),
     hi just above the drawn value (+inf past the last); None where the draw brackets nothing
     (an infinite or NaN value at lo) or where the bracket would hold more than ``BRACKETED``
     values."""
@@ -429,7 +443,7 @@ def _bracket(drawn: Tensor, m: int, total: int) -> tuple[float, float] | None:
         values = numpy.partition(values, picks)
     lo = float(values[a]) if a >= 0 else 0.0
     hi = float(numpy.nextafter(values[b], numpy.float32(math.inf))) if b < n else math.inf
-    lo = max(lo, _TINY)
+    lo = max(lo, _NORMAL)
     return (lo, hi) if math.isfinite(lo) and hi > lo else None
 
 
