@@ -276,6 +276,7 @@ def check_guessed(chunks, m, guess, **options) -> Selected:
 
 
 TINY = float(torch.tensor(1, dtype=torch.int32).view(torch.float32))  # the smallest positive float32
+NORMAL = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32: a guess's least lo
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -287,11 +288,11 @@ def test_a_guess_takes_one_pass_when_it_holds_the_answer_and_resolves_a_miss(cas
     for m in sorted({1, 2, len(x) // 2 + 1, len(x) - 1, len(x)} & set(range(1, len(x) + 1))):
         value = reference(chunks, m)[0]
         finite = [v for v in x.tolist() if math.isfinite(v) and v > 0] or [1.0]
-        guesses = [(TINY, INF), (max(min(finite), TINY), max(finite) * 2), (max(finite) * 4, INF), (TINY, max(min(finite), 2 * TINY))]
+        guesses = [(NORMAL, INF), (max(min(finite), NORMAL), max(finite) * 2), (max(finite) * 4, INF), (NORMAL, max(min(finite), 2 * NORMAL))]
         if math.isfinite(value) and value > 0:
             guesses.append((value, value * 1.5))
         for lo, hi in guesses:
-            if float(torch.tensor(lo, dtype=torch.float32)) < float(torch.tensor(hi, dtype=torch.float32)):
+            if NORMAL <= float(torch.tensor(lo, dtype=torch.float32)) < float(torch.tensor(hi, dtype=torch.float32)):
                 assert check_guessed(chunks, m, (lo, hi)).passes <= 3, (lo, hi, m)
 
 
@@ -299,7 +300,7 @@ def test_a_guess_takes_one_pass_when_it_holds_the_answer_and_resolves_a_miss(cas
 @given(
     chunks=st.lists(st.lists(values, max_size=12), min_size=1, max_size=5),
     rank=st.floats(min_value=0.0, max_value=1.0),
-    lo=st.floats(min_value=TINY, allow_infinity=False, allow_subnormal=True, width=32),
+    lo=st.floats(min_value=float(torch.finfo(torch.float32).tiny), allow_infinity=False, width=32),
     width=st.floats(min_value=1.0, max_value=2.0**100, width=32),
     bins=st.sampled_from([1 << 9, 1 << 16]),
 )
@@ -314,7 +315,7 @@ def test_a_guess_matches_kthvalue(chunks, rank, lo, width, bins):
     assert selected.passes <= (5 if bins == 1 << 9 else 3)  # the guess's pass, then ceil(31 / 9) or 2 at most
 
 
-@pytest.mark.parametrize("guess", [(0.0, 1.0), (2.0, 2.0), (3.0, 1.0), (INF, INF), (-1.0, 1.0)])
+@pytest.mark.parametrize("guess", [(0.0, 1.0), (2.0, 2.0), (3.0, 1.0), (INF, INF), (-1.0, 1.0), (1e-45, 1.0)])
 def test_a_guess_must_be_an_increasing_pair_of_positive_floats(guess):
     with pytest.raises(ValueError, match="guess must be"):
         kth_smallest(lambda: [torch.ones(3)], 1, guess=guess)
@@ -344,3 +345,22 @@ def test_a_bracket_holding_more_than_guessed_values_is_counted_not_gathered(monk
         selected = check_guessed([x[:400], x[400:]], m, (0.4, 0.6))
         assert selected.passes == (1 if m <= 100 else 3), m  # a zero, or the guess's pass and two more on one side or in it
     assert gathered == [None, None, None, None, None]
+
+
+def test_a_guess_with_denormals_flushed_takes_denormal_bounds_and_answers_as_the_histogram():
+    """With ``torch.set_flush_denormal(True)`` a float conversion on this thread turns a denormal
+    into 0 and a comparison takes one for 0: keys and values of denormals are taken from their
+    multiples of 2^-149, a guess's lo is a normal float, and float64 chunks are converted in the
+    pieces the histogram converts, so both paths see the same values."""
+    x = torch.cat([torch.full((1 << 20,), 1e-40, dtype=torch.float64), torch.ones(1 << 20, dtype=torch.float64)])
+    small = torch.tensor([0.0, 1e-45, 3e-45, 1.0])
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        found = [kth_smallest(lambda: [x], m, guess=(0.5, 2.0)) for m in (1, 1 << 20, (1 << 20) + 1)]
+        counted = [kth_smallest(lambda: [x], m) for m in (1, 1 << 20, (1 << 20) + 1)]
+        tiny = [kth_smallest(lambda: [small], 2, guess=(NORMAL, 1.0)), kth_smallest(lambda: [small], 2)]
+    finally:
+        torch.set_flush_denormal(False)
+    assert [f._replace(passes=0) for f in found] == [c._replace(passes=0) for c in counted]
+    assert [t._replace(passes=0) for t in tiny] == [Selected(TINY, 1, 1, 0)] * 2  # not 0.0: a denormal answer is kept

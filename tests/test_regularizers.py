@@ -143,6 +143,23 @@ def test_l0_prox_is_the_argmin_over_keep_or_zero(t):
     assert float(reg.penalty(w)) == pytest.approx(0.3 * int((w != 0).sum()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_l0_prox_in_place_scores_pieces_as_the_whole_tensor_would(dtype, monkeypatch):
+    """prox_ scores a contiguous tensor in flat pieces (a piece's temporary, not the tensor's):
+    the same zeros, bit for bit, as the out-of-place map, over pieces, a last short piece, and a
+    non-contiguous tensor scored whole."""
+    from paramreg.catalogue import elementwise
+
+    monkeypatch.setattr(elementwise, "_PIECE", 7)
+    torch.manual_seed(0)
+    reg = paramreg.L0(0.3)
+    for w in (torch.randn(10, 5, dtype=dtype), torch.randn(5, 10, dtype=dtype).t(), torch.tensor([0.1, -2.0, 0.5], dtype=dtype)):
+        inplace = [w.clone() if w.is_contiguous() else w.t().clone().t()]
+        reg.prox_(inplace, 0.7)
+        assert torch.equal(inplace[0], reg.prox(w, 0.7)) and inplace[0].stride() == w.stride()
+        assert 0 < int((inplace[0] == 0).sum()) < w.numel()
+
+
 def test_l0_has_no_penalty_mode():
     model = torch.nn.Linear(3, 2)
     with pytest.raises(paramreg.ParamregError, match="no gradient.*mode='prox'"):

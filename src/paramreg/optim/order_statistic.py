@@ -72,7 +72,11 @@ Note [Guessed bracket]
     their bits: with denormals flushed a comparison takes a denormal for 0): an answer among
     them is 0 (lo above them all, a target's kept zeros). A bracket that holds
     more than ``GUESSED`` values (ties at its edges) is counted, not gathered, past that many,
-    and histogram passes over it resolve it, so a guess never gathers more. A caller whose guess comes from a random
+    and histogram passes over it resolve it, so a guess never gathers more. lo is at least the
+    smallest normal float: with denormals flushed (``torch.set_flush_denormal``, per thread) a
+    comparison takes a denormal for 0, so a denormal lo would misplace denormal values; with a
+    normal lo every denormal lies below it either way. Chunks of other dtypes are converted to
+    float32 in the pieces the histogram passes convert. A caller whose guess comes from a random
     sample of the values (a sparsity target's, Note [Sampled bracket] in optim/targets.py)
     gathers a few percent of them; a guess is only a matter of speed, never of the result. The
     gathered values stay in one process, so ``guess`` takes no ``reduce``.
@@ -156,7 +160,8 @@ def kth_smallest(
             a caller's ``chunks`` can count something up to the answer in the same pass; and
             before a ``guess``'s pass with the guess, which a later pass corrects where the
             answer lies outside it.
-        guess: (lo, hi), float32 values 0 < lo < hi, a bracket expected to hold the answer (Note
+        guess: (lo, hi), float32 values, lo at least the smallest normal float32 (so that the
+            comparisons are exact with denormals flushed) and below hi, a bracket expected to hold the answer (Note
             [Guessed bracket]): the first pass counts the values below lo and gathers those in
             [lo, hi), and selects among them, 1 pass; else it says on which side the answer
             lies, and at most 2 more passes resolve that side. Values must be >= 0 (or -0.0),
@@ -187,8 +192,8 @@ def kth_smallest(
         if reduce is not None:
             raise ValueError("guess= needs every value in this process (reduce=None): the values it gathers are not reduced")
         below_key, above_key = _key(float(guess[0])), _key(float(guess[1]))
-        if not 0 < below_key < above_key <= _INF:
-            raise ValueError(f"guess must be (lo, hi) with 0 < lo < hi <= inf as float32 values, got {guess!r}")
+        if not _NORMAL_KEY <= below_key < above_key <= _INF:
+            raise ValueError(f"guess must be (lo, hi) with the smallest normal float32 <= lo < hi <= inf, got {guess!r}")
         low, high = _value(below_key), _value(above_key)
         if bracket is not None:
             bracket(low, high)
@@ -237,13 +242,22 @@ def _cover(a: int, b: int, bins: int) -> int:
     return ((b - a - 1) // bins).bit_length()
 
 
+# Keys below this are denormal floats, which a thread that flushes them (torch.set_flush_denormal)
+# would turn into 0 in a float conversion: they are taken from their multiples of 2^-149 instead.
+_NORMAL_KEY = 0x00800000
+
+
 def _key(x: float) -> int:
     """The key of the float32 nearest ``x`` (Note [Exact selection])."""
+    if abs(x) < math.ldexp(1.0, -126):  # a float32 denormal: x·2^149 rounded to the nearest, ties to even
+        return round(abs(x) * 2.0**149)
     bits = int(torch.tensor(x, dtype=torch.float32).view(torch.int32)) & _MAGNITUDE
     return min(bits, _NAN)
 
 
 def _value(key: int) -> float:
+    if key < _NORMAL_KEY:
+        return math.ldexp(key, -149)
     return float(torch.tensor(key, dtype=torch.int32).view(torch.float32))
 
 
@@ -270,28 +284,37 @@ class _Counter:
         hi), those values in float32 on the CPU (None past ``GUESSED`` of them), and how many
         values there are; NaN lies in none of them (Note [Guessed bracket])."""
         zeros, below, within, total, inside = 0, 0, 0, 0, []
+        device = None
         for chunk in self.chunks():
             if chunk.is_complex():
                 raise TypeError(f"the values must be real, got a chunk of dtype {chunk.dtype}")
             if hasattr(chunk, "to_local"):
                 raise TypeError("chunks must be local tensors: yield dtensor.to_local() and pass reduce")
+            if device is not None and chunk.device != device:
+                raise TypeError(f"every chunk must be on one device, got {device} and {chunk.device}")
+            device = chunk.device
             flat = chunk.detach().reshape(-1)
-            if flat.dtype != torch.float32:
-                flat = flat.float()  # as .float() converts; exact for the converted values
-            total += flat.numel()
-            if flat.device.type == "cpu":  # numpy's comparisons and boolean indexing: about twice torch's speed here
-                x, count = flat.numpy(), numpy.count_nonzero
-                zeros += int(count((x.view(numpy.uint32) << 1) == 0))  # bits: a denormal is no zero, flushed or not
-            else:
-                x, count = flat, torch.count_nonzero
-                zeros += int(count((flat.view(torch.int32) & _MAGNITUDE) == 0))
-            below += int(count(x < lo))
-            mask = (x >= lo) & (x < hi)
-            n = int(count(mask))
-            within += n
-            if inside is not None and n:
-                inside = inside + [x[mask]] if within <= GUESSED else None  # past GUESSED: counted only
-            chunk = flat = x = mask = None  # nothing of this chunk is held while the next is computed
+            size = BLOCK if flat.device.type == "cpu" else STAGE
+            for start in range(0, flat.numel(), size):
+                piece = flat[start : start + size]
+                if piece.dtype != torch.float32:  # converted as count() converts: the same pieces, into a float32 buffer
+                    if self.buffer is None or self.buffer.numel() < piece.numel() or self.buffer.device != piece.device:
+                        self.buffer = torch.empty(size, dtype=torch.int32, device=piece.device)
+                    piece = self.buffer[: piece.numel()].view(torch.float32).copy_(piece)
+                total += piece.numel()
+                if piece.device.type == "cpu":  # numpy's comparisons and boolean indexing: about twice torch's speed here
+                    x, count = piece.numpy(), numpy.count_nonzero
+                    zeros += int(count((x.view(numpy.uint32) << 1) == 0))  # bits: a denormal is no zero, flushed or not
+                else:
+                    x, count = piece, torch.count_nonzero
+                    zeros += int(count((piece.view(torch.int32) & _MAGNITUDE) == 0))
+                below += int(count(x < lo))
+                mask = (x >= lo) & (x < hi)
+                n = int(count(mask))
+                within += n
+                if inside is not None and n:
+                    inside = inside + [x[mask]] if within <= GUESSED else None  # past GUESSED: counted only
+            chunk = flat = piece = x = mask = None  # nothing of this chunk is held while the next is computed
         if inside is not None:
             inside = torch.cat([torch.from_numpy(v) if isinstance(v, numpy.ndarray) else v.cpu() for v in inside]) if inside else torch.empty(0)
         return zeros, below, within, inside, total

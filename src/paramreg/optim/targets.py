@@ -403,8 +403,9 @@ def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[i
 
 
 def _below(values: Tensor, top: float) -> int:
-    """How many of ``values`` lie below the float32 value ``top``, compared in float32 as the
-    selection converts them (a bfloat16 comparison would round ``top`` down: an undercount);
+    """How many of ``values`` lie below the float32 value ``top``: bfloat16 and float16 values
+    compared in float32 (their own comparison would round ``top`` down: an undercount), float64
+    in float64 (at most an overcount of values that convert to ``top``: still an upper bound);
     numpy's comparison on the CPU, half torch's time here."""
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()
