@@ -68,8 +68,8 @@ Note [Sampled bracket]
     values is not drawn (at p = 0.5 from about 250M critical strengths on), and one that would
     gather more (ties at its edges) stops gathering and is resolved by histogram passes. Over DTensor shards or off the CPU
     the histogram passes run as before. A selection over 16.8M AdamW weights (two 2896x2896
-    Linear layers, a ramp step): 44 ms against 92 with two passes (ad hoc;
-    ``benchmarks/target_cost.py`` measures the steps).
+    Linear layers, a ramp step): 54-55 ms, the draw 5 of them, against 92-99 with two passes
+    (ad hoc; ``benchmarks/target_cost.py`` measures the steps: docs/at-scale.md).
 
 Note [Allocation]
     A global target (``allocation="global"``, the default) ranks the critical strengths of all its
