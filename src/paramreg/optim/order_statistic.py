@@ -62,24 +62,23 @@ Note [Exact selection]
     here; it reads its input's extremes to the host, a sync per flush of STAGE keys).
 
 Note [Guessed bracket]
-    With ``guess=(lo, hi)``, the first pass compares instead of counting keys:
-    it counts the values below lo and gathers those in [lo, hi) (numpy's comparison and boolean
-    indexing on the CPU: 0.2 and 0.9-1.4 ns a value here, ad hoc, where a key's preparation and
-    ``bincount`` take 1.4-1.8), and when the m-th smallest lies among them it is their
-    (m - below)-th smallest (``numpy.partition``): 1 pass, whatever the window's width in keys.
-    Otherwise the answer lies below lo or at or above hi, and histogram passes over that side
-    resolve it (at most 2 with the default bins). The pass also counts the zeros (-0.0 too, by
-    their bits: with denormals flushed a comparison takes a denormal for 0): an answer among
-    them is 0 (lo above them all, a target's kept zeros). A bracket that holds
-    more than ``GUESSED`` values (ties at its edges) is counted, not gathered, past that many,
-    and histogram passes over it resolve it, so a guess never gathers more. lo is at least the
-    smallest normal float: with denormals flushed (``torch.set_flush_denormal``, per thread) a
-    comparison takes a denormal for 0, so a denormal lo would misplace denormal values; with a
-    normal lo every denormal lies below it either way. Chunks of other dtypes are converted to
-    float32 in the pieces the histogram passes convert. A caller whose guess comes from a random
-    sample of the values (a sparsity target's, Note [Sampled bracket] in optim/targets.py)
-    gathers a few percent of them; a guess is only a matter of speed, never of the result. The
-    gathered values stay in one process, so ``guess`` takes no ``reduce``.
+    With ``guess=(lo, hi)``, the first pass compares instead of counting keys: it counts the values
+    below lo and gathers those in [lo, hi) (numpy's comparison and boolean indexing on the CPU: 0.2
+    and 0.9-1.4 ns a value here, ad hoc, where a key's preparation and ``bincount`` take 1.4-1.8),
+    and when the m-th smallest lies among them it is their (m - below)-th smallest
+    (``numpy.partition``): 1 pass, whatever the window's width in keys. Otherwise the answer lies
+    below lo or at or above hi, and histogram passes over that side resolve it (at most 2 with the
+    default bins). The pass also counts the zeros (-0.0 too, by their bits: with denormals flushed a
+    comparison takes a denormal for 0): an answer among them is 0 (lo above them all, a target's
+    kept zeros). A bracket that holds more than ``GUESSED`` values (ties at its edges) is counted,
+    not gathered, past that many, and histogram passes over it resolve it, so a guess never gathers
+    more. lo is at least the smallest normal float: with denormals flushed
+    (``torch.set_flush_denormal``, per thread) a comparison takes a denormal for 0, so a denormal lo
+    would misplace denormal values; with a normal lo every denormal lies below it either way. Chunks
+    of other dtypes are converted to float32 in the pieces the histogram passes convert. A caller
+    whose guess comes from a random sample of the values (a sparsity target's, Note [Sampled
+    bracket] in optim/targets.py) gathers a few percent of them; a guess is only a matter of speed,
+    never of the result. The gathered values stay in one process, so ``guess`` takes no ``reduce``.
 """
 
 from __future__ import annotations
@@ -161,11 +160,11 @@ def kth_smallest(
             before a ``guess``'s pass with the guess, which a later pass corrects where the
             answer lies outside it.
         guess: (lo, hi), float32 values, lo at least the smallest normal float32 (so that the
-            comparisons are exact with denormals flushed) and below hi, a bracket expected to hold the answer (Note
-            [Guessed bracket]): the first pass counts the values below lo and gathers those in
-            [lo, hi), and selects among them, 1 pass; else it says on which side the answer
-            lies, and at most 2 more passes resolve that side. Values must be >= 0 (or -0.0),
-            and ``reduce`` None: the gathered values stay in this process.
+            comparisons are exact with denormals flushed) and below hi: a bracket expected to
+            hold the answer (Note [Guessed bracket]). The first pass counts the values below lo
+            and gathers those in [lo, hi), and selects among them, 1 pass; else it says on which
+            side the answer lies, and at most 2 more passes resolve that side. Values must be
+            >= 0 (or -0.0), and ``reduce`` None: the gathered values stay in this process.
 
     Returns:
         :class:`Selected`: the value, how many values are below and equal to it, and the passes.

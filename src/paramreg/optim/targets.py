@@ -55,21 +55,21 @@ Note [Sampled bracket]
     every step; the drawn weights and their optimizer state through the same formula), and takes
     from them a bracket [lo, hi) around the m-th smallest: the drawn values of rank m/N·n ±
     ``SPREAD`` (4) standard deviations of that rank (binomial, sqrt(n·p·(1 − p))). Its one pass
-    counts the values below lo and gathers those in [lo, hi), about 8·sqrt(p(1 − p)/n) of them
-    (1.6% at p = 0.5), and selects among those (Note [Guessed bracket] in
-    optim/order_statistic.py); the histogram passes resolve a miss (a draw off by more than 4
-    standard deviations: rare). A draw is never the answer, only where to look: the result is
-    the same value, bit for bit, whatever was drawn (tests/test_sparsity.py). Draws at a fixed
-    stride were tried first and missed in 49 of 53 steps on a 700x700 Linear pair (ad hoc) (the stride
-    divided the rows: the same columns in every row, some of them dead inputs); random draws
-    missed none. lo is at least the smallest normal float, so the zeros the target keeps (and
-    any denormal) are counted, not gathered, also with denormals flushed
-    (``torch.set_flush_denormal``); a bracket expected to hold more than ``BRACKETED`` (2^22)
-    values is not drawn (at p = 0.5 from about 250M critical strengths on), and one that would
-    gather more (ties at its edges) stops gathering and is resolved by histogram passes. Over DTensor shards or off the CPU
-    the histogram passes run as before. A selection over 16.8M AdamW weights (two 2896x2896
-    Linear layers, a ramp step): 54-55 ms, the draw 5 of them, against 92-99 with two passes
-    (ad hoc; ``benchmarks/target_cost.py`` measures the steps: docs/at-scale.md).
+    counts the values below lo and gathers those in [lo, hi), about 8·sqrt(p(1 − p)/n) of them (1.6%
+    at p = 0.5), and selects among those (Note [Guessed bracket] in optim/order_statistic.py); the
+    histogram passes resolve a miss (a draw off by more than 4 standard deviations: rare). A draw is
+    never the answer, only where to look: the result is the same value, bit for bit, whatever was
+    drawn (tests/test_sparsity.py). Draws at a fixed stride were tried first and missed in 49 of 53
+    steps on a 700x700 Linear pair (ad hoc) (the stride divided the rows: the same columns in every
+    row, some of them dead inputs); random draws missed none. lo is at least the smallest normal
+    float, so the zeros the target keeps (and any denormal) are counted, not gathered, also with
+    denormals flushed (``torch.set_flush_denormal``); a bracket expected to hold more than
+    ``BRACKETED`` (2^22) values is not drawn (at p = 0.5 from about 250M critical strengths on), and
+    one that would gather more (ties at its edges) stops gathering and is resolved by histogram
+    passes. Over DTensor shards or off the CPU the histogram passes run as before. A selection over
+    16.8M AdamW weights (two 2896x2896 Linear layers, a ramp step): 54-55 ms, the draw 5 of them,
+    against 92-99 with two passes (ad hoc; ``benchmarks/target_cost.py`` measures the steps:
+    docs/at-scale.md).
 
 Note [Allocation]
     A global target (``allocation="global"``, the default) ranks the critical strengths of all its
