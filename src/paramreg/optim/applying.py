@@ -122,6 +122,12 @@ def _inverse(bucket: Bucket, tensors: list[Tensor], t: float, optimizer, group, 
     return t
 
 
+def _inverses(step, n: int) -> list:
+    """The inverse steps of ``n`` tensors from :func:`_inverse`'s result: its list, or 1/t for each
+    (inf for t = 0), as :meth:`Regularizer.critical` takes them."""
+    return step if isinstance(step, list) else [1.0 / step if step else math.inf] * n
+
+
 def _map(regularizer, tensors: list[Tensor], step) -> None:
     """The proximal map over ``tensors`` with ``step`` from :func:`_inverse` (inverse steps are consumed)."""
     if isinstance(step, list):
@@ -357,8 +363,7 @@ class _Criticals:
             drawn = p.detach().reshape(-1)[draws]
             drawn_state = {k: v.reshape(-1)[draws] if _alike(v, p) else v for k, v in state.items()}
             step = _inverse(bucket, [drawn], lr, self.optimizer, group, fill, [drawn_state], None if floors is None else [floors[i]])
-            inverse = step if isinstance(step, list) else [1.0 / step if step else math.inf]
-            values = bucket.regularizer.critical([drawn], inverse)[0].float()
+            values = bucket.regularizer.critical([drawn], _inverses(step, 1))[0].float()
             if limits and u in limits:
                 values = torch.where(values <= limits[u], values, math.inf)
             out.append(values)
@@ -394,7 +399,7 @@ class _Criticals:
         for js, block, block_states in blocks:
             block_floors = None if chosen_floors is None else [chosen_floors[j] for j in js]
             step = _inverse(bucket, block, lr, self.optimizer, group, fill, block_states, block_floors)
-            inverse = step if isinstance(step, list) else [1.0 / step if step else math.inf] * len(block)
+            inverse = _inverses(step, len(block))
             found = regularizer.critical(block, inverse)
             del step, inverse
             if regularizer.joint:

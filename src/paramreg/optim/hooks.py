@@ -132,27 +132,24 @@ def _hold_zeros(optimizer, args, kwargs):
             if c is None or not c.target.masks_gradient(c.calls):
                 continue
             grad = p.grad
-            if known and not callable(closure) and grad is not None and not grad.is_sparse:
-                moving = optimizer.state.get(p) or {}
-                momenta = [t for key in _MOMENTA if isinstance(t := moving.get(key), torch.Tensor) and t.shape == p.shape]
-                if len(momenta) <= 1 and fused.hold_(p, momenta[0] if momenta else None):
-                    continue  # one compiled pass did what the masked writes below do
+            moving = optimizer.state.get(p) or {} if known else {}
+            momenta = [t for key in _MOMENTA if isinstance(t := moving.get(key), torch.Tensor) and t.shape == p.shape]
+            if (known and not callable(closure) and grad is not None and not grad.is_sparse and len(momenta) <= 1
+                    and fused.hold_(p, momenta[0] if momenta else None)):
+                continue  # one compiled pass did what the masked writes below do
             zeros = p.detach() == 0
             if grad is not None and grad.is_sparse:  # no masked write into it: the zeros set back after the step
                 found.zeros.append((p, zeros))
                 continue
             if known:
-                moving = optimizer.state.get(p) or {}
-                for key in _MOMENTA:
-                    t = moving.get(key)
-                    if isinstance(t, torch.Tensor) and t.shape == p.shape:
-                        t.masked_fill_(zeros, 0)
+                for t in momenta:
+                    t.masked_fill_(zeros, 0)
             else:
                 found.zeros.append((p, zeros))
             if callable(closure):
                 masks.append((p, zeros))
-            elif p.grad is not None:
-                p.grad.masked_fill_(zeros, 0)
+            elif grad is not None:
+                grad.masked_fill_(zeros, 0)
     if not masks:
         return None
 

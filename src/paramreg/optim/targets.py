@@ -64,7 +64,7 @@ Note [Sampled bracket]
     row, some of them dead inputs); random draws missed none. lo is at least the smallest normal
     float, so the zeros the target keeps (and any denormal) are counted, not gathered, also with
     denormals flushed (``torch.set_flush_denormal``); a bracket expected to hold more than
-    ``BRACKETED`` (2^22) values is not drawn (at p = 0.5 from about 250M critical strengths on), and
+    ``GUESSED`` (2^22) values is not drawn (at p = 0.5 from about 250M critical strengths on), and
     one that would gather more (ties at its edges) stops gathering and is resolved by histogram
     passes. Over DTensor shards or off the CPU the histogram passes run as before. A selection over
     16.8M AdamW weights (two 2896x2896 Linear layers, a ramp step): 54-55 ms, the draw 5 of them,
@@ -419,9 +419,6 @@ def _below(values: Tensor, top: float) -> int:
 SAMPLE = 1 << 16
 #: The bracket's half-width in standard deviations of the drawn rank.
 SPREAD = 4.0
-#: No bracket is drawn that is expected to hold more critical strengths than this (16 MiB of
-#: float32); one that would gather more is resolved by histogram passes (``GUESSED``).
-BRACKETED = GUESSED
 _NORMAL = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32: kept with flushed denormals
 
 
@@ -430,13 +427,13 @@ def _bracket(drawn: Tensor, m: int, total: int) -> tuple[float, float] | None:
     at random (Note [Sampled bracket]): the drawn values of rank m/total·n ± SPREAD standard
     deviations (binomial), lo at least the smallest normal float (every zero lies below it),
     hi just above the drawn value (+inf past the last); None where the draw brackets nothing
-    (an infinite or NaN value at lo) or where the bracket would hold more than ``BRACKETED``
-    values."""
+    (an infinite or NaN value at lo) or where the bracket would hold more than ``GUESSED``
+    values (order_statistic.py)."""
     n = drawn.numel()
     p = m / total
     rank, spread = p * n, SPREAD * math.sqrt(n * p * (1.0 - p)) + 1.0
     a, b = math.floor(rank - spread) - 1, math.ceil(rank + spread)  # 0-based ranks in the draw
-    if (min(b, n) - max(a, 0)) * total > BRACKETED * n:  # expected to gather more than BRACKETED values
+    if (min(b, n) - max(a, 0)) * total > GUESSED * n:  # expected to gather more than a guess may (GUESSED values)
         return None
     picks = [r for r in (a, b) if 0 <= r < n]
     values = drawn.numpy()
