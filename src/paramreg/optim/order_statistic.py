@@ -63,14 +63,20 @@ Note [Exact selection]
 
 Note [Guessed bracket]
     With ``guess=(lo, hi)``, the first pass compares instead of counting keys: it counts the values
-    below lo and gathers those in [lo, hi) (numpy's comparison and boolean indexing on the CPU: 0.2
-    and 0.9-1.4 ns a value here, ad hoc, where a key's preparation and ``bincount`` take 1.4-1.8),
-    and when the m-th smallest lies among them it is their (m - below)-th smallest
-    (``numpy.partition``): 1 pass, whatever the window's width in keys. Otherwise the answer lies
-    below lo or at or above hi, and histogram passes over that side resolve it (at most 2 with the
-    default bins). The pass also counts the zeros (-0.0 too, by their bits: with denormals flushed a
-    comparison takes a denormal for 0): an answer among them is 0 (lo above them all, a target's
-    kept zeros). A bracket that holds more than ``GUESSED`` values (ties at its edges) is counted,
+    below lo and gathers those in [lo, hi), and when the m-th smallest lies among them it is their
+    (m - below)-th smallest (``numpy.partition``): 1 pass, whatever the window's width in keys.
+    Otherwise the answer lies below lo or at or above hi, and histogram passes over that side
+    resolve it (at most 2 with the default bins). On the CPU a piece takes two comparisons into
+    held boolean masks (x < lo, x < hi), their counts, and where the second count is larger the
+    values where the masks differ (numpy's boolean indexing): about 1.2 ms per 2^20 float32
+    values with 2% in the bracket, where counting and masking by separate comparisons, each into
+    a new array, took 2.2 (ad hoc), and a key's preparation and ``bincount`` take 1.4-1.8 ns a
+    value. Where lo is the smallest normal float (a bracket that starts at a target's kept
+    zeros) and the answer lies below it, a second pass counts the zeros (-0.0 too, by their bits:
+    with denormals flushed a comparison takes a denormal for 0), and an answer among them is 0
+    (a capped tensor's kept zeros: 2 passes), else it is a denormal and histogram passes over
+    the denormals resolve it. Counting the zeros in every guess's pass cost 0.6 ms per 2^20
+    values, where the answer lies above them in nearly every ramp step (ad hoc). A bracket that holds more than ``GUESSED`` values (ties at its edges) is counted,
     not gathered, past that many, and histogram passes over it resolve it, so a guess never gathers
     more. lo is at least the smallest normal float: with denormals flushed
     (``torch.set_flush_denormal``, per thread) a comparison takes a denormal for 0, so a denormal lo
@@ -196,17 +202,20 @@ def kth_smallest(
         low, high = _value(below_key), _value(above_key)
         if bracket is not None:
             bracket(low, high)
-        zeros, below, within, inside, total = counter.gather(low, high)
+        below, within, inside, total = counter.gather(low, high)
         passes = 1
         if m > total:
             raise ValueError(f"m must be at most the number of values, {total}, got {m}")
-        if m <= zeros:
-            return Selected(0.0, 0, zeros, 1)
+        if m <= below and below_key == _NORMAL_KEY:  # below the smallest normal: 0.0 or a denormal
+            zeros = counter.zeros()
+            passes = 2
+            if m <= zeros:
+                return Selected(0.0, 0, zeros, passes)
         if below < m <= below + within and inside is not None:
             value = float(numpy.partition(inside.numpy(), m - below - 1)[m - below - 1])
             return Selected(value, below + int(torch.count_nonzero(inside < value)), int(torch.count_nonzero(inside == value)), 1)
         if m <= below:
-            a, b = 0, below_key
+            a, b = 1 if passes == 2 else 0, below_key
         elif m <= below + within:  # more than GUESSED values in the bracket: counted, not gathered
             a, b = below_key, above_key
         else:
@@ -277,12 +286,11 @@ class _Counter:
         self.bins = bins
         self.device = None if device is None else torch.device(device)
         self.buffer: Tensor | None = None  # int32 keys, up to STAGE (BLOCK on the CPU) of them
+        self.masks: tuple | None = None  # a guess's comparisons on the CPU (:meth:`_masks`)
 
-    def gather(self, lo: float, hi: float) -> tuple[int, int, int, Tensor | None, int]:
-        """One pass: how many values are zero (or -0.0) and lie below ``lo``, how many lie in [lo,
-        hi), those values in float32 on the CPU (None past ``GUESSED`` of them), and how many
-        values there are; NaN lies in none of them (Note [Guessed bracket])."""
-        zeros, below, within, total, inside = 0, 0, 0, 0, []
+    def _pieces(self):
+        """The values of every chunk in pieces of ``BLOCK`` (CPU) or ``STAGE`` elements, as float32:
+        other dtypes converted as :meth:`count` converts them, in the same pieces, into the buffer."""
         device = None
         for chunk in self.chunks():
             if chunk.is_complex():
@@ -296,27 +304,65 @@ class _Counter:
             size = BLOCK if flat.device.type == "cpu" else STAGE
             for start in range(0, flat.numel(), size):
                 piece = flat[start : start + size]
-                if piece.dtype != torch.float32:  # converted as count() converts: the same pieces, into a float32 buffer
+                if piece.dtype != torch.float32:
                     if self.buffer is None or self.buffer.numel() < piece.numel() or self.buffer.device != piece.device:
                         self.buffer = torch.empty(size, dtype=torch.int32, device=piece.device)
                     piece = self.buffer[: piece.numel()].view(torch.float32).copy_(piece)
-                total += piece.numel()
-                if piece.device.type == "cpu":  # numpy's comparisons and boolean indexing: about twice torch's speed here
-                    x, count = piece.numpy(), numpy.count_nonzero
-                    zeros += int(count((x.view(numpy.uint32) << 1) == 0))  # bits: a denormal is no zero, flushed or not
-                else:
-                    x, count = piece, torch.count_nonzero
-                    zeros += int(count((piece.view(torch.int32) & _MAGNITUDE) == 0))
-                below += int(count(x < lo))
-                mask = (x >= lo) & (x < hi)
-                n = int(count(mask))
-                within += n
-                if inside is not None and n:
-                    inside = inside + [x[mask]] if within <= GUESSED else None  # past GUESSED: counted only
-            chunk = flat = piece = x = mask = None  # nothing of this chunk is held while the next is computed
+                yield piece
+                piece = None
+            chunk = flat = None  # nothing of this chunk is held while the next is computed
+
+    def gather(self, lo: float, hi: float) -> tuple[int, int, Tensor | None, int]:
+        """One pass: how many values lie below ``lo`` and in [lo, hi), those in [lo, hi) in float32
+        on the CPU (None past ``GUESSED`` of them), and how many values there are; NaN lies in
+        neither (Note [Guessed bracket]). On the CPU two comparisons into held masks per piece: ``x < hi`` holds
+        wherever ``x < lo`` does (lo < hi), so the bracket's mask is where they differ and its
+        count the difference of theirs."""
+        below, within, total, inside = 0, 0, 0, []
+        for piece in self._pieces():
+            n = piece.numel()
+            total += n
+            if piece.device.type == "cpu":
+                x = piece.numpy()
+                under, bounded = self._masks(n)
+                numpy.less(x, lo, out=under)
+                numpy.less(x, hi, out=bounded)
+                b = int(numpy.count_nonzero(under))
+                k = int(numpy.count_nonzero(bounded)) - b
+                if k and inside is not None and within + k <= GUESSED:
+                    numpy.not_equal(under, bounded, out=under)
+                    inside.append(torch.from_numpy(x[under]))
+            else:
+                b = int(torch.count_nonzero(piece < lo))
+                mask = (piece >= lo) & (piece < hi)
+                k = int(torch.count_nonzero(mask))
+                if k and inside is not None and within + k <= GUESSED:
+                    inside.append(piece[mask].cpu())
+            below += b
+            within += k
+            if within > GUESSED:  # past GUESSED: counted only
+                inside = None
+            x = piece = None
         if inside is not None:
-            inside = torch.cat([torch.from_numpy(v) if isinstance(v, numpy.ndarray) else v.cpu() for v in inside]) if inside else torch.empty(0)
-        return zeros, below, within, inside, total
+            inside = torch.cat(inside) if inside else torch.empty(0)
+        return below, within, inside, total
+
+    def zeros(self) -> int:
+        """One pass: how many values are 0.0 or -0.0, by their bits (Note [Guessed bracket])."""
+        zeros = 0
+        for piece in self._pieces():
+            if piece.device.type == "cpu":
+                zeros += int(numpy.count_nonzero((piece.numpy().view(numpy.uint32) << 1) == 0))
+            else:
+                zeros += int(torch.count_nonzero((piece.view(torch.int32) & _MAGNITUDE) == 0))
+        return zeros
+
+    def _masks(self, n: int) -> tuple:
+        """Two boolean arrays of ``n`` elements, views of two held ones of ``BLOCK`` (a pass's
+        comparisons write into them: no allocation per piece)."""
+        if self.masks is None:
+            self.masks = (numpy.empty(BLOCK, dtype=bool), numpy.empty(BLOCK, dtype=bool))
+        return self.masks[0][:n], self.masks[1][:n]
 
     def count(self, lo: int, shift: int) -> Tensor:
         """(bins + 2,) int64 counts: of the keys below ``lo``, in each bin of width 2^shift from
