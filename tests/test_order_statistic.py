@@ -260,15 +260,16 @@ def test_empty_chunks_count_nothing():
 def check_guessed(chunks, m, guess, **options) -> Selected:
     """kth_smallest over ``chunks`` with a guessed bracket equals the reference, and every pass
     calls chunks() once; one pass where the answer lies in the guess."""
-    calls, brackets = [], []
+    calls, brackets, counted = [], [], []
     selected = kth_smallest(lambda: calls.append(1) or iter(chunks), m, guess=guess, bracket=lambda lo, hi: brackets.append((lo, hi)),
-                            **options)
+                            counted=counted.append, **options)
     value, below, equal = reference(chunks, m)
     assert (math.isnan(selected.value) and math.isnan(value)) or selected.value == value, (selected, value)
     assert (selected.below, selected.equal) == (below, equal)
     assert len(calls) == selected.passes
     lo, hi = brackets[0]  # the guess, as float32 values, before its pass
     assert (lo, hi) == tuple(float(torch.tensor(x, dtype=torch.float32)) for x in guess)
+    assert counted == [int((c.float() < hi).sum()) for c in chunks]  # per chunk, in the guess's pass alone
     within = sum(int(((c.float() >= lo) & (c.float() < hi)).sum()) for c in chunks)
     if lo <= value < hi and within <= order_statistic.GUESSED:
         assert selected.passes == 1

@@ -137,6 +137,7 @@ def kth_smallest(
     device: torch.device | str | None = None,
     bracket: Callable[[float, float], object] | None = None,
     guess: tuple[float, float] | None = None,
+    counted: Callable[[int], object] | None = None,
 ) -> Selected:
     """The m-th smallest (1-based) of the values in ``chunks()``, exactly (Note [Exact selection]).
 
@@ -171,6 +172,9 @@ def kth_smallest(
             and gathers those in [lo, hi), and selects among them, 1 pass; else it says on which
             side the answer lies, and at most 2 more passes resolve that side. Values must be
             >= 0 (or -0.0), and ``reduce`` None: the gathered values stay in this process.
+        counted: called in a guess's pass after each chunk with how many of its values lie below
+            the guess's hi (which the pass compares with anyway), so that a caller's ``chunks``
+            need not count up to the bracket's top in that pass.
 
     Returns:
         :class:`Selected`: the value, how many values are below and equal to it, and the passes.
@@ -202,7 +206,7 @@ def kth_smallest(
         low, high = _value(below_key), _value(above_key)
         if bracket is not None:
             bracket(low, high)
-        below, within, inside, total = counter.gather(low, high)
+        below, within, inside, total = counter.gather(low, high, counted)
         passes = 1
         if m > total:
             raise ValueError(f"m must be at most the number of values, {total}, got {m}")
@@ -288,9 +292,8 @@ class _Counter:
         self.buffer: Tensor | None = None  # int32 keys, up to STAGE (BLOCK on the CPU) of them
         self.masks: tuple | None = None  # a guess's comparisons on the CPU (:meth:`_masks`)
 
-    def _pieces(self):
-        """The values of every chunk in pieces of ``BLOCK`` (CPU) or ``STAGE`` elements, as float32:
-        other dtypes converted as :meth:`count` converts them, in the same pieces, into the buffer."""
+    def _flats(self):
+        """Every chunk of a pass, checked, as a flat tensor (a copy only where it is not contiguous)."""
         device = None
         for chunk in self.chunks():
             if chunk.is_complex():
@@ -300,49 +303,59 @@ class _Counter:
             if device is not None and chunk.device != device:
                 raise TypeError(f"every chunk must be on one device, got {device} and {chunk.device}")
             device = chunk.device
-            flat = chunk.detach().reshape(-1)
-            size = BLOCK if flat.device.type == "cpu" else STAGE
-            for start in range(0, flat.numel(), size):
-                piece = flat[start : start + size]
-                if piece.dtype != torch.float32:
-                    if self.buffer is None or self.buffer.numel() < piece.numel() or self.buffer.device != piece.device:
-                        self.buffer = torch.empty(size, dtype=torch.int32, device=piece.device)
-                    piece = self.buffer[: piece.numel()].view(torch.float32).copy_(piece)
-                yield piece
-                piece = None
-            chunk = flat = None  # nothing of this chunk is held while the next is computed
+            yield chunk.detach().reshape(-1)
+            chunk = None  # nothing of this chunk is held while the next is computed
 
-    def gather(self, lo: float, hi: float) -> tuple[int, int, Tensor | None, int]:
+    def _pieces(self, flat: Tensor):
+        """``flat`` in pieces of ``BLOCK`` (CPU) or ``STAGE`` elements, as float32: other dtypes
+        converted as :meth:`count` converts them, in the same pieces, into the buffer."""
+        size = BLOCK if flat.device.type == "cpu" else STAGE
+        for start in range(0, flat.numel(), size):
+            piece = flat[start : start + size]
+            if piece.dtype != torch.float32:
+                if self.buffer is None or self.buffer.numel() < piece.numel() or self.buffer.device != piece.device:
+                    self.buffer = torch.empty(size, dtype=torch.int32, device=piece.device)
+                piece = self.buffer[: piece.numel()].view(torch.float32).copy_(piece)
+            yield piece
+
+    def gather(self, lo: float, hi: float, counted: Callable[[int], object] | None = None) -> tuple[int, int, Tensor | None, int]:
         """One pass: how many values lie below ``lo`` and in [lo, hi), those in [lo, hi) in float32
         on the CPU (None past ``GUESSED`` of them), and how many values there are; NaN lies in
-        neither (Note [Guessed bracket]). On the CPU two comparisons into held masks per piece: ``x < hi`` holds
-        wherever ``x < lo`` does (lo < hi), so the bracket's mask is where they differ and its
-        count the difference of theirs."""
+        neither (Note [Guessed bracket]); ``counted`` is called after each chunk with how many of
+        its values lie below ``hi``. On the CPU two comparisons into held masks per piece: ``x <
+        hi`` holds wherever ``x < lo`` does (lo < hi), so the bracket's mask is where they differ
+        and its count the difference of theirs."""
         below, within, total, inside = 0, 0, 0, []
-        for piece in self._pieces():
-            n = piece.numel()
-            total += n
-            if piece.device.type == "cpu":
-                x = piece.numpy()
-                under, bounded = self._masks(n)
-                numpy.less(x, lo, out=under)
-                numpy.less(x, hi, out=bounded)
-                b = int(numpy.count_nonzero(under))
-                k = int(numpy.count_nonzero(bounded)) - b
-                if k and inside is not None and within + k <= GUESSED:
-                    numpy.not_equal(under, bounded, out=under)
-                    inside.append(torch.from_numpy(x[under]))
-            else:
-                b = int(torch.count_nonzero(piece < lo))
-                mask = (piece >= lo) & (piece < hi)
-                k = int(torch.count_nonzero(mask))
-                if k and inside is not None and within + k <= GUESSED:
-                    inside.append(piece[mask].cpu())
-            below += b
-            within += k
-            if within > GUESSED:  # past GUESSED: counted only
-                inside = None
-            x = piece = None
+        for flat in self._flats():
+            under_hi = 0
+            for piece in self._pieces(flat):
+                n = piece.numel()
+                total += n
+                if piece.device.type == "cpu":
+                    x = piece.numpy()
+                    under, bounded = self._masks(n)
+                    numpy.less(x, lo, out=under)
+                    numpy.less(x, hi, out=bounded)
+                    b = int(numpy.count_nonzero(under))
+                    k = int(numpy.count_nonzero(bounded)) - b
+                    if k and inside is not None and within + k <= GUESSED:
+                        numpy.not_equal(under, bounded, out=under)
+                        inside.append(torch.from_numpy(x[under]))
+                else:
+                    b = int(torch.count_nonzero(piece < lo))
+                    mask = (piece >= lo) & (piece < hi)
+                    k = int(torch.count_nonzero(mask))
+                    if k and inside is not None and within + k <= GUESSED:
+                        inside.append(piece[mask].cpu())
+                below += b
+                within += k
+                under_hi += b + k
+                if within > GUESSED:  # past GUESSED: counted only
+                    inside = None
+                x = piece = None
+            if counted is not None:
+                counted(under_hi)
+            flat = None
         if inside is not None:
             inside = torch.cat(inside) if inside else torch.empty(0)
         return below, within, inside, total
@@ -350,11 +363,12 @@ class _Counter:
     def zeros(self) -> int:
         """One pass: how many values are 0.0 or -0.0, by their bits (Note [Guessed bracket])."""
         zeros = 0
-        for piece in self._pieces():
-            if piece.device.type == "cpu":
-                zeros += int(numpy.count_nonzero((piece.numpy().view(numpy.uint32) << 1) == 0))
-            else:
-                zeros += int(torch.count_nonzero((piece.view(torch.int32) & _MAGNITUDE) == 0))
+        for flat in self._flats():
+            for piece in self._pieces(flat):
+                if piece.device.type == "cpu":
+                    zeros += int(numpy.count_nonzero((piece.numpy().view(numpy.uint32) << 1) == 0))
+                else:
+                    zeros += int(torch.count_nonzero((piece.view(torch.int32) & _MAGNITUDE) == 0))
         return zeros
 
     def _masks(self, n: int) -> tuple:

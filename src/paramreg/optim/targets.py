@@ -383,6 +383,7 @@ def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[i
             drawn = criticals.sample(units, limits, SAMPLE)
             guess = None if drawn is None else _bracket(drawn, m, total)
     top = [math.nan]
+    current = [None, guess is not None]  # the unit of the chunk being counted; whether the pass is a guess's
 
     def bracket(lo: float, hi: float) -> None:
         top[0] = hi
@@ -391,12 +392,18 @@ def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[i
         if counting is not None:
             counting[:] = [0] * len(counting)
         for u, c in criticals.chunks(units, limits):
-            if counting is not None:
+            current[0] = u
+            if counting is not None and not current[1]:  # a guess's pass counts below its top itself (counted)
                 counting[u] += c.numel() if math.isnan(top[0]) else _below(c, top[0])
             yield c
             del c  # not held while the next is computed
+        current[1] = False
 
-    found = kth_smallest(chunks, m, reduce=criticals.reduce, device=criticals.device, bracket=bracket, guess=guess)
+    def counted(n: int) -> None:
+        counting[current[0]] += n
+
+    found = kth_smallest(chunks, m, reduce=criticals.reduce, device=criticals.device, bracket=bracket, guess=guess,
+                         counted=None if counting is None else counted)
     if counting is not None:
         counting[:] = _summed(criticals, counting)
     return float(found.value)
