@@ -917,3 +917,17 @@ def test_zero_s_shard_of_units_draws_nothing():
 
     assert targets._Alone(Units()).sample() is None
     assert targets._kth(targets._Alone(Units()), 4) == 3.0
+
+
+@pytest.mark.parametrize("regularizer", [paramreg.L1(0.5), paramreg.L0(0.5), paramreg.GroupLasso(0.5), paramreg.GroupLasso(0.5, groups="in")],
+                         ids=repr)
+def test_critical_sizes_are_those_of_the_critical_strengths_for_every_shape(regularizer):
+    """A target's unit sizes are taken once per regularizer and shapes (on meta tensors) and
+    kept: each shape gets its own, equal to the number of critical strengths of real tensors."""
+    from paramreg.optim.applying import _critical_sizes
+
+    g = torch.Generator().manual_seed(0)
+    for shapes in ([(6, 4)], [(6, 4), (3, 5, 2)], [(6, 4)], [(2, 4)]):
+        tensors = [torch.randn(shape, generator=g) for shape in shapes]
+        expected = [c.numel() for c in regularizer.critical(tensors, [torch.ones_like(t) for t in tensors])]
+        assert _critical_sizes(regularizer, tensors) == expected
