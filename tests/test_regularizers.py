@@ -160,6 +160,38 @@ def test_l0_prox_in_place_scores_pieces_as_the_whole_tensor_would(dtype, monkeyp
         assert 0 < int((inplace[0] == 0).sum()) < w.numel()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_l0_prox_in_place_is_a_hardshrink_at_the_bound_with_the_maps_zeros_bit_for_bit(dtype, monkeypatch):
+    """prox_ (scalar steps: SGD) is hardshrink at the largest magnitude whose rounded score is at
+    most the bound: the same tensor, bit for bit, as the out-of-place map (and as the scored
+    pieces, where no such magnitude is found near sqrt(bound·t)), over ±0, NaN, ±inf, strengths
+    that zero none, some and most entries, and scales from 1e-3 to 1e3."""
+    from paramreg.catalogue import elementwise
+
+    bits = elementwise._BITS[dtype]
+    g = torch.Generator().manual_seed(0)
+    found = []
+    original = elementwise._magnitude_bound
+    monkeypatch.setattr(elementwise, "_magnitude_bound", lambda *a: found.append(original(*a)) or found[-1])
+    for scale in (1e-3, 1.0, 1e3):
+        w = (torch.randn(3000, generator=g, dtype=torch.float64) * scale).to(dtype)
+        w[:5] = torch.tensor([0.0, -0.0, math.nan, math.inf, -math.inf], dtype=torch.float64).to(dtype)
+        for t in (0.01, 0.7, 30.0):
+            for quantile in (0.001, 0.5, 0.97):
+                a = float(w[5:].abs().double().quantile(quantile)) ** 2 / (2 * t) * 1.0001
+                expected = paramreg.L0(a).prox(w, t)
+                for pieces in (False, True):
+                    if pieces:
+                        monkeypatch.setattr(elementwise, "_magnitude_bound", lambda *a: None)
+                    inplace = [w.clone()]
+                    paramreg.L0(a).prox_(inplace, t)
+                    assert torch.equal(inplace[0].view(bits), expected.view(bits)), (scale, t, quantile, pieces)
+                monkeypatch.setattr(elementwise, "_magnitude_bound", lambda *a: found.append(original(*a)) or found[-1])
+                assert 0 < int((expected == 0).sum()) < w.numel()
+    # hardshrink nearly always; float16's squares under- and overflow at the scales 1e-3 and 1e3
+    assert sum(f is not None for f in found) >= (0.4 if dtype == torch.float16 else 0.9) * len(found)
+
+
 def test_l0_has_no_penalty_mode():
     model = torch.nn.Linear(3, 2)
     with pytest.raises(paramreg.ParamregError, match="no gradient.*mode='prox'"):
