@@ -192,6 +192,16 @@ def test_l0_prox_in_place_is_a_hardshrink_at_the_bound_with_the_maps_zeros_bit_f
     assert sum(f is not None for f in found) >= (0.4 if dtype == torch.float16 else 0.9) * len(found)
 
 
+def test_l0_prox_in_place_under_autograd_is_recorded():
+    """Where autograd records the in-place map (a non-leaf tensor in grad mode), it is scored
+    whole: its gradient is the map's (1 where kept, 0 where zeroed)."""
+    w = torch.tensor([0.05, -2.0, 0.5, -0.01], requires_grad=True)
+    x = w * 1.0
+    paramreg.L0(0.02).prox_([x], 1.0)
+    x.sum().backward()
+    assert torch.equal(x.detach(), torch.tensor([0.0, -2.0, 0.5, 0.0])) and torch.equal(w.grad, torch.tensor([0.0, 1.0, 1.0, 0.0]))
+
+
 def test_l0_has_no_penalty_mode():
     model = torch.nn.Linear(3, 2)
     with pytest.raises(paramreg.ParamregError, match="no gradient.*mode='prox'"):

@@ -798,8 +798,7 @@ def test_regrow_false_with_a_sparse_gradient_sets_the_zeros_back_after_the_step(
 
 def _recording(select, passes, *args, **kwargs):
     found = select(*args, **kwargs)
-    zeros = kwargs.get("guess") is not None and found.value == 0.0 and found.passes == 2  # a capped tensor's kept zeros: their count's pass
-    passes.append(found.passes - zeros)
+    passes.append(found.passes)
     return found
 
 
@@ -810,8 +809,7 @@ def test_a_sampled_bracket_changes_no_weight_and_mostly_takes_one_pass(name, for
     """Note [Sampled bracket]: the recipe's weights at every step are the same, bit for bit,
     whether its selections draw a bracket from 2048 values, from 64 (narrow: it misses more
     often, and the passes after it resolve the miss) or none (the histogram passes); with 2048
-    most selections take one pass (a capped tensor's kept zeros one more, which counts them:
-    Note [Guessed bracket]). A cap that binds (``max_sparsity``) ranks
+    most selections take one pass. A cap that binds (``max_sparsity``) ranks
     again with limits."""
     from paramreg.optim import fused, targets
 

@@ -284,21 +284,22 @@ def _hard_threshold_(tensors: Sequence[Tensor], inverse: float, bound: float) ->
     at the largest value τ of w's dtype whose score is at most ``bound``: one pass, in place, no
     temporary, as the L1 map's ``softshrink``. τ is found by scoring, with the same operations,
     the values of the dtype within 32 steps of sqrt(bound/inverse) (:func:`_magnitude_bound`).
-    Where it is not among them (a bound that underflows) a plain contiguous tensor is scored in
-    flat pieces of ``_PIECE`` elements, and another tensor (a DTensor, whose ``view(-1)`` is no
-    view of its shard) whole. Under SGD the whole-tensor form held two float32 copies of every
+    Where it is not among them (float16 squares that under- or overflow), or where autograd
+    records the map, a plain contiguous tensor is scored in flat pieces of ``_PIECE`` elements,
+    and another tensor (a DTensor, whose ``view(-1)`` is no view of its shard) whole. Under SGD the whole-tensor form held two float32 copies of every
     weight at once (30.5 MB beyond the ``l1=`` step at 8M weights); the pieces took 0.9 ns a
     weight, and hardshrink takes what softshrink takes."""
-    tau = None
+    taus: dict[tuple, float | None] = {}  # (dtype, device) -> τ
     for w in tensors:
-        plain = type(w) in (Tensor, torch.nn.Parameter)
-        if plain and (tau is None or tau[0] != w.dtype):
-            tau = (w.dtype, _magnitude_bound(w.dtype, inverse, bound))
-        if plain and tau[1] is not None:
-            torch.ops.aten.hardshrink.out(w, tau[1], out=w)
-            continue
-        plain = plain and w.is_contiguous()
-        for piece in w.view(-1).split(_PIECE) if plain else (w,):
+        plain = type(w) in (Tensor, torch.nn.Parameter) and not (w.requires_grad and torch.is_grad_enabled())  # autograd: whole
+        if plain:  # hardshrink's out= and split's views record no gradient
+            key = (w.dtype, w.device)
+            if key not in taus:
+                taus[key] = _magnitude_bound(w.dtype, w.device, inverse, bound)
+            if taus[key] is not None:
+                torch.ops.aten.hardshrink.out(w, taus[key], out=w)
+                continue
+        for piece in w.view(-1).split(_PIECE) if plain and w.is_contiguous() else (w,):
             score = piece * piece
             score.mul_(inverse)
             piece.masked_fill_(score <= bound, 0.0)
@@ -307,16 +308,16 @@ def _hard_threshold_(tensors: Sequence[Tensor], inverse: float, bound: float) ->
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
-def _magnitude_bound(dtype: torch.dtype, inverse: float, bound: float) -> float | None:
+def _magnitude_bound(dtype: torch.dtype, device: torch.device, inverse: float, bound: float) -> float | None:
     """The largest value τ >= 0 of ``dtype`` whose score (τ·τ)·inverse, rounded as the map rounds
-    it, is at most ``bound`` (so that the score of w is at most ``bound`` exactly when abs(w) <= τ),
-    from the 65 values of the dtype around sqrt(bound/inverse); None where the change from "at
-    most" to "above" is not among them."""
+    it on ``device``, is at most ``bound`` (so that the score of w is at most ``bound`` exactly
+    when abs(w) <= τ), from the 65 values of the dtype around sqrt(bound/inverse), scored where
+    the weights are; None where the change from "at most" to "above" is not among them."""
     guess = math.sqrt(bound / inverse) if inverse > 0 and bound >= 0 else math.nan
     if dtype not in _BITS or not 0.0 < guess < math.inf:
         return None
     bits = torch.tensor(guess, dtype=dtype).view(_BITS[dtype])
-    candidates = (bits + torch.arange(-32, 33, dtype=_BITS[dtype])).clamp_(min=0).view(dtype)
+    candidates = (bits + torch.arange(-32, 33, dtype=_BITS[dtype])).clamp_(min=0).view(dtype).to(device)
     low = (candidates * candidates * inverse) <= bound
     if not (bool(low[0]) and not bool(low[-1])):
         return None

@@ -10,8 +10,8 @@ Note [Step size]
 
 from __future__ import annotations
 
-import functools
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -412,19 +412,22 @@ class _Criticals:
 
 def _critical_sizes(regularizer, tensors: list[Tensor]) -> list[int]:
     """How many critical strengths ``regularizer`` has for ``tensors``: taken on meta tensors once
-    per regularizer and shapes (meta tensors hold no data, but their operations are dispatched:
-    on 24 weights of a GPT-style model they took 19 ms a step, 1.6% of it, ad hoc)."""
+    per regularizer and shapes, and kept while the regularizer lives (meta tensors hold no data,
+    but their operations are dispatched: on 24 weights of a GPT-style model they took 19 ms a
+    step, 1.6% of it, ad hoc)."""
     shapes = tuple((tuple(p.shape), p.dtype) for p in tensors)
     try:
-        return list(_sizes_on_meta(regularizer, shapes))
-    except TypeError:  # a regularizer that is no dictionary key
-        return list(_sizes_on_meta.__wrapped__(regularizer, shapes))
+        known = _sizes.setdefault(regularizer, {})
+    except TypeError:  # no dictionary key or no weak reference: taken each time
+        known = {}
+    if shapes not in known:
+        meta = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in shapes]
+        known[shapes] = [c.numel() for c in regularizer.critical(meta, meta)]
+    return list(known[shapes])
 
 
-@functools.lru_cache(maxsize=4096)
-def _sizes_on_meta(regularizer, shapes: tuple) -> tuple[int, ...]:
-    meta = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in shapes]
-    return tuple(c.numel() for c in regularizer.critical(meta, meta))
+# regularizer -> {shapes and dtypes: the numbers of its critical strengths} (weak: nothing kept alive)
+_sizes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _largest_over_ranks(value: float, group, device) -> float:

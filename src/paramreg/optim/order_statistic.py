@@ -66,19 +66,18 @@ Note [Guessed bracket]
     below lo and gathers those in [lo, hi), and when the m-th smallest lies among them it is their
     (m - below)-th smallest (``numpy.partition``): 1 pass, whatever the window's width in keys.
     Otherwise the answer lies below lo or at or above hi, and histogram passes over that side
-    resolve it (at most 2 with the default bins). On the CPU a piece takes two comparisons into
-    held boolean masks (x < lo, x < hi), their counts, and where the second count is larger the
-    values where the masks differ (numpy's boolean indexing): about 1.2 ms per 2^20 float32
-    values with 2% in the bracket, where counting and masking by separate comparisons, each into
-    a new array, took 2.2 (ad hoc), and a key's preparation and ``bincount`` take 1.4-1.8 ns a
-    value. Where lo is the smallest normal float (a bracket that starts at a target's kept
-    zeros) and the answer lies below it, a second pass counts the zeros (-0.0 too, by their bits:
-    with denormals flushed a comparison takes a denormal for 0), and an answer among them is 0
-    (a capped tensor's kept zeros: 2 passes), else it is a denormal and histogram passes over
-    the denormals resolve it. Counting the zeros in every guess's pass cost 0.6 ms per 2^20
-    values, where the answer lies above them in nearly every ramp step (ad hoc). A bracket that holds more than ``GUESSED`` values (ties at its edges) is counted,
-    not gathered, past that many, and histogram passes over it resolve it, so a guess never gathers
-    more. lo is at least the smallest normal float: with denormals flushed
+    resolve it (at most 2 with the default bins). On the CPU a piece takes two comparisons into held
+    boolean masks (x < lo, x < hi), their counts, and where the second count is larger the values
+    where the masks differ (numpy's boolean indexing): about 1.2 ms per 2^20 float32 values with 2%
+    in the bracket, where counting and masking by separate comparisons, each into a new array, took
+    2.2 (ad hoc), and a key's preparation and ``bincount`` take 1.4-1.8 ns a value. Where lo is the
+    smallest normal float (a bracket that starts at a target's kept zeros) the pass also counts the
+    zeros (one more comparison, x == 0, where this thread does not flush denormals; by their bits
+    where it does, since a flushed comparison takes a denormal for 0), and an answer among them is 0
+    in that pass (a capped tensor's kept zeros, or every step after a ramp whose zeros stay); above
+    it a zero answer is a miss below. A bracket that holds more than ``GUESSED`` values (ties at its
+    edges) is counted, not gathered, past that many, and histogram passes over it resolve it, so a
+    guess never gathers more. lo is at least the smallest normal float: with denormals flushed
     (``torch.set_flush_denormal``, per thread) a comparison takes a denormal for 0, so a denormal lo
     would misplace denormal values; with a normal lo every denormal lies below it either way. Chunks
     of other dtypes are converted to float32 in the pieces the histogram passes convert. A caller
@@ -206,20 +205,17 @@ def kth_smallest(
         low, high = _value(below_key), _value(above_key)
         if bracket is not None:
             bracket(low, high)
-        below, within, inside, total = counter.gather(low, high, counted)
+        zeros, below, within, inside, total = counter.gather(low, high, below_key == _NORMAL_KEY, counted)
         passes = 1
         if m > total:
             raise ValueError(f"m must be at most the number of values, {total}, got {m}")
-        if m <= below and below_key == _NORMAL_KEY:  # below the smallest normal: 0.0 or a denormal
-            zeros = counter.zeros()
-            passes = 2
-            if m <= zeros:
-                return Selected(0.0, 0, zeros, passes)
+        if m <= zeros:
+            return Selected(0.0, 0, zeros, 1)
         if below < m <= below + within and inside is not None:
             value = float(numpy.partition(inside.numpy(), m - below - 1)[m - below - 1])
             return Selected(value, below + int(torch.count_nonzero(inside < value)), int(torch.count_nonzero(inside == value)), 1)
         if m <= below:
-            a, b = 1 if passes == 2 else 0, below_key
+            a, b = 0, below_key
         elif m <= below + within:  # more than GUESSED values in the bracket: counted, not gathered
             a, b = below_key, above_key
         else:
@@ -257,6 +253,8 @@ def _cover(a: int, b: int, bins: int) -> int:
 # Keys below this are denormal floats, which a thread that flushes them (torch.set_flush_denormal)
 # would turn into 0 in a float conversion: they are taken from their multiples of 2^-149 instead.
 _NORMAL_KEY = 0x00800000
+# A denormal float32: equal to 0 on a thread that flushes denormals (torch.set_flush_denormal).
+_DENORMAL = numpy.array([1e-45], dtype=numpy.float32)
 
 
 def _key(x: float) -> int:
@@ -318,14 +316,16 @@ class _Counter:
                 piece = self.buffer[: piece.numel()].view(torch.float32).copy_(piece)
             yield piece
 
-    def gather(self, lo: float, hi: float, counted: Callable[[int], object] | None = None) -> tuple[int, int, Tensor | None, int]:
-        """One pass: how many values lie below ``lo`` and in [lo, hi), those in [lo, hi) in float32
-        on the CPU (None past ``GUESSED`` of them), and how many values there are; NaN lies in
-        neither (Note [Guessed bracket]); ``counted`` is called after each chunk with how many of
-        its values lie below ``hi``. On the CPU two comparisons into held masks per piece: ``x <
-        hi`` holds wherever ``x < lo`` does (lo < hi), so the bracket's mask is where they differ
-        and its count the difference of theirs."""
-        below, within, total, inside = 0, 0, 0, []
+    def gather(self, lo: float, hi: float, zeros: bool, counted: Callable[[int], object] | None = None) -> tuple[int, int, int, Tensor | None, int]:
+        """One pass: how many values are 0.0 or -0.0 (where ``zeros``, else 0), lie below ``lo``
+        and lie in [lo, hi), those in [lo, hi) in float32 on the CPU (None past ``GUESSED`` of
+        them), and how many values there are; NaN lies in none of them (Note [Guessed bracket]);
+        ``counted`` is called after each chunk with how many of its values lie below ``hi``. On
+        the CPU two comparisons into held masks per piece: ``x < hi`` holds wherever ``x < lo``
+        does (lo < hi), so the bracket's mask is where they differ and its count the difference
+        of theirs."""
+        found, below, within, total, inside = 0, 0, 0, 0, []
+        flushed = zeros and bool(numpy.equal(_DENORMAL, 0.0)[0])  # this thread compares denormals as 0
         for flat in self._flats():
             under_hi = 0
             for piece in self._pieces(flat):
@@ -334,6 +334,10 @@ class _Counter:
                 if piece.device.type == "cpu":
                     x = piece.numpy()
                     under, bounded = self._masks(n)
+                    if zeros and flushed:
+                        found += int(numpy.count_nonzero((x.view(numpy.uint32) << 1) == 0))  # by their bits
+                    elif zeros:
+                        found += int(numpy.count_nonzero(numpy.equal(x, 0.0, out=under)))
                     numpy.less(x, lo, out=under)
                     numpy.less(x, hi, out=bounded)
                     b = int(numpy.count_nonzero(under))
@@ -342,6 +346,8 @@ class _Counter:
                         numpy.not_equal(under, bounded, out=under)
                         inside.append(torch.from_numpy(x[under]))
                 else:
+                    if zeros:
+                        found += int(torch.count_nonzero((piece.view(torch.int32) & _MAGNITUDE) == 0))
                     b = int(torch.count_nonzero(piece < lo))
                     mask = (piece >= lo) & (piece < hi)
                     k = int(torch.count_nonzero(mask))
@@ -358,18 +364,7 @@ class _Counter:
             flat = None
         if inside is not None:
             inside = torch.cat(inside) if inside else torch.empty(0)
-        return below, within, inside, total
-
-    def zeros(self) -> int:
-        """One pass: how many values are 0.0 or -0.0, by their bits (Note [Guessed bracket])."""
-        zeros = 0
-        for flat in self._flats():
-            for piece in self._pieces(flat):
-                if piece.device.type == "cpu":
-                    zeros += int(numpy.count_nonzero((piece.numpy().view(numpy.uint32) << 1) == 0))
-                else:
-                    zeros += int(torch.count_nonzero((piece.view(torch.int32) & _MAGNITUDE) == 0))
-        return zeros
+        return found, below, within, inside, total
 
     def _masks(self, n: int) -> tuple:
         """Two boolean arrays of ``n`` elements, views of two held ones of ``BLOCK`` (a pass's
