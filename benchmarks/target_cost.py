@@ -20,6 +20,7 @@ backward dominate.
     python benchmarks/target_cost.py --sizes 1 8 25   # millions of selected weights
     python benchmarks/target_cost.py --gpt            # and the GPT-style step
     python benchmarks/target_cost.py --tiny --gpt     # a smoke test of seconds
+    python benchmarks/target_cost.py --before HEAD~3  # and the target as it was at a revision, interleaved
     python benchmarks/target_cost.py --device cuda --sizes 1 8 25 100 250 1000 --gpt
 """
 
@@ -55,13 +56,16 @@ def mlp(selected: int) -> nn.Module:
                          nn.ReLU(), nn.Linear(width, 10))
 
 
+BEFORE = {}  # "target @REV" -> paramreg as it was at git revision REV (--before)
+
+
 def build(variant: str, selected: int, optimizer: str, steps: int, device: str = "cpu"):
     model = mlp(selected).to(device)
     names = ["2.weight", "4.weight"]
     if variant == "l1":
         paramreg.attach(model, names, l1=1e-6)
-    elif variant == "target":
-        paramreg.attach(model, names, sparsity=0.9, sparsity_steps=10 * steps, **TARGET_FORM)
+    elif variant == "target" or variant in BEFORE:
+        BEFORE.get(variant, paramreg).attach(model, names, sparsity=0.9, sparsity_steps=10 * steps, **TARGET_FORM)
     return model, OPTIMIZERS[optimizer](model.parameters())
 
 
@@ -166,6 +170,9 @@ def main() -> None:
     parser.add_argument("--no-target", action="store_true", help="only none and l1 (the target's columns read -)")
     parser.add_argument("--target-form", choices=("l1", "l0"), default="l1",
                         help="the target's regularizer: l1 (default here, as the published figures) or l0 (attach's default)")
+    parser.add_argument("--before", metavar="REV",
+                        help="also the target as paramreg was at git revision REV, interleaved in the same rounds "
+                             "(its ratio to this l1= step in the last column; in the GPT-style step, to none)")
     parser.add_argument("--regrow", action="store_true",
                         help="a target whose zeros may regrow (regrow=True); attach's default keeps them, with a masked "
                              "write of the gradient before each step and of the weights after it")
@@ -174,6 +181,10 @@ def main() -> None:
     TARGET_FORM[args.target_form] = True
     if args.regrow:
         TARGET_FORM["regrow"] = True
+    if args.before:
+        from suite import load_before  # git archive of src/paramreg at REV, imported as paramreg_before
+
+        BEFORE[f"target @{args.before}"] = load_before(args.before)
     if args.peak_of:
         variant, selected, optimizer = args.peak_of
         print(peak_of(variant, int(selected), optimizer))
@@ -186,13 +197,15 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device == "cuda" else f"threads {torch.get_num_threads()}"
     print(f"torch {torch.__version__}, {device} ({where}), batch 8, medians of {rounds} interleaved rounds, "
           f"{args.target_form} target{', zeros regrow' if args.regrow else ''}")
-    print("selected   optimizer  none ms  l1/none  floor/none  target/none  target/l1  read/l1  peak MB: none / l1 / target")
+    print("selected   optimizer  none ms  l1/none  floor/none  target/none  target/l1  read/l1  peak MB: none / l1 / target"
+          + "".join(f"  {v.replace(' ', '')}/l1" for v in BEFORE))
     x, y = torch.randn(8, 64, device=device), torch.randint(0, 10, (8,), device=device)
     for size in sizes:
         selected = int(size * 1e6)
         for optimizer in args.optimizers:
             variants = VARIANTS[:2] if args.no_target else VARIANTS
-            runs = {v: build(v, selected, optimizer, rounds * args.steps_per_round + 2, device) for v in variants}
+            runs = {v: build(v, selected, optimizer, rounds * args.steps_per_round + 2, device)
+                    for v in (*variants, *(() if args.no_target else BEFORE))}
             for model, opt in runs.values():
                 step(model, opt, x, y)  # the optimizer's state, the plan
             if optimizer == "AdamW":  # the floor: the unregularized step, then the least any map does
@@ -226,7 +239,8 @@ def main() -> None:
             peak = " / ".join("-" if b is None else f"{b / 2**20:.1f}" for b in peaks.values())
             print(f"{selected / 1e6:7.2f}M  {optimizer:9s}  {median['none'] * 1e3:7.1f}  {median['l1'] / median['none']:7.2f}  "
                   f"{floor:>10s}  {median['target'] / median['none']:11.2f}  {median['target'] / median['l1']:9.2f}  "
-                  f"{median['read'] / median['l1']:7.3f}  {peak}", flush=True)
+                  f"{median['read'] / median['l1']:7.3f}  {peak}"
+                  + "".join(f"  {median[v] / median['l1']:.2f}" for v in BEFORE if v in median), flush=True)
     if args.gpt:
         gpt_step(rounds, args.steps_per_round, tiny=args.tiny, device=device)
     from paramreg.optim import fused
@@ -253,14 +267,14 @@ def gpt_step(rounds: int, steps_per_round: int, tiny: bool, device: str = "cpu")
                   context=16 if tiny else 256, batch=2 if tiny else 16, lr=1e-3)
     weights = r"re:blocks\.\d+\.(qkv|proj|fc1|fc2)\.weight"
     runs = {}
-    variants = (*VARIANTS, "recipe")
+    variants = (*VARIANTS, "recipe", *BEFORE)
     for variant in variants:
         torch.manual_seed(0)
         model = CharTransformer(setup).to(device)
         if variant == "l1":
             paramreg.attach(model, weights, l1=1e-6)
-        elif variant == "target":
-            paramreg.attach(model, weights, sparsity=0.9, sparsity_steps=10**6, **TARGET_FORM)
+        elif variant == "target" or variant in BEFORE:
+            BEFORE.get(variant, paramreg).attach(model, weights, sparsity=0.9, sparsity_steps=10**6, **TARGET_FORM)
         elif variant == "recipe":  # attach's defaults (L0 in the metric, global), the whole run
             paramreg.attach(model, weights, sparsity=0.9, total_steps=1 + rounds * steps_per_round)
         runs[variant] = model, torch.optim.AdamW(model.parameters(), lr=setup.lr, weight_decay=0.0)
@@ -291,7 +305,8 @@ def gpt_step(rounds: int, steps_per_round: int, tiny: bool, device: str = "cpu")
           f"none {median['none'] * 1e3:.1f} ms, l1/none {median['l1'] / median['none']:.3f}, "
           f"target/none {median['target'] / median['none']:.3f} (a ramp step); the recipe over its whole run "
           f"({1 + rounds * steps_per_round} steps, {zeros:.1%} zero at the end): recipe/none "
-          f"{sum(times['recipe']) / sum(times['none']):.3f} (total times)", flush=True)
+          f"{sum(times['recipe']) / sum(times['none']):.3f} (total times)"
+          + "".join(f"; {v.replace(' ', '')}/none {median[v] / median['none']:.3f}" for v in BEFORE), flush=True)
 
 
 if __name__ == "__main__":

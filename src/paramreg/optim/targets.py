@@ -68,8 +68,11 @@ Note [Sampled bracket]
     one that would gather more (ties at its edges) stops gathering and is resolved by histogram
     passes. Over DTensor shards or off the CPU the histogram passes run as before. A selection over
     16.8M AdamW weights (two 2896x2896 Linear layers, a ramp step): 54-55 ms, the draw 5 of them,
-    against 92-99 with two passes (ad hoc; ``benchmarks/target_cost.py`` measures the steps:
-    docs/at-scale.md).
+    against 92-99 with two passes (ad hoc); the pass's comparisons into two held masks (Note
+    [Guessed bracket]) took its numpy work there from 24 to 13 ms a step, and the caps' counts
+    below the bracket's top come from that pass (``counted``), where each chunk was compared again
+    (5 ms; both ad hoc, under cProfile). ``benchmarks/target_cost.py`` measures the steps
+    (docs/at-scale.md).
 
 Note [Allocation]
     A global target (``allocation="global"``, the default) ranks the critical strengths of all its
