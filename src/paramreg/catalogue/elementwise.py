@@ -286,13 +286,15 @@ def _hard_threshold_(tensors: Sequence[Tensor], inverse: float, bound: float) ->
     the values of the dtype within 32 steps of sqrt(bound/inverse) (:func:`_magnitude_bound`).
     Where it is not among them (float16 squares that under- or overflow), or where autograd
     records the map, a plain contiguous tensor is scored in flat pieces of ``_PIECE`` elements,
-    and another tensor (a DTensor, whose ``view(-1)`` is no view of its shard) whole. Under SGD the whole-tensor form held two float32 copies of every
-    weight at once (30.5 MB beyond the ``l1=`` step at 8M weights); the pieces took 0.9 ns a
-    weight, and hardshrink takes what softshrink takes."""
+    and another tensor (a DTensor, whose ``view(-1)`` is no view of its shard) whole. Under SGD
+    the whole-tensor form held two float32 copies of every weight at once (30.5 MB beyond the
+    ``l1=`` step at 8M weights); the pieces took 0.9 ns a weight, and hardshrink takes what
+    softshrink takes."""
     taus: dict[tuple, float | None] = {}  # (dtype, device) -> τ
     for w in tensors:
-        plain = type(w) in (Tensor, torch.nn.Parameter) and not (w.requires_grad and torch.is_grad_enabled())  # autograd: whole
-        if plain:  # hardshrink's out= and split's views record no gradient
+        # hardshrink's out= and split's views record no gradient: under autograd the whole tensor
+        plain = type(w) in (Tensor, torch.nn.Parameter) and not (w.requires_grad and torch.is_grad_enabled())
+        if plain:
             key = (w.dtype, w.device)
             if key not in taus:
                 taus[key] = _magnitude_bound(w.dtype, w.device, inverse, bound)

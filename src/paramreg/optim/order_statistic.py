@@ -378,16 +378,9 @@ class _Counter:
         ``lo`` on, and of the keys above the last bin."""
         counts = None
         fill = 0
-        for chunk in self.chunks():
-            if chunk.is_complex():
-                raise TypeError(f"the values must be real, got a chunk of dtype {chunk.dtype}")
-            if hasattr(chunk, "to_local"):
-                raise TypeError("chunks must be local tensors: yield dtensor.to_local() and pass reduce")
+        for flat in self._flats():
             if counts is None:
-                counts = torch.zeros(self.bins + 2, dtype=torch.int64, device=chunk.device)
-            elif chunk.device != counts.device:
-                raise TypeError(f"every chunk must be on one device, got {counts.device} and {chunk.device}")
-            flat = chunk.reshape(-1)  # a copy only where the chunk is not contiguous
+                counts = torch.zeros(self.bins + 2, dtype=torch.int64, device=flat.device)
             size = BLOCK if flat.device.type == "cpu" else STAGE
             for start in range(0, flat.numel(), size):
                 piece = flat[start : start + size]
@@ -407,7 +400,7 @@ class _Counter:
                     keys.view(torch.float32).copy_(piece)
                     keys.bitwise_and_(_MAGNITUDE)
                 fill += n
-            chunk = flat = piece = keys = None  # nothing of this chunk is held while the next is computed
+            flat = piece = keys = None  # nothing of this chunk is held while the next is computed
         if counts is None:
             return torch.zeros(self.bins + 2, dtype=torch.int64, device=self.device)
         if fill:
