@@ -246,9 +246,9 @@ def test_an_l1_penalty_over_large_cpu_tensors_passes_through_one_held_buffer(mon
     tensors = [w.requires_grad_() for w in [*large, torch.randn(4, 4).half()]]
     applied = []
     real = elementwise._ChunkedAbsSum.apply
-    monkeypatch.setattr(elementwise._ChunkedAbsSum, "apply", lambda *ws: applied.append(len(ws)) or real(*ws))
+    monkeypatch.setattr(elementwise._ChunkedAbsSum, "apply", lambda scale, *ws: applied.append((scale, len(ws))) or real(scale, *ws))
     value = paramreg.L1(0.5).penalty_sum(tensors)
-    assert applied == [2, 2]  # float32 and float64, each in one node
+    assert applied == [(1.0, 2), (1.0, 2)]  # float32 and float64, each in one node, scaled after their sum
     buffers = dict(elementwise._buffers.by_key)
     assert {k: b.numel() for k, b in buffers.items()} == {(torch.float32, torch.device("cpu")): 1000, (torch.float64, torch.device("cpu")): 1000}
     grads = torch.autograd.grad(value, tensors)
@@ -266,7 +266,36 @@ def test_an_l1_penalty_over_large_cpu_tensors_passes_through_one_held_buffer(mon
     assert len(prefixes) <= 2 and torch.allclose(held.double(), value.double(), rtol=1e-6, atol=0)
     applied.clear()
     paramreg.L1(0.5).penalty_sum(large[:2])  # 7,200 float32 elements in two tensors
-    assert applied == [2]
+    assert applied == [(0.5, 2)]  # one node: the strength inside it
     applied.clear()
     paramreg.L1(0.5).penalty_sum([large[0]])  # under 5,000 elements: the loop
     assert applied == []
+
+
+def test_a_few_small_tensors_join_the_held_buffers_node_with_the_strength(monkeypatch):
+    """Note [Sums of many small tensors]: beside large CPU tensors of their dtype, fewer than
+    FOREACH_FROM small ones pass through the same node, and with one node the strength is taken
+    inside it (no multiplication node of its own); value as the loop's up to summation order,
+    gradient exactly strength·sign(w). Four small ones take the foreach call instead."""
+    from paramreg.catalogue import elementwise
+
+    monkeypatch.setattr(elementwise, "FOREACH_BELOW", 1000)
+    monkeypatch.setattr(elementwise, "CHUNK", 1000)
+    monkeypatch.setattr(elementwise, "CHUNKED_FROM", 5000)
+    monkeypatch.setattr(elementwise, "_buffers", threading.local())
+    torch.manual_seed(0)
+    tensors = [w.requires_grad_() for w in [torch.randn(3000), torch.randn(2600), torch.randn(7, 9), torch.randn(30)]]
+    tensors[2].data[0, :2] = 0.0
+    applied = []
+    real = elementwise._ChunkedAbsSum.apply
+    monkeypatch.setattr(elementwise._ChunkedAbsSum, "apply", lambda scale, *ws: applied.append((scale, len(ws))) or real(scale, *ws))
+    value = paramreg.L1(0.25).penalty_sum(tensors)
+    assert applied == [(0.25, 4)] and type(value.grad_fn).__name__ == "_ChunkedAbsSumBackward"
+    loop = 0.25 * sum(w.detach().double().abs().sum() for w in tensors)
+    assert torch.allclose(value.double(), loop, rtol=1e-6, atol=0)
+    for w, g in zip(tensors, torch.autograd.grad(value, tensors), strict=True):
+        assert torch.equal(g, 0.25 * torch.sign(w.detach()))
+    applied.clear()
+    four = [*tensors, *(torch.randn(5, requires_grad=True) for _ in range(2))]  # four small: one foreach call
+    paramreg.L1(0.25).penalty_sum(four)
+    assert applied == [(1.0, 2)]

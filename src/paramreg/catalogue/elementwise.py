@@ -87,7 +87,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter of a DTensor is a DTe
 _buffers = threading.local()  # per thread: (dtype, device) -> the CHUNK-element buffer
 
 
-def _abs_sum(tensors: Sequence[Tensor]) -> Tensor:
+def _abs_sum(tensors: Sequence[Tensor], scale: float = 1.0) -> Tensor:
     """Note [Sums of many small tensors]
         Σ over the tensors of Σ abs(w), differentiable. A Python loop of ``w.abs().sum()`` pays two
         dispatches and an autograd node per tensor: on 200 Linear(32, 32) weights that is the
@@ -113,7 +113,13 @@ def _abs_sum(tensors: Sequence[Tensor]) -> Tensor:
         the buffer writes into a view of the buffer's first n elements, made once per n and kept
         (at most ``PREFIXES_HELD`` per thread), and a contiguous tensor that fits is not sliced:
         the slices had cost about 7 µs a tensor (742 against 620 µs for those 16 weights in an
-        ad-hoc loop). A compiled ``abs().sum()``, which needs no buffer, took 1.8x the loop there
+        ad-hoc loop). Fewer than ``FOREACH_FROM`` small tensors of the node's dtype pass through
+        it too, and where one node takes every tensor it also takes the scale (the strength), so
+        that the sum is one autograd node, not one per small tensor plus two to add and scale:
+        the transformer's ratio to the loop moved by -0.017, +0.001, -0.016, -0.004 and -0.012
+        over five same-process A/B runs of benchmarks/suite.py's penalty table (``--before``),
+        where an A/A run of the same code moves its columns by at most 0.004 on this model. A
+        compiled ``abs().sum()``, which needs no buffer, took 1.8x the loop there
         (ad hoc): a compiled call's fixed cost, about 20 µs, is paid per tensor. Below 2^20 elements the node's
         fixed cost (about 20 µs) outweighs what it saves. Under ``torch.compile``, for tensor
         subclasses (DTensor), half precision and other devices (whose allocators cache) each
@@ -121,7 +127,7 @@ def _abs_sum(tensors: Sequence[Tensor]) -> Tensor:
         (another summation order); the gradient is the same, sign(w) with 0 at 0.
     """
     if (len(tensors) < FOREACH_FROM and sum(w.numel() for w in tensors) < CHUNKED_FROM) or torch.compiler.is_compiling():
-        return _sum_of(w.abs().sum() for w in tensors)
+        return _scaled(scale, _sum_of(w.abs().sum() for w in tensors))
     small: dict[tuple, list[Tensor]] = {}
     large: dict[tuple, list[Tensor]] = {}
     terms = []
@@ -134,26 +140,36 @@ def _abs_sum(tensors: Sequence[Tensor]) -> Tensor:
             large.setdefault((w.device, w.dtype), []).append(w)
         else:
             terms.append(w.abs().sum())
+    chunked = []
+    for key, group in large.items():
+        if sum(w.numel() for w in group) >= CHUNKED_FROM:
+            if len(small.get(key, ())) < FOREACH_FROM:  # a few small ones join the node, not a node each
+                group = group + small.pop(key, [])
+            chunked.append(group)
+        else:
+            terms.extend(w.abs().sum() for w in group)
     for group in small.values():
         if len(group) < FOREACH_FROM:
             terms.extend(w.abs().sum() for w in group)
         else:
             terms.append(torch.stack(torch._foreach_norm(group, 1)).sum())
-    for group in large.values():
-        if sum(w.numel() for w in group) >= CHUNKED_FROM:
-            terms.append(_ChunkedAbsSum.apply(*group))
-        else:
-            terms.extend(w.abs().sum() for w in group)
-    return _sum_of(terms)
+    if len(chunked) == 1 and not terms:  # one node: the scale too, without a node of its own
+        return _ChunkedAbsSum.apply(scale, *chunked[0])
+    return _scaled(scale, _sum_of([*(_ChunkedAbsSum.apply(1.0, *group) for group in chunked), *terms]))
+
+
+def _scaled(scale: float, total: Tensor) -> Tensor:
+    return total if scale == 1.0 else scale * total
 
 
 class _ChunkedAbsSum(torch.autograd.Function):
-    """Σ abs(w) over CPU tensors of one dtype, through a held buffer (Note [Sums of many small
-    tensors]); its gradient is abs's, grad·sgn(w)."""
+    """scale·Σ abs(w) over CPU tensors of one dtype, through a held buffer (Note [Sums of many
+    small tensors]); its gradient is abs's, (grad·scale)·sgn(w)."""
 
     @staticmethod
-    def forward(ctx, *tensors: Tensor) -> Tensor:
+    def forward(ctx, scale: float, *tensors: Tensor) -> Tensor:
         ctx.save_for_backward(*tensors)
+        ctx.scale = scale
         first = tensors[0]
         key = (first.dtype, first.device)
         buffers = _buffers.__dict__.setdefault("by_key", {})
@@ -173,11 +189,13 @@ class _ChunkedAbsSum(torch.autograd.Function):
                         prefixes.clear()
                     out = prefixes[(key, size)] = buffer[:size]
                 parts.append(torch.abs(flat if size == n else flat[start : start + size], out=out).sum())
-        return torch.stack(parts).sum() if len(parts) > 1 else parts[0]
+        return _scaled(scale, torch.stack(parts).sum() if len(parts) > 1 else parts[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return tuple(grad * w.sgn() for w in ctx.saved_tensors)
+        if ctx.scale != 1.0:
+            grad = grad * ctx.scale
+        return (None, *(grad * w.sgn() for w in ctx.saved_tensors))
 
 
 def soft_threshold_(tensors: Sequence[Tensor], threshold: float) -> None:
@@ -240,7 +258,7 @@ class L1(Regularizer):
         return self.strength * w.abs().sum()
 
     def penalty_sum(self, tensors: Sequence[Tensor]) -> Tensor:
-        return self.strength * _abs_sum(tensors)
+        return _abs_sum(tensors, self.strength)
 
     def prox(self, w: Tensor, t: float) -> Tensor:
         return F.softshrink(w, float(t) * self.strength) if float(t) * self.strength else w.clone()
@@ -474,7 +492,7 @@ class ElasticNet(Regularizer):
         return self.l1 * w.abs().sum() + 0.5 * self.l2 * w.pow(2).sum()
 
     def penalty_sum(self, tensors: Sequence[Tensor]) -> Tensor:
-        return self.l1 * _abs_sum(tensors) + 0.5 * self.l2 * _sum_of(w.pow(2).sum() for w in tensors)
+        return _abs_sum(tensors, self.l1) + 0.5 * self.l2 * _sum_of(w.pow(2).sum() for w in tensors)
 
     def prox(self, w: Tensor, t: float) -> Tensor:
         shrunk = F.softshrink(w, float(t) * self.l1) if float(t) * self.l1 else w
