@@ -258,12 +258,13 @@ def test_an_l1_penalty_over_large_cpu_tensors_passes_through_one_held_buffer(mon
         assert torch.equal(g, 0.5 * torch.sign(w.detach()).to(g.dtype))
     paramreg.L1(0.5).penalty_sum(tensors)
     assert all(elementwise._buffers.by_key[k] is b for k, b in buffers.items())  # held, not made again
-    prefixes = elementwise._buffers.prefixes  # the shorter last chunks' outputs: views of the held buffer
-    assert sorted(n for _, n in prefixes) == [200, 500, 600] and all(v.data_ptr() == buffers[k].data_ptr() for (k, _), v in prefixes.items())
-    monkeypatch.setattr(elementwise, "PREFIXES_HELD", 2)
-    prefixes.clear()
-    held = paramreg.L1(0.5).penalty_sum(tensors)  # three sizes of shorter chunk, at most two views kept
-    assert len(prefixes) <= 2 and torch.allclose(held.double(), value.double(), rtol=1e-6, atol=0)
+    views = elementwise._buffers.views  # per buffer, the chunks' outputs: views of it, one per length
+    assert {k: sorted(v) for k, v in views.items()} == {(torch.float32, torch.device("cpu")): [200, 1000], (torch.float64, torch.device("cpu")): [500, 600, 1000]}
+    assert all(v.data_ptr() == buffers[k].data_ptr() for k, held in views.items() for v in held.values())
+    monkeypatch.setattr(elementwise, "VIEWS_HELD", 2)
+    views.clear()
+    held = paramreg.L1(0.5).penalty_sum(tensors)  # three lengths of chunk in float64, at most two views kept
+    assert all(len(v) <= 2 for v in views.values()) and torch.allclose(held.double(), value.double(), rtol=1e-6, atol=0)
     applied.clear()
     paramreg.L1(0.5).penalty_sum(large[:2])  # 7,200 float32 elements in two tensors
     assert applied == [(0.5, 2)]  # one node: the strength inside it
@@ -291,6 +292,8 @@ def test_a_few_small_tensors_join_the_held_buffers_node_with_the_strength(monkey
     monkeypatch.setattr(elementwise._ChunkedAbsSum, "apply", lambda scale, *ws: applied.append((scale, len(ws))) or real(scale, *ws))
     value = paramreg.L1(0.25).penalty_sum(tensors)
     assert applied == [(0.25, 4)] and type(value.grad_fn).__name__ == "_ChunkedAbsSumBackward"
+    shaped = {shape for shape in elementwise._buffers.views[(torch.float32, torch.device("cpu"))] if isinstance(shape, torch.Size)}
+    assert shaped == {torch.Size([7, 9]), torch.Size([30])}  # those that fit: written into a view shaped as them
     loop = 0.25 * sum(w.detach().double().abs().sum() for w in tensors)
     assert torch.allclose(value.double(), loop, rtol=1e-6, atol=0)
     for w, g in zip(tensors, torch.autograd.grad(value, tensors), strict=True):

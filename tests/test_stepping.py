@@ -379,6 +379,28 @@ def test_penalty_sees_a_submodule_swapped_added_or_deleted_after_attach(monkeypa
     assert len(walks) == 6
 
 
+def test_penalty_plan_of_a_shared_submodule_and_of_a_module_cycle(monkeypatch):
+    """Note [Penalty plans]: a submodule reached twice is checked where the walk meets it (a swap
+    of either place is seen); a cycle of modules (a module that holds itself) gets no cached plan,
+    and its penalty is still right."""
+    walks = _walks(monkeypatch)
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 2))
+    paramreg.attach(model, "*.weight", l1=STRENGTH, mode="penalty")
+    for _ in range(2):
+        assert _penalty(model) == pytest.approx(_l1_of(shared.weight, model[3].weight))
+    assert len(walks) == 1
+    model[2] = nn.Linear(4, 4)
+    assert _penalty(model) == pytest.approx(_l1_of(shared.weight, model[3].weight))
+    assert len(walks) == 2
+    cyclic = nn.Sequential(nn.Linear(4, 4))
+    cyclic.add_module("again", cyclic)
+    paramreg.attach(cyclic, "0.weight", l1=STRENGTH, mode="penalty")
+    for _ in range(2):
+        assert _penalty(cyclic) == pytest.approx(_l1_of(cyclic[0].weight))
+    assert cyclic not in optim_penalty._penalty_plans
+
+
 def test_penalty_follows_a_replaced_parameter_and_a_schedule_without_a_stale_plan():
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     paramreg.attach(model, "0.weight", l1=STRENGTH, mode="penalty", schedule=lambda k: 0.5 * k)

@@ -82,7 +82,7 @@ FOREACH_BELOW = 65_536  # Note [Sums of many small tensors]: a tensor this small
 FOREACH_FROM = 4  # ... when at least this many of them share a device and dtype
 CHUNK = 1 << 18  # elements of the buffer that large CPU tensors' abs values pass through
 CHUNKED_FROM = 1 << 20  # ... when together they have at least this many elements
-PREFIXES_HELD = 64  # views of the buffer's first n elements kept per thread (one per tensor size)
+VIEWS_HELD = 64  # views of a buffer kept per thread (one per tensor shape, or per length of a chunk)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter of a DTensor is a DTensor: it takes abs().sum()
 _buffers = threading.local()  # per thread: (dtype, device) -> the CHUNK-element buffer
 
@@ -109,19 +109,21 @@ def _abs_sum(tensors: Sequence[Tensor], scale: float = 1.0) -> Tensor:
         buffer no call allocates and the buffer stays in the caches: on the MLP's 1.9M weights
         367-416 µs in every allocator state, where the loop takes 544 µs or 2.4-2.9 ms; on the
         transformer (16 large weights and a small one) 1.14-1.18x the loop's fast state in six
-        runs of benchmarks/suite.py's penalty table, and 0.20x its slow one. A chunk shorter than
-        the buffer writes into a view of the buffer's first n elements, made once per n and kept
-        (at most ``PREFIXES_HELD`` per thread), and a contiguous tensor that fits is not sliced:
-        the slices had cost about 7 µs a tensor (742 against 620 µs for those 16 weights in an
-        ad-hoc loop). Fewer than ``FOREACH_FROM`` small tensors of the node's dtype pass through
-        it too, and where one node takes every tensor it also takes the scale (the strength), so
-        that the sum is one autograd node, not one per small tensor plus two to add and scale:
-        the transformer's ratio to the loop moved by -0.017, +0.001, -0.016, -0.004 and -0.012
-        over five same-process A/B runs of benchmarks/suite.py's penalty table (``--before``),
-        where an A/A run of the same code moves its columns by at most 0.004 on this model. A
-        compiled ``abs().sum()``, which needs no buffer, took 1.8x the loop there
-        (ad hoc): a compiled call's fixed cost, about 20 µs, is paid per tensor. Below 2^20 elements the node's
-        fixed cost (about 20 µs) outweighs what it saves. Under ``torch.compile``, for tensor
+        runs of benchmarks/suite.py's penalty table before stop 34, and 0.20x its slow one. Each
+        chunk's ``abs`` writes into a view of the buffer, made once per shape and kept (at most
+        ``VIEWS_HELD`` per buffer): a contiguous tensor that fits is written into a view shaped
+        as it (a flat view of it cost 1.1 µs a tensor, ad hoc), a larger one is cut into flat
+        chunks. Fewer than ``FOREACH_FROM`` small tensors of the node's dtype pass through the
+        node too, and where one node takes every tensor it also takes the scale (the strength):
+        the sum is one autograd node, not one per small tensor plus two to add and scale. With
+        the cheaper plan check of Note [Penalty plans], five same-process A/B runs of the
+        penalty table (``python benchmarks/suite.py --markdown --no-steps --no-memory
+        --no-scaling --before 67cc6a5``, stop 34): transformer 1.060-1.097 against 1.148-1.220,
+        CNN 1.023-1.070 against 1.055-1.120 (an A/A run puts its first column up to 0.03 above
+        its second on the CNN, 0.004 on the transformer). A compiled ``abs().sum()``, which
+        needs no buffer, took 1.8x the loop there (ad hoc): a compiled call's fixed cost, about
+        20 µs, is paid per tensor. Below 2^20 elements the node's fixed cost (about 20 µs)
+        outweighs what it saves. Under ``torch.compile``, for tensor
         subclasses (DTensor), half precision and other devices (whose allocators cache) each
         tensor takes ``abs().sum()``. The value can differ from the loop's in the last bits
         (another summation order); the gradient is the same, sign(w) with 0 at 0.
@@ -131,13 +133,13 @@ def _abs_sum(tensors: Sequence[Tensor], scale: float = 1.0) -> Tensor:
     small: dict[tuple, list[Tensor]] = {}
     large: dict[tuple, list[Tensor]] = {}
     terms = []
-    for w in tensors:
+    for w in tensors:  # keyed by dtype on the CPU, by (device, dtype) elsewhere
         if type(w) not in _PLAIN or w.dtype not in (torch.float32, torch.float64):
             terms.append(w.abs().sum())
         elif w.numel() < FOREACH_BELOW:
-            small.setdefault((w.device, w.dtype), []).append(w)
-        elif w.device.type == "cpu":
-            large.setdefault((w.device, w.dtype), []).append(w)
+            small.setdefault(w.dtype if w.is_cpu else (w.device, w.dtype), []).append(w)
+        elif w.is_cpu:
+            large.setdefault(w.dtype, []).append(w)
         else:
             terms.append(w.abs().sum())
     chunked = []
@@ -162,6 +164,15 @@ def _scaled(scale: float, total: Tensor) -> Tensor:
     return total if scale == 1.0 else scale * total
 
 
+def _view(views: dict, shape, buffer: Tensor, n: int) -> Tensor:
+    """The held buffer's first ``n`` elements as a tensor of ``shape`` (a size or a torch.Size),
+    kept in ``views`` (one buffer's), of which at most ``VIEWS_HELD`` are kept."""
+    if len(views) >= VIEWS_HELD:
+        views.clear()
+    views[shape] = out = buffer[:n].view(shape)
+    return out
+
+
 class _ChunkedAbsSum(torch.autograd.Function):
     """scale·Σ abs(w) over CPU tensors of one dtype, through a held buffer (Note [Sums of many
     small tensors]); its gradient is abs's, (grad·scale)·sgn(w)."""
@@ -176,19 +187,23 @@ class _ChunkedAbsSum(torch.autograd.Function):
         if key not in buffers:
             buffers[key] = torch.empty(CHUNK, dtype=first.dtype, device=first.device)
         buffer = buffers[key]
-        prefixes = _buffers.__dict__.setdefault("prefixes", {})  # (key, n) -> buffer[:n], made once
+        views = _buffers.__dict__.setdefault("views", {}).setdefault(key, {})  # shape -> the buffer's first elements so shaped
         parts = []
         for w in tensors:
+            n = w.numel()
+            if n <= CHUNK and w.is_contiguous():  # one chunk, written into a view shaped as w: no view of w made
+                out = views.get(w.shape)
+                if out is None:
+                    out = _view(views, w.shape, buffer, n)
+                parts.append(torch.abs(w, out=out).sum())
+                continue
             flat = w.view(-1) if w.is_contiguous() else w.reshape(-1)  # reshape copies
-            n = flat.numel()
             for start in range(0, n, CHUNK):
                 size = min(CHUNK, n - start)
-                out = buffer if size == buffer.numel() else prefixes.get((key, size))
+                out = views.get(size)
                 if out is None:
-                    if len(prefixes) >= PREFIXES_HELD:
-                        prefixes.clear()
-                    out = prefixes[(key, size)] = buffer[:size]
-                parts.append(torch.abs(flat if size == n else flat[start : start + size], out=out).sum())
+                    out = _view(views, size, buffer, size)
+                parts.append(torch.abs(flat[start : start + size], out=out).sum())
         return _scaled(scale, torch.stack(parts).sum() if len(parts) > 1 else parts[0])
 
     @staticmethod

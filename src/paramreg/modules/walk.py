@@ -159,16 +159,32 @@ def slots(model: nn.Module) -> list[Slot]:
     return [s for _, s in sorted(chosen.values(), key=lambda item: item[0])]
 
 
-def submodules(model: nn.Module) -> list[nn.Module]:
-    """Every submodule of ``model`` once, depth first, without the parametrization containers
-    (a parametrized module's ``parametrizations``, a ``ModuleDict``)."""
-    found, seen, stack = [], {id(model)}, [model]
+def module_tree(model: nn.Module, limit: int) -> list[nn.Module] | None:
+    """The submodules of ``model`` in the order of a depth-first walk of ``_modules``, without the
+    parametrization containers (a parametrized module's ``parametrizations``, a ``ModuleDict``);
+    a module reached twice (shared) is listed twice. None past ``limit`` modules (a cycle)."""
+    found, stack = [], [model]
     while stack:
         for name, child in stack.pop()._modules.items():
             if child is None or (name == "parametrizations" and type(child) is nn.ModuleDict):
                 continue
-            if id(child) not in seen:
-                seen.add(id(child))
-                found.append(child)
-                stack.append(child)
+            if len(found) == limit:
+                return None
+            found.append(child)
+            stack.append(child)
     return found
+
+
+def same_tree(model: nn.Module, tree: list) -> bool:
+    """Whether :func:`module_tree` of ``model`` is, module for module, the one ``tree`` holds weak
+    references to; it walks without building the list, and stops at the first difference."""
+    stack, count, n = [model], 0, len(tree)
+    while stack:
+        for name, child in stack.pop()._modules.items():
+            if child is None or (name == "parametrizations" and type(child) is nn.ModuleDict):
+                continue
+            if count == n or tree[count]() is not child:
+                return False
+            count += 1
+            stack.append(child)
+    return count == n

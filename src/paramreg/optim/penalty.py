@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import ParamregError
 from ..modules.carrier import generation
-from ..modules.walk import slots, submodules
+from ..modules.walk import module_tree, same_tree, slots
 
 __all__ = ["penalty", "prox_step"]
 
@@ -96,10 +96,15 @@ class _PenaltyPlan:
         parametrization). The plan is rebuilt when a carrier is bound, unbound or changed
         anywhere (the generation counter the step plans use), or when the model's module tree
         is no longer the one the plan was built from: a submodule replaced, added or deleted.
-        That check compares the modules by identity, found by a walk of ``_modules`` that skips
-        the parametrization containers (what changes in them is a carrier change): about one
-        dict per module, against a Slot per parameter for ``slots``. Schedules move a
-        carrier's scale every step without a rebuild; the plan reads it at each call.
+        That check compares the modules by identity, in the order of a walk of ``_modules``
+        that skips the parametrization containers (what changes in them is a carrier change):
+        about one dict per module, against a Slot per parameter for ``slots``. The check walks
+        without building a list or a set of the modules seen (a shared module is met, and kept
+        in the plan, as often as the walk reaches it) and stops at the first difference: 9.8
+        against 15.1 µs for the suite's transformer's 43 modules (ad hoc, stop 34). A walk
+        that does not end (a cycle of modules) is cut at four times the model's modules, and
+        that model's plan is not cached. Schedules move a carrier's scale every step without a
+        rebuild; the plan reads it at each call.
 
         A cached plan holds the Parameters (which reference no module), the tree through weak
         references, and carriers only where a schedule is (weakly): nothing in it keeps the
@@ -112,7 +117,7 @@ class _PenaltyPlan:
 
     __slots__ = ("generation", "tree", "buckets")
 
-    def __init__(self, generation: int, tree: list, buckets: list):
+    def __init__(self, generation: int, tree: list | None, buckets: list):
         self.generation, self.tree, self.buckets = generation, tree, buckets
 
 
@@ -125,10 +130,8 @@ def _penalty_plan(model: nn.Module) -> _PenaltyPlan:
         plan = _penalty_plans.get(model)
     except TypeError:  # unhashable: no cache
         plan = None
-    if plan is not None and plan.generation == generation():
-        tree = submodules(model)
-        if len(tree) == len(plan.tree) and all(ref() is m for ref, m in zip(plan.tree, tree, strict=True)):
-            return plan
+    if plan is not None and plan.generation == generation() and same_tree(model, plan.tree):
+        return plan
     buckets: dict[int, tuple] = {}
     for s in slots(model):  # may bump the generation (walk.sync): read it after
         c = s.carrier
@@ -136,9 +139,10 @@ def _penalty_plan(model: nn.Module) -> _PenaltyPlan:
             bucket = buckets.setdefault(id(c.regularizer), (c.regularizer, [], []))
             bucket[1].append(s.param if s.param is not None else s)
             bucket[2].append(c)
+    tree = module_tree(model, 4 * sum(1 for _ in model.modules()) + 64)  # None: a cycle (Note [Penalty plans])
     plan = _PenaltyPlan(
         generation(),
-        [weakref.ref(m) for m in submodules(model)],
+        None if tree is None else [weakref.ref(m) for m in tree],
         [
             (
                 regularizer,
@@ -149,7 +153,7 @@ def _penalty_plan(model: nn.Module) -> _PenaltyPlan:
             for regularizer, values, carriers in buckets.values()
         ],
     )
-    if all(plain for _, _, plain, _ in plan.buckets):
+    if tree is not None and all(plain for _, _, plain, _ in plan.buckets):
         try:
             _penalty_plans[model] = plan
         except TypeError:
