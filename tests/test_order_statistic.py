@@ -348,6 +348,21 @@ def test_a_bracket_holding_more_than_guessed_values_is_counted_not_gathered(monk
     assert gathered == [None, None, None, None, None]
 
 
+def test_equal_counts_only_the_answers_key_where_a_bin_is_cut_at_one_key(monkeypatch):
+    """A histogram bin wider than one key, cut by the bracket's top to one key (a hint's window
+    just above the answer, a guess's hi just above it), counts values above the answer too: one
+    more pass counts the key alone, so ``equal`` is the number of values equal to it (found by a
+    review in stop 34; ``value`` and ``below`` were right)."""
+    key = 0x3E800000  # 0.25
+    as_float = lambda k: torch.tensor(k, dtype=torch.int32).view(torch.float32).item()  # noqa: E731
+    x = torch.tensor([0.1] * 5 + [0.25] * 3 + [as_float(key + 5)] * 4)
+    assert check([x], 8, hint=as_float(key + 1 + (1 << 15))).equal == 3
+    monkeypatch.setattr(order_statistic, "GUESSED", 10)
+    y = torch.cat([torch.full((40,), 0.1), torch.full((10,), 0.25), torch.full((5,), 0.2501)])
+    selected = check_guessed([y], 45, (float(torch.finfo(torch.float32).tiny), as_float(key + 1)))
+    assert (selected.below, selected.equal) == (40, 10)
+
+
 def test_a_guess_with_denormals_flushed_takes_denormal_bounds_and_answers_as_the_histogram():
     """With ``torch.set_flush_denormal(True)`` a float conversion on this thread turns a denormal
     into 0 and a comparison takes one for 0: keys and values of denormals are taken from their

@@ -240,7 +240,9 @@ def kth_smallest(
             a = lo + (bins << shift)
         else:
             a, b = lo + ((j - 1) << shift), min(b, lo + (j << shift))
-        if b - a == 1:
+            if shift:  # the bin was wider than [a, b): its count is not the key's; one more pass counts it alone
+                inside = None
+        if b - a == 1 and inside is not None:
             return Selected(math.nan if a == _NAN else _value(a), below, inside, passes)
         lo, shift = a, _cover(a, b, bins)
 
