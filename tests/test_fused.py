@@ -259,10 +259,14 @@ def test_the_rule_large_tensors_of_adam_family_optimizers_take_the_fused_map(mon
     assert calls == []
     paramreg.remove(model)
     monkeypatch.setattr(fused, "enabled", True)
-    paramreg.attach(model, "*.weight", group_lasso=1e-3)  # rows: fused
+    paramreg.attach(model, "*.weight", group_lasso=1e-3)  # rows: fused, and fewer than FEW_SMALL small tensors too
     _train(model, torch.optim.Adam(model.parameters()), 2)
-    assert calls == [2000, 2000]
+    assert calls == [2000, 500, 2000, 500]
     calls.clear()
+    small = nn.Sequential(nn.Linear(40, 10), *(nn.Linear(10, 10) for _ in range(fused.FEW_SMALL - 1)))  # as many small: eager
+    paramreg.attach(small, "*.weight", group_lasso=1e-3)
+    _train(small, torch.optim.Adam(small.parameters()), 1)
+    assert calls == []
     for keywords in ({"reg": paramreg.GroupLasso(1e-3, groups="in")}, {"l2": 1e-3}, {"reg": paramreg.SparseGroupLasso(l1=1e-3, group=1e-3)}):
         paramreg.remove(model)
         paramreg.attach(model, "*.weight", **keywords)  # maps the kernels do not compute
