@@ -273,6 +273,28 @@ def test_an_l1_penalty_over_large_cpu_tensors_passes_through_one_held_buffer(mon
     assert applied == []
 
 
+def test_the_held_buffers_sum_beside_sparse_tensors_inference_mode_and_torch_func():
+    """Note [Sums of many small tensors]: a sparse tensor beside large ones takes abs().sum(); a
+    penalty taken first under inference_mode leaves a buffer that training can write; under
+    torch.func's transforms every tensor takes abs().sum() (the node is an old-style Function).
+    Found by a review in stop 34."""
+    from paramreg.catalogue import elementwise
+
+    torch.manual_seed(0)
+    big, sparse = torch.randn(1100, 1000), torch.randn(10, 10).to_sparse()
+    value = paramreg.L1(0.5).penalty_sum([big, sparse])
+    assert torch.allclose(value, 0.5 * (big.abs().sum() + sparse.to_dense().abs().sum()), rtol=1e-6, atol=0)
+    elementwise._buffers.__dict__.clear()  # this thread's buffer made afresh, first under inference_mode
+    w = big.clone().requires_grad_()
+    with torch.inference_mode():
+        evaluated = paramreg.L1(0.5).penalty_sum([w])
+    trained = paramreg.L1(0.5).penalty_sum([w])
+    trained.backward()
+    assert float(evaluated) == float(trained) and torch.equal(w.grad, 0.5 * torch.sign(big))
+    grad = torch.func.grad(lambda x: paramreg.L1(0.5).penalty_sum([x, x.t()]))(big)
+    assert torch.equal(grad, torch.sign(big))
+
+
 def test_a_few_small_tensors_join_the_held_buffers_node_with_the_strength(monkeypatch):
     """Note [Sums of many small tensors]: beside large CPU tensors of their dtype, fewer than
     FOREACH_FROM small ones pass through the same node, and with one node the strength is taken

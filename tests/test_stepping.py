@@ -379,26 +379,35 @@ def test_penalty_sees_a_submodule_swapped_added_or_deleted_after_attach(monkeypa
     assert len(walks) == 6
 
 
-def test_penalty_plan_of_a_shared_submodule_and_of_a_module_cycle(monkeypatch):
-    """Note [Penalty plans]: a submodule reached twice is checked where the walk meets it (a swap
-    of either place is seen); a cycle of modules (a module that holds itself) gets no cached plan,
-    and its penalty is still right."""
+def test_penalty_plan_of_shared_submodules_and_of_a_module_cycle(monkeypatch):
+    """Note [Penalty plans]: a tree that reaches a module twice (weight-tied layers, a cycle) keeps
+    its plan cached and is checked with a set of the modules seen; a swap is still seen, and a
+    module newly shared in a tree that had none is a change."""
     walks = _walks(monkeypatch)
     shared = nn.Linear(4, 4)
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 2))
     paramreg.attach(model, "*.weight", l1=STRENGTH, mode="penalty")
     for _ in range(2):
         assert _penalty(model) == pytest.approx(_l1_of(shared.weight, model[3].weight))
-    assert len(walks) == 1
+    assert len(walks) == 1 and model in optim_penalty._penalty_plans
     model[2] = nn.Linear(4, 4)
     assert _penalty(model) == pytest.approx(_l1_of(shared.weight, model[3].weight))
     assert len(walks) == 2
+    model[1] = model[3]  # a tree that shared nothing now reaches a module twice
+    assert _penalty(model) == pytest.approx(_l1_of(shared.weight, model[3].weight))
+    assert len(walks) == 3
+    block = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.LayerNorm(4), nn.GELU()))
+    tied = nn.Sequential(nn.ModuleList([block] * 24), nn.Linear(4, 2))  # one block, 24 places
+    paramreg.attach(tied, "*.weight", l1=STRENGTH, mode="penalty")
+    for _ in range(3):
+        assert _penalty(tied) == pytest.approx(_l1_of(block[0].weight, block[1][0].weight, tied[1].weight))  # each once
+    assert len(walks) == 4 and tied in optim_penalty._penalty_plans
     cyclic = nn.Sequential(nn.Linear(4, 4))
     cyclic.add_module("again", cyclic)
     paramreg.attach(cyclic, "0.weight", l1=STRENGTH, mode="penalty")
     for _ in range(2):
         assert _penalty(cyclic) == pytest.approx(_l1_of(cyclic[0].weight))
-    assert cyclic not in optim_penalty._penalty_plans
+    assert len(walks) == 5 and cyclic in optim_penalty._penalty_plans
 
 
 def test_penalty_follows_a_replaced_parameter_and_a_schedule_without_a_stale_plan():

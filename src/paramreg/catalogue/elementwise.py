@@ -125,16 +125,20 @@ def _abs_sum(tensors: Sequence[Tensor], scale: float = 1.0) -> Tensor:
         20 µs, is paid per tensor. Below 2^20 elements the node's fixed cost (about 20 µs)
         outweighs what it saves. Under ``torch.compile``, for tensor
         subclasses (DTensor), half precision and other devices (whose allocators cache) each
-        tensor takes ``abs().sum()``. The value can differ from the loop's in the last bits
+        tensor takes ``abs().sum()``, as do sparse tensors and every tensor under ``torch.func``'s
+        transforms (the node is an old-style autograd Function); the buffer and its views are made
+        outside ``inference_mode`` even in it, so that a penalty taken first for evaluation under
+        ``inference_mode`` leaves a buffer training can write. The value can differ from the loop's in the last bits
         (another summation order); the gradient is the same, sign(w) with 0 at 0.
     """
-    if (len(tensors) < FOREACH_FROM and sum(w.numel() for w in tensors) < CHUNKED_FROM) or torch.compiler.is_compiling():
+    if ((len(tensors) < FOREACH_FROM and sum(w.numel() for w in tensors) < CHUNKED_FROM) or torch.compiler.is_compiling()
+            or torch._C._functorch.peek_interpreter_stack() is not None):  # under torch.func's transforms
         return _scaled(scale, _sum_of(w.abs().sum() for w in tensors))
     small: dict[tuple, list[Tensor]] = {}
     large: dict[tuple, list[Tensor]] = {}
     terms = []
     for w in tensors:  # keyed by dtype on the CPU, by (device, dtype) elsewhere
-        if type(w) not in _PLAIN or w.dtype not in (torch.float32, torch.float64):
+        if type(w) not in _PLAIN or w.dtype not in (torch.float32, torch.float64) or w.layout != torch.strided:
             terms.append(w.abs().sum())
         elif w.numel() < FOREACH_BELOW:
             small.setdefault(w.dtype if w.is_cpu else (w.device, w.dtype), []).append(w)
@@ -169,7 +173,8 @@ def _view(views: dict, shape, buffer: Tensor, n: int) -> Tensor:
     kept in ``views`` (one buffer's), of which at most ``VIEWS_HELD`` are kept."""
     if len(views) >= VIEWS_HELD:
         views.clear()
-    views[shape] = out = buffer[:n].view(shape)
+    with torch.inference_mode(False):
+        views[shape] = out = buffer[:n].view(shape)
     return out
 
 
@@ -185,7 +190,8 @@ class _ChunkedAbsSum(torch.autograd.Function):
         key = (first.dtype, first.device)
         buffers = _buffers.__dict__.setdefault("by_key", {})
         if key not in buffers:
-            buffers[key] = torch.empty(CHUNK, dtype=first.dtype, device=first.device)
+            with torch.inference_mode(False):  # a buffer made under inference_mode could not be written outside it
+                buffers[key] = torch.empty(CHUNK, dtype=first.dtype, device=first.device)
         buffer = buffers[key]
         views = _buffers.__dict__.setdefault("views", {}).setdefault(key, {})  # shape -> the buffer's first elements so shaped
         parts = []

@@ -159,30 +159,39 @@ def slots(model: nn.Module) -> list[Slot]:
     return [s for _, s in sorted(chosen.values(), key=lambda item: item[0])]
 
 
-def module_tree(model: nn.Module, limit: int) -> list[nn.Module] | None:
-    """The submodules of ``model`` in the order of a depth-first walk of ``_modules``, without the
-    parametrization containers (a parametrized module's ``parametrizations``, a ``ModuleDict``);
-    a module reached twice (shared) is listed twice. None past ``limit`` modules (a cycle)."""
-    found, stack = [], [model]
+def module_tree(model: nn.Module) -> tuple[list[nn.Module], bool]:
+    """Every submodule of ``model`` once, in the order of a depth-first walk of ``_modules``,
+    without the parametrization containers (a parametrized module's ``parametrizations``, a
+    ``ModuleDict``); and whether the walk reached a module twice (shared, or a cycle)."""
+    found, seen, stack, shared = [], {id(model)}, [model], False
     while stack:
         for name, child in stack.pop()._modules.items():
             if child is None or (name == "parametrizations" and type(child) is nn.ModuleDict):
                 continue
-            if len(found) == limit:
-                return None
+            if id(child) in seen:
+                shared = True
+                continue
+            seen.add(id(child))
             found.append(child)
             stack.append(child)
-    return found
+    return found, shared
 
 
-def same_tree(model: nn.Module, tree: list) -> bool:
+def same_tree(model: nn.Module, tree: list, shared: bool) -> bool:
     """Whether :func:`module_tree` of ``model`` is, module for module, the one ``tree`` holds weak
-    references to; it walks without building the list, and stops at the first difference."""
+    references to; it walks without building the list and stops at the first difference. Where
+    the walk that built ``tree`` reached no module twice (``shared`` False), it keeps no set of
+    the modules seen: a module now reached twice is an extra entry, a difference."""
     stack, count, n = [model], 0, len(tree)
+    seen = {id(model)} if shared else None
     while stack:
         for name, child in stack.pop()._modules.items():
             if child is None or (name == "parametrizations" and type(child) is nn.ModuleDict):
                 continue
+            if seen is not None:
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
             if count == n or tree[count]() is not child:
                 return False
             count += 1
