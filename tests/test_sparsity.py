@@ -420,7 +420,7 @@ def selection(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("form", ["l0", "l1"])
+@pytest.mark.parametrize("form", ["l0", "l1", "l0 ahead"])
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, form, selection, monkeypatch):
@@ -428,7 +428,9 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, for
     (Note [Critical strengths on the fly] in optim/applying.py) give the strength and weights that
     the whole tensors give: the kthvalue of the concatenated critical strengths, then the map.
     One tensor is larger than a block (split), three are smaller (gathered), one holds ties. The
-    eager map (the fused one agrees with it within its ulp bound: tests/test_fused.py)."""
+    eager map (the fused one agrees with it within its ulp bound: tests/test_fused.py). "l0 ahead":
+    an L0 target looking 3 steps ahead ranks the points w − 3·t·m̂ under Adam, the weights
+    themselves under SGD (Note [Looking ahead] in optim/targets.py)."""
     from paramreg.optim import fused, step_sizes
     from paramreg.optim.applying import BOUNDARY
 
@@ -439,8 +441,10 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, for
         model[2].weight.copy_(torch.randn(6).repeat(150).reshape(30, 30))  # ties
     reference = copy.deepcopy(model)
     # regrow=True: the proximal path alone, as the reference computes it
-    paramreg.attach(model, "*.weight", sparsity=0.6, sparsity_steps=4, allocation=allocation, regrow=True, **{form: True})
-    kind = {"l0": paramreg.L0, "l1": paramreg.L1}[form]
+    horizon = {"l0": {"lookahead": 0}, "l0 ahead": {"lookahead": 3}}.get(form, {})
+    paramreg.attach(model, "*.weight", sparsity=0.6, sparsity_steps=4, allocation=allocation, regrow=True, **horizon,
+                    **{form.split()[0]: True})
+    kind = {"l0": paramreg.L0, "l1": paramreg.L1}[form.split()[0]]
     opt, ref_opt = OPTIMIZERS[name](model.parameters()), OPTIMIZERS[name](reference.parameters())
     x, y = torch.randn(16, 500), torch.randn(16, 20)
     for k in (1, 2):
@@ -457,7 +461,11 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, for
         else:
             t = group["lr"] * step_sizes.sgd_factor(group, paramreg.optim.state.fill_of(ref_opt, 0, group))
             inverse = [torch.full_like(w, 1.0 / t) for w in weights]
-        criticals = kind(1.0).critical(weights, inverse)
+        points = weights
+        if form == "l0 ahead" and name == "Adam":
+            points = [torch.where(w == 0, 0.0, w - 3 / (1 - 0.9 ** k) * (ref_opt.state[w]["exp_avg"] / u))
+                      for w, u in zip(weights, inverse, strict=True)]
+        criticals = kind(1.0).critical(points, inverse)
         asked = ramp(0.6, 4, k)
         if allocation == "global":
             flat = torch.cat([c.reshape(-1) for c in criticals])
@@ -465,8 +473,10 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, for
         else:
             strengths = [float(c.detach().reshape(-1).kthvalue(round(asked * c.numel())).values) for c in criticals]
         with torch.no_grad():  # the map at the strength raised by BOUNDARY (optim/applying.py)
-            for w, u, a in zip(weights, inverse, strengths, strict=True):
-                if name == "Adam":
+            for w, u, a, c in zip(weights, inverse, strengths, criticals, strict=True):
+                if form == "l0 ahead" and name == "Adam":
+                    w.masked_fill_(c <= a * (1.0 + BOUNDARY), 0.0)
+                elif name == "Adam":
                     kind(a * (1.0 + BOUNDARY)).prox_diag_([w], [u.clone()])
                 else:
                     kind(a * (1.0 + BOUNDARY)).prox_([w], t)
@@ -500,6 +510,40 @@ def test_an_l0_target_zeroes_the_smallest_in_the_metric_and_leaves_the_rest_as_t
     score = reference * reference * u
     assert float(score[zero].max()) <= float(score[~zero].min())
     assert paramreg.report(model).targets[0].reached == 0.25
+
+
+def test_an_l0_target_looks_ahead_by_default_shows_it_and_its_spec_round_trips():
+    """Note [Looking ahead]: an L0 target's horizon is LOOKAHEAD of its ramp's steps unless given;
+    ``print`` shows it and the spec restores it; an L1 target has none."""
+    from paramreg.optim.targets import LOOKAHEAD
+
+    model = SmallCNN()
+    paramreg.attach(model, "fc1.weight", sparsity=0.9, total_steps=1000)
+    paramreg.attach(model, "fc2.weight", sparsity=0.5, sparsity_steps=(10, 30), lookahead=7)
+    paramreg.attach(model, "conv*.weight", sparsity=0.5, sparsity_steps=40, l1=True)
+    targets = [getattr(model, n).parametrizations.weight[0].target for n in ("fc1", "fc2", "conv1")]
+    assert [t.lookahead for t in targets] == [round(LOOKAHEAD * 500), 7, 0]
+    assert repr(model.fc2.parametrizations.weight[0]).endswith("sparsity=0.5 from step 10 by step 30, lookahead=7)")
+    fresh = SmallCNN()
+    paramreg.attach_spec(fresh, paramreg.spec(model))
+    assert fresh.fc2.parametrizations.weight[0].target.to_dict()["lookahead"] == 7
+    assert paramreg.spec(fresh)["attached"] == paramreg.spec(model)["attached"]
+
+
+def test_looking_ahead_zeroes_a_weight_that_adam_drives_toward_zero_before_one_it_drives_away():
+    """Note [Looking ahead]: after one Adam step, 0.99 is being driven toward zero and -0.98 away
+    from it, with the same step size. The plain L0 score zeroes the smaller, -0.98; looking 5 steps
+    ahead (0.94 against -1.03) zeroes 0.99."""
+    zeroed = []
+    for lookahead in (0, 5):
+        holder = nn.Module()
+        holder.weight = nn.Parameter(torch.tensor([1.0, -0.97, 3.0, -3.0]))
+        paramreg.attach(holder, "weight", sparsity=0.25, sparsity_steps=1, lookahead=lookahead)
+        opt = torch.optim.Adam(holder.parameters(), lr=0.01)
+        (holder.weight * torch.tensor([1.0, 1.0, 0.0, 0.0])).sum().backward()  # both move by -0.01
+        opt.step()
+        zeroed.append((holder.weight == 0).tolist())
+    assert zeroed == [[False, True, False, False], [True, False, False, False]]
 
 
 def _lopsided(scale=1e-6):
@@ -547,9 +591,14 @@ def test_a_uniform_allocation_gives_each_tensor_the_fraction(selection):
     ({"sparsity": 0.5, "sparsity_steps": 1, "allocation": "per-layer"}, "allocation must be one of 'global', 'uniform'"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "max_sparsity": 0.4}, "max_sparsity must be a number from the target sparsity"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "max_sparsity": 1.5}, "max_sparsity must be a number from the target sparsity"),
-    ({"l1": 1e-3, "max_sparsity": 0.9}, "allocation=, max_sparsity= and regrow= belong to a sparsity target"),
-    ({"l1": 1e-3, "regrow": False}, "allocation=, max_sparsity= and regrow= belong to a sparsity target"),
+    ({"l1": 1e-3, "max_sparsity": 0.9}, "allocation=, max_sparsity=, regrow= and lookahead= belong to a sparsity target"),
+    ({"l1": 1e-3, "regrow": False}, "allocation=, max_sparsity=, regrow= and lookahead= belong to a sparsity target"),
+    ({"l0": 1e-3, "lookahead": 5}, "allocation=, max_sparsity=, regrow= and lookahead= belong to a sparsity target"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "regrow": "no"}, "regrow must be True or False"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "l1": True, "lookahead": 5}, "lookahead= belongs to an L0 target"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "lookahead": -1}, "lookahead must be an int >= 0"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "lookahead": True}, "lookahead must be an int >= 0"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "lookahead": 2.5}, "lookahead must be an int >= 0"),
 ])
 def test_bad_allocation_options_are_refused(keywords, match):
     model = _lopsided()

@@ -90,6 +90,7 @@ def attach(
     allocation="global",
     max_sparsity=None,
     regrow=None,
+    lookahead=None,
     metric_floor=1.0,
     **keywords,
 ) -> list[str]:
@@ -159,6 +160,11 @@ def attach(
             the step leaves it at zero (Note [Zeros that do not regrow] in
             :mod:`paramreg.optim.targets`).
             ``True``: the proximal path, a zero returns when its gradient outweighs the strength.
+        lookahead: with an ``L0`` target under Adam or AdamW, the optimizer steps h to look ahead:
+            the weights are ranked by the L0 score of w − h·t·m̂, where Adam's momentum would carry
+            them in h steps, so that weights training drives toward zero go first (Note [Looking
+            ahead] in :mod:`paramreg.optim.targets`). 0: the weights as they are. Default:
+            ``paramreg.optim.targets.LOOKAHEAD`` of the ramp's steps, rounded.
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
     parametrization, visible in ``print(model)``). A Parameter tied under several names is
@@ -187,10 +193,11 @@ def attach(
     target = None
     if sparsity is not None or sparsity_steps is not None or total_steps is not None:
         regularizer, target = options.checked_target(reg, given, mode, schedule, sparsity, sparsity_steps, where, allocation,
-                                                     max_sparsity, total_steps, regrow)
-    elif allocation != "global" or max_sparsity is not None or regrow is not None:
+                                                     max_sparsity, total_steps, regrow, lookahead)
+    elif allocation != "global" or max_sparsity is not None or regrow is not None or lookahead is not None:
         raise ParamregError(
-            f"{where}: allocation=, max_sparsity= and regrow= belong to a sparsity target: give sparsity=s and total_steps=T too"
+            f"{where}: allocation=, max_sparsity=, regrow= and lookahead= belong to a sparsity target: give sparsity=s "
+            f"and total_steps=T too"
         )
     else:
         regularizer = options.checked_regularizer(reg, given, where)

@@ -112,7 +112,8 @@ class Carrier(nn.Module):
             start = f" from step {self.target.start}" if self.target.start else ""
             kept = ", then keeps its zeros" if self.target.keep_zeros else ""
             regrow = ", regrow=True" if self.target.regrow else ""  # attach's default is False (its Note in optim/targets.py)
-            target = f", sparsity={self.target.sparsity:g}{start} by step {self.target.steps}{kept}{regrow}"
+            ahead = f", lookahead={self.target.lookahead}" if self.target.lookahead else ""  # Note [Looking ahead]
+            target = f", sparsity={self.target.sparsity:g}{start} by step {self.target.steps}{kept}{ahead}{regrow}"
         return f"{self.current()!r}, mode={self.mode!r}{step}{floor}{schedule}{target}"
 
     def remember(self, w: Tensor) -> None:

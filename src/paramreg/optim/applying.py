@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..catalogue.elementwise import L0
 from ..errors import ParamregError
 
 from . import fused, step_sizes
@@ -137,6 +138,40 @@ def _map(regularizer, tensors: list[Tensor], step) -> None:
         regularizer.prox_(tensors, step)
 
 
+def _ahead(tensors: list[Tensor], states: list[dict], inverse: list, group: dict, horizon: int) -> list[Tensor]:
+    """The points y = w − h·t·m̂ whose L0 scores an L0 target ranks with ``lookahead=h`` (Note
+    [Looking ahead] in optim/targets.py), 0 where w is 0: ``inverse`` the metric's inverse steps
+    1/t of ``tensors`` (:func:`_inverses`), ``states`` their Adam states (or the same slices). A
+    tensor without a first moment of its shape is its own point."""
+    beta1 = group["betas"][0]
+    out = []
+    for w, state, u in zip(tensors, states, inverse, strict=True):
+        m = state.get("exp_avg")
+        if not isinstance(m, Tensor) or m.shape != w.shape or not isinstance(u, Tensor):
+            out.append(w)
+            continue
+        scale = horizon / (1.0 - beta1 ** float(state["step"]))
+        out.append(torch.where(w == 0, 0.0, w - scale * (m / u)))
+    return out
+
+
+def _apply_ahead(criticals: "_Criticals", bucket: Bucket, tensors: list[Tensor], lr: float, group, fill, strength: float,
+                 floors) -> None:
+    """An L0 target's map when it looks ahead: every weight of ``tensors`` whose score at its point
+    (:func:`_ahead`) is at most ``strength`` set to zero, the scores computed as the selection
+    computed them (the same blocks, the same function), the others left as they are."""
+    optimizer = criticals.optimizer
+    states = [optimizer.state[p] for p in tensors]
+    if floors is None:
+        floors = step_sizes.floors(optimizer, group, tensors, states, bucket.metric_floor)
+    for indices, block, block_states in _blocks(tensors, states, bucket.regularizer):
+        block_floors = None if floors is None else [floors[i] for i in indices]
+        inverse = _inverses(_inverse(bucket, block, lr, optimizer, group, fill, block_states, block_floors), len(block))
+        scores = bucket.regularizer.critical(_ahead(block, block_states, inverse, group, criticals.lookahead), inverse)
+        for w, score in zip(block, scores, strict=True):
+            w.masked_fill_(score <= strength, 0.0)
+
+
 def _apply(bucket: Bucket, tensors: list[Tensor], t: float, optimizer, group, fill: float | None, regularizer=None, floors=None) -> None:
     """One multi-tensor proximal map over ``tensors`` with step ``t`` (scaled by SGD's momentum
     factor, or per coordinate by the optimizer's metric under the adaptive policy; ``fill``: the
@@ -209,7 +244,7 @@ def _apply_target(target, work: list[tuple], optimizer, process_group=None, ever
         for p in stepped:
             p.masked_fill_(_memory(carriers[id(p)], p), 0)
         return
-    criticals = _Criticals(work, optimizer, process_group, everything)
+    criticals = _Criticals(work, optimizer, process_group, everything, target.lookahead)
     strengths = target.calibrate(criticals, k)
     for w, (bucket, tensors, lr, group, fill, floors) in enumerate(criticals.work):
         by_strength: dict[float, list[int]] = {}  # strength -> indices into tensors, mapped at once
@@ -218,8 +253,12 @@ def _apply_target(target, work: list[tuple], optimizer, process_group=None, ever
                 by_strength.setdefault(strengths[u], []).extend(criticals.units[u][1])
         for strength, indices in by_strength.items():
             chosen = [tensors[i] for i in indices]
-            _apply(bucket, chosen, lr, optimizer, group, fill, bucket.regularizer.scaled(strength * (1.0 + BOUNDARY)),
-                   None if floors is None else [floors[i] for i in indices])
+            chosen_floors = None if floors is None else [floors[i] for i in indices]
+            if criticals.ahead(bucket):
+                _apply_ahead(criticals, bucket, chosen, lr, group, fill, strength * (1.0 + BOUNDARY), chosen_floors)
+            else:
+                _apply(bucket, chosen, lr, optimizer, group, fill, bucket.regularizer.scaled(strength * (1.0 + BOUNDARY)),
+                       chosen_floors)
     if target.keep_zeros and k == target.steps:  # the ramp's last step: its zeros are the ones kept
         for p in stepped:
             carriers[id(p)].remember(p)
@@ -255,8 +294,10 @@ class _Criticals:
     A unit is one tensor, or the tensors of a bucket whose map couples them (``attach_channels``).
     """
 
-    def __init__(self, work: list[tuple], optimizer, process_group=None, everything: list | None = None):
+    def __init__(self, work: list[tuple], optimizer, process_group=None, everything: list | None = None, lookahead: int = 0):
         self.optimizer = optimizer
+        # Note [Looking ahead] in optim/targets.py: only in the metric of Adam or AdamW
+        self.lookahead = lookahead if step_sizes.resolve(optimizer) in (torch.optim.Adam, torch.optim.AdamW) else 0
         self.work = []  # (bucket, tensors, lr, group, fill, floors)
         self.units: list[tuple[int | None, list[int]]] = []  # (index into work or None: another rank's, indices into its tensors)
         self.of_work: list[list[int]] = []
@@ -311,6 +352,10 @@ class _Criticals:
         self.reduce = _reducer(process_group)
         self.owned = {u for u, (w, _) in enumerate(self.units) if w is not None}
 
+    def ahead(self, bucket) -> bool:
+        """Whether ``bucket``'s critical strengths are taken at points ahead (Note [Looking ahead] in optim/targets.py)."""
+        return bool(self.lookahead) and bucket.policy == "adaptive" and type(bucket.regularizer) is L0
+
     def largest(self, value: float) -> float:
         """The largest ``value`` over the ranks under ZeRO (one collective of one number), else ``value``."""
         return value if self.owned is None else _largest_over_ranks(value, self.process_group, self.device)
@@ -364,7 +409,9 @@ class _Criticals:
             drawn = p.detach().reshape(-1)[draws]
             drawn_state = {k: v.reshape(-1)[draws] if _alike(v, p) else v for k, v in state.items()}
             step = _inverse(bucket, [drawn], lr, self.optimizer, group, fill, [drawn_state], None if floors is None else [floors[i]])
-            values = bucket.regularizer.critical([drawn], _inverses(step, 1))[0].float()
+            inverse = _inverses(step, 1)
+            points = _ahead([drawn], [drawn_state], inverse, group, self.lookahead) if self.ahead(bucket) else [drawn]
+            values = bucket.regularizer.critical(points, inverse)[0].float()
             if limits and u in limits:
                 values = torch.where(values <= limits[u], values, math.inf)
             out.append(values)
@@ -374,7 +421,8 @@ class _Criticals:
         """(indices into ``tensors`` of one unit, their critical strengths) per block: the blocks
         of Note [Blocks] on the CPU, else one unit at a time."""
         regularizer = bucket.regularizer
-        if bucket.policy == "adaptive" and not regularizer.joint:  # Note [Fused map] in optim/fused.py
+        ahead = self.ahead(bucket)
+        if bucket.policy == "adaptive" and not regularizer.joint and not ahead:  # Note [Fused map] in optim/fused.py
             eager = []
             for i in indices:
                 p = tensors[i]
@@ -401,7 +449,7 @@ class _Criticals:
             block_floors = None if chosen_floors is None else [chosen_floors[j] for j in js]
             step = _inverse(bucket, block, lr, self.optimizer, group, fill, block_states, block_floors)
             inverse = _inverses(step, len(block))
-            found = regularizer.critical(block, inverse)
+            found = regularizer.critical(_ahead(block, block_states, inverse, group, self.lookahead) if ahead else block, inverse)
             del step, inverse
             if regularizer.joint:
                 yield [indices[j] for j in js], found[0]

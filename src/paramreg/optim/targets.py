@@ -139,6 +139,30 @@ Note [Zeros that do not regrow]
     not take the tensor one comparison and two masked writes (three and a held mask under an
     optimizer paramreg does not know).
 
+Note [Looking ahead]
+    An ``L0`` target ranks the weights by their score in the optimizer's metric, w²/(2t). With
+    ``lookahead=h`` (optimizer steps) under Adam or AdamW, where the map is in their metric, it
+    ranks them by the score of the point that Adam's momentum would carry each weight to in h
+    steps::
+
+        y_i = w_i − h·t_i·m̂_i,     c_i = y_i²/(2·t_i)      (y_i = 0 where w_i = 0)
+
+    with m̂ = m/(1 − β₁ᵏ) Adam's bias-corrected first moment and t_i the metric's step (Note
+    [Safeguarded metric] in optim/step_sizes.py), so t_i·m̂_i is Adam's update from its momentum.
+    The m weights of smallest c_i are set to zero and the others are left as the optimizer put
+    them, as without a horizon. Expanded, c_i = w_i²/(2t_i) − h·w_i·m̂_i + h²·t_i·m̂_i²/2: the L0
+    score, plus h times −w·m̂, the score of movement pruning (Sanh et al. 2020: −w·∂L/∂w, summed
+    over steps; here the gradient averaged by Adam's momentum), plus the square of the distance
+    travelled. So a weight that training drives toward zero goes first, one that it drives away
+    from zero stays; h = 0 is the plain score. It reads the optimizer's state only: nothing is
+    kept across steps. The selection and the map compute y and c with the same function, so
+    exactly the m smallest are zero (ties aside); a target that looks ahead computes its critical
+    strengths and its map eagerly, not with the fused kernels (Note [Fused map] in
+    optim/fused.py). Under any other optimizer, or ``step="lr"``, the horizon is 0: SGD's momentum
+    buffer is no step in a metric (it grows with the gradient), and with it a long horizon emptied
+    the digits CNN's accuracy in a probe (ad hoc). ``attach``'s default horizon is ``LOOKAHEAD`` of
+    the ramp's steps (Note [The recipe's defaults]).
+
 Note [The recipe's defaults]
     ``attach(model, targets, sparsity=s, total_steps=T)`` is the recipe with its defaults: the
     ramp from step round(0.25·T) to round(0.75·T) (``RECIPE_RAMP``), then the zeros kept to the
@@ -166,10 +190,12 @@ from torch import Tensor
 from ..errors import ParamregError
 from .order_statistic import GUESSED, kth_smallest
 
-__all__ = ["SparsityTarget", "ramp", "recipe_steps", "RECIPE_RAMP", "REGROW"]
+__all__ = ["SparsityTarget", "ramp", "recipe_steps", "default_lookahead", "RECIPE_RAMP", "REGROW", "LOOKAHEAD"]
 
 RECIPE_RAMP = (0.25, 0.75)  # Note [The recipe's defaults]: the ramp's start and end, fractions of total_steps
 REGROW = False  # Note [The recipe's defaults]: attach's sparsity targets keep every zero they make
+#: Note [Looking ahead]: an L0 target's default horizon, as a fraction of its ramp's steps.
+LOOKAHEAD = 0.0
 
 
 def ramp(sparsity: float, steps: int, k: int, start: int = 0) -> float:
@@ -197,6 +223,15 @@ def recipe_steps(total_steps) -> tuple[int, int]:
             f"{RECIPE_RAMP[0]:g}-{RECIPE_RAMP[1]:g} of them, then the zeros are kept), got {total_steps!r}"
         )
     return round(RECIPE_RAMP[0] * total_steps), round(RECIPE_RAMP[1] * total_steps)
+
+
+def default_lookahead(start: int, end: int) -> int:
+    """An L0 target's horizon by default: ``LOOKAHEAD`` of its ramp's steps, rounded (Note [Looking ahead]).
+
+    >>> default_lookahead(250, 750) == round(LOOKAHEAD * 500)
+    True
+    """
+    return round(LOOKAHEAD * (end - start))
 
 
 def _fraction(label: str, value) -> float:
@@ -229,6 +264,7 @@ class SparsityTarget:
     start: int = 0
     keep_zeros: bool = False
     regrow: bool = True
+    lookahead: int = 0
     strength: float | None = None
     asked: float = 0.0
 
@@ -248,6 +284,11 @@ class SparsityTarget:
             raise ParamregError(f"keep_zeros with a sparsity target must be True or False, got {self.keep_zeros!r}")
         if not isinstance(self.regrow, bool):
             raise ParamregError(f"regrow must be True or False (whether a weight the target zeroed may come back), got {self.regrow!r}")
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 0:
+            raise ParamregError(
+                f"lookahead must be an int >= 0 (the optimizer steps an L0 target looks ahead along Adam's momentum; "
+                f"0: the weights as they are), got {self.lookahead!r}"
+            )
         if self.allocation not in ALLOCATIONS:
             raise ParamregError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {self.allocation!r}")
         if self.max_sparsity is None:
@@ -319,6 +360,8 @@ class SparsityTarget:
             out["keep_zeros"] = True
         if not self.regrow:
             out["regrow"] = False
+        if self.lookahead:
+            out["lookahead"] = self.lookahead
         if self.allocation != "global":
             out["allocation"] = self.allocation
         if self.max_sparsity != max(MAX_SPARSITY, self.sparsity):

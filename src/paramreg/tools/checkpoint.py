@@ -89,7 +89,8 @@ def attach_spec(model: nn.Module, spec: dict) -> list[str]:
             key = asked.get("budget", len(shared))
             target = shared.get(key) or shared.setdefault(
                 key, SparsityTarget(asked["target"], asked["steps"], asked.get("allocation", "global"), asked.get("max_sparsity"),
-                                    asked.get("start", 0), asked.get("keep_zeros", False), asked.get("regrow", True))
+                                    asked.get("start", 0), asked.get("keep_zeros", False), asked.get("regrow", True),
+                                    asked.get("lookahead", 0))
             )
         group = next((g for g in groups if g[0] == reg and g[1:4] == (mode, step, floor) and g[5] is target), None)
         if group is None:
