@@ -25,11 +25,12 @@ run's checkpoint at 0.5 or 0.75). Methods, each with two settings but paramreg's
 
   paramreg     attach(model, SELECTED, sparsity=s, sparsity_steps=(start, end), keep_zeros=True,
                allocation=..., regrow=..., l1=True or l0=True): one call that ramps (cubic) from `start`
-               to `end`, then keeps its zeros; the default step policy of the optimizer. CANDIDATES (16):
+               to `end`, then keeps its zeros; the default step policy of the optimizer. CANDIDATES (18):
                L1 or L0, global (capped at 99% per tensor) or uniform allocation, the ramp over 0.25-0.5
                or 0.25-0.75 of the budget, zeros that may regrow or not (regrow=False: a zero weight's
-               gradient and momentum are set to zero before each step). One of them becomes the default
-               by RULE, the same for every task.
+               gradient and momentum are set to zero before each step); and L0 looking budget/8 steps
+               ahead along Adam's momentum (lookahead=, global, zeros kept, both ramps; under SGD the
+               same as L0). One of them becomes the default by RULE, the same for every task.
   gmp-tensor   gradual magnitude pruning, the same fraction in every tensor, on torch.ao.pruning's
                sparsifier (BaseSparsifier's masks, ranking the masked weights' magnitudes as its
                WeightNormSparsifier does, which refuses 4-d conv weights) with its CubicSL scheduler
@@ -58,6 +59,7 @@ also rewrites the tables of docs/sparsity-recipe.md between its marker comments.
     python examples/study_tasks.py --quick --out /tmp/tasks   # a smoke run of a few seconds
     python examples/study_tasks.py --tasks resnet-digits      # one task again; the others' rows stay
     python examples/study_tasks.py --methods manual-l1        # one method again (and the dense runs)
+    python examples/study_tasks.py --methods paramreg --settings l0-ahead/global/0.25-0.5/no-regrow   # one candidate
 """
 
 from __future__ import annotations
@@ -103,6 +105,10 @@ MANUAL_STRENGTHS = (1e-5, 1e-4)
 REGROWTH = ("regrow", "no-regrow")  # attach(..., regrow=True / False)
 CANDIDATES = tuple(f"{reg}/{alloc}/{a}-{b}/{regrow}" for reg in ("l1", "l0") for alloc in ("global", "uniform")
                    for a, b in WINDOWS for regrow in REGROWTH)
+# L0 looking LOOKAHEAD·budget optimizer steps ahead along Adam's momentum (Note [Looking ahead] in
+# paramreg/optim/targets.py; the plain L0 candidates look 0 steps ahead): global, zeros kept, both ramps.
+LOOKAHEAD = 1 / 8
+CANDIDATES += tuple(f"l0-ahead/global/{a}-{b}/no-regrow" for a, b in WINDOWS)
 METHODS = {
     "paramreg": "paramreg, one call (the recipe's default)",
     "gmp-tensor": "gradual magnitude, per tensor (torch.ao.pruning)",
@@ -407,9 +413,10 @@ class Runner:
         assert start >= here, setting  # nothing acts before the ramp: the shared prefix is the same run
         # attached at the shared checkpoint: nothing acts before the ramp starts, so this is the call
         # sparsity_steps=(start, end) made at step 0 (tests/test_sparsity.py, test_one_call_...)
+        horizon = {"l0": {"lookahead": 0}, "l0-ahead": {"lookahead": round(LOOKAHEAD * self.task.budget)}}.get(reg, {})
         paramreg.attach(model, self.task.selected, sparsity=level, sparsity_steps=(start - here, end - here), keep_zeros=True,
-                        allocation=allocation, regrow=regrowth == "regrow",
-                        **{reg: True})  # named either way: the target's defaults are whatever the rule chose
+                        allocation=allocation, regrow=regrowth == "regrow", **horizon,
+                        **{reg.split("-")[0]: True})  # named either way: the target's defaults are whatever the rule chose
         steps = here + self.train(model, opt, seed, here, self.task.budget)
         paramreg.remove(model)
         return [self.row("paramreg", setting, level, seed, model, steps, started)]
@@ -544,7 +551,7 @@ def _run(job):
     return getattr(_RUNNERS[name], method.replace("-", "_"))(seed, setting, level)
 
 
-def jobs_for(names, seeds, levels, methods=None):
+def jobs_for(names, seeds, levels, methods=None, settings=None):
     """The dense runs (python-transformer's before c-finetune's, which starts from it), then the rest."""
     first = [(n, "dense", "", "", s) for n in names if n != "c-finetune" for s in seeds]
     second = [(n, "dense", "", "", s) for n in names if n == "c-finetune" for s in seeds]
@@ -556,17 +563,17 @@ def jobs_for(names, seeds, levels, methods=None):
         rest += [(name, "movement", w, level, seed) for w in windows if name == "c-finetune"]
         rest += [(name, "one-shot", str(f), level, seed) for f in ONE_SHOT_AT]
     rest += [(name, "manual-l1", str(a), tuple(levels), seed) for name in names for seed in seeds for a in MANUAL_STRENGTHS]
-    rest = [job for job in rest if methods is None or job[1] in methods]
+    rest = [job for job in rest if (methods is None or job[1] in methods) and (settings is None or job[2] in settings)]
     return [first, second, rest]
 
 
-def sweep(names, seeds, levels, quick, workers, progress=None, methods=None):
+def sweep(names, seeds, levels, quick, workers, progress=None, methods=None, settings=None):
     """Every job's rows; each also appended to `progress` (JSON lines) as it comes."""
     rows = []
     with tempfile.TemporaryDirectory() as folder, multiprocessing.get_context("spawn").Pool(
         workers, initializer=_init_worker, initargs=(quick, folder)
     ) as pool:
-        for stage, jobs in zip(("dense", "dense, fine-tuning", "methods"), jobs_for(names, seeds, levels, methods), strict=True):
+        for stage, jobs in zip(("dense", "dense, fine-tuning", "methods"), jobs_for(names, seeds, levels, methods, settings), strict=True):
             with tqdm(total=len(jobs), desc=stage, unit="run") as bar:
                 for new in pool.imap_unordered(_run, jobs):
                     rows += new
@@ -733,6 +740,8 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="run these (and the dense runs they start from); "
                         "the other methods' rows in --out stay")
+    parser.add_argument("--settings", nargs="+", help="run only these settings of the methods run (e.g. new paramreg "
+                        "candidates); the other settings' rows in --out stay")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     names = sorted(set(args.tasks) | ({"python-transformer"} if "c-finetune" in args.tasks else set()), key=list(TASKS).index)
@@ -740,12 +749,13 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     progress = args.out / "progress.jsonl"
     progress.unlink(missing_ok=True)
-    rows = sweep(names, SEEDS[:2] if args.quick else SEEDS, LEVELS, args.quick, args.workers, progress, args.methods)
+    rows = sweep(names, SEEDS[:2] if args.quick else SEEDS, LEVELS, args.quick, args.workers, progress, args.methods, args.settings)
     progress.unlink()
     rows = [r for r in rows if r["task"] in args.tasks]
-    if (set(args.tasks) != set(TASKS) or args.methods) and (args.out / "results.csv").exists():  # the rest stays
+    if (set(args.tasks) != set(TASKS) or args.methods or args.settings) and (args.out / "results.csv").exists():  # the rest stays
         rerun = {"dense", *(args.methods or METHODS)}
-        rows = [r for r in read_csv(args.out / "results.csv") if r["task"] not in args.tasks or r["method"] not in rerun] + rows
+        rows = [r for r in read_csv(args.out / "results.csv") if r["task"] not in args.tasks or r["method"] not in rerun
+                or (args.settings and r["method"] != "dense" and r["setting"] not in args.settings)] + rows
         order = [*TASKS], ["dense", *METHODS]
         rows.sort(key=lambda r: (order[0].index(r["task"]), order[1].index(r["method"]), str(r["setting"]), str(r["level"]),
                                  int(r["seed"])))

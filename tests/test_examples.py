@@ -179,8 +179,9 @@ def test_tasks_study_page_shows_the_committed_results_and_the_library_uses_its_d
     reg, allocation, window, regrowth = study.default_candidate(study.normalized(rows))[0].split("/")
     assert tuple(float(f) for f in window.split("-")) == RECIPE_RAMP
     model = study.SmallCNN()
-    paramreg.attach(model, "conv1.weight", sparsity=0.5, total_steps=100)
+    paramreg.attach(model, "conv1.weight", sparsity=0.5, total_steps=800)
     carrier = model.conv1.parametrizations.weight[0]
-    assert type(carrier.regularizer).__name__ == {"l0": "L0", "l1": "L1"}[reg]
+    assert type(carrier.regularizer).__name__ == {"l0": "L0", "l0-ahead": "L0", "l1": "L1"}[reg]
+    assert carrier.target.lookahead == (round(study.LOOKAHEAD * 800) if reg == "l0-ahead" else 0)  # budget/8 steps
     assert carrier.target.allocation == allocation and carrier.target.keep_zeros
     assert carrier.target.regrow == (regrowth == "regrow")

@@ -725,8 +725,8 @@ def test_regrow_false_changes_the_run_and_resumes_bitwise_from_any_step(name, tm
         model, opt = _recipe_run(make_opt, stop, total_steps=8, regrow=False)
         resumed = _resumed_recipe(make_opt, model, opt, stop, 12, tmp_path)
         assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)), stop
-    assert repr(full.conv1.parametrizations.weight[0]).endswith("then keeps its zeros)")
-    assert repr(regrowing.conv1.parametrizations.weight[0]).endswith("then keeps its zeros, regrow=True)")
+    assert repr(full.conv1.parametrizations.weight[0]).endswith("then keeps its zeros, lookahead=1)")  # a quarter of 4 steps
+    assert repr(regrowing.conv1.parametrizations.weight[0]).endswith("then keeps its zeros, lookahead=1, regrow=True)")
 
 
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])

@@ -142,7 +142,8 @@ def attach(
             ``l1=True`` gives an L1 target.
         total_steps: with ``sparsity``, the whole recipe from the optimizer steps of the run, T:
             the ramp from step round(0.25·T) to round(0.75·T), then the zeros kept while every other
-            weight trains on to the end (``keep_zeros=True``). Defaults chosen across four tasks
+            weight trains on to the end (``keep_zeros=True``), the L0 score taken T/8 steps ahead
+            under Adam (``lookahead``). Defaults chosen across four tasks
             (Note [The recipe's defaults]; docs/sparsity-recipe.md).
         sparsity_steps: instead of ``total_steps``, the ramp itself: n (from step 0 to n) or
             ``(start, end)``: nothing is zeroed before step ``start``, the ramp ends at ``end``. With
@@ -163,8 +164,9 @@ def attach(
         lookahead: with an ``L0`` target under Adam or AdamW, the optimizer steps h to look ahead:
             the weights are ranked by the L0 score of w − h·t·m̂, where Adam's momentum would carry
             them in h steps, so that weights training drives toward zero go first (Note [Looking
-            ahead] in :mod:`paramreg.optim.targets`). 0: the weights as they are. Default:
-            ``paramreg.optim.targets.LOOKAHEAD`` of the ramp's steps, rounded.
+            ahead] in :mod:`paramreg.optim.targets`). 0: the weights as they are. Default: a
+            quarter of the ramp's steps, rounded (T/8 with ``total_steps=T``; chosen across four
+            tasks with the recipe's other defaults).
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
     parametrization, visible in ``print(model)``). A Parameter tied under several names is
