@@ -319,8 +319,8 @@ def _train_mixed(model, opt, steps):
         opt.step()
 
 
-# an L0 target looking ahead computes eagerly (Note [Looking ahead] in optim/targets.py): lookahead=0 takes the kernels
-@pytest.mark.parametrize("keywords", [{"sparsity": 0.5, "sparsity_steps": 8, "lookahead": 0}, {"sparsity": 0.5, "sparsity_steps": 8, "l1": True},
+@pytest.mark.parametrize("keywords", [{"sparsity": 0.5, "sparsity_steps": 8}, {"sparsity": 0.5, "sparsity_steps": 8, "lookahead": 0},
+                                      {"sparsity": 0.5, "sparsity_steps": 8, "l1": True},
                                       {"l1": 1e-3}, {"l0": 1e-6}, {"group_lasso": 1e-3}], ids=repr)
 def test_no_step_recompiles_over_weights_of_every_shape(keywords, monkeypatch):
     """Weights of 1, 2 and 4 dims, square and not, through every kernel: the first two steps
@@ -447,7 +447,7 @@ def _target_run(monkeypatch, enabled, form, allocation, broken_after=None):
 
 
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
-@pytest.mark.parametrize("form", [{"lookahead": 0}, {"l1": True}], ids=["l0", "l1"])  # L0 looking ahead takes no kernel
+@pytest.mark.parametrize("form", [{}, {"lookahead": 0}, {"l1": True}], ids=["l0 ahead", "l0", "l1"])
 @pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "passes"])
 def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(form, allocation, gathered, monkeypatch):
     """The compiled critical strengths in several blocks per tensor (blocks of 300 over 432 to

@@ -164,6 +164,11 @@ def _apply_ahead(criticals: "_Criticals", bucket: Bucket, tensors: list[Tensor],
     states = [optimizer.state[p] for p in tensors]
     if floors is None:
         floors = step_sizes.floors(optimizer, group, tensors, states, bucket.metric_floor)
+    left = fused.map_ahead_(optimizer, group, tensors, states, lr, floors, criticals.lookahead, strength)  # Note [Fused map]
+    tensors, states = [tensors[i] for i in left], [states[i] for i in left]
+    floors = None if floors is None else [floors[i] for i in left]
+    if not tensors:
+        return
     for indices, block, block_states in _blocks(tensors, states, bucket.regularizer):
         block_floors = None if floors is None else [floors[i] for i in indices]
         inverse = _inverses(_inverse(bucket, block, lr, optimizer, group, fill, block_states, block_floors), len(block))
@@ -422,12 +427,12 @@ class _Criticals:
         of Note [Blocks] on the CPU, else one unit at a time."""
         regularizer = bucket.regularizer
         ahead = self.ahead(bucket)
-        if bucket.policy == "adaptive" and not regularizer.joint and not ahead:  # Note [Fused map] in optim/fused.py
+        if bucket.policy == "adaptive" and not regularizer.joint:  # Note [Fused map] in optim/fused.py
             eager = []
             for i in indices:
                 p = tensors[i]
                 found = fused.critical_blocks(self.optimizer, group, regularizer, p, self.optimizer.state[p], lr,
-                                              None if floors is None else floors[i])
+                                              None if floors is None else floors[i], self.lookahead if ahead else 0)
                 if found is None:
                     eager.append(i)
                     continue

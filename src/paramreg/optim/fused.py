@@ -186,6 +186,27 @@ def _l0_critical(out: Tensor, w: Tensor, v: Tensor, floor: Tensor, c: Tensor) ->
     out.copy_(w * w * _inverse(v, floor, c) / 2)
 
 
+def _ahead(w: Tensor, v: Tensor, m: Tensor, floor: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, y): the inverse steps and the points y = w − c[2]·m/u of Note [Looking ahead] in
+    optim/targets.py (c[2] = horizon/(1 − β₁ᵏ)), 0 where w is 0: as the eager path computes them."""
+    u = _inverse(v, floor, c)
+    return u, torch.where(w == 0, 0.0, w - c[2] * (m / u))
+
+
+def _l0_ahead_critical(out: Tensor, w: Tensor, v: Tensor, m: Tensor, floor: Tensor, c: Tensor) -> None:
+    """Into out: y_i²·u_i/2, ``L0.critical`` at the points ahead (c = [scale, shift, horizon/(1 − β₁ᵏ)])."""
+    u, y = _ahead(w, v, m, floor, c)
+    out.copy_(y * y * u / 2)
+
+
+def _l0_ahead(w: Tensor, v: Tensor, m: Tensor, floor: Tensor, c: Tensor) -> None:
+    """In place on w (flat): 0 where the score at its point, computed as :func:`_l0_ahead_critical`
+    computes it, is at most c[3] (the target's strength), so the map zeroes what the selection
+    counted; every other weight as it is."""
+    u, y = _ahead(w, v, m, floor, c)
+    w.copy_(torch.where(y * y * u / 2 <= c[3], 0.0, w))
+
+
 def _group_first(w: Tensor, v: Tensor, floor: Tensor, c: Tensor):
     """The group lasso's solve on rows of w (G, B) (Note [Group lasso in a diagonal metric, fast] in
     catalogue/structured.py) with the floor F given, c = [scale, shift, threshold, rtol, tiny]:
@@ -247,7 +268,8 @@ def _hold_momentum(w: Tensor, g: Tensor, m: Tensor) -> None:
     m.copy_(torch.where(zero, 0.0, m))
 
 
-_KERNELS = {"hold": _hold, "hold_momentum": _hold_momentum, "l1": _l1, "l0": _l0, "l1_critical": _l1_critical, "l0_critical": _l0_critical, "group_first": _group_first, "group_next": _group_next}
+_KERNELS = {"hold": _hold, "hold_momentum": _hold_momentum, "l1": _l1, "l0": _l0, "l1_critical": _l1_critical, "l0_critical": _l0_critical,
+            "l0_ahead": _l0_ahead, "l0_ahead_critical": _l0_ahead_critical, "group_first": _group_first, "group_next": _group_next}
 
 
 def _elementwise_map(regularizer) -> tuple[str, float, float] | None:
@@ -430,21 +452,24 @@ CRITICAL_BLOCK = 1 << 20
 _buffers = threading.local()  # per thread: (dtype, device) -> the blocks' buffer
 
 
-def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict, lr: float, floor) -> Iterator[Tensor] | None:
+def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict, lr: float, floor, horizon: int = 0
+                    ) -> Iterator[Tensor] | None:
     """A target's critical strengths of ``p`` in the Adam family's metric (``L1.critical``,
-    ``L0.critical`` with the inverse steps of Note [Fused map]), computed by a compiled kernel in
+    ``L0.critical`` with the inverse steps of Note [Fused map]; with ``horizon``, L0's at the
+    points ahead of Note [Looking ahead] in optim/targets.py), computed by a compiled kernel in
     blocks of about ``CRITICAL_BLOCK`` elements that share one buffer: a block is valid until the
     next is asked for. ``floor``: the floor the target took (None: no floor). None where the
     fused map does not take ``p`` (the rule of Note [Fused map]), and the eager path computes them."""
-    name = {L1: "l1_critical", L0: "l0_critical"}.get(type(regularizer))
+    name = {L1: "l1_critical", L0: "l0_ahead_critical" if horizon else "l0_critical"}.get(type(regularizer))
     if (name is None or not enabled or step_sizes.resolve(optimizer) not in _ADAM or not group.get("eps", 0.0) > 0
             or torch.compiler.is_compiling() or not (floor is None or type(floor) is Tensor)):
         return None
     v = state.get(step_sizes.adam_key(group))
-    if not _fits(p, v, name):
+    moments = [v] if not horizon else [v, state.get("exp_avg")]
+    if not _fits(p, v, name) or not _alike(p, moments[-1]):
         return None
     scale, shift = step_sizes.adam_scalars(group, float(state["step"]), lr)
-    c = torch.tensor([scale, shift], dtype=p.dtype, device=p.device)
+    c = torch.tensor([scale, shift] + ([_ahead_scale(group, state, horizon)] if horizon else []), dtype=p.dtype, device=p.device)
     floor = torch.zeros((), dtype=p.dtype, device=p.device) if floor is None else floor.to(p.dtype)
     n = p.numel()
     blocks = -(-n // CRITICAL_BLOCK)
@@ -454,17 +479,50 @@ def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict,
     if key not in buffers or buffers[key].numel() < size:
         buffers[key] = torch.empty(size, dtype=p.dtype, device=p.device)
     out = buffers[key]
-    if _call(name, _flat(out, (size,)), _flat(p, (size,)), _flat(v, (size,)), floor, c) is _NOT_COMPILED:
+    if _call(name, _flat(out, (size,)), _flat(p, (size,)), *(_flat(t, (size,)) for t in moments), floor, c) is _NOT_COMPILED:
         return None
-    return _critical_blocks(name, out, p, v, floor, c, size)
+    return _critical_blocks(name, out, p, moments, floor, c, size)
 
 
-def _critical_blocks(name: str, out: Tensor, w: Tensor, v: Tensor, floor: Tensor, c: Tensor, size: int) -> Iterator[Tensor]:
+def _critical_blocks(name: str, out: Tensor, w: Tensor, moments: list[Tensor], floor: Tensor, c: Tensor, size: int) -> Iterator[Tensor]:
     yield out[:size]  # the first block, computed by critical_blocks
     for start in range(size, w.numel(), size):
         n = min(size, w.numel() - start)
-        _call(name, _flat(out, (n,)), _flat(w, (n,), start), _flat(v, (n,), start), floor, c)
+        _call(name, _flat(out, (n,)), _flat(w, (n,), start), *(_flat(t, (n,), start) for t in moments), floor, c)
         yield out[:n]
+
+
+def _alike(p: Tensor, t) -> bool:
+    return type(t) is Tensor and t.dtype == p.dtype and t.shape == p.shape and t.is_contiguous()
+
+
+def _ahead_scale(group: dict, state: dict, horizon: int) -> float:
+    """horizon/(1 − β₁ᵏ): the factor of Adam's first moment in the points ahead (Note [Looking ahead])."""
+    return horizon / (1.0 - group["betas"][0] ** float(state["step"]))
+
+
+def map_ahead_(optimizer, group: dict, tensors: list[Tensor], states: list[dict], lr: float, floors: list | None, horizon: int,
+               strength: float) -> list[int]:
+    """An L0 target's map at the points ahead (Note [Looking ahead] in optim/targets.py) by one
+    compiled pass per tensor it takes (the rule of Note [Fused map]); ``floors``: the target's;
+    returns the indices of the tensors it left to the eager map."""
+    if not enabled or step_sizes.resolve(optimizer) not in _ADAM or not group.get("eps", 0.0) > 0 or torch.compiler.is_compiling():
+        return list(range(len(tensors)))
+    key, left = step_sizes.adam_key(group), []
+    for i, (p, state) in enumerate(zip(tensors, states, strict=True)):
+        v, m = state.get(key), state.get("exp_avg")
+        floor = None if floors is None else floors[i]
+        if not _fits(p, v, "l0_ahead") or not _alike(p, m) or not (floor is None or type(floor) is Tensor):
+            left.append(i)
+            continue
+        scale, shift = step_sizes.adam_scalars(group, float(state["step"]), lr)
+        c = torch.tensor([scale, shift, _ahead_scale(group, state, horizon), strength], dtype=p.dtype, device=p.device)
+        floor = torch.zeros((), dtype=p.dtype, device=p.device) if floor is None else floor.to(p.dtype)
+        if _call("l0_ahead", _flat(p), _flat(v), _flat(m), floor, c) is _NOT_COMPILED:
+            left.append(i)
+            continue
+        torch.autograd.graph.increment_version(p)  # written through an alias (_flat)
+    return left
 
 
 def hold_(p: Tensor, momentum: Tensor | None) -> bool:

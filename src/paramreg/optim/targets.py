@@ -155,10 +155,10 @@ Note [Looking ahead]
     over steps; here the gradient averaged by Adam's momentum), plus the square of the distance
     travelled. So a weight that training drives toward zero goes first, one that it drives away
     from zero stays; h = 0 is the plain score. It reads the optimizer's state only: nothing is
-    kept across steps. The selection and the map compute y and c with the same function, so
-    exactly the m smallest are zero (ties aside); a target that looks ahead computes its critical
-    strengths and its map eagerly, not with the fused kernels (Note [Fused map] in
-    optim/fused.py). Under any other optimizer, or ``step="lr"``, the horizon is 0: SGD's momentum
+    kept across steps. The selection and the map compute y and c with the same function (the
+    same compiled formula where the fused map takes the tensor, Note [Fused map] in
+    optim/fused.py: one more read, of m, in each pass), so exactly the m smallest are zero (ties
+    aside). Under any other optimizer, or ``step="lr"``, the horizon is 0: SGD's momentum
     buffer is no step in a metric (it grows with the gradient), and with it a long horizon emptied
     the digits CNN's accuracy in a probe (ad hoc). ``attach``'s default horizon is ``LOOKAHEAD`` of
     the ramp's steps (Note [The recipe's defaults]).
