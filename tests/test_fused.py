@@ -469,7 +469,8 @@ def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(f
     assert sum(int((w == 0).sum()) for w in eager[-1]) >= 0.9 * sum(w.numel() for w in eager[-1])
 
 
-def test_a_later_call_that_cannot_compile_runs_the_formula_eagerly(monkeypatch):
+@pytest.mark.parametrize("form", [{}, {"lookahead": 0}], ids=["l0 ahead", "l0"])
+def test_a_later_call_that_cannot_compile_runs_the_formula_eagerly(form, monkeypatch):
     """A call past the first that Dynamo refuses (a new shape past its recompile limit) runs the
     kernel's formula eagerly, with one warning per kernel (the map, the critical strengths and
     the held zeros), and the target zeroes what the eager path zeroes."""
@@ -477,9 +478,9 @@ def test_a_later_call_that_cannot_compile_runs_the_formula_eagerly(monkeypatch):
     monkeypatch.setattr(fused, "CRITICAL_BLOCK", 300)
     monkeypatch.setattr(fused, "_eager_calls", set())
     with pytest.warns(UserWarning, match="could not be compiled for a new shape .*recompile limit") as caught:
-        broken = _target_run(monkeypatch, True, {"lookahead": 0}, "global", broken_after=2)
+        broken = _target_run(monkeypatch, True, form, "global", broken_after=2)
     assert len({str(w.message).split(" for ")[0] for w in caught if "new shape" in str(w.message)}) == len(fused._eager_calls) == 3
-    eager = _target_run(monkeypatch, False, {"lookahead": 0}, "global")
+    eager = _target_run(monkeypatch, False, form, "global")
     for step_broken, step_eager in zip(broken, eager, strict=True):
         assert all(torch.equal(a == 0, b == 0) for a, b in zip(step_broken, step_eager, strict=True))
 

@@ -528,6 +528,12 @@ def test_an_l0_target_looks_ahead_by_default_shows_it_and_its_spec_round_trips()
     paramreg.attach_spec(fresh, paramreg.spec(model))
     assert fresh.fc2.parametrizations.weight[0].target.to_dict()["lookahead"] == 7
     assert paramreg.spec(fresh)["attached"] == paramreg.spec(model)["attached"]
+    # format 2 where a target looks ahead (an older paramreg refuses it rather than drop the horizon)
+    assert paramreg.spec(model)["version"] == 2 and paramreg.spec(nn.Linear(2, 2))["version"] == 1
+    wrong = paramreg.spec(model)
+    wrong["attached"]["conv1.weight"]["sparsity"]["lookahead"] = 5  # an L1 target's entry
+    with pytest.raises(ParamregError, match="'conv1.weight': lookahead belongs to an L0 target"):
+        paramreg.attach_spec(SmallCNN(), wrong)
 
 
 def test_looking_ahead_zeroes_a_weight_that_adam_drives_toward_zero_before_one_it_drives_away():
@@ -599,6 +605,7 @@ def test_a_uniform_allocation_gives_each_tensor_the_fraction(selection):
     ({"sparsity": 0.5, "sparsity_steps": 1, "lookahead": -1}, "lookahead must be an int >= 0"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "lookahead": True}, "lookahead must be an int >= 0"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "lookahead": 2.5}, "lookahead must be an int >= 0"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "lookahead": 10**400}, "lookahead must be an int >= 0 and below 2..31"),
 ])
 def test_bad_allocation_options_are_refused(keywords, match):
     model = _lopsided()

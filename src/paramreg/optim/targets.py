@@ -148,7 +148,8 @@ Note [Looking ahead]
         y_i = w_i − h·t_i·m̂_i,     c_i = y_i²/(2·t_i)      (y_i = 0 where w_i = 0)
 
     with m̂ = m/(1 − β₁ᵏ) Adam's bias-corrected first moment and t_i the metric's step (Note
-    [Safeguarded metric] in optim/step_sizes.py), so t_i·m̂_i is Adam's update from its momentum.
+    [Safeguarded metric] in optim/step_sizes.py), so t_i·m̂_i is Adam's update from its momentum
+    (less where the safeguard's floor raises the denominator).
     The m weights of smallest c_i are set to zero and the others are left as the optimizer put
     them, as without a horizon. Expanded, c_i = w_i²/(2t_i) − h·w_i·m̂_i + h²·t_i·m̂_i²/2: the L0
     score, plus h times −w·m̂, the score of movement pruning (Sanh et al. 2020: −w·∂L/∂w, summed
@@ -287,10 +288,10 @@ class SparsityTarget:
             raise ParamregError(f"keep_zeros with a sparsity target must be True or False, got {self.keep_zeros!r}")
         if not isinstance(self.regrow, bool):
             raise ParamregError(f"regrow must be True or False (whether a weight the target zeroed may come back), got {self.regrow!r}")
-        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 0:
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or not 0 <= self.lookahead < 2**31:
             raise ParamregError(
-                f"lookahead must be an int >= 0 (the optimizer steps an L0 target looks ahead along Adam's momentum; "
-                f"0: the weights as they are), got {self.lookahead!r}"
+                f"lookahead must be an int >= 0 and below 2**31 (the optimizer steps an L0 target looks ahead along "
+                f"Adam's momentum; 0: the weights as they are), got {self.lookahead!r:.60}"
             )
         if self.allocation not in ALLOCATIONS:
             raise ParamregError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {self.allocation!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..catalogue.base import Regularizer
+from ..catalogue.elementwise import L0
 from ..errors import ParamregError
 from ..lifecycle import options
 from ..lifecycle.attaching import attach_regularizer
@@ -23,7 +24,10 @@ from ..optim.targets import SparsityTarget
 __all__ = ["spec", "attach_spec", "FORMAT", "VERSION"]
 
 FORMAT = "paramreg.spec"
-VERSION = 1
+#: The spec format this paramreg writes where a target looks ahead (Note [Looking ahead] in
+#: optim/targets.py); every other spec is written as format 1, which older versions read too.
+VERSION = 2
+READS = (1, 2)
 
 
 def spec(model: nn.Module) -> dict:
@@ -53,7 +57,8 @@ def spec(model: nn.Module) -> dict:
             # spec format 1 calls the index of the shared target "budget"
             entry["sparsity"] = {**c.target.to_dict(), "budget": shared.setdefault(id(c.target), len(shared))}
         attached[s.name] = entry
-    return {"format": FORMAT, "version": VERSION, "attached": attached}
+    ahead = any("lookahead" in e.get("sparsity", {}) for e in attached.values())
+    return {"format": FORMAT, "version": VERSION if ahead else 1, "attached": attached}
 
 
 def attach_spec(model: nn.Module, spec: dict) -> list[str]:
@@ -72,8 +77,8 @@ def attach_spec(model: nn.Module, spec: dict) -> list[str]:
     """
     if not isinstance(spec, dict) or spec.get("format") != FORMAT or not isinstance(spec.get("attached"), dict):
         raise ParamregError(f"not a paramreg spec (expected a dict with format {FORMAT!r} from paramreg.spec): {spec!r:.200}")
-    if spec.get("version") != VERSION:
-        raise ParamregError(f"paramreg spec version {spec.get('version')!r} is not supported (this paramreg reads {VERSION})")
+    if spec.get("version") not in READS:
+        raise ParamregError(f"paramreg spec version {spec.get('version')!r} is not supported (this paramreg reads 1 and {VERSION})")
     # one attach call per equal (regularizer, mode, step, metric floor, target)
     groups: list[tuple[Regularizer, str, str, float, list[str], object]] = []
     shared: dict[int, SparsityTarget] = {}
@@ -92,6 +97,8 @@ def attach_spec(model: nn.Module, spec: dict) -> list[str]:
                                     asked.get("start", 0), asked.get("keep_zeros", False), asked.get("regrow", True),
                                     asked.get("lookahead", 0))
             )
+            if target.lookahead and type(reg) is not L0:
+                raise ParamregError(f"paramreg spec entry for {name!r}: lookahead belongs to an L0 target, not to {reg!r}")
         group = next((g for g in groups if g[0] == reg and g[1:4] == (mode, step, floor) and g[5] is target), None)
         if group is None:
             groups.append((reg, mode, step, floor, [name], target))
