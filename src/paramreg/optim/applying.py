@@ -143,15 +143,13 @@ def _ahead(tensors: list[Tensor], states: list[dict], inverse: list, group: dict
     [Looking ahead] in optim/targets.py), 0 where w is 0: ``inverse`` the metric's inverse steps
     1/t of ``tensors`` (:func:`_inverses`), ``states`` their Adam states (or the same slices). A
     tensor without a first moment of its shape is its own point."""
-    beta1 = group["betas"][0]
     out = []
     for w, state, u in zip(tensors, states, inverse, strict=True):
         m = state.get("exp_avg")
         if not isinstance(m, Tensor) or m.shape != w.shape or not isinstance(u, Tensor):
             out.append(w)
             continue
-        scale = horizon / (1.0 - beta1 ** float(state["step"]))
-        out.append(torch.where(w == 0, 0.0, w - scale * (m / u)))
+        out.append(torch.where(w == 0, 0.0, w - fused.ahead_scale(group, state, horizon) * (m / u)))
     return out
 
 

@@ -138,7 +138,7 @@ from ..catalogue.groups import group_size, kept_dims
 from ..catalogue.structured import NEWTON_MAX_ITERATIONS, NEWTON_RTOL, GroupLasso
 from . import step_sizes
 
-__all__ = ["enabled", "devices", "min_numel", "compile_seconds", "map_", "critical_blocks", "hold_", "CRITICAL_BLOCK"]
+__all__ = ["enabled", "devices", "min_numel", "compile_seconds", "map_", "map_ahead_", "critical_blocks", "ahead_scale", "hold_", "CRITICAL_BLOCK"]
 
 #: False: every tensor takes the eager map.
 enabled = True
@@ -289,8 +289,7 @@ def _fits(p: Tensor, v, name: str, least: int | None = None) -> bool:
     return (
         type(p) in (Tensor, nn.Parameter) and p.device.type in devices and p.dtype in (torch.float32, torch.float64)
         and p.numel() >= max(min_numel if least is None else least, 2) and p.is_contiguous()
-        and type(v) is Tensor and v.dtype == p.dtype and v.shape == p.shape and v.is_contiguous()
-        and type(g) is Tensor and g.dtype == p.dtype and g.shape == p.shape and g.is_contiguous()
+        and _alike(p, v) and _alike(p, g)
         and compile_seconds.get((name, p.dtype, p.device.type), 0.0) is not None
     )
 
@@ -469,7 +468,7 @@ def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict,
     if not _fits(p, v, name) or not _alike(p, moments[-1]):
         return None
     scale, shift = step_sizes.adam_scalars(group, float(state["step"]), lr)
-    c = torch.tensor([scale, shift] + ([_ahead_scale(group, state, horizon)] if horizon else []), dtype=p.dtype, device=p.device)
+    c = torch.tensor([scale, shift] + ([ahead_scale(group, state, horizon)] if horizon else []), dtype=p.dtype, device=p.device)
     floor = torch.zeros((), dtype=p.dtype, device=p.device) if floor is None else floor.to(p.dtype)
     n = p.numel()
     blocks = -(-n // CRITICAL_BLOCK)
@@ -493,10 +492,11 @@ def _critical_blocks(name: str, out: Tensor, w: Tensor, moments: list[Tensor], f
 
 
 def _alike(p: Tensor, t) -> bool:
+    """Whether ``t`` (a gradient or optimizer state) is a plain contiguous tensor of ``p``'s dtype and shape."""
     return type(t) is Tensor and t.dtype == p.dtype and t.shape == p.shape and t.is_contiguous()
 
 
-def _ahead_scale(group: dict, state: dict, horizon: int) -> float:
+def ahead_scale(group: dict, state: dict, horizon: int) -> float:
     """horizon/(1 − β₁ᵏ): the factor of Adam's first moment in the points ahead (Note [Looking ahead])."""
     return horizon / (1.0 - group["betas"][0] ** float(state["step"]))
 
@@ -516,7 +516,7 @@ def map_ahead_(optimizer, group: dict, tensors: list[Tensor], states: list[dict]
             left.append(i)
             continue
         scale, shift = step_sizes.adam_scalars(group, float(state["step"]), lr)
-        c = torch.tensor([scale, shift, _ahead_scale(group, state, horizon), strength], dtype=p.dtype, device=p.device)
+        c = torch.tensor([scale, shift, ahead_scale(group, state, horizon), strength], dtype=p.dtype, device=p.device)
         floor = torch.zeros((), dtype=p.dtype, device=p.device) if floor is None else floor.to(p.dtype)
         if _call("l0_ahead", _flat(p), _flat(v), _flat(m), floor, c) is _NOT_COMPILED:
             left.append(i)
@@ -537,7 +537,7 @@ def hold_(p: Tensor, momentum: Tensor | None) -> bool:
             or compile_seconds.get((name, p.dtype, p.device.type), 0.0) is None):
         return False
     tensors = [g] if momentum is None else [g, momentum]
-    if not all(type(t) is Tensor and t.dtype == p.dtype and t.shape == p.shape and t.is_contiguous() for t in tensors):
+    if not all(_alike(p, t) for t in tensors):
         return False
     if _call(name, _flat(p), *(_flat(t) for t in tensors)) is _NOT_COMPILED:
         return False
