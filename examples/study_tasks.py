@@ -25,12 +25,14 @@ run's checkpoint at 0.5 or 0.75). Methods, each with two settings but paramreg's
 
   paramreg     attach(model, SELECTED, sparsity=s, sparsity_steps=(start, end), keep_zeros=True,
                allocation=..., regrow=..., l1=True or l0=True): one call that ramps (cubic) from `start`
-               to `end`, then keeps its zeros; the default step policy of the optimizer. CANDIDATES (18):
+               to `end`, then keeps its zeros; the default step policy of the optimizer. CANDIDATES (21):
                L1 or L0, global (capped at 99% per tensor) or uniform allocation, the ramp over 0.25-0.5
                or 0.25-0.75 of the budget, zeros that may regrow or not (regrow=False: a zero weight's
                gradient and momentum are set to zero before each step); and L0 looking budget/8 steps
                ahead along Adam's momentum (lookahead=, global, zeros kept, both ramps; under SGD the
-               same as L0). One of them becomes the default by RULE, the same for every task.
+               same as L0); and L0 scoring each weight's path since the ramp began extended 4, 8 or 16
+               times as far (extrapolate=, global, zeros kept, the 0.25-0.75 ramp; under SGD the same
+               as L0). One of them becomes the default by RULE, the same for every task.
   gmp-tensor   gradual magnitude pruning, the same fraction in every tensor, on torch.ao.pruning's
                sparsifier (BaseSparsifier's masks, ranking the masked weights' magnitudes as its
                WeightNormSparsifier does, which refuses 4-d conv weights) with its CubicSL scheduler
@@ -109,6 +111,10 @@ CANDIDATES = tuple(f"{reg}/{alloc}/{a}-{b}/{regrow}" for reg in ("l1", "l0") for
 # paramreg/optim/targets.py; the plain L0 candidates look 0 steps ahead): global, zeros kept, both ramps.
 LOOKAHEAD = 1 / 8
 CANDIDATES += tuple(f"l0-ahead/global/{a}-{b}/no-regrow" for a, b in WINDOWS)
+# L0 scoring each weight's path since the ramp began, extended α times as far (extrapolate=α, Note
+# [Extrapolated paths] in paramreg/optim/targets.py): global, zeros kept, the longer ramp.
+EXTENSIONS = (4, 8, 16)
+CANDIDATES += tuple(f"l0-extend{a}/global/0.25-0.75/no-regrow" for a in EXTENSIONS)
 METHODS = {
     "paramreg": "paramreg, one call (the recipe's default)",
     "gmp-tensor": "gradual magnitude, per tensor (torch.ao.pruning)",
@@ -413,7 +419,8 @@ class Runner:
         assert start >= here, setting  # nothing acts before the ramp: the shared prefix is the same run
         # attached at the shared checkpoint: nothing acts before the ramp starts, so this is the call
         # sparsity_steps=(start, end) made at step 0 (tests/test_sparsity.py, test_one_call_...)
-        horizon = {"l0": {"lookahead": 0}, "l0-ahead": {"lookahead": round(LOOKAHEAD * self.task.budget)}}.get(reg, {})
+        horizon = {"l0": {"lookahead": 0, "extrapolate": 0}, "l0-ahead": {"lookahead": round(LOOKAHEAD * self.task.budget)},
+                   **{f"l0-extend{a}": {"extrapolate": a} for a in EXTENSIONS}}.get(reg, {})
         paramreg.attach(model, self.task.selected, sparsity=level, sparsity_steps=(start - here, end - here), keep_zeros=True,
                         allocation=allocation, regrow=regrowth == "regrow", **horizon,
                         **{reg.split("-")[0]: True})  # named either way: the target's defaults are whatever the rule chose

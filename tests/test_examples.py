@@ -181,7 +181,8 @@ def test_tasks_study_page_shows_the_committed_results_and_the_library_uses_its_d
     model = study.SmallCNN()
     paramreg.attach(model, "conv1.weight", sparsity=0.5, total_steps=800)
     carrier = model.conv1.parametrizations.weight[0]
-    assert type(carrier.regularizer).__name__ == {"l0": "L0", "l0-ahead": "L0", "l1": "L1"}[reg]
+    assert type(carrier.regularizer).__name__ == ("L1" if reg == "l1" else "L0")
     assert carrier.target.lookahead == (round(study.LOOKAHEAD * 800) if reg == "l0-ahead" else 0)  # budget/8 steps
+    assert carrier.target.extrapolate == (float(reg.removeprefix("l0-extend")) if reg.startswith("l0-extend") else 0.0)
     assert carrier.target.allocation == allocation and carrier.target.keep_zeros
     assert carrier.target.regrow == (regrowth == "regrow")

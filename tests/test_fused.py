@@ -320,6 +320,7 @@ def _train_mixed(model, opt, steps):
 
 
 @pytest.mark.parametrize("keywords", [{"sparsity": 0.5, "sparsity_steps": 8}, {"sparsity": 0.5, "sparsity_steps": 8, "lookahead": 0},
+                                      {"sparsity": 0.5, "sparsity_steps": 8, "lookahead": 2},
                                       {"sparsity": 0.5, "sparsity_steps": 8, "l1": True},
                                       {"l1": 1e-3}, {"l0": 1e-6}, {"group_lasso": 1e-3}], ids=repr)
 def test_no_step_recompiles_over_weights_of_every_shape(keywords, monkeypatch):
@@ -447,7 +448,7 @@ def _target_run(monkeypatch, enabled, form, allocation, broken_after=None):
 
 
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
-@pytest.mark.parametrize("form", [{}, {"lookahead": 0}, {"l1": True}], ids=["l0 ahead", "l0", "l1"])
+@pytest.mark.parametrize("form", [{"lookahead": 2}, {"lookahead": 0}, {}, {"l1": True}], ids=["l0 ahead", "l0", "l0 extended", "l1"])
 @pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "passes"])
 def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(form, allocation, gathered, monkeypatch):
     """The compiled critical strengths in several blocks per tensor (blocks of 300 over 432 to
@@ -469,7 +470,7 @@ def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(f
     assert sum(int((w == 0).sum()) for w in eager[-1]) >= 0.9 * sum(w.numel() for w in eager[-1])
 
 
-@pytest.mark.parametrize("form", [{}, {"lookahead": 0}], ids=["l0 ahead", "l0"])
+@pytest.mark.parametrize("form", [{"lookahead": 2}, {"lookahead": 0}, {}], ids=["l0 ahead", "l0", "l0 extended"])
 def test_a_later_call_that_cannot_compile_runs_the_formula_eagerly(form, monkeypatch):
     """A call past the first that Dynamo refuses (a new shape past its recompile limit) runs the
     kernel's formula eagerly, with one warning per kernel (the map, the critical strengths and

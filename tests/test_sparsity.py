@@ -420,7 +420,7 @@ def selection(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("form", ["l0", "l1", "l0 ahead"])
+@pytest.mark.parametrize("form", ["l0", "l1", "l0 ahead", "l0 extended"])
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, form, selection, monkeypatch):
@@ -430,7 +430,9 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, for
     One tensor is larger than a block (split), three are smaller (gathered), one holds ties. The
     eager map (the fused one agrees with it within its ulp bound: tests/test_fused.py). "l0 ahead":
     an L0 target looking 3 steps ahead ranks the points w − 3·t·m̂ under Adam, the weights
-    themselves under SGD (Note [Looking ahead] in optim/targets.py)."""
+    themselves under SGD (Note [Looking ahead] in optim/targets.py). "l0 extended": one
+    extrapolating 5 times ranks w + 5·(w − w⁰) under Adam, w⁰ the weights after the first step
+    (Note [Extrapolated paths]), the weights themselves under SGD."""
     from paramreg.optim import fused, step_sizes
     from paramreg.optim.applying import BOUNDARY
 
@@ -441,9 +443,10 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, for
         model[2].weight.copy_(torch.randn(6).repeat(150).reshape(30, 30))  # ties
     reference = copy.deepcopy(model)
     # regrow=True: the proximal path alone, as the reference computes it
-    horizon = {"l0": {"lookahead": 0}, "l0 ahead": {"lookahead": 3}}.get(form, {})
+    horizon = {"l0": {"lookahead": 0}, "l0 ahead": {"lookahead": 3}, "l0 extended": {"extrapolate": 5.0}}.get(form, {})
     paramreg.attach(model, "*.weight", sparsity=0.6, sparsity_steps=4, allocation=allocation, regrow=True, **horizon,
                     **{form.split()[0]: True})
+    origins = []
     kind = {"l0": paramreg.L0, "l1": paramreg.L1}[form.split()[0]]
     opt, ref_opt = OPTIMIZERS[name](model.parameters()), OPTIMIZERS[name](reference.parameters())
     x, y = torch.randn(16, 500), torch.randn(16, 20)
@@ -465,6 +468,9 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, for
         if form == "l0 ahead" and name == "Adam":
             points = [torch.where(w == 0, 0.0, w - 3 / (1 - 0.9 ** k) * (ref_opt.state[w]["exp_avg"] / u))
                       for w, u in zip(weights, inverse, strict=True)]
+        if form == "l0 extended" and name == "Adam":
+            origins = origins or [w.detach().clone() for w in weights]  # the weights of the ramp's first step
+            points = [torch.where(w == 0, 0.0, w + 5.0 * (w - o)) for w, o in zip(weights, origins, strict=True)]
         criticals = kind(1.0).critical(points, inverse)
         asked = ramp(0.6, 4, k)
         if allocation == "global":
@@ -474,7 +480,7 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, for
             strengths = [float(c.detach().reshape(-1).kthvalue(round(asked * c.numel())).values) for c in criticals]
         with torch.no_grad():  # the map at the strength raised by BOUNDARY (optim/applying.py)
             for w, u, a, c in zip(weights, inverse, strengths, criticals, strict=True):
-                if form == "l0 ahead" and name == "Adam":
+                if form in ("l0 ahead", "l0 extended") and name == "Adam":
                     w.masked_fill_(c <= a * (1.0 + BOUNDARY), 0.0)
                 elif name == "Adam":
                     kind(a * (1.0 + BOUNDARY)).prox_diag_([w], [u.clone()])
@@ -512,24 +518,31 @@ def test_an_l0_target_zeroes_the_smallest_in_the_metric_and_leaves_the_rest_as_t
     assert paramreg.report(model).targets[0].reached == 0.25
 
 
-def test_an_l0_target_looks_ahead_by_default_shows_it_and_its_spec_round_trips():
-    """Note [Looking ahead]: an L0 target's horizon is LOOKAHEAD of its ramp's steps unless given;
-    ``print`` shows it and the spec restores it; an L1 target has none."""
-    from paramreg.optim.targets import LOOKAHEAD
+def test_an_l0_target_extends_paths_by_default_or_looks_ahead_if_asked_and_its_spec_round_trips():
+    """Notes [Extrapolated paths] and [Looking ahead]: an L0 target extends each weight's path
+    EXTRAPOLATE times unless given a horizon or another extension; ``print`` shows either and the
+    spec restores it; an L1 target has neither."""
+    from paramreg.optim.targets import EXTRAPOLATE
 
     model = SmallCNN()
     paramreg.attach(model, "fc1.weight", sparsity=0.9, total_steps=1000)
     paramreg.attach(model, "fc2.weight", sparsity=0.5, sparsity_steps=(10, 30), lookahead=7)
     paramreg.attach(model, "conv*.weight", sparsity=0.5, sparsity_steps=40, l1=True)
     targets = [getattr(model, n).parametrizations.weight[0].target for n in ("fc1", "fc2", "conv1")]
-    assert [t.lookahead for t in targets] == [round(LOOKAHEAD * 500), 7, 0]
+    assert [(t.lookahead, t.extrapolate) for t in targets] == [(0, EXTRAPOLATE), (7, 0.0), (0, 0.0)]
+    assert repr(model.fc1.parametrizations.weight[0]).endswith("then keeps its zeros, extrapolate=4)")
     assert repr(model.fc2.parametrizations.weight[0]).endswith("sparsity=0.5 from step 10 by step 30, lookahead=7)")
     fresh = SmallCNN()
     paramreg.attach_spec(fresh, paramreg.spec(model))
     assert fresh.fc2.parametrizations.weight[0].target.to_dict()["lookahead"] == 7
+    assert fresh.fc1.parametrizations.weight[0].target.to_dict()["extrapolate"] == EXTRAPOLATE
     assert paramreg.spec(fresh)["attached"] == paramreg.spec(model)["attached"]
-    # format 2 where a target looks ahead (an older paramreg refuses it rather than drop the horizon)
-    assert paramreg.spec(model)["version"] == 2 and paramreg.spec(nn.Linear(2, 2))["version"] == 1
+    # format 3 where a target extrapolates, 2 where one only looks ahead (an older paramreg refuses
+    # either rather than drop what it cannot read)
+    assert paramreg.spec(model)["version"] == 3 and paramreg.spec(nn.Linear(2, 2))["version"] == 1
+    ahead = SmallCNN()
+    paramreg.attach(ahead, "fc2.weight", sparsity=0.5, sparsity_steps=(10, 30), lookahead=7)
+    assert paramreg.spec(ahead)["version"] == 2
     wrong = paramreg.spec(model)
     wrong["attached"]["conv1.weight"]["sparsity"]["lookahead"] = 5  # an L1 target's entry
     with pytest.raises(ParamregError, match="'conv1.weight': lookahead belongs to an L0 target"):
@@ -550,6 +563,87 @@ def test_looking_ahead_zeroes_a_weight_that_adam_drives_toward_zero_before_one_i
         opt.step()
         zeroed.append((holder.weight == 0).tolist())
     assert zeroed == [[False, True, False, False], [True, False, False, False]]
+
+
+def test_an_extrapolating_target_zeroes_a_weight_that_has_been_shrinking_before_a_smaller_one_that_grows():
+    """Note [Extrapolated paths]: a gradient of 1 on both, so Adam moves 1.0 toward zero and -0.9
+    away from it by lr a step. At step 3, the first with a zero, the plain L0 score zeroes the
+    smaller, -0.93; extended 8 times its path since step 2 (0.89 against -1.01), 0.97 goes."""
+    zeroed = []
+    for extrapolate in (0, 8):
+        holder = nn.Module()
+        holder.weight = nn.Parameter(torch.tensor([1.0, -0.9, 3.0, -3.0]))
+        paramreg.attach(holder, "weight", sparsity=0.25, sparsity_steps=(1, 10), lookahead=0, extrapolate=extrapolate)
+        opt = torch.optim.Adam(holder.parameters(), lr=0.01)
+        for _ in range(3):
+            opt.zero_grad()
+            (holder.weight * torch.tensor([1.0, 1.0, 0.0, 0.0])).sum().backward()
+            opt.step()
+        zeroed.append((holder.weight == 0).tolist())
+    assert zeroed == [[False, True, False, False], [True, False, False, False]]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process, as meant
+@pytest.mark.parametrize("flatten", [None, False, True], ids=["torch.save", "dcp", "dcp flattened"])
+def test_an_extrapolating_target_keeps_its_origin_through_the_ramp_and_resumes_bitwise(flatten, tmp_path):
+    """The origin is taken at the ramp's first step, kept in the optimizer's per-parameter state
+    through the ramp and dropped once the zeros are kept; ``state_dict()`` always carries the key
+    (a placeholder outside the ramp), so a run resumed before, in and after the ramp, by
+    ``load_state_dict`` or by DCP's template-then-load path with and without flattening, is
+    bitwise the uninterrupted one; ``print`` shows the extension and the spec (format 3) keeps it."""
+    from paramreg.optim.state import ORIGIN_KEY
+
+    def run(steps, model=None, opt=None, first=0):
+        if model is None:
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+            paramreg.attach(model, "*.weight", sparsity=0.8, total_steps=12, extrapolate=4)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for k in range(first, steps):
+            g = torch.Generator().manual_seed(k)
+            x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return model, opt
+
+    def origins(model, opt):
+        return [ORIGIN_KEY in opt.state[m.parametrizations.weight.original] for m in (model[0], model[2])]
+
+    full, full_opt = run(12)
+    weights = [full[0].weight, full[2].weight]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))
+    assert origins(*run(3)) == [False, False] and origins(*run(4)) == [True, True]  # the ramp: steps 3 to 9
+    assert origins(full, full_opt) == [False, False]  # dropped while the zeros are kept
+    assert repr(full[0].parametrizations.weight[0]).endswith("then keeps its zeros, extrapolate=4)")
+    spec = paramreg.spec(full)
+    assert spec["version"] == 3 and spec["attached"]["0.weight"]["sparsity"]["extrapolate"] == 4.0
+    for stop in (2, 5, 10):
+        model, opt = run(stop)
+        torch.manual_seed(1)
+        resumed = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+        paramreg.attach_spec(resumed, spec)
+        resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+        if flatten is None:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+            saved = torch.load(tmp_path / "ckpt.pt")
+            resumed.load_state_dict(saved["model"])
+            resumed_opt.load_state_dict(saved["opt"])
+        else:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+            options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+            where = str(tmp_path / f"dcp{stop}")
+            model_sd, optim_sd = get_state_dict(model, opt, options=options)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=where, no_dist=True)
+            model_sd, optim_sd = get_state_dict(resumed, resumed_opt, options=options)  # the template: a zero-lr step
+            loaded = {"model": model_sd, "optim": optim_sd}
+            dcp.load(loaded, checkpoint_id=where, no_dist=True)
+            set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"], options=options)
+        run(12, resumed, resumed_opt, first=stop)
+        for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+            assert torch.equal(a, b), (stop, name)
 
 
 def _lopsided(scale=1e-6):
@@ -597,15 +691,23 @@ def test_a_uniform_allocation_gives_each_tensor_the_fraction(selection):
     ({"sparsity": 0.5, "sparsity_steps": 1, "allocation": "per-layer"}, "allocation must be one of 'global', 'uniform'"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "max_sparsity": 0.4}, "max_sparsity must be a number from the target sparsity"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "max_sparsity": 1.5}, "max_sparsity must be a number from the target sparsity"),
-    ({"l1": 1e-3, "max_sparsity": 0.9}, "allocation=, max_sparsity=, regrow= and lookahead= belong to a sparsity target"),
-    ({"l1": 1e-3, "regrow": False}, "allocation=, max_sparsity=, regrow= and lookahead= belong to a sparsity target"),
-    ({"l0": 1e-3, "lookahead": 5}, "allocation=, max_sparsity=, regrow= and lookahead= belong to a sparsity target"),
+    ({"l1": 1e-3, "max_sparsity": 0.9}, "allocation=, max_sparsity=, regrow=, lookahead= and extrapolate= belong to a sparsity target"),
+    ({"l1": 1e-3, "regrow": False}, "allocation=, max_sparsity=, regrow=, lookahead= and extrapolate= belong to a sparsity target"),
+    ({"l0": 1e-3, "lookahead": 5}, "allocation=, max_sparsity=, regrow=, lookahead= and extrapolate= belong to a sparsity target"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "regrow": "no"}, "regrow must be True or False"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "l1": True, "lookahead": 5}, "lookahead= belongs to an L0 target"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "lookahead": -1}, "lookahead must be an int >= 0"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "lookahead": True}, "lookahead must be an int >= 0"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "lookahead": 2.5}, "lookahead must be an int >= 0"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "lookahead": 10**400}, "lookahead must be an int >= 0 and below 2..31"),
+    ({"l0": 1e-3, "extrapolate": 4}, "allocation=, max_sparsity=, regrow=, lookahead= and extrapolate= belong to a sparsity target"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "l1": True, "extrapolate": 4}, "extrapolate= belongs to an L0 target"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "extrapolate": -1}, "extrapolate must be a number from 0 to 1e"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "extrapolate": True}, "extrapolate must be a number from 0 to 1e"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "extrapolate": float("nan")}, "extrapolate must be a number from 0 to 1e"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "extrapolate": 1e7}, "extrapolate must be a number from 0 to 1e"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "extrapolate": "4"}, "extrapolate must be a number from 0 to 1e"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "extrapolate": 4, "lookahead": 3}, "give lookahead= .* or extrapolate= .*, not both"),
 ])
 def test_bad_allocation_options_are_refused(keywords, match):
     model = _lopsided()
@@ -732,8 +834,8 @@ def test_regrow_false_changes_the_run_and_resumes_bitwise_from_any_step(name, tm
         model, opt = _recipe_run(make_opt, stop, total_steps=8, regrow=False)
         resumed = _resumed_recipe(make_opt, model, opt, stop, 12, tmp_path)
         assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)), stop
-    assert repr(full.conv1.parametrizations.weight[0]).endswith("then keeps its zeros, lookahead=1)")  # a quarter of 4 steps
-    assert repr(regrowing.conv1.parametrizations.weight[0]).endswith("then keeps its zeros, lookahead=1, regrow=True)")
+    assert repr(full.conv1.parametrizations.weight[0]).endswith("then keeps its zeros, extrapolate=4)")
+    assert repr(regrowing.conv1.parametrizations.weight[0]).endswith("then keeps its zeros, extrapolate=4, regrow=True)")
 
 
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])

@@ -91,6 +91,7 @@ def attach(
     max_sparsity=None,
     regrow=None,
     lookahead=None,
+    extrapolate=None,
     metric_floor=1.0,
     **keywords,
 ) -> list[str]:
@@ -142,8 +143,9 @@ def attach(
             ``l1=True`` gives an L1 target.
         total_steps: with ``sparsity``, the whole recipe from the optimizer steps of the run, T:
             the ramp from step round(0.25·T) to round(0.75·T), then the zeros kept while every other
-            weight trains on to the end (``keep_zeros=True``), the L0 score taken T/8 steps ahead
-            under Adam (``lookahead``). Defaults chosen across four tasks
+            weight trains on to the end (``keep_zeros=True``), the L0 score taken under Adam at each
+            weight's path since the ramp began, extended 4 times (``extrapolate``). Defaults chosen
+            across four tasks
             (Note [The recipe's defaults]; docs/sparsity-recipe.md).
         sparsity_steps: instead of ``total_steps``, the ramp itself: n (from step 0 to n) or
             ``(start, end)``: nothing is zeroed before step ``start``, the ramp ends at ``end``. With
@@ -164,9 +166,17 @@ def attach(
         lookahead: with an ``L0`` target under Adam or AdamW, the optimizer steps h to look ahead:
             the weights are ranked by the L0 score of w − h·t·m̂, where Adam's momentum would carry
             them in h steps, so that weights training drives toward zero go first (Note [Looking
-            ahead] in :mod:`paramreg.optim.targets`). 0: the weights as they are. Default: a
-            quarter of the ramp's steps, rounded (T/8 with ``total_steps=T``; chosen across four
-            tasks with the recipe's other defaults).
+            ahead] in :mod:`paramreg.optim.targets`). Default 0: the weights as they are. Not
+            with ``extrapolate`` (giving it sets that one's default to 0).
+        extrapolate: with an ``L0`` target under Adam or AdamW, α: the weights are ranked by the L0
+            score of w + α·(w − w⁰), w⁰ each weight after the ramp's first step: its path since
+            then extended α times as far, so that weights training has been driving toward zero
+            go first (Note [Extrapolated paths] in :mod:`paramreg.optim.targets`). Keeps w⁰ in the
+            optimizer's per-parameter state during the ramp (one tensor per selected weight,
+            saved with ``optimizer.state_dict()``). 0: the weights as they are. Default: 4
+            (chosen across four tasks with the recipe's other defaults), 0 where ``lookahead``
+            is given. Under SGD (as under any other optimizer) it does nothing, though ``print``
+            shows it.
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
     parametrization, visible in ``print(model)``). A Parameter tied under several names is
@@ -195,10 +205,11 @@ def attach(
     target = None
     if sparsity is not None or sparsity_steps is not None or total_steps is not None:
         regularizer, target = options.checked_target(reg, given, mode, schedule, sparsity, sparsity_steps, where, allocation,
-                                                     max_sparsity, total_steps, regrow, lookahead)
-    elif allocation != "global" or max_sparsity is not None or regrow is not None or lookahead is not None:
+                                                     max_sparsity, total_steps, regrow, lookahead, extrapolate)
+    elif (allocation != "global" or max_sparsity is not None or regrow is not None or lookahead is not None
+          or extrapolate is not None):
         raise ParamregError(
-            f"{where}: allocation=, max_sparsity=, regrow= and lookahead= belong to a sparsity target: give sparsity=s "
+            f"{where}: allocation=, max_sparsity=, regrow=, lookahead= and extrapolate= belong to a sparsity target: give sparsity=s "
             f"and total_steps=T too"
         )
     else:

@@ -17,7 +17,7 @@ from ..catalogue.elementwise import L0, ElasticNet
 from ..errors import ParamregError
 from ..modules.carrier import USER_MODES
 from ..optim.step_sizes import DEFAULT_METRIC_FLOOR, POLICIES
-from ..optim.targets import REGROW, SparsityTarget, default_lookahead, recipe_steps
+from ..optim.targets import EXTRAPOLATE, REGROW, SparsityTarget, recipe_steps
 
 __all__ = ["checked_regularizer", "is_schedule", "checked_schedule", "checked_step", "checked_mode", "checked_target", "checked_metric_floor"]
 
@@ -116,7 +116,7 @@ def checked_mode(regularizer: Regularizer, mode, where: str) -> str:
 
 
 def checked_target(reg, given: dict, mode: str, schedule, sparsity, sparsity_steps, where: str, allocation="global",
-                   max_sparsity=None, total_steps=None, regrow=None, lookahead=None):
+                   max_sparsity=None, total_steps=None, regrow=None, lookahead=None, extrapolate=None):
     """For ``sparsity=``: the regularizer at unit strength and the sparsity target (Note [Target
     sparsity] in optim/targets.py); a strength given with it is the target's first. With
     ``total_steps`` the ramp and ``keep_zeros`` take the recipe's defaults (Note [The recipe's
@@ -152,15 +152,16 @@ def checked_target(reg, given: dict, mode: str, schedule, sparsity, sparsity_ste
             f"{where}: {regularizer!r} cannot take a sparsity target; targets work with a regularizer of one "
             f"strength that zeroes whole groups: l1, group_lasso, or paramreg.attach_channels"
         )
-    if lookahead is not None and type(regularizer) is not L0:
-        raise ParamregError(
-            f"{where}: lookahead= belongs to an L0 target (hard thresholding, the default of sparsity=), not to "
-            f"{regularizer!r}"
-        )
-    if type(regularizer) is L0 and lookahead is None:  # Note [Looking ahead] in optim/targets.py
-        lookahead = default_lookahead(start, end) if isinstance(start, int) and isinstance(end, int) else 0
+    for name, value in (("lookahead", lookahead), ("extrapolate", extrapolate)):
+        if value is not None and type(regularizer) is not L0:
+            raise ParamregError(
+                f"{where}: {name}= belongs to an L0 target (hard thresholding, the default of sparsity=), not to "
+                f"{regularizer!r}"
+            )
+    if type(regularizer) is L0 and extrapolate is None:  # Notes [Extrapolated paths] and [Looking ahead] in optim/targets.py
+        extrapolate = EXTRAPOLATE if lookahead is None else 0.0  # one or the other
     target = SparsityTarget(sparsity, end, allocation, max_sparsity, start, keep, REGROW if regrow is None else regrow,
-                            0 if lookahead is None else lookahead)
+                            0 if lookahead is None else lookahead, 0.0 if extrapolate is None else extrapolate)
     if reg is not None or any(v is not True for v in given.values()):
         target.strength = getattr(regularizer, regularizer.strengths[0])
     return dataclasses.replace(regularizer, **{regularizer.strengths[0]: 1.0}), target

@@ -113,6 +113,8 @@ class Carrier(nn.Module):
             kept = ", then keeps its zeros" if self.target.keep_zeros else ""
             regrow = ", regrow=True" if self.target.regrow else ""  # attach's default is False (its Note in optim/targets.py)
             ahead = f", lookahead={self.target.lookahead}" if self.target.lookahead else ""  # Note [Looking ahead]
+            if self.target.extrapolate:  # Note [Extrapolated paths]
+                ahead = f", extrapolate={self.target.extrapolate:g}"
             target = f", sparsity={self.target.sparsity:g}{start} by step {self.target.steps}{kept}{ahead}{regrow}"
         return f"{self.current()!r}, mode={self.mode!r}{step}{floor}{schedule}{target}"
 

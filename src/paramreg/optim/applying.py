@@ -21,7 +21,7 @@ from ..catalogue.elementwise import L0
 from ..errors import ParamregError
 
 from . import fused, step_sizes
-from .state import fill_of, schedule_value
+from .state import ORIGIN_KEY, fill_of, schedule_value
 from .plans import Bucket
 
 __all__ = ["run", "Partition", "BLOCK", "local_part"]
@@ -138,31 +138,42 @@ def _map(regularizer, tensors: list[Tensor], step) -> None:
         regularizer.prox_(tensors, step)
 
 
-def _ahead(tensors: list[Tensor], states: list[dict], inverse: list, group: dict, horizon: int) -> list[Tensor]:
-    """The points y = w − h·t·m̂ whose L0 scores an L0 target ranks with ``lookahead=h`` (Note
-    [Looking ahead] in optim/targets.py), 0 where w is 0: ``inverse`` the metric's inverse steps
-    1/t of ``tensors`` (:func:`_inverses`), ``states`` their Adam states (or the same slices). A
-    tensor without a first moment of its shape is its own point."""
+def _ahead(tensors: list[Tensor], states: list[dict], inverse: list, group: dict, horizon: int, extrapolate: float = 0.0
+           ) -> list[Tensor]:
+    """The points whose L0 scores an L0 target ranks, 0 where w is 0: with ``lookahead=h``,
+    y = w − h·t·m̂ (Note [Looking ahead] in optim/targets.py), ``inverse`` the metric's inverse
+    steps 1/t of ``tensors`` (:func:`_inverses`), ``states`` their Adam states (or the same
+    slices); with ``extrapolate=α``, y = w + α·(w − w⁰), w⁰ the origin in the state (Note
+    [Extrapolated paths]). A tensor without that state of its shape is its own point."""
     out = []
     for w, state, u in zip(tensors, states, inverse, strict=True):
-        m = state.get("exp_avg")
-        if not isinstance(m, Tensor) or m.shape != w.shape or not isinstance(u, Tensor):
+        if horizon:
+            m = state.get("exp_avg")
+            if not isinstance(m, Tensor) or m.shape != w.shape or not isinstance(u, Tensor):
+                out.append(w)
+                continue
+            out.append(torch.where(w == 0, 0.0, w - fused.ahead_scale(group, state, horizon) * (m / u)))
+            continue
+        origin = state.get(ORIGIN_KEY)
+        if not extrapolate or not isinstance(origin, Tensor) or origin.shape != w.shape:
             out.append(w)
             continue
-        out.append(torch.where(w == 0, 0.0, w - fused.ahead_scale(group, state, horizon) * (m / u)))
+        out.append(torch.where(w == 0, 0.0, w + extrapolate * (w - origin)))
     return out
 
 
 def _apply_ahead(criticals: "_Criticals", bucket: Bucket, tensors: list[Tensor], lr: float, group, fill, strength: float,
                  floors) -> None:
-    """An L0 target's map when it looks ahead: every weight of ``tensors`` whose score at its point
-    (:func:`_ahead`) is at most ``strength`` set to zero, the scores computed as the selection
-    computed them (the same blocks, the same function), the others left as they are."""
+    """An L0 target's map when it scores points other than the weights (:func:`_ahead`): every
+    weight of ``tensors`` whose score at its point is at most ``strength`` set to zero, the scores
+    computed as the selection computed them (the same blocks, the same function), the others
+    left as they are."""
     optimizer = criticals.optimizer
     states = [optimizer.state[p] for p in tensors]
     if floors is None:
         floors = step_sizes.floors(optimizer, group, tensors, states, bucket.metric_floor)
-    left = fused.map_ahead_(optimizer, group, tensors, states, lr, floors, criticals.lookahead, strength)  # Note [Fused map]
+    left = fused.map_ahead_(optimizer, group, tensors, states, lr, floors, criticals.lookahead, criticals.extrapolate,
+                            strength)  # Note [Fused map]
     tensors, states = [tensors[i] for i in left], [states[i] for i in left]
     floors = None if floors is None else [floors[i] for i in left]
     if not tensors:
@@ -170,7 +181,8 @@ def _apply_ahead(criticals: "_Criticals", bucket: Bucket, tensors: list[Tensor],
     for indices, block, block_states in _blocks(tensors, states, bucket.regularizer):
         block_floors = None if floors is None else [floors[i] for i in indices]
         inverse = _inverses(_inverse(bucket, block, lr, optimizer, group, fill, block_states, block_floors), len(block))
-        scores = bucket.regularizer.critical(_ahead(block, block_states, inverse, group, criticals.lookahead), inverse)
+        points = _ahead(block, block_states, inverse, group, criticals.lookahead, criticals.extrapolate)
+        scores = bucket.regularizer.critical(points, inverse)
         for w, score in zip(block, scores, strict=True):
             w.masked_fill_(score <= strength, 0.0)
 
@@ -246,8 +258,10 @@ def _apply_target(target, work: list[tuple], optimizer, process_group=None, ever
     if target.holds(k):  # after the ramp: its zeros kept (Note [Ramp, then keep the zeros] in optim/targets.py)
         for p in stepped:
             p.masked_fill_(_memory(carriers[id(p)], p), 0)
+            optimizer.state.get(p, {}).pop(ORIGIN_KEY, None)  # Note [Extrapolated paths]: no longer read
         return
-    criticals = _Criticals(work, optimizer, process_group, everything, target.lookahead)
+    criticals = _Criticals(work, optimizer, process_group, everything, target.lookahead,
+                           target.extrapolate if k > target.start else 0.0, origin=k == target.start + 1)
     strengths = target.calibrate(criticals, k)
     for w, (bucket, tensors, lr, group, fill, floors) in enumerate(criticals.work):
         by_strength: dict[float, list[int]] = {}  # strength -> indices into tensors, mapped at once
@@ -297,10 +311,13 @@ class _Criticals:
     A unit is one tensor, or the tensors of a bucket whose map couples them (``attach_channels``).
     """
 
-    def __init__(self, work: list[tuple], optimizer, process_group=None, everything: list | None = None, lookahead: int = 0):
+    def __init__(self, work: list[tuple], optimizer, process_group=None, everything: list | None = None, lookahead: int = 0,
+                 extrapolate: float = 0.0, origin: bool = False):
         self.optimizer = optimizer
-        # Note [Looking ahead] in optim/targets.py: only in the metric of Adam or AdamW
-        self.lookahead = lookahead if step_sizes.resolve(optimizer) in (torch.optim.Adam, torch.optim.AdamW) else 0
+        # Notes [Looking ahead] and [Extrapolated paths] in optim/targets.py: only in the metric of Adam or AdamW
+        adam = step_sizes.resolve(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+        self.lookahead = lookahead if adam else 0
+        self.extrapolate = extrapolate if adam else 0.0
         self.work = []  # (bucket, tensors, lr, group, fill, floors)
         self.units: list[tuple[int | None, list[int]]] = []  # (index into work or None: another rank's, indices into its tensors)
         self.of_work: list[list[int]] = []
@@ -315,6 +332,11 @@ class _Criticals:
                 states = [optimizer.state[p] for p in tensors]
                 floors = step_sizes.floors(optimizer, group, tensors, states, bucket.metric_floor)
             self.work.append((bucket, tensors, lr, group, fill, floors))
+            if self.extrapolate and self.ahead(bucket):  # the origin: the weights of the ramp's first step (``origin``)
+                for p in tensors:
+                    state = optimizer.state[p]
+                    if state and (origin or ORIGIN_KEY not in state):  # else a loaded one, or a placeholder replaced
+                        state[ORIGIN_KEY] = p.detach().clone(memory_format=torch.contiguous_format)
         if everything is not None:
             self._partitioned(everything, process_group)
             return
@@ -357,7 +379,7 @@ class _Criticals:
 
     def ahead(self, bucket) -> bool:
         """Whether ``bucket``'s critical strengths are taken at points ahead (Note [Looking ahead] in optim/targets.py)."""
-        return bool(self.lookahead) and bucket.policy == "adaptive" and type(bucket.regularizer) is L0
+        return bool(self.lookahead or self.extrapolate) and bucket.policy == "adaptive" and type(bucket.regularizer) is L0
 
     def largest(self, value: float) -> float:
         """The largest ``value`` over the ranks under ZeRO (one collective of one number), else ``value``."""
@@ -413,7 +435,7 @@ class _Criticals:
             drawn_state = {k: v.reshape(-1)[draws] if _alike(v, p) else v for k, v in state.items()}
             step = _inverse(bucket, [drawn], lr, self.optimizer, group, fill, [drawn_state], None if floors is None else [floors[i]])
             inverse = _inverses(step, 1)
-            points = _ahead([drawn], [drawn_state], inverse, group, self.lookahead) if self.ahead(bucket) else [drawn]
+            points = _ahead([drawn], [drawn_state], inverse, group, self.lookahead, self.extrapolate) if self.ahead(bucket) else [drawn]
             values = bucket.regularizer.critical(points, inverse)[0].float()
             if limits and u in limits:
                 values = torch.where(values <= limits[u], values, math.inf)
@@ -430,7 +452,8 @@ class _Criticals:
             for i in indices:
                 p = tensors[i]
                 found = fused.critical_blocks(self.optimizer, group, regularizer, p, self.optimizer.state[p], lr,
-                                              None if floors is None else floors[i], self.lookahead if ahead else 0)
+                                              None if floors is None else floors[i], self.lookahead if ahead else 0,
+                                              self.extrapolate if ahead else 0.0)
                 if found is None:
                     eager.append(i)
                     continue
@@ -452,7 +475,8 @@ class _Criticals:
             block_floors = None if chosen_floors is None else [chosen_floors[j] for j in js]
             step = _inverse(bucket, block, lr, self.optimizer, group, fill, block_states, block_floors)
             inverse = _inverses(step, len(block))
-            found = regularizer.critical(_ahead(block, block_states, inverse, group, self.lookahead) if ahead else block, inverse)
+            points = _ahead(block, block_states, inverse, group, self.lookahead, self.extrapolate) if ahead else block
+            found = regularizer.critical(points, inverse)
             del step, inverse
             if regularizer.joint:
                 yield [indices[j] for j in js], found[0]

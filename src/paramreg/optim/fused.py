@@ -137,6 +137,7 @@ from ..catalogue.elementwise import L0, L1, ElasticNet
 from ..catalogue.groups import group_size, kept_dims
 from ..catalogue.structured import NEWTON_MAX_ITERATIONS, NEWTON_RTOL, GroupLasso
 from . import step_sizes
+from .state import ORIGIN_KEY
 
 __all__ = ["enabled", "devices", "min_numel", "compile_seconds", "map_", "map_ahead_", "critical_blocks", "ahead_scale", "hold_", "CRITICAL_BLOCK"]
 
@@ -193,6 +194,12 @@ def _ahead(w: Tensor, v: Tensor, m: Tensor, floor: Tensor, c: Tensor) -> tuple[T
     return u, torch.where(w == 0, 0.0, w - c[2] * (m / u))
 
 
+def _extended(w: Tensor, v: Tensor, origin: Tensor, floor: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, y): the inverse steps and the points y = w + c[2]·(w − origin) of Note [Extrapolated
+    paths] in optim/targets.py (c[2] = α), 0 where w is 0: as the eager path computes them."""
+    return _inverse(v, floor, c), torch.where(w == 0, 0.0, w + c[2] * (w - origin))
+
+
 def _l0_ahead_critical(out: Tensor, w: Tensor, v: Tensor, m: Tensor, floor: Tensor, c: Tensor) -> None:
     """Into out: y_i²·u_i/2, ``L0.critical`` at the points ahead (c = [scale, shift, horizon/(1 − β₁ᵏ)])."""
     u, y = _ahead(w, v, m, floor, c)
@@ -204,6 +211,19 @@ def _l0_ahead(w: Tensor, v: Tensor, m: Tensor, floor: Tensor, c: Tensor) -> None
     computes it, is at most c[3] (the target's strength), so the map zeroes what the selection
     counted; every other weight as it is."""
     u, y = _ahead(w, v, m, floor, c)
+    w.copy_(torch.where(y * y * u / 2 <= c[3], 0.0, w))
+
+
+def _l0_extended_critical(out: Tensor, w: Tensor, v: Tensor, origin: Tensor, floor: Tensor, c: Tensor) -> None:
+    """Into out: y_i²·u_i/2, ``L0.critical`` at the extended points (c = [scale, shift, α])."""
+    u, y = _extended(w, v, origin, floor, c)
+    out.copy_(y * y * u / 2)
+
+
+def _l0_extended(w: Tensor, v: Tensor, origin: Tensor, floor: Tensor, c: Tensor) -> None:
+    """In place on w (flat): 0 where the score at its extended point, computed as
+    :func:`_l0_extended_critical` computes it, is at most c[3]; every other weight as it is."""
+    u, y = _extended(w, v, origin, floor, c)
     w.copy_(torch.where(y * y * u / 2 <= c[3], 0.0, w))
 
 
@@ -269,7 +289,8 @@ def _hold_momentum(w: Tensor, g: Tensor, m: Tensor) -> None:
 
 
 _KERNELS = {"hold": _hold, "hold_momentum": _hold_momentum, "l1": _l1, "l0": _l0, "l1_critical": _l1_critical, "l0_critical": _l0_critical,
-            "l0_ahead": _l0_ahead, "l0_ahead_critical": _l0_ahead_critical, "group_first": _group_first, "group_next": _group_next}
+            "l0_ahead": _l0_ahead, "l0_ahead_critical": _l0_ahead_critical, "l0_extended": _l0_extended,
+            "l0_extended_critical": _l0_extended_critical, "group_first": _group_first, "group_next": _group_next}
 
 
 def _elementwise_map(regularizer) -> tuple[str, float, float] | None:
@@ -451,24 +472,26 @@ CRITICAL_BLOCK = 1 << 20
 _buffers = threading.local()  # per thread: (dtype, device) -> the blocks' buffer
 
 
-def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict, lr: float, floor, horizon: int = 0
-                    ) -> Iterator[Tensor] | None:
+def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict, lr: float, floor, horizon: int = 0,
+                    extrapolate: float = 0.0) -> Iterator[Tensor] | None:
     """A target's critical strengths of ``p`` in the Adam family's metric (``L1.critical``,
     ``L0.critical`` with the inverse steps of Note [Fused map]; with ``horizon``, L0's at the
-    points ahead of Note [Looking ahead] in optim/targets.py), computed by a compiled kernel in
+    points ahead of Note [Looking ahead] in optim/targets.py, with ``extrapolate`` at the
+    extended points of Note [Extrapolated paths]), computed by a compiled kernel in
     blocks of about ``CRITICAL_BLOCK`` elements that share one buffer: a block is valid until the
     next is asked for. ``floor``: the floor the target took (None: no floor). None where the
     fused map does not take ``p`` (the rule of Note [Fused map]), and the eager path computes them."""
-    name = {L1: "l1_critical", L0: "l0_ahead_critical" if horizon else "l0_critical"}.get(type(regularizer))
+    kind, extra, factor = _points(state, group, horizon, extrapolate) if type(regularizer) is L0 else ("", None, None)
+    name = {L1: "l1_critical", L0: f"l0{kind}_critical"}.get(type(regularizer))
     if (name is None or not enabled or step_sizes.resolve(optimizer) not in _ADAM or not group.get("eps", 0.0) > 0
             or torch.compiler.is_compiling() or not (floor is None or type(floor) is Tensor)):
         return None
     v = state.get(step_sizes.adam_key(group))
-    moments = [v] if not horizon else [v, state.get("exp_avg")]
+    moments = [v] if extra is None else [v, extra]
     if not _fits(p, v, name) or not _alike(p, moments[-1]):
         return None
     scale, shift = step_sizes.adam_scalars(group, float(state["step"]), lr)
-    c = torch.tensor([scale, shift] + ([ahead_scale(group, state, horizon)] if horizon else []), dtype=p.dtype, device=p.device)
+    c = torch.tensor([scale, shift] + ([] if factor is None else [factor]), dtype=p.dtype, device=p.device)
     floor = torch.zeros((), dtype=p.dtype, device=p.device) if floor is None else floor.to(p.dtype)
     n = p.numel()
     blocks = -(-n // CRITICAL_BLOCK)
@@ -481,6 +504,17 @@ def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict,
     if _call(name, _flat(out, (size,)), _flat(p, (size,)), *(_flat(t, (size,)) for t in moments), floor, c) is _NOT_COMPILED:
         return None
     return _critical_blocks(name, out, p, moments, floor, c, size)
+
+
+def _points(state: dict, group: dict, horizon: int, extrapolate: float) -> tuple[str, Tensor | None, float | None]:
+    """(the kernels' suffix, the tensor beside w and v they read, its factor c[2]) for an L0
+    target's points: ahead along Adam's momentum (``horizon``), extended along the path since the
+    ramp began (``extrapolate``, once the origin is in ``state``), or the weights themselves."""
+    if horizon:
+        return "_ahead", state.get("exp_avg"), ahead_scale(group, state, horizon)
+    if extrapolate and ORIGIN_KEY in state:
+        return "_extended", state[ORIGIN_KEY], extrapolate
+    return "", None, None
 
 
 def _critical_blocks(name: str, out: Tensor, w: Tensor, moments: list[Tensor], floor: Tensor, c: Tensor, size: int) -> Iterator[Tensor]:
@@ -502,23 +536,25 @@ def ahead_scale(group: dict, state: dict, horizon: int) -> float:
 
 
 def map_ahead_(optimizer, group: dict, tensors: list[Tensor], states: list[dict], lr: float, floors: list | None, horizon: int,
-               strength: float) -> list[int]:
-    """An L0 target's map at the points ahead (Note [Looking ahead] in optim/targets.py) by one
-    compiled pass per tensor it takes (the rule of Note [Fused map]); ``floors``: the target's;
-    returns the indices of the tensors it left to the eager map."""
+               extrapolate: float, strength: float) -> list[int]:
+    """An L0 target's map at its points (Note [Looking ahead] with ``horizon``, Note [Extrapolated
+    paths] with ``extrapolate``, in optim/targets.py) by one compiled pass per tensor it takes
+    (the rule of Note [Fused map]); ``floors``: the target's; returns the indices of the tensors
+    it left to the eager map."""
     if not enabled or step_sizes.resolve(optimizer) not in _ADAM or not group.get("eps", 0.0) > 0 or torch.compiler.is_compiling():
         return list(range(len(tensors)))
     key, left = step_sizes.adam_key(group), []
     for i, (p, state) in enumerate(zip(tensors, states, strict=True)):
-        v, m = state.get(key), state.get("exp_avg")
+        kind, extra, factor = _points(state, group, horizon, extrapolate)
+        v = state.get(key)
         floor = None if floors is None else floors[i]
-        if not _fits(p, v, "l0_ahead") or not _alike(p, m) or not (floor is None or type(floor) is Tensor):
+        if not kind or not _fits(p, v, f"l0{kind}") or not _alike(p, extra) or not (floor is None or type(floor) is Tensor):
             left.append(i)
             continue
         scale, shift = step_sizes.adam_scalars(group, float(state["step"]), lr)
-        c = torch.tensor([scale, shift, ahead_scale(group, state, horizon), strength], dtype=p.dtype, device=p.device)
+        c = torch.tensor([scale, shift, factor, strength], dtype=p.dtype, device=p.device)
         floor = torch.zeros((), dtype=p.dtype, device=p.device) if floor is None else floor.to(p.dtype)
-        if _call("l0_ahead", _flat(p), _flat(v), _flat(m), floor, c) is _NOT_COMPILED:
+        if _call(f"l0{kind}", _flat(p), _flat(v), _flat(extra), floor, c) is _NOT_COMPILED:
             left.append(i)
             continue
         torch.autograd.graph.increment_version(p)  # written through an alias (_flat)

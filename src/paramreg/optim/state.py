@@ -30,7 +30,14 @@ Note [Resume]
     carriers' counts and takes the keys out of the live state, before the plan is built; the fill
     is read back by :func:`first_fill` before that step. A checkpoint written by an older
     paramreg, with the keys in its parameter groups, is read too. So the resumed run continues
-    exactly where the saved one stopped.
+    exactly where the saved one stopped. A target that extrapolates keeps the weights of its
+    ramp's first step in the live per-parameter state under ``ORIGIN_KEY``, a tensor like the
+    optimizer's moments, which every checkpointer saves, loads and shards as it does those (Note
+    [Extrapolated paths] in optim/targets.py); ``state_dict()`` writes the key for each of its
+    parameters that has state, before the ramp (or after it, once dropped) a copy of the weight
+    as a placeholder, so that a fresh optimizer's template has the key DCP fills and every
+    checkpoint has the key the template asks for. The ramp's first step takes the origin anew
+    whatever is there.
 
 Note [Momentum fill]
     c_k is how much the momentum buffer of SGD or RMSprop has multiplied a constant gradient
@@ -70,11 +77,12 @@ from ..errors import ParamregError
 from ..modules.carrier import live_carriers
 from . import step_sizes
 
-__all__ = ["OptimizerState", "of", "get", "STEPS_KEY", "FILL_KEY", "advance_fills", "fill_of", "save_with", "restore_counts",
+__all__ = ["OptimizerState", "of", "get", "STEPS_KEY", "FILL_KEY", "ORIGIN_KEY", "advance_fills", "fill_of", "save_with", "restore_counts",
            "schedule_value", "carriers_by_param"]
 
 STEPS_KEY = "paramreg_steps"  # where a group's carriers' step counts go in the optimizer's state_dict()
 FILL_KEY = "paramreg_momentum_fill"  # where a group's momentum fill goes in the optimizer's state_dict()
+ORIGIN_KEY = "paramreg_origin"  # a weight's tensor at its target's ramp's first step (Note [Extrapolated paths] in optim/targets.py)
 
 
 class OptimizerState:
@@ -205,6 +213,7 @@ def _save_state(optimizer, state_dict) -> None:
     # SGD keeps no state for a parameter it steps without momentum, and reads no key it does not
     # know: there the keys go into a state entry made for them
     tolerant = step_sizes.resolve(optimizer) is torch.optim.SGD
+    extending = step_sizes.resolve(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
     for index, (live, saved) in enumerate(zip(optimizer.param_groups, state_dict["param_groups"], strict=False)):
         fill = fill_of(optimizer, index, live)
         for p, key in zip(live["params"], saved["params"], strict=False):
@@ -217,6 +226,10 @@ def _save_state(optimizer, state_dict) -> None:
             if c is not None:
                 entry[STEPS_KEY] = c.calls
                 found.written[id(p)] = entry  # in the live state: not a loaded count (restore_counts)
+                if extending and getattr(c.target, "extrapolate", 0.0) and ORIGIN_KEY not in entry and "exp_avg" in entry:
+                    # a template's key that a load fills (DCP loads only the keys its template has); before
+                    # the ramp a placeholder, which the ramp's first step replaces (Note [Extrapolated paths])
+                    entry[ORIGIN_KEY] = p.detach().clone()
             if fill is not None:  # 0.0 too: a template's key that a load fills
                 entry[FILL_KEY] = fill
 

@@ -161,24 +161,50 @@ Note [Looking ahead]
     optim/fused.py: one more read, of m, in each pass), so exactly the m smallest are zero (ties
     aside). Under any other optimizer, or ``step="lr"``, the horizon is 0: SGD's momentum
     buffer is no step in a metric (it grows with the gradient), and with it a long horizon emptied
-    the digits CNN's accuracy in a probe (ad hoc). ``attach``'s default horizon is ``LOOKAHEAD`` of
-    the ramp's steps (Note [The recipe's defaults]).
+    the digits CNN's accuracy in a probe (ad hoc). ``attach``'s default horizon is 0: the recipe's
+    default extends each weight's own path instead (Note [Extrapolated paths]), which ranked above
+    every horizon tried (Note [The recipe's defaults]).
+
+Note [Extrapolated paths]
+    With ``extrapolate=α`` under Adam or AdamW, an ``L0`` target ranks each weight by the L0
+    score of its path since the ramp began, extended α times as far::
+
+        y_i = w_i + α·(w_i − w⁰_i),     c_i = y_i²/(2·t_i)      (y_i = 0 where w_i = 0)
+
+    with w⁰ the weights after the ramp's first optimizer step (taken then, before that step's
+    selection) and t_i the metric's step. Where Note [Looking ahead] extends one step of Adam's
+    momentum, this extends what the weight actually travelled since the ramp began, a sum of every
+    step since then: a weight the new task has been driving toward zero goes first, one that has
+    grown stays, and, for large α, a weight that moved far in either direction ranks above one
+    that did not move (the score tends to α²·(w − w⁰)²/(2t), the squared distance travelled).
+    With α = 0 it is the plain score. The cost: w⁰ is kept from the ramp's first step to its
+    last, one tensor the size of each selected weight, in the optimizer's per-parameter state
+    under ``ORIGIN_KEY`` (so ``optimizer.state_dict()``, DCP and the trainers' checkpoints carry
+    it and a resumed run continues exactly, Note [Resume] in optim/state.py), dropped once the
+    zeros are kept; each pass of the selection and the map reads it (one more read, as the
+    horizon's m). The selection and the map compute y and c with one function, eagerly or in one
+    compiled formula (Note [Fused map] in optim/fused.py), so exactly the m smallest are zero
+    (ties aside). Under any other optimizer, or ``step="lr"``, the weights are scored as they are.
+    ``lookahead=`` and ``extrapolate=`` are not taken together.
 
 Note [The recipe's defaults]
     ``attach(model, targets, sparsity=s, total_steps=T)`` is the recipe with its defaults: the
     ramp from step round(0.25·T) to round(0.75·T) (``RECIPE_RAMP``), then the zeros kept to the
     end (``keep_zeros=True``), with ``L0`` in the optimizer's metric (hard thresholding; the
-    default regularizer of every ``sparsity=`` target) looking a quarter of its ramp ahead along
-    Adam's momentum (``LOOKAHEAD``: T/8 steps in the recipe; Note [Looking ahead]), zeros that do
-    not regrow (``REGROW``, also every ``sparsity=`` target's default) and the global allocation,
-    each tensor at most ``MAX_SPARSITY`` zero. These were chosen by one rule across four tasks (a
-    CNN on digits, a transformer on Python source, the same transformer fine-tuned on C, a GRU on
-    English), not per task: among 18 candidates (L1 or L0, global or uniform, the ramp ending at
-    0.5 or 0.75 of the budget, always starting at 0.25, zeros that regrow or not; and L0 looking
-    T/8 steps ahead, global, zeros kept, over either ramp), the best mean rank on validation over
-    every task and level. The looking-ahead candidates were added after the fine-tuning task was
-    lost to movement pruning, their horizon from an ad hoc probe of the four tasks' validation
-    sets. ``examples/study_tasks.py`` runs that study; docs/sparsity-recipe.md has its tables.
+    default regularizer of every ``sparsity=`` target) scoring under Adam and AdamW each weight's
+    path since the ramp began extended 4 times as far (``EXTRAPOLATE``, every L0 target's default;
+    Note [Extrapolated paths]), zeros that do not regrow (``REGROW``, also every ``sparsity=``
+    target's default) and the global allocation, each tensor at most ``MAX_SPARSITY`` zero. These
+    were chosen by one rule across four tasks (a CNN on digits, a transformer on Python source,
+    the same transformer fine-tuned on C, a GRU on English), not per task: among 21 candidates (L1
+    or L0, global or uniform, the ramp ending at 0.5 or 0.75 of the budget, always starting at
+    0.25, zeros that regrow or not; L0 looking T/8 steps ahead along Adam's momentum, global,
+    zeros kept, over either ramp; and L0 extending the paths 4, 8 or 16 times, global, zeros
+    kept, the 0.25-0.75 ramp), the best mean rank on validation over every task and level. The
+    looking-ahead and then the extending candidates were added after the fine-tuning task was
+    lost to movement pruning, their horizons and extensions from ad hoc probes of the four tasks'
+    validation sets. ``examples/study_tasks.py`` runs that study; docs/sparsity-recipe.md has its
+    tables.
 """
 
 from __future__ import annotations
@@ -194,12 +220,14 @@ from torch import Tensor
 from ..errors import ParamregError
 from .order_statistic import GUESSED, kth_smallest
 
-__all__ = ["SparsityTarget", "ramp", "recipe_steps", "default_lookahead", "RECIPE_RAMP", "REGROW", "LOOKAHEAD"]
+__all__ = ["SparsityTarget", "ramp", "recipe_steps", "RECIPE_RAMP", "REGROW", "EXTRAPOLATE", "MAX_EXTRAPOLATE"]
 
 RECIPE_RAMP = (0.25, 0.75)  # Note [The recipe's defaults]: the ramp's start and end, fractions of total_steps
 REGROW = False  # Note [The recipe's defaults]: attach's sparsity targets keep every zero they make
-#: Note [Looking ahead]: an L0 target's default horizon, as a fraction of its ramp's steps.
-LOOKAHEAD = 0.25
+#: Note [Extrapolated paths]: an L0 target's default extension of each weight's path (Note [The recipe's defaults]).
+EXTRAPOLATE = 4.0
+#: The largest extension ``extrapolate=`` takes (beyond it the path's float32 rounding rules the score).
+MAX_EXTRAPOLATE = 1e6
 
 
 def ramp(sparsity: float, steps: int, k: int, start: int = 0) -> float:
@@ -227,15 +255,6 @@ def recipe_steps(total_steps) -> tuple[int, int]:
             f"{RECIPE_RAMP[0]:g}-{RECIPE_RAMP[1]:g} of them, then the zeros are kept), got {total_steps!r}"
         )
     return round(RECIPE_RAMP[0] * total_steps), round(RECIPE_RAMP[1] * total_steps)
-
-
-def default_lookahead(start: int, end: int) -> int:
-    """An L0 target's horizon by default: ``LOOKAHEAD`` of its ramp's steps, rounded (Note [Looking ahead]).
-
-    >>> default_lookahead(250, 750) == round(LOOKAHEAD * 500)
-    True
-    """
-    return round(LOOKAHEAD * (end - start))
 
 
 def _fraction(label: str, value) -> float:
@@ -269,6 +288,7 @@ class SparsityTarget:
     keep_zeros: bool = False
     regrow: bool = True
     lookahead: int = 0
+    extrapolate: float = 0.0
     strength: float | None = None
     asked: float = 0.0
 
@@ -292,6 +312,18 @@ class SparsityTarget:
             raise ParamregError(
                 f"lookahead must be an int >= 0 and below 2**31 (the optimizer steps an L0 target looks ahead along "
                 f"Adam's momentum; 0: the weights as they are), got {self.lookahead!r:.60}"
+            )
+        value = self.extrapolate
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_EXTRAPOLATE:
+            raise ParamregError(
+                f"extrapolate must be a number from 0 to {MAX_EXTRAPOLATE:g} (how many times its path since the ramp's "
+                f"first step an L0 target extends each weight's; 0: the weights as they are), got {value!r:.60}"
+            )
+        self.extrapolate = float(value)
+        if self.lookahead and self.extrapolate:
+            raise ParamregError(
+                f"give lookahead= (along Adam's momentum) or extrapolate= (along each weight's path since the ramp "
+                f"began), not both: got lookahead={self.lookahead} and extrapolate={self.extrapolate:g}"
             )
         if self.allocation not in ALLOCATIONS:
             raise ParamregError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {self.allocation!r}")
@@ -366,6 +398,8 @@ class SparsityTarget:
             out["regrow"] = False
         if self.lookahead:
             out["lookahead"] = self.lookahead
+        if self.extrapolate:
+            out["extrapolate"] = self.extrapolate
         if self.allocation != "global":
             out["allocation"] = self.allocation
         if self.max_sparsity != max(MAX_SPARSITY, self.sparsity):

@@ -24,10 +24,11 @@ from ..optim.targets import SparsityTarget
 __all__ = ["spec", "attach_spec", "FORMAT", "VERSION"]
 
 FORMAT = "paramreg.spec"
-#: The spec format this paramreg writes where a target looks ahead (Note [Looking ahead] in
-#: optim/targets.py); every other spec is written as format 1, which older versions read too.
-VERSION = 2
-READS = (1, 2)
+#: The spec format this paramreg writes where a target extrapolates (Note [Extrapolated paths] in
+#: optim/targets.py); format 2 where one looks ahead (Note [Looking ahead]); every other spec is
+#: written as format 1, which older versions read too.
+VERSION = 3
+READS = (1, 2, 3)
 
 
 def spec(model: nn.Module) -> dict:
@@ -57,8 +58,9 @@ def spec(model: nn.Module) -> dict:
             # spec format 1 calls the index of the shared target "budget"
             entry["sparsity"] = {**c.target.to_dict(), "budget": shared.setdefault(id(c.target), len(shared))}
         attached[s.name] = entry
-    ahead = any("lookahead" in e.get("sparsity", {}) for e in attached.values())
-    return {"format": FORMAT, "version": VERSION if ahead else 1, "attached": attached}
+    asked = [e.get("sparsity", {}) for e in attached.values()]
+    version = VERSION if any("extrapolate" in a for a in asked) else 2 if any("lookahead" in a for a in asked) else 1
+    return {"format": FORMAT, "version": version, "attached": attached}
 
 
 def attach_spec(model: nn.Module, spec: dict) -> list[str]:
@@ -78,7 +80,7 @@ def attach_spec(model: nn.Module, spec: dict) -> list[str]:
     if not isinstance(spec, dict) or spec.get("format") != FORMAT or not isinstance(spec.get("attached"), dict):
         raise ParamregError(f"not a paramreg spec (expected a dict with format {FORMAT!r} from paramreg.spec): {spec!r:.200}")
     if spec.get("version") not in READS:
-        raise ParamregError(f"paramreg spec version {spec.get('version')!r} is not supported (this paramreg reads 1 and {VERSION})")
+        raise ParamregError(f"paramreg spec version {spec.get('version')!r} is not supported (this paramreg reads {', '.join(map(str, READS))})")
     # one attach call per equal (regularizer, mode, step, metric floor, target)
     groups: list[tuple[Regularizer, str, str, float, list[str], object]] = []
     shared: dict[int, SparsityTarget] = {}
@@ -95,10 +97,11 @@ def attach_spec(model: nn.Module, spec: dict) -> list[str]:
             target = shared.get(key) or shared.setdefault(
                 key, SparsityTarget(asked["target"], asked["steps"], asked.get("allocation", "global"), asked.get("max_sparsity"),
                                     asked.get("start", 0), asked.get("keep_zeros", False), asked.get("regrow", True),
-                                    asked.get("lookahead", 0))
+                                    asked.get("lookahead", 0), asked.get("extrapolate", 0.0))
             )
-            if target.lookahead and type(reg) is not L0:
-                raise ParamregError(f"paramreg spec entry for {name!r}: lookahead belongs to an L0 target, not to {reg!r}")
+            if (target.lookahead or target.extrapolate) and type(reg) is not L0:
+                kind = "lookahead" if target.lookahead else "extrapolate"
+                raise ParamregError(f"paramreg spec entry for {name!r}: {kind} belongs to an L0 target, not to {reg!r}")
         group = next((g for g in groups if g[0] == reg and g[1:4] == (mode, step, floor) and g[5] is target), None)
         if group is None:
             groups.append((reg, mode, step, floor, [name], target))
