@@ -11,11 +11,13 @@ Four tasks, data that ships with Python, scikit-learn or the system, none of it 
   english-gru        a GRU language model on the English text of Python's own documentation
                      (pydoc_data/topics.py); the selected weights are the recurrent layer's, not Linear
 
-and one task held aside (HELD_OUT), which the rule does not see, run after the default was frozen,
+and two tasks held aside (HELD_OUT), which the rule does not see, run after the default was frozen,
 where paramreg is the library's own call attach(model, SELECTED, sparsity=s, total_steps=BUDGET):
 
   resnet-digits      a small ResNet (torchvision's BasicBlock: convolutions, BatchNorm, residual
                      connections) on the digits under AdamW; every convolution selected
+  gru-finetune       english-gru's dense model (its whole budget on English) sparsified while fine-tuned
+                     on Python's standard library source: pruning during fine-tuning, recurrent weights
 
 Every method of a task trains for the same BUDGET optimizer steps of the task (the run that
 sparsifies: from scratch, or from the pretrained model for c-finetune), on the same batches (batch k
@@ -42,7 +44,7 @@ run's checkpoint at 0.5 or 0.75). Methods, each with two settings but paramreg's
                of torch.ao.pruning's BaseSparsifier that ranks every tensor together)
   movement     hard movement pruning (Sanh et al. 2020), per tensor: scores -sum_k w*dL/dw from the ramp's
                start, the top (1 - level) kept, on the CubicSL schedule; a pruned weight's score stops
-               moving (no straight-through estimator); c-finetune only, ramp 0.25-0.5 or 0.25-0.75
+               moving (no straight-through estimator); the fine-tuning tasks only, ramp 0.25-0.5 or 0.25-0.75
   one-shot     torch.nn.utils.prune.global_unstructured on the dense run at 0.5 or 0.75 of the budget,
                then fine-tuned with the mask
   manual-l1    loss + a*sum|w| over 0.25-0.75 of the budget, the global magnitude quantile cut, then
@@ -291,6 +293,25 @@ class EnglishGRU(Text):
         return GRULanguageModel(self.width, self.hidden), None
 
 
+class GRUFinetune(EnglishGRU):
+    """Held aside: english-gru's dense model (its whole budget on English), fine-tuned on Python
+    source (python-transformer's files); added after the default was frozen."""
+
+    name, lr = "gru-finetune", 1e-3
+
+    def __init__(self, quick):
+        super().__init__(quick)
+        _, files = stdlib_files()
+        self.split(_by_file(files, 1_000_000), quick)
+        self.budget = 8 if quick else 300
+
+    def fresh(self, seed):
+        """The pretrained model; a new optimizer, as fine-tuning starts."""
+        model = GRULanguageModel(self.width, self.hidden)
+        model.load_state_dict(torch.load(self.pretrained(seed), weights_only=True)["model"])
+        return model, None
+
+
 class BasicBlock(nn.Module):
     """torchvision's ResNet BasicBlock: two 3x3 convolutions with BatchNorm, and the residual."""
 
@@ -334,8 +355,9 @@ class ResNetDigitsAdamW(Digits):
         return torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.01)
 
 
-TASKS = {t.name: t for t in (Digits, PythonTransformer, CFinetune, EnglishGRU, ResNetDigitsAdamW)}
-HELD_OUT = ("resnet-digits",)  # not seen by the rule: the default runs there as the library's total_steps= call
+TASKS = {t.name: t for t in (Digits, PythonTransformer, CFinetune, EnglishGRU, ResNetDigitsAdamW, GRUFinetune)}
+HELD_OUT = ("resnet-digits", "gru-finetune")  # not seen by the rule: the default runs there as the library's total_steps= call
+PRETRAINED_ON = {"c-finetune": "python-transformer", "gru-finetune": "english-gru"}  # fine-tuning task -> the dense run it starts from
 RECIPE = "recipe"  # paramreg's setting on a held-out task: attach(..., sparsity=s, total_steps=budget)
 
 
@@ -346,7 +368,7 @@ class Runner:
 
     def __init__(self, task, folder):
         self.task, self.folder = task, pathlib.Path(folder)
-        task.pretrained = lambda seed: self.checkpoint("python-transformer", seed, "end")
+        task.pretrained = lambda seed: self.checkpoint(PRETRAINED_ON[task.name], seed, "end")
 
     def checkpoint(self, name, seed, at):
         return self.folder / f"{name}-seed{seed}-{at}.pt"
@@ -559,15 +581,17 @@ def _run(job):
 
 
 def jobs_for(names, seeds, levels, methods=None, settings=None):
-    """The dense runs (python-transformer's before c-finetune's, which starts from it), then the rest."""
-    first = [(n, "dense", "", "", s) for n in names if n != "c-finetune" for s in seeds]
-    second = [(n, "dense", "", "", s) for n in names if n == "c-finetune" for s in seeds]
+    """The dense runs (each fine-tuning task's after the one it starts from, also run where that task
+    is not in `names`), then the rest."""
+    first = [(n, "dense", "", "", s) for n in [*names, *sorted({PRETRAINED_ON[m] for m in names if m in PRETRAINED_ON} - set(names))]
+             if n not in PRETRAINED_ON for s in seeds]
+    second = [(n, "dense", "", "", s) for n in names if n in PRETRAINED_ON for s in seeds]
     windows = [f"{a}-{b}" for a, b in WINDOWS]
     rest = []
     for name, seed, level in itertools.product(names, seeds, levels):
         rest += [(name, "paramreg", c, level, seed) for c in ((RECIPE,) if name in HELD_OUT else CANDIDATES)]
         rest += [(name, m, w, level, seed) for m in ("gmp-tensor", "gmp-global") for w in windows]
-        rest += [(name, "movement", w, level, seed) for w in windows if name == "c-finetune"]
+        rest += [(name, "movement", w, level, seed) for w in windows if name in PRETRAINED_ON]
         rest += [(name, "one-shot", str(f), level, seed) for f in ONE_SHOT_AT]
     rest += [(name, "manual-l1", str(a), tuple(levels), seed) for name in names for seed in seeds for a in MANUAL_STRENGTHS]
     rest = [job for job in rest if (methods is None or job[1] in methods) and (settings is None or job[2] in settings)]
@@ -751,7 +775,7 @@ def main(argv=None):
                         "candidates); the other settings' rows in --out stay")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    names = sorted(set(args.tasks) | ({"python-transformer"} if "c-finetune" in args.tasks else set()), key=list(TASKS).index)
+    names = sorted(set(args.tasks), key=list(TASKS).index)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     progress = args.out / "progress.jsonl"

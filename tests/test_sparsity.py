@@ -444,7 +444,10 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, for
     reference = copy.deepcopy(model)
     # regrow=True: the proximal path alone, as the reference computes it
     horizon = {"l0": {"lookahead": 0}, "l0 ahead": {"lookahead": 3}, "l0 extended": {"extrapolate": 5.0}}.get(form, {})
-    paramreg.attach(model, "*.weight", sparsity=0.6, sparsity_steps=4, allocation=allocation, regrow=True, **horizon,
+    # regrow=True: the proximal path alone, as the reference computes it; an extending target takes
+    # regrow=False only, so there the reference also holds the zeros (Note [Zeros that do not regrow])
+    held = form == "l0 extended"
+    paramreg.attach(model, "*.weight", sparsity=0.6, sparsity_steps=4, allocation=allocation, regrow=not held, **horizon,
                     **{form.split()[0]: True})
     origins = []
     kind = {"l0": paramreg.L0, "l1": paramreg.L1}[form.split()[0]]
@@ -454,6 +457,14 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, for
         for m, o in ((model, opt), (reference, ref_opt)):
             o.zero_grad()
             F.mse_loss(m(x), y).backward()
+            if held and o is ref_opt and k > 1:
+                with torch.no_grad():
+                    for w in (reference[i].weight for i in range(4)):
+                        zero = w == 0
+                        w.grad.masked_fill_(zero, 0.0)
+                        for key in ("exp_avg", "momentum_buffer"):
+                            if key in ref_opt.state[w]:
+                                ref_opt.state[w][key].masked_fill_(zero, 0.0)
             o.step()
         weights = [reference[i].weight for i in range(4)]
         group = ref_opt.param_groups[0]
@@ -646,6 +657,44 @@ def test_an_extrapolating_target_keeps_its_origin_through_the_ramp_and_resumes_b
             assert torch.equal(a, b), (stop, name)
 
 
+def test_an_origin_is_taken_at_each_tensors_first_ramp_step_whatever_a_state_dict_call_left_and_remove_drops_it():
+    """Note [Extrapolated paths]: ``state_dict()`` writes a placeholder origin (a copy of the weight)
+    into the live state, outside the ramp. A tensor without a gradient at the ramp's first step
+    takes its origin at its own first ramp step, as it would with no state_dict() call: the run is
+    bitwise the same (with a placeholder read as the origin it was not). Placeholders are not held
+    before the ramp; ``remove`` takes every origin out of the optimizer's state."""
+    from paramreg.optim.state import ORIGIN_KEY
+
+    def run(save_at=None, steps=9):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+        paramreg.attach(model, "*.weight", sparsity=0.8, sparsity_steps=(3, 8))  # extrapolate=4 by default
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        second = model[2].parametrizations.weight.original
+        held = []
+        for k in range(1, steps + 1):
+            g = torch.Generator().manual_seed(k)
+            x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if k == 4:
+                second.grad = None  # unused at the ramp's first step
+            opt.step()
+            if k == save_at:
+                assert ORIGIN_KEY in opt.state_dict()["state"][2]  # the placeholder, in the live state too
+            held.append(ORIGIN_KEY in opt.state[second])
+        return model, opt, held
+
+    plain, _, held = run()
+    saved, opt, _ = run(save_at=2)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), saved.state_dict().values(), strict=True))
+    assert held == [False] * 4 + [True] * 5  # from its own first ramp step (5) on
+    _, _, held = run(save_at=1)
+    assert held[:4] == [True, False, False, False]  # a placeholder is dropped at the next step before the ramp
+    paramreg.remove(saved)
+    assert not any(ORIGIN_KEY in state for state in opt.state.values())
+
+
 def _lopsided(scale=1e-6):
     """Two layers, the first with weights a millionth of the second's: a global ranking takes the
     first one's weights before any of the second's."""
@@ -708,6 +757,7 @@ def test_a_uniform_allocation_gives_each_tensor_the_fraction(selection):
     ({"sparsity": 0.5, "sparsity_steps": 1, "extrapolate": 1e7}, "extrapolate must be a number from 0 to 1e"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "extrapolate": "4"}, "extrapolate must be a number from 0 to 1e"),
     ({"sparsity": 0.5, "sparsity_steps": 1, "extrapolate": 4, "lookahead": 3}, "give lookahead= .* or extrapolate= .*, not both"),
+    ({"sparsity": 0.5, "sparsity_steps": 1, "extrapolate": 4, "regrow": True}, "extrapolate=4 needs regrow=False"),
 ])
 def test_bad_allocation_options_are_refused(keywords, match):
     model = _lopsided()
@@ -835,7 +885,7 @@ def test_regrow_false_changes_the_run_and_resumes_bitwise_from_any_step(name, tm
         resumed = _resumed_recipe(make_opt, model, opt, stop, 12, tmp_path)
         assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)), stop
     assert repr(full.conv1.parametrizations.weight[0]).endswith("then keeps its zeros, extrapolate=4)")
-    assert repr(regrowing.conv1.parametrizations.weight[0]).endswith("then keeps its zeros, extrapolate=4, regrow=True)")
+    assert repr(regrowing.conv1.parametrizations.weight[0]).endswith("then keeps its zeros, regrow=True)")  # no extension
 
 
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])

@@ -172,11 +172,12 @@ def attach(
             score of w + α·(w − w⁰), w⁰ each weight after the ramp's first step: its path since
             then extended α times as far, so that weights training has been driving toward zero
             go first (Note [Extrapolated paths] in :mod:`paramreg.optim.targets`). Keeps w⁰ in the
-            optimizer's per-parameter state during the ramp (one tensor per selected weight,
-            saved with ``optimizer.state_dict()``). 0: the weights as they are. Default: 4
-            (chosen across four tasks with the recipe's other defaults), 0 where ``lookahead``
-            is given. Under SGD (as under any other optimizer) it does nothing, though ``print``
-            shows it.
+            optimizer's per-parameter state from the ramp's first step until the zeros are kept
+            (one tensor per selected weight, saved with ``optimizer.state_dict()``). 0: the
+            weights as they are. Default: 4 (chosen across four tasks with the recipe's other
+            defaults), 0 where ``lookahead`` or ``regrow=True`` is given (it needs zeros that do
+            not regrow). Under SGD (as under any other optimizer) it does nothing, though
+            ``print`` shows it.
 
     Each selected tensor gets one paramreg carrier (an identity ``torch.nn.utils.parametrize``
     parametrization, visible in ``print(model)``). A Parameter tied under several names is

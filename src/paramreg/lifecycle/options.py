@@ -159,7 +159,8 @@ def checked_target(reg, given: dict, mode: str, schedule, sparsity, sparsity_ste
                 f"{regularizer!r}"
             )
     if type(regularizer) is L0 and extrapolate is None:  # Notes [Extrapolated paths] and [Looking ahead] in optim/targets.py
-        extrapolate = EXTRAPOLATE if lookahead is None else 0.0  # one or the other
+        # one or the other; a zero that may regrow would rank by the map's jump to zero
+        extrapolate = EXTRAPOLATE if lookahead is None and regrow is not True else 0.0
     target = SparsityTarget(sparsity, end, allocation, max_sparsity, start, keep, REGROW if regrow is None else regrow,
                             0 if lookahead is None else lookahead, 0.0 if extrapolate is None else extrapolate)
     if reg is not None or any(v is not True for v in given.values()):

@@ -14,6 +14,7 @@ from ..errors import ParamregError
 from ..modules.binding import unbind
 from ..modules.selection import resolve
 from ..modules.walk import slots
+from ..optim.state import forget_origins
 from .attaching import MAX_LISTED
 
 __all__ = ["remove"]
@@ -57,6 +58,7 @@ def remove(model: nn.Module, targets=None, *, allow_nonfinite: bool = False) -> 
                 f"{listed} hold NaN or Inf; training diverged? Nothing was removed. Restore a "
                 f"checkpoint, or pass allow_nonfinite=True to fold them anyway"
             )
+    forget_origins([s.param for s in attached if s.param is not None])  # Note [Extrapolated paths]
     for s in attached:
         unbind(s)
     return model

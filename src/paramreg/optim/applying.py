@@ -21,7 +21,7 @@ from ..catalogue.elementwise import L0
 from ..errors import ParamregError
 
 from . import fused, step_sizes
-from .state import ORIGIN_KEY, fill_of, schedule_value
+from .state import ORIGIN_KEY, ORIGIN_STEP_KEY, fill_of, schedule_value
 from .plans import Bucket
 
 __all__ = ["run", "Partition", "BLOCK", "local_part"]
@@ -258,10 +258,13 @@ def _apply_target(target, work: list[tuple], optimizer, process_group=None, ever
     if target.holds(k):  # after the ramp: its zeros kept (Note [Ramp, then keep the zeros] in optim/targets.py)
         for p in stepped:
             p.masked_fill_(_memory(carriers[id(p)], p), 0)
-            optimizer.state.get(p, {}).pop(ORIGIN_KEY, None)  # Note [Extrapolated paths]: no longer read
+        if target.extrapolate:
+            _drop_origins(optimizer, stepped)  # Note [Extrapolated paths]: no longer read
         return
+    if target.extrapolate and k <= target.start:
+        _drop_origins(optimizer, stepped)  # placeholders a state_dict() wrote: not held before the ramp
     criticals = _Criticals(work, optimizer, process_group, everything, target.lookahead,
-                           target.extrapolate if k > target.start else 0.0, origin=k == target.start + 1)
+                           target.extrapolate if k > target.start else 0.0, (target.start, k))
     strengths = target.calibrate(criticals, k)
     for w, (bucket, tensors, lr, group, fill, floors) in enumerate(criticals.work):
         by_strength: dict[float, list[int]] = {}  # strength -> indices into tensors, mapped at once
@@ -279,6 +282,15 @@ def _apply_target(target, work: list[tuple], optimizer, process_group=None, ever
     if target.keep_zeros and k == target.steps:  # the ramp's last step: its zeros are the ones kept
         for p in stepped:
             carriers[id(p)].remember(p)
+
+
+def _drop_origins(optimizer, params) -> None:
+    """Take the origins (and placeholders) of Note [Extrapolated paths] out of ``params``' state."""
+    for p in params:
+        state = optimizer.state.get(p)
+        if state and ORIGIN_KEY in state:
+            del state[ORIGIN_KEY]
+            state.pop(ORIGIN_STEP_KEY, None)
 
 
 class _Criticals:
@@ -312,7 +324,7 @@ class _Criticals:
     """
 
     def __init__(self, work: list[tuple], optimizer, process_group=None, everything: list | None = None, lookahead: int = 0,
-                 extrapolate: float = 0.0, origin: bool = False):
+                 extrapolate: float = 0.0, ramp: tuple[int, int] = (0, 0)):
         self.optimizer = optimizer
         # Notes [Looking ahead] and [Extrapolated paths] in optim/targets.py: only in the metric of Adam or AdamW
         adam = step_sizes.resolve(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
@@ -332,11 +344,13 @@ class _Criticals:
                 states = [optimizer.state[p] for p in tensors]
                 floors = step_sizes.floors(optimizer, group, tensors, states, bucket.metric_floor)
             self.work.append((bucket, tensors, lr, group, fill, floors))
-            if self.extrapolate and self.ahead(bucket):  # the origin: the weights of the ramp's first step (``origin``)
+            if self.extrapolate and self.ahead(bucket):  # the origins, at a tensor's first step of the ramp
+                start, k = ramp  # (the ramp's start, this step's count)
                 for p in tensors:
                     state = optimizer.state[p]
-                    if state and (origin or ORIGIN_KEY not in state):  # else a loaded one, or a placeholder replaced
+                    if state and state.get(ORIGIN_STEP_KEY, -1) <= start:  # none, a placeholder, or a stale one
                         state[ORIGIN_KEY] = p.detach().clone(memory_format=torch.contiguous_format)
+                        state[ORIGIN_STEP_KEY] = k
         if everything is not None:
             self._partitioned(everything, process_group)
             return

@@ -33,11 +33,16 @@ Note [Resume]
     exactly where the saved one stopped. A target that extrapolates keeps the weights of its
     ramp's first step in the live per-parameter state under ``ORIGIN_KEY``, a tensor like the
     optimizer's moments, which every checkpointer saves, loads and shards as it does those (Note
-    [Extrapolated paths] in optim/targets.py); ``state_dict()`` writes the key for each of its
-    parameters that has state, before the ramp (or after it, once dropped) a copy of the weight
-    as a placeholder, so that a fresh optimizer's template has the key DCP fills and every
-    checkpoint has the key the template asks for. The ramp's first step takes the origin anew
-    whatever is there.
+    [Extrapolated paths] in optim/targets.py), and the step it was taken at under
+    ``ORIGIN_STEP_KEY``; ``state_dict()`` writes both for each of its parameters that has state,
+    outside the ramp a copy of the weight as a placeholder with step -1, so that a fresh
+    optimizer's template has the keys DCP fills and every checkpoint has the keys the template
+    asks for. A placeholder is never read as an origin (a tensor takes one where the recorded
+    step is not past the ramp's start) and is dropped at the next step outside the ramp. DCP
+    loads only the keys its template asks for, and requires them: a DCP checkpoint written
+    without them (by a paramreg before ``extrapolate=``) loads into attach calls that extrapolate
+    with ``dcp.load(..., planner=DefaultLoadPlanner(allow_partial_load=True))``; the origin is
+    then taken at each tensor's next step in the ramp (a resume mid-ramp takes it late).
 
 Note [Momentum fill]
     c_k is how much the momentum buffer of SGD or RMSprop has multiplied a constant gradient
@@ -73,16 +78,18 @@ import weakref
 import torch
 from torch import Tensor
 
+from ..catalogue.elementwise import L0
 from ..errors import ParamregError
 from ..modules.carrier import live_carriers
 from . import step_sizes
 
-__all__ = ["OptimizerState", "of", "get", "STEPS_KEY", "FILL_KEY", "ORIGIN_KEY", "advance_fills", "fill_of", "save_with", "restore_counts",
+__all__ = ["OptimizerState", "of", "get", "STEPS_KEY", "FILL_KEY", "ORIGIN_KEY", "ORIGIN_STEP_KEY", "forget_origins", "advance_fills", "fill_of", "save_with", "restore_counts",
            "schedule_value", "carriers_by_param"]
 
 STEPS_KEY = "paramreg_steps"  # where a group's carriers' step counts go in the optimizer's state_dict()
 FILL_KEY = "paramreg_momentum_fill"  # where a group's momentum fill goes in the optimizer's state_dict()
 ORIGIN_KEY = "paramreg_origin"  # a weight's tensor at its target's ramp's first step (Note [Extrapolated paths] in optim/targets.py)
+ORIGIN_STEP_KEY = "paramreg_origin_step"  # the target's step count when ORIGIN_KEY was taken; -1: a placeholder
 
 
 class OptimizerState:
@@ -226,12 +233,29 @@ def _save_state(optimizer, state_dict) -> None:
             if c is not None:
                 entry[STEPS_KEY] = c.calls
                 found.written[id(p)] = entry  # in the live state: not a loaded count (restore_counts)
-                if extending and getattr(c.target, "extrapolate", 0.0) and ORIGIN_KEY not in entry and "exp_avg" in entry:
-                    # a template's key that a load fills (DCP loads only the keys its template has); before
-                    # the ramp a placeholder, which the ramp's first step replaces (Note [Extrapolated paths])
-                    entry[ORIGIN_KEY] = p.detach().clone()
+                if extending and _extends(c) and ORIGIN_KEY not in entry and "exp_avg" in entry:
+                    # a template's key that a load fills (DCP loads only the keys its template has); outside
+                    # the ramp a placeholder, never read as an origin (Note [Extrapolated paths])
+                    entry[ORIGIN_KEY], entry[ORIGIN_STEP_KEY] = p.detach().clone(), -1
             if fill is not None:  # 0.0 too: a template's key that a load fills
                 entry[FILL_KEY] = fill
+
+
+def _extends(c) -> bool:
+    """Whether carrier ``c`` holds an L0 target that extrapolates in the optimizer's metric."""
+    target = c.target
+    return target is not None and bool(getattr(target, "extrapolate", 0.0)) and type(c.regularizer) is L0 and c.step != "lr"
+
+
+def forget_origins(params) -> None:
+    """Take the origins of Note [Extrapolated paths] (and placeholders) of ``params`` out of every
+    optimizer paramreg knows: they are no longer read (``remove``)."""
+    for optimizer in list(_STATES):
+        for p in params:
+            state = optimizer.state.get(p)
+            if state:
+                state.pop(ORIGIN_KEY, None)
+                state.pop(ORIGIN_STEP_KEY, None)
 
 
 def restore_counts(optimizer, by_param: dict) -> None:

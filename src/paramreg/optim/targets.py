@@ -177,15 +177,21 @@ Note [Extrapolated paths]
     step since then: a weight the new task has been driving toward zero goes first, one that has
     grown stays, and, for large α, a weight that moved far in either direction ranks above one
     that did not move (the score tends to α²·(w − w⁰)²/(2t), the squared distance travelled).
-    With α = 0 it is the plain score. The cost: w⁰ is kept from the ramp's first step to its
-    last, one tensor the size of each selected weight, in the optimizer's per-parameter state
-    under ``ORIGIN_KEY`` (so ``optimizer.state_dict()``, DCP and the trainers' checkpoints carry
-    it and a resumed run continues exactly, Note [Resume] in optim/state.py), dropped once the
-    zeros are kept; each pass of the selection and the map reads it (one more read, as the
-    horizon's m). The selection and the map compute y and c with one function, eagerly or in one
-    compiled formula (Note [Fused map] in optim/fused.py), so exactly the m smallest are zero
-    (ties aside). Under any other optimizer, or ``step="lr"``, the weights are scored as they are.
-    ``lookahead=`` and ``extrapolate=`` are not taken together.
+    With α = 0 it is the plain score. The cost: w⁰, one tensor the size of each selected weight,
+    in the optimizer's per-parameter state under ``ORIGIN_KEY``, with the step it was taken at
+    under ``ORIGIN_STEP_KEY`` (so ``optimizer.state_dict()``, DCP and the trainers' checkpoints
+    carry it and a resumed run continues exactly, Note [Resume] in optim/state.py). A tensor
+    takes it at its first step of the ramp (one without a gradient at the ramp's first step, at
+    its next), keeps it while the target ranks (with ``keep_zeros=True``, as in the recipe, to
+    the ramp's last step; without, to the end of the run) and ``remove`` drops it. Each pass of
+    the selection and the map reads it (one more read, as the horizon's m). The selection and
+    the map compute y and c with one function, eagerly or in one compiled formula (Note [Fused
+    map] in optim/fused.py), so exactly the m smallest are zero (ties aside). Only with
+    ``regrow=False``: a zero that came back would rank by the map's jump to zero, as if it had
+    travelled that far, and come back again (zeros churned in a probe), so ``regrow=True`` makes
+    the default α 0 and refuses another. Under any other optimizer, or ``step="lr"``, the
+    weights are scored as they are. ``lookahead=`` and ``extrapolate=`` are not taken together.
+    A compiled ``optimizer.step`` recompiles once, when the state first holds the new keys.
 
 Note [The recipe's defaults]
     ``attach(model, targets, sparsity=s, total_steps=T)`` is the recipe with its defaults: the
@@ -320,6 +326,11 @@ class SparsityTarget:
                 f"first step an L0 target extends each weight's; 0: the weights as they are), got {value!r:.60}"
             )
         self.extrapolate = float(value)
+        if self.extrapolate and self.regrow:
+            raise ParamregError(
+                f"extrapolate={self.extrapolate:g} needs regrow=False: a zero that comes back would rank by the map's "
+                f"jump to zero as if it had travelled that far (give extrapolate=0 to let zeros regrow)"
+            )
         if self.lookahead and self.extrapolate:
             raise ParamregError(
                 f"give lookahead= (along Adam's momentum) or extrapolate= (along each weight's path since the ramp "
