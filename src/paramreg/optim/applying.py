@@ -21,7 +21,7 @@ from ..catalogue.elementwise import L0
 from ..errors import ParamregError
 
 from . import fused, step_sizes
-from .state import ORIGIN_KEY, ORIGIN_STEP_KEY, fill_of, schedule_value
+from .state import ORIGIN_KEY, ORIGIN_STEP_KEY, POINTS_IN, drop_origins, fill_of, schedule_value
 from .plans import Bucket
 
 __all__ = ["run", "Partition", "BLOCK", "local_part"]
@@ -138,7 +138,7 @@ def _map(regularizer, tensors: list[Tensor], step) -> None:
         regularizer.prox_(tensors, step)
 
 
-def _ahead(tensors: list[Tensor], states: list[dict], inverse: list, group: dict, horizon: int, extrapolate: float = 0.0
+def _points(tensors: list[Tensor], states: list[dict], inverse: list, group: dict, horizon: int, extrapolate: float = 0.0
            ) -> list[Tensor]:
     """The points whose L0 scores an L0 target ranks, 0 where w is 0: with ``lookahead=h``,
     y = w − h·t·m̂ (Note [Looking ahead] in optim/targets.py), ``inverse`` the metric's inverse
@@ -162,9 +162,9 @@ def _ahead(tensors: list[Tensor], states: list[dict], inverse: list, group: dict
     return out
 
 
-def _apply_ahead(criticals: "_Criticals", bucket: Bucket, tensors: list[Tensor], lr: float, group, fill, strength: float,
+def _apply_points(criticals: "_Criticals", bucket: Bucket, tensors: list[Tensor], lr: float, group, fill, strength: float,
                  floors) -> None:
-    """An L0 target's map when it scores points other than the weights (:func:`_ahead`): every
+    """An L0 target's map when it scores points other than the weights (:func:`_points`): every
     weight of ``tensors`` whose score at its point is at most ``strength`` set to zero, the scores
     computed as the selection computed them (the same blocks, the same function), the others
     left as they are."""
@@ -172,7 +172,7 @@ def _apply_ahead(criticals: "_Criticals", bucket: Bucket, tensors: list[Tensor],
     states = [optimizer.state[p] for p in tensors]
     if floors is None:
         floors = step_sizes.floors(optimizer, group, tensors, states, bucket.metric_floor)
-    left = fused.map_ahead_(optimizer, group, tensors, states, lr, floors, criticals.lookahead, criticals.extrapolate,
+    left = fused.map_points_(optimizer, group, tensors, states, lr, floors, criticals.lookahead, criticals.extrapolate,
                             strength)  # Note [Fused map]
     tensors, states = [tensors[i] for i in left], [states[i] for i in left]
     floors = None if floors is None else [floors[i] for i in left]
@@ -181,7 +181,7 @@ def _apply_ahead(criticals: "_Criticals", bucket: Bucket, tensors: list[Tensor],
     for indices, block, block_states in _blocks(tensors, states, bucket.regularizer):
         block_floors = None if floors is None else [floors[i] for i in indices]
         inverse = _inverses(_inverse(bucket, block, lr, optimizer, group, fill, block_states, block_floors), len(block))
-        points = _ahead(block, block_states, inverse, group, criticals.lookahead, criticals.extrapolate)
+        points = _points(block, block_states, inverse, group, criticals.lookahead, criticals.extrapolate)
         scores = bucket.regularizer.critical(points, inverse)
         for w, score in zip(block, scores, strict=True):
             w.masked_fill_(score <= strength, 0.0)
@@ -259,10 +259,10 @@ def _apply_target(target, work: list[tuple], optimizer, process_group=None, ever
         for p in stepped:
             p.masked_fill_(_memory(carriers[id(p)], p), 0)
         if target.extrapolate:
-            _drop_origins(optimizer, stepped)  # Note [Extrapolated paths]: no longer read
+            drop_origins(optimizer, stepped)  # Note [Extrapolated paths]: no longer read
         return
     if target.extrapolate and k <= target.start:
-        _drop_origins(optimizer, stepped)  # placeholders a state_dict() wrote: not held before the ramp
+        drop_origins(optimizer, stepped)  # placeholders a state_dict() wrote: not held before the ramp
     criticals = _Criticals(work, optimizer, process_group, everything, target.lookahead,
                            target.extrapolate if k > target.start else 0.0, (target.start, k))
     strengths = target.calibrate(criticals, k)
@@ -274,23 +274,14 @@ def _apply_target(target, work: list[tuple], optimizer, process_group=None, ever
         for strength, indices in by_strength.items():
             chosen = [tensors[i] for i in indices]
             chosen_floors = None if floors is None else [floors[i] for i in indices]
-            if criticals.ahead(bucket):
-                _apply_ahead(criticals, bucket, chosen, lr, group, fill, strength * (1.0 + BOUNDARY), chosen_floors)
+            if criticals.scores_points(bucket):
+                _apply_points(criticals, bucket, chosen, lr, group, fill, strength * (1.0 + BOUNDARY), chosen_floors)
             else:
                 _apply(bucket, chosen, lr, optimizer, group, fill, bucket.regularizer.scaled(strength * (1.0 + BOUNDARY)),
                        chosen_floors)
     if target.keep_zeros and k == target.steps:  # the ramp's last step: its zeros are the ones kept
         for p in stepped:
             carriers[id(p)].remember(p)
-
-
-def _drop_origins(optimizer, params) -> None:
-    """Take the origins (and placeholders) of Note [Extrapolated paths] out of ``params``' state."""
-    for p in params:
-        state = optimizer.state.get(p)
-        if state and ORIGIN_KEY in state:
-            del state[ORIGIN_KEY]
-            state.pop(ORIGIN_STEP_KEY, None)
 
 
 class _Criticals:
@@ -327,7 +318,7 @@ class _Criticals:
                  extrapolate: float = 0.0, ramp: tuple[int, int] = (0, 0)):
         self.optimizer = optimizer
         # Notes [Looking ahead] and [Extrapolated paths] in optim/targets.py: only in the metric of Adam or AdamW
-        adam = step_sizes.resolve(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+        adam = step_sizes.resolve(optimizer) in POINTS_IN
         self.lookahead = lookahead if adam else 0
         self.extrapolate = extrapolate if adam else 0.0
         self.work = []  # (bucket, tensors, lr, group, fill, floors)
@@ -344,7 +335,7 @@ class _Criticals:
                 states = [optimizer.state[p] for p in tensors]
                 floors = step_sizes.floors(optimizer, group, tensors, states, bucket.metric_floor)
             self.work.append((bucket, tensors, lr, group, fill, floors))
-            if self.extrapolate and self.ahead(bucket):  # the origins, at a tensor's first step of the ramp
+            if self.extrapolate and self.scores_points(bucket):  # the origins, at a tensor's first step of the ramp
                 start, k = ramp  # (the ramp's start, this step's count)
                 for p in tensors:
                     state = optimizer.state[p]
@@ -391,8 +382,9 @@ class _Criticals:
         self.reduce = _reducer(process_group)
         self.owned = {u for u, (w, _) in enumerate(self.units) if w is not None}
 
-    def ahead(self, bucket) -> bool:
-        """Whether ``bucket``'s critical strengths are taken at points ahead (Note [Looking ahead] in optim/targets.py)."""
+    def scores_points(self, bucket) -> bool:
+        """Whether ``bucket``'s critical strengths are taken at points other than its weights (Notes
+        [Looking ahead] and [Extrapolated paths] in optim/targets.py)."""
         return bool(self.lookahead or self.extrapolate) and bucket.policy == "adaptive" and type(bucket.regularizer) is L0
 
     def largest(self, value: float) -> float:
@@ -449,7 +441,7 @@ class _Criticals:
             drawn_state = {k: v.reshape(-1)[draws] if _alike(v, p) else v for k, v in state.items()}
             step = _inverse(bucket, [drawn], lr, self.optimizer, group, fill, [drawn_state], None if floors is None else [floors[i]])
             inverse = _inverses(step, 1)
-            points = _ahead([drawn], [drawn_state], inverse, group, self.lookahead, self.extrapolate) if self.ahead(bucket) else [drawn]
+            points = _points([drawn], [drawn_state], inverse, group, self.lookahead, self.extrapolate) if self.scores_points(bucket) else [drawn]
             values = bucket.regularizer.critical(points, inverse)[0].float()
             if limits and u in limits:
                 values = torch.where(values <= limits[u], values, math.inf)
@@ -460,14 +452,14 @@ class _Criticals:
         """(indices into ``tensors`` of one unit, their critical strengths) per block: the blocks
         of Note [Blocks] on the CPU, else one unit at a time."""
         regularizer = bucket.regularizer
-        ahead = self.ahead(bucket)
+        pointed = self.scores_points(bucket)
         if bucket.policy == "adaptive" and not regularizer.joint:  # Note [Fused map] in optim/fused.py
             eager = []
             for i in indices:
                 p = tensors[i]
                 found = fused.critical_blocks(self.optimizer, group, regularizer, p, self.optimizer.state[p], lr,
-                                              None if floors is None else floors[i], self.lookahead if ahead else 0,
-                                              self.extrapolate if ahead else 0.0)
+                                              None if floors is None else floors[i], self.lookahead if pointed else 0,
+                                              self.extrapolate if pointed else 0.0)
                 if found is None:
                     eager.append(i)
                     continue
@@ -489,7 +481,7 @@ class _Criticals:
             block_floors = None if chosen_floors is None else [chosen_floors[j] for j in js]
             step = _inverse(bucket, block, lr, self.optimizer, group, fill, block_states, block_floors)
             inverse = _inverses(step, len(block))
-            points = _ahead(block, block_states, inverse, group, self.lookahead, self.extrapolate) if ahead else block
+            points = _points(block, block_states, inverse, group, self.lookahead, self.extrapolate) if pointed else block
             found = regularizer.critical(points, inverse)
             del step, inverse
             if regularizer.joint:

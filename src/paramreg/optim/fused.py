@@ -139,7 +139,7 @@ from ..catalogue.structured import NEWTON_MAX_ITERATIONS, NEWTON_RTOL, GroupLass
 from . import step_sizes
 from .state import ORIGIN_KEY
 
-__all__ = ["enabled", "devices", "min_numel", "compile_seconds", "map_", "map_ahead_", "critical_blocks", "ahead_scale", "hold_", "CRITICAL_BLOCK"]
+__all__ = ["enabled", "devices", "min_numel", "compile_seconds", "map_", "map_points_", "critical_blocks", "ahead_scale", "hold_", "CRITICAL_BLOCK"]
 
 #: False: every tensor takes the eager map.
 enabled = True
@@ -200,31 +200,32 @@ def _extended(w: Tensor, v: Tensor, origin: Tensor, floor: Tensor, c: Tensor) ->
     return _inverse(v, floor, c), torch.where(w == 0, 0.0, w + c[2] * (w - origin))
 
 
+def _score(u: Tensor, y: Tensor) -> Tensor:
+    """y_i²·u_i/2: ``L0.critical`` at the points y, the one formula the selection ranks and the map compares."""
+    return y * y * u / 2
+
+
 def _l0_ahead_critical(out: Tensor, w: Tensor, v: Tensor, m: Tensor, floor: Tensor, c: Tensor) -> None:
-    """Into out: y_i²·u_i/2, ``L0.critical`` at the points ahead (c = [scale, shift, horizon/(1 − β₁ᵏ)])."""
-    u, y = _ahead(w, v, m, floor, c)
-    out.copy_(y * y * u / 2)
+    """Into out: the score at the points ahead (c = [scale, shift, horizon/(1 − β₁ᵏ)])."""
+    out.copy_(_score(*_ahead(w, v, m, floor, c)))
 
 
 def _l0_ahead(w: Tensor, v: Tensor, m: Tensor, floor: Tensor, c: Tensor) -> None:
     """In place on w (flat): 0 where the score at its point, computed as :func:`_l0_ahead_critical`
     computes it, is at most c[3] (the target's strength), so the map zeroes what the selection
     counted; every other weight as it is."""
-    u, y = _ahead(w, v, m, floor, c)
-    w.copy_(torch.where(y * y * u / 2 <= c[3], 0.0, w))
+    w.copy_(torch.where(_score(*_ahead(w, v, m, floor, c)) <= c[3], 0.0, w))
 
 
 def _l0_extended_critical(out: Tensor, w: Tensor, v: Tensor, origin: Tensor, floor: Tensor, c: Tensor) -> None:
-    """Into out: y_i²·u_i/2, ``L0.critical`` at the extended points (c = [scale, shift, α])."""
-    u, y = _extended(w, v, origin, floor, c)
-    out.copy_(y * y * u / 2)
+    """Into out: the score at the extended points (c = [scale, shift, α])."""
+    out.copy_(_score(*_extended(w, v, origin, floor, c)))
 
 
 def _l0_extended(w: Tensor, v: Tensor, origin: Tensor, floor: Tensor, c: Tensor) -> None:
     """In place on w (flat): 0 where the score at its extended point, computed as
     :func:`_l0_extended_critical` computes it, is at most c[3]; every other weight as it is."""
-    u, y = _extended(w, v, origin, floor, c)
-    w.copy_(torch.where(y * y * u / 2 <= c[3], 0.0, w))
+    w.copy_(torch.where(_score(*_extended(w, v, origin, floor, c)) <= c[3], 0.0, w))
 
 
 def _group_first(w: Tensor, v: Tensor, floor: Tensor, c: Tensor):
@@ -535,7 +536,7 @@ def ahead_scale(group: dict, state: dict, horizon: int) -> float:
     return horizon / (1.0 - group["betas"][0] ** float(state["step"]))
 
 
-def map_ahead_(optimizer, group: dict, tensors: list[Tensor], states: list[dict], lr: float, floors: list | None, horizon: int,
+def map_points_(optimizer, group: dict, tensors: list[Tensor], states: list[dict], lr: float, floors: list | None, horizon: int,
                extrapolate: float, strength: float) -> list[int]:
     """An L0 target's map at its points (Note [Looking ahead] with ``horizon``, Note [Extrapolated
     paths] with ``extrapolate``, in optim/targets.py) by one compiled pass per tensor it takes

@@ -83,13 +83,16 @@ from ..errors import ParamregError
 from ..modules.carrier import live_carriers
 from . import step_sizes
 
-__all__ = ["OptimizerState", "of", "get", "STEPS_KEY", "FILL_KEY", "ORIGIN_KEY", "ORIGIN_STEP_KEY", "forget_origins", "advance_fills", "fill_of", "save_with", "restore_counts",
+__all__ = ["OptimizerState", "of", "get", "STEPS_KEY", "FILL_KEY", "ORIGIN_KEY", "ORIGIN_STEP_KEY", "POINTS_IN", "drop_origins", "forget_origins", "advance_fills", "fill_of", "save_with", "restore_counts",
            "schedule_value", "carriers_by_param"]
 
 STEPS_KEY = "paramreg_steps"  # where a group's carriers' step counts go in the optimizer's state_dict()
 FILL_KEY = "paramreg_momentum_fill"  # where a group's momentum fill goes in the optimizer's state_dict()
 ORIGIN_KEY = "paramreg_origin"  # a weight's tensor at its target's ramp's first step (Note [Extrapolated paths] in optim/targets.py)
 ORIGIN_STEP_KEY = "paramreg_origin_step"  # the target's step count when ORIGIN_KEY was taken; -1: a placeholder
+#: The optimizers in whose metric an L0 target scores points other than the weights (Notes [Looking
+#: ahead] and [Extrapolated paths] in optim/targets.py).
+POINTS_IN = (torch.optim.Adam, torch.optim.AdamW)
 
 
 class OptimizerState:
@@ -220,7 +223,7 @@ def _save_state(optimizer, state_dict) -> None:
     # SGD keeps no state for a parameter it steps without momentum, and reads no key it does not
     # know: there the keys go into a state entry made for them
     tolerant = step_sizes.resolve(optimizer) is torch.optim.SGD
-    extending = step_sizes.resolve(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+    extending = step_sizes.resolve(optimizer) in POINTS_IN
     for index, (live, saved) in enumerate(zip(optimizer.param_groups, state_dict["param_groups"], strict=False)):
         fill = fill_of(optimizer, index, live)
         for p, key in zip(live["params"], saved["params"], strict=False):
@@ -243,19 +246,23 @@ def _save_state(optimizer, state_dict) -> None:
 
 def _extends(c) -> bool:
     """Whether carrier ``c`` holds an L0 target that extrapolates in the optimizer's metric."""
-    target = c.target
-    return target is not None and bool(getattr(target, "extrapolate", 0.0)) and type(c.regularizer) is L0 and c.step != "lr"
+    return c.target is not None and bool(c.target.extrapolate) and type(c.regularizer) is L0 and c.step != "lr"
+
+
+def drop_origins(optimizer, params) -> None:
+    """Take the origins of Note [Extrapolated paths] (and placeholders) of ``params`` out of
+    ``optimizer``'s state."""
+    for p in params:
+        state = optimizer.state.get(p)
+        if state and ORIGIN_KEY in state:
+            del state[ORIGIN_KEY]
+            state.pop(ORIGIN_STEP_KEY, None)
 
 
 def forget_origins(params) -> None:
-    """Take the origins of Note [Extrapolated paths] (and placeholders) of ``params`` out of every
-    optimizer paramreg knows: they are no longer read (``remove``)."""
+    """:func:`drop_origins` in every optimizer paramreg knows: they are no longer read (``remove``)."""
     for optimizer in list(_STATES):
-        for p in params:
-            state = optimizer.state.get(p)
-            if state:
-                state.pop(ORIGIN_KEY, None)
-                state.pop(ORIGIN_STEP_KEY, None)
+        drop_origins(optimizer, params)
 
 
 def restore_counts(optimizer, by_param: dict) -> None:
