@@ -10,6 +10,7 @@ class (Note [Module classes] in modules/classes.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -68,6 +69,14 @@ def plists(module: nn.Module) -> nn.ModuleDict | None:
     """``module.parametrizations``, read from ``module._modules`` (no export guard, no class lookup)."""
     found = module._modules.get("parametrizations")
     return found if isinstance(found, nn.ModuleDict) else None
+
+
+def children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, child) of ``module._modules`` that a walk enters: every submodule but ``None`` and the
+    parametrization container (``module.parametrizations``, as :func:`plists` reads it)."""
+    for name, child in module._modules.items():
+        if child is not None and not (name == "parametrizations" and isinstance(child, nn.ModuleDict)):
+            yield name, child
 
 
 def parametrized(module: nn.Module) -> bool:
@@ -149,13 +158,7 @@ def slots(model: nn.Module) -> list[Slot]:
                 else:
                     first.aliases.append(s)
             position += 1
-        skip_parametrizations = parametrized(module)
-        children = [
-            (f"{prefix}{name}.", child)
-            for name, child in module._modules.items()
-            if child is not None and not (skip_parametrizations and name == "parametrizations")
-        ]
-        stack.extend(reversed(children))
+        stack.extend(reversed([(f"{prefix}{name}.", child) for name, child in children(module)]))
     return [s for _, s in sorted(chosen.values(), key=lambda item: item[0])]
 
 
@@ -165,9 +168,7 @@ def module_tree(model: nn.Module) -> tuple[list[nn.Module], bool]:
     ``ModuleDict``); and whether the walk reached a module twice (shared, or a cycle)."""
     found, seen, stack, shared = [], {id(model)}, [model], False
     while stack:
-        for name, child in stack.pop()._modules.items():
-            if child is None or (name == "parametrizations" and type(child) is nn.ModuleDict):
-                continue
+        for _, child in children(stack.pop()):
             if id(child) in seen:
                 shared = True
                 continue
@@ -185,9 +186,7 @@ def same_tree(model: nn.Module, tree: list, shared: bool) -> bool:
     stack, count, n = [model], 0, len(tree)
     seen = {id(model)} if shared else None
     while stack:
-        for name, child in stack.pop()._modules.items():
-            if child is None or (name == "parametrizations" and type(child) is nn.ModuleDict):
-                continue
+        for _, child in children(stack.pop()):
             if seen is not None:
                 if id(child) in seen:
                     continue
