@@ -63,6 +63,7 @@ also rewrites the tables of docs/sparsity-recipe.md between its marker comments.
     python examples/study_tasks.py --quick --out /tmp/tasks   # a smoke run of a few seconds
     python examples/study_tasks.py --tasks resnet-digits      # one task again; the others' rows stay
     python examples/study_tasks.py --methods manual-l1        # one method again (and the dense runs)
+    python examples/study_tasks.py --seeds 3 4                # new seeds; the others' rows stay
     python examples/study_tasks.py --methods paramreg --settings l0-ahead/global/0.25-0.5/no-regrow   # one candidate
 """
 
@@ -101,7 +102,7 @@ DOCS_PAGE = ROOT / "docs" / "sparsity-recipe.md"
 MARKS = {"tables": ("<!-- study-tasks:begin -->", "<!-- study-tasks:end -->")}
 
 LEVELS = (0.5, 0.8, 0.9, 0.95)
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 PRUNE_FROM = 0.25  # every method's pruning starts here (a fraction of the budget); before it, all share one dense run
 WINDOWS = ((0.25, 0.5), (0.25, 0.75))  # ramp (start, end) as fractions of the budget: hold the rest
 ONE_SHOT_AT = (0.5, 0.75)
@@ -766,13 +767,15 @@ def write(rows, out):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny models and budgets, one seed: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="tiny models and budgets, two seeds: a smoke run")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="run these (and the dense runs they start from); "
                         "the other methods' rows in --out stay")
     parser.add_argument("--settings", nargs="+", help="run only these settings of the methods run (e.g. new paramreg "
                         "candidates); the other settings' rows in --out stay")
+    parser.add_argument("--seeds", nargs="+", type=int, choices=SEEDS, help="run only these seeds (e.g. new ones); "
+                        "the other seeds' rows in --out stay")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     names = sorted(set(args.tasks), key=list(TASKS).index)
@@ -780,13 +783,15 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     progress = args.out / "progress.jsonl"
     progress.unlink(missing_ok=True)
-    rows = sweep(names, SEEDS[:2] if args.quick else SEEDS, LEVELS, args.quick, args.workers, progress, args.methods, args.settings)
+    seeds = tuple(args.seeds or (SEEDS[:2] if args.quick else SEEDS))
+    rows = sweep(names, seeds, LEVELS, args.quick, args.workers, progress, args.methods, args.settings)
     progress.unlink()
     rows = [r for r in rows if r["task"] in args.tasks]
-    if (set(args.tasks) != set(TASKS) or args.methods or args.settings) and (args.out / "results.csv").exists():  # the rest stays
-        rerun = {"dense", *(args.methods or METHODS)}
+    if (set(args.tasks) != set(TASKS) or args.methods or args.settings or args.seeds) and (args.out / "results.csv").exists():
+        rerun = {"dense", *(args.methods or METHODS)}  # the rest stays
         rows = [r for r in read_csv(args.out / "results.csv") if r["task"] not in args.tasks or r["method"] not in rerun
-                or (args.settings and r["method"] != "dense" and r["setting"] not in args.settings)] + rows
+                or (args.settings and r["method"] != "dense" and r["setting"] not in args.settings)
+                or int(r["seed"]) not in seeds] + rows
         order = [*TASKS], ["dense", *METHODS]
         rows.sort(key=lambda r: (order[0].index(r["task"]), order[1].index(r["method"]), str(r["setting"]), str(r["level"]),
                                  int(r["seed"])))
