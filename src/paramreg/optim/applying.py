@@ -140,25 +140,21 @@ def _map(regularizer, tensors: list[Tensor], step) -> None:
 
 def _points(tensors: list[Tensor], states: list[dict], inverse: list, group: dict, horizon: int, extrapolate: float = 0.0
            ) -> list[Tensor]:
-    """The points whose L0 scores an L0 target ranks, 0 where w is 0: with ``lookahead=h``,
-    y = w − h·t·m̂ (Note [Looking ahead] in optim/targets.py), ``inverse`` the metric's inverse
-    steps 1/t of ``tensors`` (:func:`_inverses`), ``states`` their Adam states (or the same
-    slices); with ``extrapolate=α``, y = w + α·(w − w⁰), w⁰ the origin in the state (Note
-    [Extrapolated paths]). A tensor without that state of its shape is its own point."""
+    """The points whose L0 scores an L0 target ranks, 0 where w is 0 (which points:
+    :func:`fused.points_of`): with ``lookahead=h``, y = w − h·t·m̂ (Note [Looking ahead] in
+    optim/targets.py), ``inverse`` the metric's inverse steps 1/t of ``tensors``
+    (:func:`_inverses`), ``states`` their Adam states (or the same slices); with
+    ``extrapolate=α``, y = w + α·(w − w⁰), w⁰ the origin in the state (Note [Extrapolated
+    paths]). A tensor without that state of its shape is its own point."""
     out = []
     for w, state, u in zip(tensors, states, inverse, strict=True):
-        if horizon:
-            m = state.get("exp_avg")
-            if not isinstance(m, Tensor) or m.shape != w.shape or not isinstance(u, Tensor):
-                out.append(w)
-                continue
-            out.append(torch.where(w == 0, 0.0, w - fused.ahead_scale(group, state, horizon) * (m / u)))
-            continue
-        origin = state.get(ORIGIN_KEY)
-        if not extrapolate or not isinstance(origin, Tensor) or origin.shape != w.shape:
+        kind, extra, factor = fused.points_of(state, group, horizon, extrapolate)
+        if (not kind or not isinstance(extra, Tensor) or extra.shape != w.shape
+                or (kind == "_ahead" and not isinstance(u, Tensor))):
             out.append(w)
             continue
-        out.append(torch.where(w == 0, 0.0, w + extrapolate * (w - origin)))
+        y = w - factor * (extra / u) if kind == "_ahead" else w + factor * (w - extra)
+        out.append(torch.where(w == 0, 0.0, y))
     return out
 
 

@@ -139,7 +139,7 @@ from ..catalogue.structured import NEWTON_MAX_ITERATIONS, NEWTON_RTOL, GroupLass
 from . import step_sizes
 from .state import ORIGIN_KEY
 
-__all__ = ["enabled", "devices", "min_numel", "compile_seconds", "map_", "map_points_", "critical_blocks", "ahead_scale", "hold_", "CRITICAL_BLOCK"]
+__all__ = ["enabled", "devices", "min_numel", "compile_seconds", "map_", "map_points_", "critical_blocks", "points_of", "ahead_scale", "hold_", "CRITICAL_BLOCK"]
 
 #: False: every tensor takes the eager map.
 enabled = True
@@ -482,7 +482,7 @@ def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict,
     blocks of about ``CRITICAL_BLOCK`` elements that share one buffer: a block is valid until the
     next is asked for. ``floor``: the floor the target took (None: no floor). None where the
     fused map does not take ``p`` (the rule of Note [Fused map]), and the eager path computes them."""
-    kind, extra, factor = _points(state, group, horizon, extrapolate) if type(regularizer) is L0 else ("", None, None)
+    kind, extra, factor = points_of(state, group, horizon, extrapolate) if type(regularizer) is L0 else ("", None, None)
     name = {L1: "l1_critical", L0: f"l0{kind}_critical"}.get(type(regularizer))
     if (name is None or not enabled or step_sizes.resolve(optimizer) not in _ADAM or not group.get("eps", 0.0) > 0
             or torch.compiler.is_compiling() or not (floor is None or type(floor) is Tensor)):
@@ -507,12 +507,14 @@ def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict,
     return _critical_blocks(name, out, p, moments, floor, c, size)
 
 
-def _points(state: dict, group: dict, horizon: int, extrapolate: float) -> tuple[str, Tensor | None, float | None]:
+def points_of(state: dict, group: dict, horizon: int, extrapolate: float) -> tuple[str, Tensor | None, float | None]:
     """(the kernels' suffix, the tensor beside w and v they read, its factor c[2]) for an L0
     target's points: ahead along Adam's momentum (``horizon``), extended along the path since the
-    ramp began (``extrapolate``, once the origin is in ``state``), or the weights themselves."""
+    ramp began (``extrapolate``, once the origin is in ``state``), or the weights themselves
+    ("", None, None). The compiled kernels and the eager path (``applying._points``) both ask here."""
     if horizon:
-        return "_ahead", state.get("exp_avg"), ahead_scale(group, state, horizon)
+        m = state.get("exp_avg")
+        return "_ahead", m, ahead_scale(group, state, horizon) if isinstance(m, Tensor) else None
     if extrapolate and ORIGIN_KEY in state:
         return "_extended", state[ORIGIN_KEY], extrapolate
     return "", None, None
@@ -546,7 +548,7 @@ def map_points_(optimizer, group: dict, tensors: list[Tensor], states: list[dict
         return list(range(len(tensors)))
     key, left = step_sizes.adam_key(group), []
     for i, (p, state) in enumerate(zip(tensors, states, strict=True)):
-        kind, extra, factor = _points(state, group, horizon, extrapolate)
+        kind, extra, factor = points_of(state, group, horizon, extrapolate)
         v = state.get(key)
         floor = None if floors is None else floors[i]
         if not kind or not _fits(p, v, f"l0{kind}") or not _alike(p, extra) or not (floor is None or type(floor) is Tensor):
