@@ -421,10 +421,11 @@ def test_a_target_through_the_fused_map_zeroes_exactly_what_the_eager_map_zeroes
     assert min(through_fused) >= 0 and through_fused == eager
 
 
-def _target_run(monkeypatch, enabled, form, allocation, broken_after=None):
+def _target_run(monkeypatch, enabled, form, allocation, broken_after=None, before_step=None):
     """Per step, the weights of a small CNN under an AdamW target (fused maps ``enabled`` or not);
     ``broken_after``: from that step on, every compiled kernel raises (a shape past Dynamo's
-    recompile limit), so that each later call runs its formula eagerly."""
+    recompile limit), so that each later call runs its formula eagerly; ``before_step(k, model)``
+    is called before step k's update."""
     monkeypatch.setattr(fused, "enabled", enabled)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten(),
@@ -442,32 +443,105 @@ def _target_run(monkeypatch, enabled, form, allocation, broken_after=None):
                 monkeypatch.setitem(fused._compiled, key, broken)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
+        if before_step is not None:
+            before_step(k, model)
         opt.step()
         out.append([p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")])
     return out
 
 
+def _kernel_names(monkeypatch) -> list[str]:
+    """The names of the compiled kernels called from now on."""
+    names = []
+    original = fused._call
+
+    def recording(name, *args):
+        names.append(name)
+        return original(name, *args)
+
+    monkeypatch.setattr(fused, "_call", recording)
+    return names
+
+
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 @pytest.mark.parametrize("form", [{"lookahead": 2}, {"lookahead": 0}, {}, {"l1": True}], ids=["l0 ahead", "l0", "l0 extended", "l1"])
-@pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "passes"])
-def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(form, allocation, gathered, monkeypatch):
+@pytest.mark.parametrize("selection", ["gathered", "sampled", "passes"])
+def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(form, allocation, selection, monkeypatch):
     """The compiled critical strengths in several blocks per tensor (blocks of 300 over 432 to
-    2,304 weights), through both selections (one gathered partition; the histogram passes with
-    their bracket counts) and both allocations: every step's zero set is the eager path's,
-    exactly (they differ only in the sqrt's last bit, far inside 2^-18)."""
+    2,304 weights), through every selection (one gathered partition; a drawn bracket, whose one
+    pass also finds what a global L0 target's map zeroes, Note [Selection that zeroes] in
+    optim/applying.py; the histogram passes with their bracket counts) and both allocations:
+    every step's zero set is the eager path's, exactly (they differ only in the sqrt's last bit,
+    far inside 2^-18)."""
     from paramreg.optim import targets
 
     monkeypatch.setattr(fused, "min_numel", 2)
     monkeypatch.setattr(fused, "CRITICAL_BLOCK", 300)
-    if not gathered:
+    if selection != "gathered":
         monkeypatch.setattr(targets, "GATHERED", 0)
+    if selection == "passes":
+        monkeypatch.setattr(targets, "SAMPLE", 0)
     calls = _count_calls(monkeypatch, every=True)
+    names = _kernel_names(monkeypatch)
     through_fused = _target_run(monkeypatch, True, form, allocation)
     assert len(calls) > 6 * 4
+    # the one pass that selects and finds the zeros runs where it should: over every block at every step
+    one_pass = selection == "sampled" and allocation == "global" and "l1" not in form
+    blocks = sum(-(-w.numel() // 300) for w in through_fused[0])
+    assert sum(name.endswith("_select") for name in names) == (6 * blocks if one_pass else 0)
     eager = _target_run(monkeypatch, False, form, allocation)
     for step_fused, step_eager in zip(through_fused, eager, strict=True):
         assert all(torch.equal(a == 0, b == 0) for a, b in zip(step_fused, step_eager, strict=True))
     assert sum(int((w == 0).sum()) for w in eager[-1]) >= 0.9 * sum(w.numel() for w in eager[-1])
+
+
+@pytest.mark.parametrize("case", ["answer below the bracket", "answer above it", "strength past its top", "signed zeros"])
+@pytest.mark.parametrize("form", [{"lookahead": 2}, {}], ids=["l0 ahead", "l0 extended"])
+def test_the_one_pass_selection_falls_back_where_its_bracket_does_not_hold(form, case, monkeypatch):
+    """Note [Selection that zeroes] in optim/applying.py: a drawn bracket that misses the m-th
+    value below or above (the guessed pass and the histogram passes then resolve it), a strength
+    raised past the bracket's top (``BOUNDARY`` of 1/2, in both runs: the map runs as a pass), and
+    weights at −0.0 (held at −0.0 by their zeroed gradient and momentum; the map writes +0.0 over
+    them): every step's weights are the eager path's, bit for bit, signs of zeros included."""
+    from paramreg.optim import applying, targets
+
+    monkeypatch.setattr(fused, "min_numel", 2)
+    monkeypatch.setattr(fused, "CRITICAL_BLOCK", 300)
+    monkeypatch.setattr(targets, "GATHERED", 0)
+    drawn_bracket = targets._bracket
+    normal = float(torch.finfo(torch.float32).tiny)
+
+    def missing(drawn, m, total):
+        found = drawn_bracket(drawn, m, total)
+        if found is None or not math.isfinite(found[1]):
+            return found
+        lo, hi = found
+        return (hi, 2 * hi) if case == "answer below the bracket" else (max(lo / 4, normal), max(lo / 2, 2 * normal))
+
+    if case.startswith("answer"):
+        monkeypatch.setattr(targets, "_bracket", missing)
+    if case == "strength past its top":
+        monkeypatch.setattr(applying, "BOUNDARY", 0.5)
+
+    def negative_zeros(k, model):
+        if case == "signed zeros" and k == 3:
+            with torch.no_grad():
+                model[0].weight.view(-1)[::7] = -0.0
+
+    names = _kernel_names(monkeypatch)
+    through_fused = _target_run(monkeypatch, True, form, "global", before_step=negative_zeros)
+    assert any(name.endswith("_select") for name in names)  # the one pass ran, then
+    if case.startswith("answer"):
+        assert any(name.endswith("_critical") for name in names)  # the passes over the critical strengths
+    if case == "strength past its top":
+        assert any(name in ("l0_ahead", "l0_extended") for name in names)  # the map as a pass
+    eager = _target_run(monkeypatch, False, form, "global", before_step=negative_zeros)
+    for step_fused, step_eager in zip(through_fused, eager, strict=True):
+        for a, b in zip(step_fused, step_eager, strict=True):
+            assert torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+    if case == "signed zeros":
+        tampered = eager[3][0].view(-1)[::7]  # after the step that began with them at -0.0
+        assert (tampered == 0).all() and not tampered.signbit().any()
 
 
 @pytest.mark.parametrize("form", [{"lookahead": 2}, {"lookahead": 0}, {}], ids=["l0 ahead", "l0", "l0 extended"])

@@ -470,7 +470,7 @@ def test_a_target_step_equals_the_whole_tensor_computation(name, allocation, for
         group = ref_opt.param_groups[0]
         if name == "Adam":
             states = [ref_opt.state[w] for w in weights]
-            floors = step_sizes.floors(ref_opt, group, weights, states)
+            floors = fused.floors(ref_opt, group, weights, states)  # a target's: the dot product over the large tensor
             inverse = step_sizes.inverse_steps(ref_opt, group, states, group["lr"], None, floors)
         else:
             t = group["lr"] * step_sizes.sgd_factor(group, paramreg.optim.state.fill_of(ref_opt, 0, group))
@@ -723,6 +723,30 @@ def test_the_per_tensor_maximum_holds_exactly_where_a_global_target_would_empty_
     tighter = _lopsided()
     paramreg.attach(tighter, "*.weight", sparsity=0.5, sparsity_steps=1, max_sparsity=0.7)
     assert _one_step(tighter) == [70, 30]
+
+
+@pytest.mark.parametrize("max_sparsity, zeros", [(1.0, [100, 0]), (None, [99, 1]), (0.7, [70, 30])])
+def test_the_per_tensor_maximum_holds_exactly_through_the_one_pass_selection(max_sparsity, zeros, monkeypatch):
+    """Note [Selection that zeroes] in optim/applying.py: an L0 target under AdamW whose one pass
+    both selects and finds what its map zeroes (a drawn bracket, the compiled kernel on every
+    weight) keeps each tensor's maximum as the passes do: a strength within that pass's bracket
+    zeroes what the pass found, one below it (the capped tensor's at 0.7) runs the map's pass."""
+    from paramreg.optim import fused, targets
+
+    monkeypatch.setattr(fused, "min_numel", 2)
+    monkeypatch.setattr(targets, "GATHERED", 0)
+    names = []
+    original = fused._call
+    monkeypatch.setattr(fused, "_call", lambda name, *args: names.append(name) or original(name, *args))
+    model = _lopsided()
+    paramreg.attach(model, "*.weight", sparsity=0.5, sparsity_steps=1, **({} if max_sparsity is None else {"max_sparsity": max_sparsity}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
+    model(torch.randn(4, 10)).sum().backward()
+    opt.step()
+    assert [int((m.weight == 0).sum()) for m in model] == zeros
+    assert "l0_extended_select" in names
+    if max_sparsity is not None:  # at 0.99 the capped strengths lie within the bracket, at 0.7 far below it
+        assert ("l0_extended" in names) == (max_sparsity < 1.0)  # the map's pass only there
 
 
 def test_a_uniform_allocation_gives_each_tensor_the_fraction(selection):

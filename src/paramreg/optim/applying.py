@@ -10,10 +10,12 @@ Note [Step size]
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from typing import NamedTuple
 
+import numpy
 import torch
 from torch import Tensor, nn
 
@@ -268,6 +270,10 @@ def _apply_target(target, work: list[tuple], optimizer, process_group=None, ever
             if strengths[u]:
                 by_strength.setdefault(strengths[u], []).extend(criticals.units[u][1])
         for strength, indices in by_strength.items():
+            if type(bucket.regularizer) is L0 and bucket.policy == "adaptive":  # Note [Selection that zeroes]
+                indices = [indices[j] for j in criticals.zero_marked([tensors[i] for i in indices], strength * (1.0 + BOUNDARY))]
+                if not indices:
+                    continue
             chosen = [tensors[i] for i in indices]
             chosen_floors = None if floors is None else [floors[i] for i in indices]
             if criticals.scores_points(bucket):
@@ -294,7 +300,9 @@ class _Criticals:
         before the next is computed. The selection takes two passes (Note [Exact selection] in
         optim/order_statistic.py; a few values on the CPU, one pass into a buffer; more in one
         process on the CPU, mostly one pass after a random draw: Note [Sampled bracket] in
-        optim/targets.py), then the map runs blockwise as the default prox runs. So a target's
+        optim/targets.py), then the map runs blockwise as the default prox runs (a global L0
+        target's is found by that one pass where it holds the answer: Note [Selection that
+        zeroes]). So a target's
         step holds, beyond what the default prox holds, the selection's counts and staging
         buffer and one block (one tensor off the CPU; with a drawn bracket, the draw and at most
         ``GUESSED`` values of the bracket, Note [Guessed bracket] in optim/order_statistic.py),
@@ -324,12 +332,13 @@ class _Criticals:
         self.reduce = None
         self.owned: set[int] | None = None
         self.process_group = process_group
+        self._marks = None  # (lo, hi, per tensor what the map zeroes) from marked()
         self.device = work[0][1][0].device if work else everything[0][0].device
         for bucket, tensors, lr, group, fill in work:
             floors = None
-            if bucket.policy == "adaptive":
+            if bucket.policy == "adaptive":  # Note [Fused map] in optim/fused.py: the map takes these as they are
                 states = [optimizer.state[p] for p in tensors]
-                floors = step_sizes.floors(optimizer, group, tensors, states, bucket.metric_floor)
+                floors = fused.floors(optimizer, group, tensors, states, bucket.metric_floor)
             self.work.append((bucket, tensors, lr, group, fill, floors))
             if self.extrapolate and self.scores_points(bucket):  # the origins, at a tensor's first step of the ramp
                 start, k = ramp  # (the ramp's start, this step's count)
@@ -432,7 +441,7 @@ class _Criticals:
                 return None
             if not p.numel():
                 continue
-            draws = torch.randint(0, p.numel(), (max(1, count * p.numel() // total),), generator=torch.Generator().manual_seed(u))
+            draws = _draws(p.numel(), max(1, count * p.numel() // total), u)
             drawn = p.detach().reshape(-1)[draws]
             drawn_state = {k: v.reshape(-1)[draws] if _alike(v, p) else v for k, v in state.items()}
             step = _inverse(bucket, [drawn], lr, self.optimizer, group, fill, [drawn_state], None if floors is None else [floors[i]])
@@ -443,6 +452,107 @@ class _Criticals:
                 values = torch.where(values <= limits[u], values, math.inf)
             out.append(values)
         return torch.cat(out) if out else None
+
+    # Note [Selection that zeroes]
+    #     An L0 target's map only sets weights to zero and leaves the others as the step put them,
+    #     so the pass that selects can find which as well. In one process on the CPU, where a drawn
+    #     bracket [lo, hi) is expected to hold the m-th smallest score (Note [Sampled bracket] in
+    #     optim/targets.py) and every tensor of a global target is float32 and taken by a compiled
+    #     kernel (``fused.select_blocks``, the rule of Note [Fused map] in optim/fused.py), one
+    #     pass computes each block's scores by the critical strengths' formula, counts those below
+    #     lo and below hi, and keeps the flat indices of two kinds of weight with their scores: the
+    #     scores in [lo, hi), and the weights that score below lo and are not +0.0 (zeroed at any
+    #     strength from lo on; numpy finds them, a few percent of a block). Where the m-th score
+    #     lies in the bracket it is the (m − below)-th smallest kept score, and the map at the
+    #     threshold θ (the strength raised by ``BOUNDARY``) with lo <= θ < hi is ``index_fill_`` at
+    #     the kept indices whose score is at most θ: the weights the map's pass would set to 0, bit
+    #     for bit (the held zeros are +0.0 already; −0.0 and denormals are kept, because that pass
+    #     writes +0.0 over them). Anywhere else (a miss, an m-th score that is a zero, θ at or above
+    #     hi or, for a capped tensor, below lo; another regularizer, a tensor the kernel does not
+    #     take, a collective, float64) the guessed pass and the map's pass run as before: nothing
+    #     was written. A ramp step then reads the selected weights and their optimizer state once
+    #     where it read them twice (the selection's pass, the map's), and holds the kept indices and
+    #     scores (int64 and float32, a few percent of the weights; at most ``GUESSED`` scores) until
+    #     its map. ``benchmarks/target_cost.py`` measures the step (docs/at-scale.md); the fused and
+    #     the eager path zero the same weights (tests/test_fused.py, misses and signed zeros too).
+
+    def marked(self, lo: float, hi: float) -> list[tuple[int, int, Tensor]] | None:
+        """A guessed selection over every unit in one pass that also finds what its map zeroes
+        (Note [Selection that zeroes]): per unit, (its scores below ``lo``, below ``hi``, its
+        scores in [lo, hi) in float32), and kept until :meth:`zero_marked`, per
+        tensor, the flat indices of its weights to be zeroed at any strength from lo on and
+        those of its scores in [lo, hi) with the scores. None, before anything is computed,
+        where a unit is not an L0 target's float32 tensor that a compiled kernel scores (Note
+        [Fused map] in optim/fused.py), or with a collective; None also where the bracket would
+        gather more than ``GUESSED`` values, or a kernel cannot be compiled."""
+        from .order_statistic import GUESSED
+
+        if self.reduce is not None or self.owned is not None:
+            return None
+        passes = []  # (tensor, its blocks), unit by unit
+        for w, indices in self.units:
+            bucket, tensors, lr, group, fill, floors = self.work[w]
+            if len(indices) != 1 or bucket.policy != "adaptive" or type(bucket.regularizer) is not L0:
+                return None
+            i = indices[0]
+            pointed = self.scores_points(bucket)
+            p = tensors[i]
+            blocks = fused.select_blocks(self.optimizer, group, bucket.regularizer, p, self.optimizer.state[p], lr,
+                                         None if floors is None else floors[i], self.lookahead if pointed else 0,
+                                         self.extrapolate if pointed else 0.0, (lo, hi))
+            if blocks is None:
+                return None
+            passes.append((p, blocks))
+        out, kept, within = [], {}, 0
+        marks = None
+        for p, blocks in passes:
+            below = under = 0
+            zeroed, at, inside = [], [], []
+            for block in blocks:
+                if block is None:  # the kernel could not be compiled: nothing was written
+                    return None
+                start, (b, n, marked), values = block
+                below, under, within = below + b, under + n, within + n - b
+                if within > GUESSED:
+                    return None
+                if marked:
+                    x = values.numpy()
+                    if marks is None or len(marks) < len(x):
+                        marks = numpy.empty(len(x), dtype=bool)
+                    found = numpy.flatnonzero(numpy.not_equal(x, 0.0, out=marks[: len(x)]))
+                    picked = x[found]
+                    fresh = picked < 0
+                    zeroed.append(found[fresh] + start)
+                    at.append(found[~fresh] + start)
+                    inside.append(picked[~fresh])
+            inside = numpy.concatenate(inside) if inside else numpy.empty(0, dtype=numpy.float32)
+            kept[id(p)] = (numpy.concatenate(zeroed) if zeroed else numpy.empty(0, dtype=numpy.int64),
+                           numpy.concatenate(at) if at else numpy.empty(0, dtype=numpy.int64), inside)
+            out.append((below, under, torch.from_numpy(inside)))
+        self._marks = (lo, hi, kept)
+        return out
+
+    def zero_marked(self, tensors: list[Tensor], threshold: float) -> list[int]:
+        """Sets to zero, in each of ``tensors``, the weights whose score the last :meth:`marked`
+        pass found at most ``threshold`` (as float32), by their indices, where that pass's bracket
+        [lo, hi) holds the threshold; returns the indices into ``tensors`` of those it did not
+        map (their map runs as a pass)."""
+        if self._marks is None:
+            return list(range(len(tensors)))
+        lo, hi, kept = self._marks
+        threshold = numpy.float32(threshold)
+        if not lo <= threshold < hi:
+            return list(range(len(tensors)))
+        left = []
+        for j, p in enumerate(tensors):
+            if id(p) not in kept:
+                left.append(j)
+                continue
+            zeroed, at, inside = kept[id(p)]
+            chosen = numpy.concatenate([zeroed, at[inside <= threshold]])
+            if len(chosen):
+                p.view(-1).index_fill_(0, torch.from_numpy(chosen), 0.0)
+        return left
 
     def _blocks(self, bucket, tensors, indices, lr, group, fill, floors):
         """(indices into ``tensors`` of one unit, their critical strengths) per block: the blocks
@@ -485,6 +595,14 @@ class _Criticals:
                 continue
             for j, values in zip(js, found, strict=True):
                 yield [indices[j]], values
+
+
+@functools.lru_cache(maxsize=32)
+def _draws(n: int, count: int, seed: int) -> Tensor:
+    """``count`` indices below ``n`` drawn at random with ``seed``, sorted (the same at every step;
+    sorted, the reads of a tensor at them took 0.9 against 1.6 ms for 32,768 of 12.5M weights
+    and five tensors, ad hoc). Kept for the next step's draw: never written."""
+    return torch.randint(0, n, (count,), generator=torch.Generator().manual_seed(seed)).sort().values
 
 
 def _critical_sizes(regularizer, tensors: list[Tensor]) -> list[int]:

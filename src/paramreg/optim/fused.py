@@ -88,8 +88,10 @@ Note [Fused map]
     ``BOUNDARY`` in optim/applying.py). A floor recomputed by another reduction differs from
     the eager one by up to 2.1e-4 relative at 8M elements, far more than 2^-18: the map then left
     up to 13 of 2M weights nonzero below the asked count (an AdamW L1 target on two 1024x1024
-    layers). So a target passes its floors, and the map takes them as they are; the
-    sqrt's 1 ulp is well inside 2^-18. A target's group lasso takes the eager solve.
+    layers). So a target takes its floors once per step (``floors``: by the dot product, as
+    this map takes them, for the tensors it could take, whether or not it is ``enabled``, so
+    that both paths rank the same values) and passes them, and the map takes them as they are;
+    the sqrt's 1 ulp is well inside 2^-18. A target's group lasso takes the eager solve.
 
     L0 (the default target's regularizer) has the same kernel, ``l0``: w_i ← 0
     where u_i·w_i² <= 2a, the score rounded as ``L0.critical`` rounds it; it keeps every other
@@ -139,7 +141,7 @@ from ..catalogue.structured import NEWTON_MAX_ITERATIONS, NEWTON_RTOL, GroupLass
 from . import step_sizes
 from .state import ORIGIN_KEY
 
-__all__ = ["enabled", "devices", "min_numel", "compile_seconds", "map_", "map_points_", "critical_blocks", "points_of", "ahead_scale", "hold_", "CRITICAL_BLOCK"]
+__all__ = ["enabled", "devices", "min_numel", "compile_seconds", "map_", "map_points_", "floors", "critical_blocks", "select_blocks", "points_of", "ahead_scale", "hold_", "CRITICAL_BLOCK"]
 
 #: False: every tensor takes the eager map.
 enabled = True
@@ -228,6 +230,36 @@ def _l0_extended(w: Tensor, v: Tensor, origin: Tensor, floor: Tensor, c: Tensor)
     w.copy_(torch.where(_score(*_extended(w, v, origin, floor, c)) <= c[3], 0.0, w))
 
 
+def _marked(s: Tensor, w: Tensor, out: Tensor, b: Tensor) -> Tensor:
+    """One block of a guessed selection's single pass (Note [Selection that zeroes] in
+    optim/applying.py): into out −1 where a weight that the map zeroes at any strength from lo =
+    b[0] on scores below lo (every weight but +0.0, told by its bits: the map writes +0.0 over
+    −0.0 and denormals too), the score where it lies in [lo, hi) (hi = b[1]), 0 elsewhere.
+    Returns the counts of scores below lo, below hi, and of the entries of out that are not 0.
+    (A kernel that also writes a boolean tensor, or reads the scores' bits, took 1.4 to 20 times
+    as long on this machine: no longer vectorized.)"""
+    below = s < b[0]
+    inside = (s < b[1]) & ~below
+    fresh = below & (w.view(torch.int32) != 0)
+    out.copy_(torch.where(fresh, -1.0, torch.where(inside, s, 0.0)))
+    return torch.stack([below.sum(), (s < b[1]).sum(), (fresh | inside).sum()])
+
+
+def _l0_select(out: Tensor, w: Tensor, v: Tensor, floor: Tensor, c: Tensor, b: Tensor) -> Tensor:
+    """:func:`_marked` of the scores :func:`_l0_critical` computes."""
+    return _marked(w * w * _inverse(v, floor, c) / 2, w, out, b)
+
+
+def _l0_ahead_select(out: Tensor, w: Tensor, v: Tensor, m: Tensor, floor: Tensor, c: Tensor, b: Tensor) -> Tensor:
+    """:func:`_marked` of the scores :func:`_l0_ahead_critical` computes."""
+    return _marked(_score(*_ahead(w, v, m, floor, c)), w, out, b)
+
+
+def _l0_extended_select(out: Tensor, w: Tensor, v: Tensor, origin: Tensor, floor: Tensor, c: Tensor, b: Tensor) -> Tensor:
+    """:func:`_marked` of the scores :func:`_l0_extended_critical` computes."""
+    return _marked(_score(*_extended(w, v, origin, floor, c)), w, out, b)
+
+
 def _group_first(w: Tensor, v: Tensor, floor: Tensor, c: Tensor):
     """The group lasso's solve on rows of w (G, B) (Note [Group lasso in a diagonal metric, fast] in
     catalogue/structured.py) with the floor F given, c = [scale, shift, threshold, rtol, tiny]:
@@ -291,7 +323,8 @@ def _hold_momentum(w: Tensor, g: Tensor, m: Tensor) -> None:
 
 _KERNELS = {"hold": _hold, "hold_momentum": _hold_momentum, "l1": _l1, "l0": _l0, "l1_critical": _l1_critical, "l0_critical": _l0_critical,
             "l0_ahead": _l0_ahead, "l0_ahead_critical": _l0_ahead_critical, "l0_extended": _l0_extended,
-            "l0_extended_critical": _l0_extended_critical, "group_first": _group_first, "group_next": _group_next}
+            "l0_extended_critical": _l0_extended_critical, "l0_select": _l0_select, "l0_ahead_select": _l0_ahead_select,
+            "l0_extended_select": _l0_extended_select, "group_first": _group_first, "group_next": _group_next}
 
 
 def _elementwise_map(regularizer) -> tuple[str, float, float] | None:
@@ -362,7 +395,8 @@ def _call(name: str, *args: Tensor):
             out = _compiled[key](*args)
         except Exception as e:  # no C++ compiler, a backend that refuses: the eager path it is
             compile_seconds[key] = None
-            what = "critical strengths" if name.endswith("_critical") else "zero holding" if name.startswith("hold") else "prox"
+            what = ("critical strengths" if name.endswith("_critical") else "selection" if name.endswith("_select")
+                    else "zero holding" if name.startswith("hold") else "prox")
             warnings.warn(f"paramreg: the fused {what} could not be compiled for {key[1]} on {key[2]} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); the eager path runs instead. Set "
                           f"paramreg.optim.fused.enabled = False to choose it explicitly.", stacklevel=5)
@@ -458,6 +492,26 @@ def map_(optimizer, group: dict, regularizer, tensors: list[Tensor], states: lis
     return left
 
 
+def floors(optimizer, group: dict, tensors: list[Tensor], states: list[dict], ratio: float = step_sizes.DEFAULT_METRIC_FLOOR
+           ) -> list | None:
+    """A target's floors (``step_sizes.floors``, taken once per step for its selection and its
+    map, which both take them as they are): ‖g‖₂ by :func:`_floor`'s dot product, as :func:`map_`
+    takes it without a target, for each plain contiguous float32 or float64 tensor of at least
+    ``min_numel`` elements on a device in ``devices`` (whether or not the compiled kernels are
+    ``enabled``, so that the fused and the eager path rank the same values); the others as
+    ``step_sizes.floors`` takes them. torch's ``_foreach_norm`` took 10-30 ms a step over 25M
+    weights on this machine, where the dot product takes a few."""
+    if not ratio:
+        return None
+    cls = step_sizes.resolve(optimizer)
+    taken = [type(p) in (Tensor, nn.Parameter) and p.device.type in devices and p.dtype in (torch.float32, torch.float64)
+             and p.numel() >= max(min_numel, 2) and p.is_contiguous() and _alike(p, p.grad) for p in tensors]
+    rest = [i for i, t in enumerate(taken) if not t]
+    eager = iter(step_sizes.floors(optimizer, group, [tensors[i] for i in rest], [states[i] for i in rest], ratio) if rest else ())
+    return [_floor(p.grad, step_sizes.floor_factor(cls, group, p.numel(), state, ratio)) if t else next(eager)
+            for p, state, t in zip(tensors, states, taken, strict=True)]
+
+
 def _floor(g: Tensor, factor: float) -> Tensor:
     """The metric floor F = factor·‖g‖₂ (0 where factor is 0), ‖g‖₂ by one BLAS dot product: one
     read of g at memory speed, accumulated blockwise (Note [Fused map])."""
@@ -505,6 +559,47 @@ def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict,
     if _call(name, _flat(out, (size,)), _flat(p, (size,)), *(_flat(t, (size,)) for t in moments), floor, c) is _NOT_COMPILED:
         return None
     return _critical_blocks(name, out, p, moments, floor, c, size)
+
+
+def select_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict, lr: float, floor, horizon: int,
+                  extrapolate: float, bounds: tuple[float, float]) -> Iterator[tuple[int, list[int], Tensor] | None] | None:
+    """A guessed selection's single pass over an L0 target's scores of ``p`` (Note [Selection that
+    zeroes] in optim/applying.py), as :func:`critical_blocks` computes them, with ``bounds`` =
+    (lo, hi): per block of about ``CRITICAL_BLOCK`` elements, (its first element's flat index,
+    its counts and values from :func:`_marked`), the values valid until the next block is asked
+    for; a None in their place if the kernel cannot be compiled. None where the rule of Note [Fused map] does not take ``p``, or ``p`` is
+    not float32 (the selection compares float32 values)."""
+    kind, extra, factor = points_of(state, group, horizon, extrapolate)
+    name = f"l0{kind}_select"
+    if (type(regularizer) is not L0 or p.dtype != torch.float32 or not enabled or step_sizes.resolve(optimizer) not in _ADAM
+            or not group.get("eps", 0.0) > 0 or torch.compiler.is_compiling() or not (floor is None or type(floor) is Tensor)):
+        return None
+    v = state.get(step_sizes.adam_key(group))
+    moments = [v] if extra is None else [v, extra]
+    if not _fits(p, v, name) or not _alike(p, moments[-1]):
+        return None
+    scale, shift = step_sizes.adam_scalars(group, float(state["step"]), lr)
+    c = torch.tensor([scale, shift] + ([] if factor is None else [factor]), dtype=p.dtype, device=p.device)
+    floor = torch.zeros((), dtype=p.dtype, device=p.device) if floor is None else floor.to(p.dtype)
+    b = torch.tensor(bounds, dtype=torch.float32, device=p.device)
+    return _select_blocks(name, p, moments, floor, c, b)
+
+
+def _select_blocks(name: str, w: Tensor, moments: list[Tensor], floor: Tensor, c: Tensor, b: Tensor):
+    n = w.numel()
+    size = -(-n // -(-n // CRITICAL_BLOCK))  # equal blocks, as critical_blocks cuts them
+    key = (w.dtype, w.device)
+    buffers = _buffers.__dict__.setdefault("by_key", {})
+    if key not in buffers or buffers[key].numel() < size:
+        buffers[key] = torch.empty(size, dtype=w.dtype, device=w.device)
+    out = buffers[key]
+    for start in range(0, n, size):
+        k = min(size, n - start)
+        counts = _call(name, _flat(out, (k,)), _flat(w, (k,), start), *(_flat(t, (k,), start) for t in moments), floor, c, b)
+        if counts is _NOT_COMPILED:
+            yield None
+            return
+        yield start, counts.tolist(), out[:k]
 
 
 def points_of(state: dict, group: dict, horizon: int, extrapolate: float) -> tuple[str, Tensor | None, float | None]:

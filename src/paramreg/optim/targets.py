@@ -56,8 +56,9 @@ Note [Sampled bracket]
     from them a bracket [lo, hi) around the m-th smallest: the drawn values of rank m/N·n ±
     ``SPREAD`` (4) standard deviations of that rank (binomial, sqrt(n·p·(1 − p))). Its one pass
     counts the values below lo and gathers those in [lo, hi), about 8·sqrt(p(1 − p)/n) of them (1.6%
-    at p = 0.5), and selects among those (Note [Guessed bracket] in optim/order_statistic.py); the
-    histogram passes resolve a miss (a draw off by more than 4 standard deviations: rare). A draw is
+    at p = 0.5), and selects among those (Note [Guessed bracket] in optim/order_statistic.py; for
+    a global L0 target that pass also finds what the map zeroes, Note [Selection that zeroes] in
+    optim/applying.py); the histogram passes resolve a miss (a draw off by more than 4 standard deviations: rare). A draw is
     never the answer, only where to look: the result is the same value, bit for bit, whatever was
     drawn (tests/test_sparsity.py). Draws at a fixed stride were tried first and missed in 49 of 53
     steps on a 700x700 Linear pair (ad hoc) (the stride divided the rows: the same columns in every
@@ -477,6 +478,10 @@ def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[i
         if SAMPLE:
             drawn = criticals.sample(units, limits, SAMPLE)
             guess = None if drawn is None else _bracket(drawn, m, total)
+        if guess is not None and units is None and not limits:
+            found = _marked(criticals, m, guess, counting)
+            if found is not None:
+                return found
     top = [math.nan]
     current = [None, guess is not None]  # the unit of the chunk being counted; whether the pass is a guess's
 
@@ -502,6 +507,29 @@ def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[i
     if counting is not None:
         counting[:] = _summed(criticals, counting)
     return float(found.value)
+
+
+def _marked(criticals: Criticals, m: int, guess: tuple[float, float], counting: list[int] | None) -> float | None:
+    """:func:`_kth` of every unit by one pass that also finds what the map zeroes
+    (``Criticals.marked``, Note [Selection that zeroes] in optim/applying.py): the m-th smallest
+    among the values gathered in the bracket; None where that pass does not run or the m-th
+    value lies outside the bracket, also where it is a zero (the guessed pass and the histogram
+    passes then resolve it: they tell zeros from denormals by their bits)."""
+    marked = getattr(criticals, "marked", None)
+    lo, hi = (float(numpy.float32(x)) for x in guess)  # as kth_smallest rounds a guess
+    if hi <= lo:
+        return None
+    units = marked(lo, hi) if marked is not None else None
+    if units is None:
+        return None
+    below, under = (sum(unit[j] for unit in units) for j in range(2))
+    if not below < m <= under:
+        return None
+    values = numpy.concatenate([unit[2].numpy() for unit in units])
+    found = float(numpy.partition(values, m - below - 1)[m - below - 1])
+    if counting is not None:
+        counting[:] = _summed(criticals, [unit[1] for unit in units])
+    return found
 
 
 def _below(values: Tensor, top: float) -> int:
