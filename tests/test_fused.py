@@ -421,17 +421,20 @@ def test_a_target_through_the_fused_map_zeroes_exactly_what_the_eager_map_zeroes
     assert min(through_fused) >= 0 and through_fused == eager
 
 
-def _target_run(monkeypatch, enabled, form, allocation, broken_after=None, before_step=None):
+def _target_run(monkeypatch, enabled, form, allocation, broken_after=None, before_step=None, groups=False):
     """Per step, the weights of a small CNN under an AdamW target (fused maps ``enabled`` or not);
     ``broken_after``: from that step on, every compiled kernel raises (a shape past Dynamo's
     recompile limit), so that each later call runs its formula eagerly; ``before_step(k, model)``
-    is called before step k's update."""
+    is called before step k's update; ``groups``: the convolutions in a parameter group of their
+    own, at another lr."""
     monkeypatch.setattr(fused, "enabled", enabled)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten(),
                           nn.Linear(16 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
     paramreg.attach(model, "*.weight", sparsity=0.9, sparsity_steps=5, allocation=allocation, **form)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=allocation == "uniform")
+    params = ([{"params": [*model[0].parameters(), *model[2].parameters()], "lr": 3e-3},
+               {"params": [*model[5].parameters(), *model[7].parameters()]}] if groups else model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, amsgrad=allocation == "uniform")
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
     out = []
@@ -489,21 +492,27 @@ def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(f
     one_pass = selection == "sampled" and allocation == "global" and "l1" not in form
     blocks = sum(-(-w.numel() // 300) for w in through_fused[0])
     assert sum(name.endswith("_select") for name in names) == (6 * blocks if one_pass else 0)
+    if one_pass:  # and its map, every step: no map's pass
+        assert not {"l0", "l0_ahead", "l0_extended"} & set(names)
     eager = _target_run(monkeypatch, False, form, allocation)
     for step_fused, step_eager in zip(through_fused, eager, strict=True):
         assert all(torch.equal(a == 0, b == 0) for a, b in zip(step_fused, step_eager, strict=True))
     assert sum(int((w == 0).sum()) for w in eager[-1]) >= 0.9 * sum(w.numel() for w in eager[-1])
 
 
-@pytest.mark.parametrize("case", ["answer below the bracket", "answer above it", "strength past its top", "signed zeros"])
-@pytest.mark.parametrize("form", [{"lookahead": 2}, {}], ids=["l0 ahead", "l0 extended"])
-def test_the_one_pass_selection_falls_back_where_its_bracket_does_not_hold(form, case, monkeypatch):
+@pytest.mark.parametrize("case", ["answer below the bracket", "answer above it", "strength past its top",
+                                  "signed zeros and denormals", "more to keep than GUESSED", "two parameter groups"])
+@pytest.mark.parametrize("form", [{"lookahead": 2}, {}, {"regrow": True}], ids=["l0 ahead", "l0 extended", "l0 regrowing"])
+def test_the_one_pass_selection_zeroes_what_the_map_zeroes_or_falls_back(form, case, monkeypatch):
     """Note [Selection that zeroes] in optim/applying.py: a drawn bracket that misses the m-th
     value below or above (the guessed pass and the histogram passes then resolve it), a strength
-    raised past the bracket's top (``BOUNDARY`` of 1/2, in both runs: the map runs as a pass), and
+    raised past the bracket's top (``BOUNDARY`` of 1/2, in both runs: the map runs as a pass),
     weights at −0.0 (held at −0.0 by their zeroed gradient and momentum; the map writes +0.0 over
-    them): every step's weights are the eager path's, bit for bit, signs of zeros included."""
-    from paramreg.optim import applying, targets
+    them) and at ±1e-41 (denormal), more new zeros and bracketed scores than it may keep
+    (``GUESSED`` of 20, in both runs: the passes and the map's pass run), and a target over two
+    parameter groups at different lr: every step's weights are the eager path's, bit for bit,
+    signs of zeros included."""
+    from paramreg.optim import applying, order_statistic, targets
 
     monkeypatch.setattr(fused, "min_numel", 2)
     monkeypatch.setattr(fused, "CRITICAL_BLOCK", 300)
@@ -522,24 +531,31 @@ def test_the_one_pass_selection_falls_back_where_its_bracket_does_not_hold(form,
         monkeypatch.setattr(targets, "_bracket", missing)
     if case == "strength past its top":
         monkeypatch.setattr(applying, "BOUNDARY", 0.5)
+    if case == "more to keep than GUESSED":
+        monkeypatch.setattr(order_statistic, "GUESSED", 20)
 
     def negative_zeros(k, model):
-        if case == "signed zeros" and k == 3:
+        if case == "signed zeros and denormals" and k == 3:
             with torch.no_grad():
                 model[0].weight.view(-1)[::7] = -0.0
+                model[0].weight.view(-1)[3::7] = 1e-41
+                model[0].weight.view(-1)[5::7] = -1e-41
 
     names = _kernel_names(monkeypatch)
-    through_fused = _target_run(monkeypatch, True, form, "global", before_step=negative_zeros)
+    groups = case == "two parameter groups"
+    through_fused = _target_run(monkeypatch, True, form, "global", before_step=negative_zeros, groups=groups)
     assert any(name.endswith("_select") for name in names)  # the one pass ran, then
     if case.startswith("answer"):
         assert any(name.endswith("_critical") for name in names)  # the passes over the critical strengths
-    if case == "strength past its top":
-        assert any(name in ("l0_ahead", "l0_extended") for name in names)  # the map as a pass
-    eager = _target_run(monkeypatch, False, form, "global", before_step=negative_zeros)
+    if case in ("strength past its top", "more to keep than GUESSED"):
+        assert any(name in ("l0", "l0_ahead", "l0_extended") for name in names)  # the map as a pass
+    if case == "more to keep than GUESSED":
+        assert any(name.endswith("_critical") for name in names)  # after the passes over the critical strengths
+    eager = _target_run(monkeypatch, False, form, "global", before_step=negative_zeros, groups=groups)
     for step_fused, step_eager in zip(through_fused, eager, strict=True):
         for a, b in zip(step_fused, step_eager, strict=True):
             assert torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
-    if case == "signed zeros":
+    if case == "signed zeros and denormals" and "regrow" not in form:  # held at -0.0 until the map
         tampered = eager[3][0].view(-1)[::7]  # after the step that began with them at -0.0
         assert (tampered == 0).all() and not tampered.signbit().any()
 

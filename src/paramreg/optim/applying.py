@@ -10,7 +10,6 @@ Note [Step size]
 
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 from typing import NamedTuple
@@ -18,6 +17,7 @@ from typing import NamedTuple
 import numpy
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..catalogue.elementwise import L0
 from ..errors import ParamregError
@@ -441,7 +441,7 @@ class _Criticals:
                 return None
             if not p.numel():
                 continue
-            draws = _draws(p.numel(), max(1, count * p.numel() // total), u)
+            draws = _draws(p, max(1, count * p.numel() // total), u)
             drawn = p.detach().reshape(-1)[draws]
             drawn_state = {k: v.reshape(-1)[draws] if _alike(v, p) else v for k, v in state.items()}
             step = _inverse(bucket, [drawn], lr, self.optimizer, group, fill, [drawn_state], None if floors is None else [floors[i]])
@@ -467,13 +467,16 @@ class _Criticals:
     #     threshold θ (the strength raised by ``BOUNDARY``) with lo <= θ < hi is ``index_fill_`` at
     #     the kept indices whose score is at most θ: the weights the map's pass would set to 0, bit
     #     for bit (the held zeros are +0.0 already; −0.0 and denormals are kept, because that pass
-    #     writes +0.0 over them). Anywhere else (a miss, an m-th score that is a zero, θ at or above
-    #     hi or, for a capped tensor, below lo; another regularizer, a tensor the kernel does not
-    #     take, a collective, float64) the guessed pass and the map's pass run as before: nothing
-    #     was written. A ramp step then reads the selected weights and their optimizer state once
-    #     where it read them twice (the selection's pass, the map's), and holds the kept indices and
-    #     scores (int64 and float32, a few percent of the weights; at most ``GUESSED`` scores) until
-    #     its map. ``benchmarks/target_cost.py`` measures the step (docs/at-scale.md); the fused and
+    #     writes +0.0 over them). That holds for any θ in [lo, hi), whichever unit's (a capped
+    #     tensor's too) and whichever selection found it. Where the m-th score lies outside the
+    #     bracket or is a zero, the guessed pass (again) and the histogram passes find it (Note
+    #     [Guessed bracket] in optim/order_statistic.py); the map runs as a pass where θ lies
+    #     outside [lo, hi) or where no indices were kept (more than ``GUESSED``, as at a step that
+    #     zeroes most weights at once); and for another regularizer, a tensor the kernel does not
+    #     take, a collective or float64 the earlier passes and map run: nothing was written. A ramp
+    #     step then reads the selected weights and their optimizer state once where it read them
+    #     twice (the selection's pass, the map's), and holds the kept indices and scores (int64
+    #     and float32, a few percent of the weights, at most ``GUESSED``) until its map. ``benchmarks/target_cost.py`` measures the step (docs/at-scale.md); the fused and
     #     the eager path zero the same weights (tests/test_fused.py, misses and signed zeros too).
 
     def marked(self, lo: float, hi: float) -> list[tuple[int, int, Tensor]] | None:
@@ -481,10 +484,12 @@ class _Criticals:
         (Note [Selection that zeroes]): per unit, (its scores below ``lo``, below ``hi``, its
         scores in [lo, hi) in float32), and kept until :meth:`zero_marked`, per
         tensor, the flat indices of its weights to be zeroed at any strength from lo on and
-        those of its scores in [lo, hi) with the scores. None, before anything is computed,
-        where a unit is not an L0 target's float32 tensor that a compiled kernel scores (Note
-        [Fused map] in optim/fused.py), or with a collective; None also where the bracket would
-        gather more than ``GUESSED`` values, or a kernel cannot be compiled."""
+        those of its scores in [lo, hi) with the scores, unless there are more than ``GUESSED``
+        of them (a step that zeroes many weights at once: then its map runs as a pass). None,
+        before anything is computed, where a unit is not an L0 target's float32 tensor that a
+        compiled kernel scores (Note [Fused map] in optim/fused.py), or with a collective; None
+        also where the bracket holds more than ``GUESSED`` scores (ties at its edges), or a
+        kernel cannot be compiled."""
         from .order_statistic import GUESSED
 
         if self.reduce is not None or self.owned is not None:
@@ -503,7 +508,7 @@ class _Criticals:
             if blocks is None:
                 return None
             passes.append((p, blocks))
-        out, kept, within = [], {}, 0
+        out, kept, count, within = [], {}, 0, 0  # count: the indices found; within: the bracket's scores
         marks = None
         for p, blocks in passes:
             below = under = 0
@@ -512,24 +517,28 @@ class _Criticals:
                 if block is None:  # the kernel could not be compiled: nothing was written
                     return None
                 start, (b, n, marked), values = block
-                below, under, within = below + b, under + n, within + n - b
-                if within > GUESSED:
+                below, under, count, within = below + b, under + n, count + marked, within + n - b
+                if within > GUESSED:  # ties at the bracket's edges: the passes count them (Note [Guessed bracket])
                     return None
+                if kept is not None and count > GUESSED:  # too many new zeros to keep: the map's pass zeroes them
+                    kept = zeroed = at = None
                 if marked:
                     x = values.numpy()
                     if marks is None or len(marks) < len(x):
                         marks = numpy.empty(len(x), dtype=bool)
                     found = numpy.flatnonzero(numpy.not_equal(x, 0.0, out=marks[: len(x)]))
                     picked = x[found]
-                    fresh = picked < 0
-                    zeroed.append(found[fresh] + start)
-                    at.append(found[~fresh] + start)
-                    inside.append(picked[~fresh])
+                    scored = picked >= 0  # the bracket's scores; the others (-1) are new zeros
+                    if kept is not None:
+                        zeroed.append(found[~scored] + start)
+                        at.append(found[scored] + start)
+                    inside.append(picked[scored])
             inside = numpy.concatenate(inside) if inside else numpy.empty(0, dtype=numpy.float32)
-            kept[id(p)] = (numpy.concatenate(zeroed) if zeroed else numpy.empty(0, dtype=numpy.int64),
-                           numpy.concatenate(at) if at else numpy.empty(0, dtype=numpy.int64), inside)
+            if kept is not None:
+                kept[id(p)] = (numpy.concatenate(zeroed) if zeroed else numpy.empty(0, dtype=numpy.int64),
+                               numpy.concatenate(at) if at else numpy.empty(0, dtype=numpy.int64), inside)
             out.append((below, under, torch.from_numpy(inside)))
-        self._marks = (lo, hi, kept)
+        self._marks = None if kept is None else (lo, hi, kept)
         return out
 
     def zero_marked(self, tensors: list[Tensor], threshold: float) -> list[int]:
@@ -597,12 +606,20 @@ class _Criticals:
                 yield [indices[j]], values
 
 
-@functools.lru_cache(maxsize=32)
-def _draws(n: int, count: int, seed: int) -> Tensor:
-    """``count`` indices below ``n`` drawn at random with ``seed``, sorted (the same at every step;
-    sorted, the reads of a tensor at them took 0.9 against 1.6 ms for 32,768 of 12.5M weights
-    and five tensors, ad hoc). Kept for the next step's draw: never written."""
-    return torch.randint(0, n, (count,), generator=torch.Generator().manual_seed(seed)).sort().values
+def _draws(p: Tensor, count: int, seed: int) -> Tensor:
+    """``count`` indices below ``p.numel()`` drawn at random with ``seed``, sorted: the same at every
+    step, kept with ``p`` (weakly) for the next (sorted, the reads of a tensor at them took 0.9
+    against 1.6 ms for 32,768 of 12.5M weights and five tensors, ad hoc); never written."""
+    key = (p.numel(), count, seed)
+    kept = _drawn.get(p)
+    if kept is None or kept[0] != key:
+        kept = (key, torch.randint(0, p.numel(), (count,), generator=torch.Generator().manual_seed(seed)).sort().values)
+        _drawn[p] = kept
+    return kept[1]
+
+
+# parameter -> ((numel, count, seed), its draws), by identity (weak: nothing kept alive)
+_drawn = WeakIdKeyDictionary()
 
 
 def _critical_sizes(regularizer, tensors: list[Tensor]) -> list[int]:
