@@ -305,9 +305,10 @@ class _Criticals:
         zeroes]). So a target's
         step holds, beyond what the default prox holds, the selection's counts and staging
         buffer and one block (one tensor off the CPU; with a drawn bracket, the draw and at most
-        ``GUESSED`` values of the bracket, Note [Guessed bracket] in optim/order_statistic.py),
-        and reads every weight and its optimizer state once or twice more than the default
-        prox. A read of both is not what costs (``benchmarks/target_cost.py``, ``read/l1``: a few
+        ``GUESSED`` values of the bracket, Note [Guessed bracket] in optim/order_statistic.py, and
+        for the one pass that also finds the zeros at most ``GUESSED`` indices with them), and
+        reads every weight and its optimizer state once or twice more than the default prox
+        (once, where that one pass maps). A read of both is not what costs (``benchmarks/target_cost.py``, ``read/l1``: a few
         percent of an AdamW ``l1=`` step at 8M-25M selected weights on this machine); the
         strengths' elementwise computation and the histogram's ``bincount`` are (Note [Exact
         selection]).
