@@ -538,24 +538,11 @@ def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict,
     fused map does not take ``p`` (the rule of Note [Fused map]), and the eager path computes them."""
     kind, extra, factor = points_of(state, group, horizon, extrapolate) if type(regularizer) is L0 else ("", None, None)
     name = {L1: "l1_critical", L0: f"l0{kind}_critical"}.get(type(regularizer))
-    if (name is None or not enabled or step_sizes.resolve(optimizer) not in _ADAM or not group.get("eps", 0.0) > 0
-            or torch.compiler.is_compiling() or not (floor is None or type(floor) is Tensor)):
+    inputs = None if name is None else _scoring(optimizer, group, name, p, state, lr, floor, extra, factor)
+    if inputs is None:
         return None
-    v = state.get(step_sizes.adam_key(group))
-    moments = [v] if extra is None else [v, extra]
-    if not _fits(p, v, name) or not _alike(p, moments[-1]):
-        return None
-    scale, shift = step_sizes.adam_scalars(group, float(state["step"]), lr)
-    c = torch.tensor([scale, shift] + ([] if factor is None else [factor]), dtype=p.dtype, device=p.device)
-    floor = torch.zeros((), dtype=p.dtype, device=p.device) if floor is None else floor.to(p.dtype)
-    n = p.numel()
-    blocks = -(-n // CRITICAL_BLOCK)
-    size = -(-n // blocks)  # equal blocks (the last at most `blocks` elements shorter)
-    key = (p.dtype, p.device)
-    buffers = _buffers.__dict__.setdefault("by_key", {})
-    if key not in buffers or buffers[key].numel() < size:
-        buffers[key] = torch.empty(size, dtype=p.dtype, device=p.device)
-    out = buffers[key]
+    moments, floor, c = inputs
+    out, size = _block_buffer(p)
     if _call(name, _flat(out, (size,)), _flat(p, (size,)), *(_flat(t, (size,)) for t in moments), floor, c) is _NOT_COMPILED:
         return None
     return _critical_blocks(name, out, p, moments, floor, c, size)
@@ -567,12 +554,25 @@ def select_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict, l
     zeroes] in optim/applying.py), as :func:`critical_blocks` computes them, with ``bounds`` =
     (lo, hi): per block of about ``CRITICAL_BLOCK`` elements, (its first element's flat index,
     its counts and values from :func:`_marked`), the values valid until the next block is asked
-    for; a None in their place if the kernel cannot be compiled. None where the rule of Note [Fused map] does not take ``p``, or ``p`` is
-    not float32 (the selection compares float32 values)."""
+    for; a None in their place if the kernel cannot be compiled. None where the rule of Note
+    [Fused map] does not take ``p``, or ``p`` is not float32 (the selection compares float32
+    values)."""
+    if type(regularizer) is not L0 or p.dtype != torch.float32:
+        return None
     kind, extra, factor = points_of(state, group, horizon, extrapolate)
     name = f"l0{kind}_select"
-    if (type(regularizer) is not L0 or p.dtype != torch.float32 or not enabled or step_sizes.resolve(optimizer) not in _ADAM
-            or not group.get("eps", 0.0) > 0 or torch.compiler.is_compiling() or not (floor is None or type(floor) is Tensor)):
+    inputs = _scoring(optimizer, group, name, p, state, lr, floor, extra, factor)
+    if inputs is None:
+        return None
+    return _select_blocks(name, p, *inputs, torch.tensor(bounds, dtype=torch.float32, device=p.device))
+
+
+def _scoring(optimizer, group: dict, name: str, p: Tensor, state: dict, lr: float, floor, extra, factor):
+    """(the tensors beside w, the floor, the constants [scale, shift(, factor)]) that the scoring
+    kernel ``name`` takes for ``p`` (``extra`` and ``factor`` from :func:`points_of`); None where
+    the rule of Note [Fused map] does not take ``p``."""
+    if (not enabled or step_sizes.resolve(optimizer) not in _ADAM or not group.get("eps", 0.0) > 0
+            or torch.compiler.is_compiling() or not (floor is None or type(floor) is Tensor)):
         return None
     v = state.get(step_sizes.adam_key(group))
     moments = [v] if extra is None else [v, extra]
@@ -581,20 +581,26 @@ def select_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict, l
     scale, shift = step_sizes.adam_scalars(group, float(state["step"]), lr)
     c = torch.tensor([scale, shift] + ([] if factor is None else [factor]), dtype=p.dtype, device=p.device)
     floor = torch.zeros((), dtype=p.dtype, device=p.device) if floor is None else floor.to(p.dtype)
-    b = torch.tensor(bounds, dtype=torch.float32, device=p.device)
-    return _select_blocks(name, p, moments, floor, c, b)
+    return moments, floor, c
+
+
+def _block_buffer(p: Tensor) -> tuple[Tensor, int]:
+    """(this thread's buffer for ``p``'s dtype and device, grown to a block if needed, the size of
+    ``p``'s blocks): equal blocks of about ``CRITICAL_BLOCK`` (the last at most as many elements
+    shorter as there are blocks)."""
+    n = p.numel()
+    size = -(-n // -(-n // CRITICAL_BLOCK))
+    key = (p.dtype, p.device)
+    buffers = _buffers.__dict__.setdefault("by_key", {})
+    if key not in buffers or buffers[key].numel() < size:
+        buffers[key] = torch.empty(size, dtype=p.dtype, device=p.device)
+    return buffers[key], size
 
 
 def _select_blocks(name: str, w: Tensor, moments: list[Tensor], floor: Tensor, c: Tensor, b: Tensor):
-    n = w.numel()
-    size = -(-n // -(-n // CRITICAL_BLOCK))  # equal blocks, as critical_blocks cuts them
-    key = (w.dtype, w.device)
-    buffers = _buffers.__dict__.setdefault("by_key", {})
-    if key not in buffers or buffers[key].numel() < size:
-        buffers[key] = torch.empty(size, dtype=w.dtype, device=w.device)
-    out = buffers[key]
-    for start in range(0, n, size):
-        k = min(size, n - start)
+    out, size = _block_buffer(w)
+    for start in range(0, w.numel(), size):
+        k = min(size, w.numel() - start)
         counts = _call(name, _flat(out, (k,)), _flat(w, (k,), start), *(_flat(t, (k,), start) for t in moments), floor, c, b)
         if counts is _NOT_COMPILED:
             yield None
