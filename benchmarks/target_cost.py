@@ -46,6 +46,7 @@ OPTIMIZERS = {
 }
 VARIANTS = ("none", "l1", "target")
 TARGET_FORM = {"l1": True}  # the target's regularizer: --target-form l1 (the published figures) or l0 (the default)
+RAMP = {}  # "steps": the target's ramp (--ramp-steps); else 10 times the steps a run takes
 
 
 def mlp(selected: int) -> nn.Module:
@@ -65,7 +66,8 @@ def build(variant: str, selected: int, optimizer: str, steps: int, device: str =
     if variant == "l1":
         paramreg.attach(model, names, l1=1e-6)
     elif variant == "target" or variant in BEFORE:
-        BEFORE.get(variant, paramreg).attach(model, names, sparsity=0.9, sparsity_steps=10 * steps, **TARGET_FORM)
+        BEFORE.get(variant, paramreg).attach(model, names, sparsity=0.9,
+                                                 sparsity_steps=RAMP.get("steps") or 10 * steps, **TARGET_FORM)
     return model, OPTIMIZERS[optimizer](model.parameters())
 
 
@@ -152,7 +154,8 @@ def peak_bytes(variant: str, selected: int, optimizer: str) -> int | None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     done = subprocess.run([sys.executable, __file__, "--peak-of", variant, str(selected), optimizer,
                            "--target-form", *(k for k in TARGET_FORM if k != "regrow"),
-                           *(["--regrow"] if TARGET_FORM.get("regrow") else [])], env=env,
+                           *(["--regrow"] if TARGET_FORM.get("regrow") else []),
+                           *(["--ramp-steps", str(RAMP["steps"])] if RAMP else [])], env=env,
                           capture_output=True, text=True, check=True, timeout=900)
     return int(done.stdout.split()[-1])
 
@@ -176,7 +179,13 @@ def main() -> None:
     parser.add_argument("--regrow", action="store_true",
                         help="a target whose zeros may regrow (regrow=True); attach's default keeps them, with a masked "
                              "write of the gradient before each step and of the weights after it")
+    parser.add_argument("--ramp-steps", type=int,
+                        help="the target's ramp, in steps (default: 10 times the steps a run takes, so that each timed "
+                             "step zeroes 0.9/(10·steps) of the weights on average, 0.64%% at --rounds 4; a run of T "
+                             "steps with total_steps=T ramps over T/2)")
     args = parser.parse_args()
+    if args.ramp_steps:
+        RAMP["steps"] = args.ramp_steps
     TARGET_FORM.clear()
     TARGET_FORM[args.target_form] = True
     if args.regrow:
@@ -196,7 +205,8 @@ def main() -> None:
         torch.set_num_threads(2)
     where = torch.cuda.get_device_name() if device == "cuda" else f"threads {torch.get_num_threads()}"
     print(f"torch {torch.__version__}, {device} ({where}), batch 8, medians of {rounds} interleaved rounds, "
-          f"{args.target_form} target{', zeros regrow' if args.regrow else ''}")
+          f"{args.target_form} target{', zeros regrow' if args.regrow else ''}, ramp of "
+          + (f"{args.ramp_steps} steps" if args.ramp_steps else f"{10 * (rounds * args.steps_per_round + 2)} steps"))
     print("selected   optimizer  none ms  l1/none  floor/none  target/none  target/l1  read/l1  peak MB: none / l1 / target"
           + "".join(f"  {v.replace(' ', '')}/l1" for v in BEFORE))
     x, y = torch.randn(8, 64, device=device), torch.randint(0, 10, (8,), device=device)

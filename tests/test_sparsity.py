@@ -1124,6 +1124,27 @@ def test_a_sampled_bracket_skips_a_tensor_with_no_elements(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(reference, drawn, strict=True))
 
 
+def test_a_draw_reads_only_the_state_its_formula_asks_for_and_each_once():
+    """``_Drawn``: a tensor of the parameter's shape is gathered at the draws when first asked
+    for (also through ``get``), once, even where the draws cover every element; other state as
+    it is; the keys are the state's, and the state is not written."""
+    from paramreg.optim.applying import _Drawn
+
+    p = torch.arange(6.0).reshape(2, 3)
+    draws = torch.tensor([5, 0, 1, 2, 3, 4])  # every element
+    state = {"step": torch.tensor(3.0), "exp_avg_sq": p * 10, "exp_avg": p * 100, "flat": torch.ones(6)}
+    drawn = _Drawn(state, p, draws)
+    assert set(drawn) == set(state)
+    first = drawn["exp_avg_sq"]
+    assert torch.equal(first, torch.tensor([50.0, 0, 10, 20, 30, 40]))
+    assert drawn["exp_avg_sq"] is first and drawn.get("exp_avg_sq") is first  # not drawn again
+    assert torch.equal(drawn.get("exp_avg"), torch.tensor([500.0, 0, 100, 200, 300, 400]))
+    assert drawn["step"] is state["step"] and drawn["flat"] is state["flat"] and drawn.get("missing", 7) == 7
+    assert torch.equal(state["exp_avg_sq"], p * 10) and torch.equal(state["exp_avg"], p * 100)
+    flat = _Drawn({"exp_avg_sq": torch.arange(6.0) * 10}, torch.arange(6.0), draws)  # gathered: p's shape again
+    assert torch.equal(flat["exp_avg_sq"], first) and torch.equal(flat["exp_avg_sq"], first)
+
+
 def test_a_count_below_a_float32_value_compares_in_float32():
     """The caps' upper bounds (Note [Allocation]): a bfloat16 comparison would round the bound down."""
     from paramreg.optim.targets import _below
