@@ -542,8 +542,14 @@ def test_the_one_pass_selection_zeroes_what_the_map_zeroes_or_falls_back(form, c
                 model[0].weight.view(-1)[5::7] = -1e-41
 
     names = _kernel_names(monkeypatch)
+    joined = []  # the sizes of what the one pass gathers per tensor (its scores, kept indices)
+    concatenate = applying.numpy.concatenate
+    monkeypatch.setattr(applying.numpy, "concatenate", lambda arrays, *a, **k: joined.append(sum(map(len, arrays))) or concatenate(arrays, *a, **k))
     groups = case == "two parameter groups"
     through_fused = _target_run(monkeypatch, True, form, "global", before_step=negative_zeros, groups=groups)
+    monkeypatch.setattr(applying.numpy, "concatenate", concatenate)
+    if case == "more to keep than GUESSED":  # at most GUESSED new zeros and GUESSED scores, kept or not
+        assert joined and max(joined) <= 2 * 20, joined
     assert any(name.endswith("_select") for name in names)  # the one pass ran, then
     if case.startswith("answer"):
         assert any(name.endswith("_critical") for name in names)  # the passes over the critical strengths

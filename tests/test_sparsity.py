@@ -1141,8 +1141,10 @@ def test_a_draw_reads_only_the_state_its_formula_asks_for_and_each_once():
     assert torch.equal(drawn.get("exp_avg"), torch.tensor([500.0, 0, 100, 200, 300, 400]))
     assert drawn["step"] is state["step"] and drawn["flat"] is state["flat"] and drawn.get("missing", 7) == 7
     assert torch.equal(state["exp_avg_sq"], p * 10) and torch.equal(state["exp_avg"], p * 100)
-    flat = _Drawn({"exp_avg_sq": torch.arange(6.0) * 10}, torch.arange(6.0), draws)  # gathered: p's shape again
+    # a 1-D parameter drawn at every element: the gathered tensor has its shape again, and a second read must not gather it again
+    flat = _Drawn({"exp_avg_sq": torch.arange(6.0) * 10}, torch.arange(6.0), draws)
     assert torch.equal(flat["exp_avg_sq"], first) and torch.equal(flat["exp_avg_sq"], first)
+    assert dict(flat.items()) == {"exp_avg_sq": flat["exp_avg_sq"]} and list(drawn.values())[1] is first  # items, values: gathered
 
 
 def test_a_count_below_a_float32_value_compares_in_float32():

@@ -236,16 +236,16 @@ def _marked(s: Tensor, w: Tensor, out: Tensor, b: Tensor) -> Tensor:
     b[0] on scores below lo (every weight but +0.0, told by its bits: the map writes +0.0 over
     −0.0 and denormals too), the score where it lies in [lo, hi) (hi = b[1]), 0 elsewhere.
     Returns the counts of scores below lo, below hi, and of the entries of out that are not 0.
-    The counts are int32 (a block holds fewer than 2^31 elements): with int64 sums of booleans a
-    block in the caches took 0.93 ms against 0.60 on this machine (ad hoc; in a training step,
-    where the pass waits on memory, the difference is within the noise). (A kernel that also
-    writes a boolean tensor, or reads the scores' bits, took 1.4 to 20 times as long: no longer
-    vectorized.)"""
-    below = s < b[0]
-    inside = (s < b[1]) & ~below
+    The counts are int32 (a block holds at most ``CRITICAL_BLOCK`` elements: :func:`_block_buffer`):
+    with int64 sums of booleans a block in the caches took 0.93 ms against 0.60 on this machine
+    (ad hoc; in a training step, where the pass waits on memory, the difference is within the
+    noise). (A kernel that also writes a boolean tensor, or reads the scores' bits, took 1.4 to
+    20 times as long: no longer vectorized.)"""
+    below, under = s < b[0], s < b[1]
+    inside = under & ~below
     fresh = below & (w.view(torch.int32) != 0)
     out.copy_(torch.where(fresh, -1.0, torch.where(inside, s, 0.0)))
-    return torch.stack([below.sum(dtype=torch.int32), (s < b[1]).sum(dtype=torch.int32), (fresh | inside).sum(dtype=torch.int32)])
+    return torch.stack([below.sum(dtype=torch.int32), under.sum(dtype=torch.int32), (fresh | inside).sum(dtype=torch.int32)])
 
 
 def _l0_select(out: Tensor, w: Tensor, v: Tensor, floor: Tensor, c: Tensor, b: Tensor) -> Tensor:
