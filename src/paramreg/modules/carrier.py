@@ -80,6 +80,7 @@ class Carrier(nn.Module):
         self.step = step  # the step policy asked for (paramreg.optim.step_sizes)
         self.metric_floor = metric_floor  # the adaptive step's safeguard (Note [Safeguarded metric])
         self.ran = None  # the step policy the last optimizer step took, e.g. "adaptive(Adam)" (paramreg.optim.plans)
+        self.points = None  # whether that step's target scores points (Adam's metric), None before a step
         self.schedule = schedule  # None, or step count -> multiplier of the regularizer's strengths
         self.scale = 1.0 if schedule is None else schedule(0)  # the schedule's current value
         self.target = target  # None, or the SparsityTarget this tensor shares with its attach call
@@ -115,6 +116,8 @@ class Carrier(nn.Module):
             ahead = f", lookahead={self.target.lookahead}" if self.target.lookahead else ""  # Note [Looking ahead]
             if self.target.extrapolate:  # Note [Extrapolated paths]
                 ahead = f", extrapolate={self.target.extrapolate:g}"
+            if ahead and self.points is False:  # e.g. under SGD: the weights themselves are ranked
+                ahead += " (Adam and AdamW only)"
             target = f", sparsity={self.target.sparsity:g}{start} by step {self.target.steps}{kept}{ahead}{regrow}"
         return f"{self.current()!r}, mode={self.mode!r}{step}{floor}{schedule}{target}"
 

@@ -102,7 +102,8 @@ def warn_unknown(optimizer, carriers: list) -> None:
 def build(optimizer, by_param: dict) -> tuple[list, list]:
     """The plan of ``optimizer`` (per parameter group with attached tensors: (index, group,
     buckets)) and the carriers whose step policy paramreg had to guess (t = lr, an optimizer it
-    does not know). Sets each carrier's label, the policy it runs (``Carrier.ran``)."""
+    does not know). Sets each carrier's label, the policy it runs (``Carrier.ran``), and whether
+    its target would score points other than its weights (``Carrier.points``)."""
     metric = step_sizes.metric(optimizer)
     plan = []
     guessed = []
@@ -116,6 +117,7 @@ def build(optimizer, by_param: dict) -> tuple[list, list]:
             if metric is None and c.step == "auto" and c.mode == "prox" and c.regularizer.kind != "constraint":
                 guessed.append(c)
             c.ran = _label(c, policy, optimizer) if policy != "count" else None
+            c.points = policy == "adaptive" and step_sizes.resolve(optimizer) in state.POINTS_IN  # Note [Extrapolated paths]
             key = (id(c.regularizer), policy, c.metric_floor)
             bucket = buckets.get(key)
             if bucket is None:
