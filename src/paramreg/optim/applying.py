@@ -271,17 +271,17 @@ def _apply_target(target, work: list[tuple], optimizer, process_group=None, ever
             if strengths[u]:
                 by_strength.setdefault(strengths[u], []).extend(criticals.units[u][1])
         for strength, indices in by_strength.items():
+            threshold = strength * (1.0 + BOUNDARY)
             if type(bucket.regularizer) is L0 and bucket.policy == "adaptive":  # Note [Selection that zeroes]
-                indices = [indices[j] for j in criticals.zero_marked([tensors[i] for i in indices], strength * (1.0 + BOUNDARY))]
+                indices = [indices[j] for j in criticals.zero_marked([tensors[i] for i in indices], threshold)]
                 if not indices:
                     continue
             chosen = [tensors[i] for i in indices]
             chosen_floors = None if floors is None else [floors[i] for i in indices]
             if criticals.scores_points(bucket):
-                _apply_points(criticals, bucket, chosen, lr, group, fill, strength * (1.0 + BOUNDARY), chosen_floors)
+                _apply_points(criticals, bucket, chosen, lr, group, fill, threshold, chosen_floors)
             else:
-                _apply(bucket, chosen, lr, optimizer, group, fill, bucket.regularizer.scaled(strength * (1.0 + BOUNDARY)),
-                       chosen_floors)
+                _apply(bucket, chosen, lr, optimizer, group, fill, bucket.regularizer.scaled(threshold), chosen_floors)
     if target.keep_zeros and k == target.steps:  # the ramp's last step: its zeros are the ones kept
         for p in stepped:
             carriers[id(p)].remember(p)
@@ -481,7 +481,7 @@ class _Criticals:
     #     and float32, a few percent of the weights, at most ``GUESSED``) until its map. ``benchmarks/target_cost.py`` measures the step (docs/at-scale.md); the fused and
     #     the eager path zero the same weights (tests/test_fused.py, misses and signed zeros too).
 
-    def marked(self, lo: float, hi: float) -> list[tuple[int, int, Tensor]] | None:
+    def marked(self, lo: float, hi: float) -> list[tuple[int, int, numpy.ndarray]] | None:
         """A guessed selection over every unit in one pass that also finds what its map zeroes
         (Note [Selection that zeroes]): per unit, (its scores below ``lo``, below ``hi``, its
         scores in [lo, hi) in float32), and kept until :meth:`zero_marked`, per
@@ -542,7 +542,7 @@ class _Criticals:
             if kept is not None:
                 found = numpy.concatenate(found) if found else numpy.empty(0, dtype=numpy.int64)
                 kept[id(p)] = (found[~scored], found[scored], inside)
-            out.append((below, under, torch.from_numpy(inside)))
+            out.append((below, under, inside))
         self._marks = None if kept is None else (lo, hi, kept)
         return out
 

@@ -342,14 +342,17 @@ def _elementwise_map(regularizer) -> tuple[str, float, float] | None:
     return None
 
 
+def _plain(p: Tensor, least: int | None = None) -> bool:
+    """Whether ``p`` is a tensor the compiled kernels take: a plain contiguous float32 or float64
+    tensor of at least ``least`` (default ``min_numel``) elements, and at least 2, on a device in
+    ``devices``."""
+    return (type(p) in (Tensor, nn.Parameter) and p.device.type in devices and p.dtype in (torch.float32, torch.float64)
+            and p.numel() >= max(min_numel if least is None else least, 2) and p.is_contiguous())
+
+
 def _fits(p: Tensor, v, name: str, least: int | None = None) -> bool:
-    g = p.grad
-    return (
-        type(p) in (Tensor, nn.Parameter) and p.device.type in devices and p.dtype in (torch.float32, torch.float64)
-        and p.numel() >= max(min_numel if least is None else least, 2) and p.is_contiguous()
-        and _alike(p, v) and _alike(p, g)
-        and compile_seconds.get((name, p.dtype, p.device.type), 0.0) is not None
-    )
+    return (_plain(p, least) and _alike(p, v) and _alike(p, p.grad)
+            and compile_seconds.get((name, p.dtype, p.device.type), 0.0) is not None)
 
 
 _NOT_COMPILED = object()
@@ -507,8 +510,7 @@ def floors(optimizer, group: dict, tensors: list[Tensor], states: list[dict], ra
     if not ratio:
         return None
     cls = step_sizes.resolve(optimizer)
-    taken = [type(p) in (Tensor, nn.Parameter) and p.device.type in devices and p.dtype in (torch.float32, torch.float64)
-             and p.numel() >= max(min_numel, 2) and p.is_contiguous() and _alike(p, p.grad) for p in tensors]
+    taken = [_plain(p) and _alike(p, p.grad) for p in tensors]
     rest = [i for i, t in enumerate(taken) if not t]
     eager = iter(step_sizes.floors(optimizer, group, [tensors[i] for i in rest], [states[i] for i in rest], ratio) if rest else ())
     return [_floor(p.grad, step_sizes.floor_factor(cls, group, p.numel(), state, ratio)) if t else next(eager)
@@ -675,8 +677,7 @@ def hold_(p: Tensor, momentum: Tensor | None) -> bool:
     but ``momentum``), and the caller's masked writes do it."""
     name = "hold" if momentum is None else "hold_momentum"
     g = p.grad
-    if (not enabled or torch.compiler.is_compiling() or type(p) not in (Tensor, nn.Parameter) or p.device.type not in devices
-            or p.dtype not in (torch.float32, torch.float64) or p.numel() < max(min_numel, 2) or not p.is_contiguous()
+    if (not enabled or torch.compiler.is_compiling() or not _plain(p)
             or compile_seconds.get((name, p.dtype, p.device.type), 0.0) is None):
         return False
     tensors = [g] if momentum is None else [g, momentum]

@@ -105,6 +105,7 @@ def build(optimizer, by_param: dict) -> tuple[list, list]:
     does not know). Sets each carrier's label, the policy it runs (``Carrier.ran``), and whether
     its target would score points other than its weights (``Carrier.points``)."""
     metric = step_sizes.metric(optimizer)
+    points = step_sizes.resolve(optimizer) in state.POINTS_IN  # Note [Extrapolated paths]
     plan = []
     guessed = []
     for index, group in enumerate(optimizer.param_groups):
@@ -117,7 +118,7 @@ def build(optimizer, by_param: dict) -> tuple[list, list]:
             if metric is None and c.step == "auto" and c.mode == "prox" and c.regularizer.kind != "constraint":
                 guessed.append(c)
             c.ran = _label(c, policy, optimizer) if policy != "count" else None
-            c.points = policy == "adaptive" and step_sizes.resolve(optimizer) in state.POINTS_IN  # Note [Extrapolated paths]
+            c.points = points and policy == "adaptive"
             key = (id(c.regularizer), policy, c.metric_floor)
             bucket = buckets.get(key)
             if bucket is None:

@@ -525,7 +525,7 @@ def _marked(criticals: Criticals, m: int, guess: tuple[float, float], counting: 
     below, under = (sum(unit[j] for unit in units) for j in range(2))
     if not below < m <= under:
         return None
-    values = numpy.concatenate([unit[2].numpy() for unit in units])
+    values = numpy.concatenate([unit[2] for unit in units])
     found = float(numpy.partition(values, m - below - 1)[m - below - 1])
     if counting is not None:
         counting[:] = _summed(criticals, [unit[1] for unit in units])
