@@ -117,8 +117,14 @@ Note [Held zeros, fused]
     ``masked_fill_`` are slow (0.7 and 0.9 ns an element on this machine's 2 cores, a profile of
     two 2896x2896 AdamW weights: 42 of a 254 ms target step, ad hoc). ``hold_`` does it in one
     compiled pass that reads w, g and the momentum and writes g and the momentum
-    (``torch.where(w == 0, 0, x)``: the values ``masked_fill_`` writes, for -0.0, inf and NaN
-    too), 5.4 ms a weight there against 20.8. It takes any optimizer paramreg knows (the pass
+    (``torch.where(w == 0, zero, x)``: the values ``masked_fill_`` writes, for -0.0, inf and NaN
+    too), 5.4 ms a weight there against 20.8. The +0.0 it writes is a 0-d tensor, an input of the
+    kernel, not the constant 0.0: with the constant the compiled pass slowed as the zeros grew
+    (on 12.5M weights, alone, with momentum: 5.5 ms with no zero, 7.0 with 1%, 12.7-13.3 with
+    35-79% at random), with the tensor it took 5.9-7.5 ms at all four, the same bits (ad hoc;
+    the other kernels, which write 0.0 where a computed condition holds, showed no such slowing:
+    the select and map passes took the same time with no zero and with half the weights zero).
+    It takes any optimizer paramreg knows (the pass
     reads no other state) and the tensors the rule above takes, where the eager writes stay the
     fallback and the reference (``tests/test_fused.py``: the same weights and optimizer states,
     bit for bit, through both, under Adam, NAdam, SGD with and without momentum and RMSprop).
@@ -312,16 +318,17 @@ def _group_reciprocal(u: Tensor, r: Tensor, c: Tensor) -> Tensor:
     return torch.where(ru == math.inf, 1.0 / r, u / ru)
 
 
-def _hold(w: Tensor, g: Tensor) -> None:
-    """In place on g (flat): 0 where w is 0 (-0.0 too), as ``g.masked_fill_(w == 0, 0)`` sets it."""
-    g.copy_(torch.where(w == 0, 0.0, g))
+def _hold(w: Tensor, g: Tensor, zero: Tensor) -> None:
+    """In place on g (flat): ``zero`` (a 0-d +0.0: Note [Held zeros, fused]) where w is 0 (-0.0
+    too), as ``g.masked_fill_(w == 0, 0)`` sets it."""
+    g.copy_(torch.where(w == 0, zero, g))
 
 
-def _hold_momentum(w: Tensor, g: Tensor, m: Tensor) -> None:
-    """In place on g and m (flat): 0 where w is 0, in one pass over the three."""
-    zero = w == 0
-    g.copy_(torch.where(zero, 0.0, g))
-    m.copy_(torch.where(zero, 0.0, m))
+def _hold_momentum(w: Tensor, g: Tensor, m: Tensor, zero: Tensor) -> None:
+    """In place on g and m (flat): ``zero`` where w is 0, in one pass over the three."""
+    held = w == 0
+    g.copy_(torch.where(held, zero, g))
+    m.copy_(torch.where(held, zero, m))
 
 
 _KERNELS = {"hold": _hold, "hold_momentum": _hold_momentum, "l1": _l1, "l0": _l0, "l1_critical": _l1_critical, "l0_critical": _l0_critical,
@@ -683,7 +690,8 @@ def hold_(p: Tensor, momentum: Tensor | None) -> bool:
     tensors = [g] if momentum is None else [g, momentum]
     if not all(_alike(p, t) for t in tensors):
         return False
-    if _call(name, _flat(p), *(_flat(t) for t in tensors)) is _NOT_COMPILED:
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    if _call(name, _flat(p), *(_flat(t) for t in tensors), zero) is _NOT_COMPILED:
         return False
     for t in tensors:
         torch.autograd.graph.increment_version(t)  # written through an alias (_flat)
