@@ -27,6 +27,7 @@ backward dominate.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 import statistics
@@ -39,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import paramreg
+from paramreg.optim.state import STEPS_KEY
 
 OPTIMIZERS = {
     "SGD": lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9),
@@ -46,7 +48,8 @@ OPTIMIZERS = {
 }
 VARIANTS = ("none", "l1", "target")
 TARGET_FORM = {"l1": True}  # the target's regularizer: --target-form l1 (the published figures) or l0 (the default)
-RAMP = {}  # "steps": the MLP target's ramp (--ramp-steps; by default 10 times the steps the timed run takes)
+RAMP = {}  # "steps": the MLP target's ramp (--ramp-steps; by default 10 times the steps the timed run takes);
+# "at": the fraction of it passed before the timed steps (--ramp-at)
 
 
 def mlp(selected: int) -> nn.Module:
@@ -69,6 +72,25 @@ def build(variant: str, selected: int, optimizer: str, steps: int, device: str =
         BEFORE.get(variant, paramreg).attach(model, names, sparsity=0.9,
                                                  sparsity_steps=RAMP.get("steps", 10 * steps), **TARGET_FORM)
     return model, OPTIMIZERS[optimizer](model.parameters())
+
+
+def jump(model, opt, x, y) -> None:
+    """A target's run taken to step ``RAMP["at"]``·(its ramp) as a resumed run gets there: one
+    step (the optimizer's state), then the optimizer's state_dict loaded with that step count
+    (Note [Resume] in paramreg/optim/state.py), then one step that zeroes at once what the ramp
+    asks by then and one more; nothing where ``RAMP["at"]`` is 0 or the run has no target."""
+    k = round(RAMP.get("at", 0.0) * RAMP.get("steps", 0))
+    if not k:
+        return
+    step(model, opt, x, y)
+    saved = copy.deepcopy(opt.state_dict())
+    entries = [entry for entry in saved["state"].values() if STEPS_KEY in entry]
+    for entry in entries:
+        entry[STEPS_KEY] = k
+    if entries:
+        opt.load_state_dict(saved)
+        step(model, opt, x, y)
+        step(model, opt, x, y)
 
 
 def step(model, opt, x, y) -> None:
@@ -136,6 +158,7 @@ def peak_of(variant: str, selected: int, optimizer: str) -> int:
     (the kernel's high-water mark, reset just before the step)."""
     model, opt = build(variant, selected, optimizer, 100)
     x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    jump(model, opt, x, y)
     for _ in range(3):
         step(model, opt, x, y)
     before = _status("VmRSS")
@@ -155,7 +178,8 @@ def peak_bytes(variant: str, selected: int, optimizer: str) -> int | None:
     done = subprocess.run([sys.executable, __file__, "--peak-of", variant, str(selected), optimizer,
                            "--target-form", *(k for k in TARGET_FORM if k != "regrow"),
                            *(["--regrow"] if TARGET_FORM.get("regrow") else []),
-                           *(["--ramp-steps", str(RAMP["steps"])] if RAMP else [])], env=env,
+                           *(["--ramp-steps", str(RAMP["steps"])] if "steps" in RAMP else []),
+                           *(["--ramp-at", str(RAMP["at"])] if RAMP.get("at") else [])], env=env,
                           capture_output=True, text=True, check=True, timeout=900)
     return int(done.stdout.split()[-1])
 
@@ -183,9 +207,16 @@ def main() -> None:
                         help="the MLP target's ramp, in steps (default: 10 times the steps the run takes: 140 at --rounds "
                              "4, whose timed steps, the ramp's first, zero 1.6-1.9%% of the weights each; a ramp of 2000 "
                              "steps, a 4000-step run's with total_steps=, zeroes 0.13%%); the GPT-style step keeps its own")
+    parser.add_argument("--ramp-at", type=float, default=0.0, metavar="FRACTION",
+                        help="time the MLP target's steps after this fraction of its ramp (default 0: its first steps), "
+                             "reached as a resumed run reaches it (0.25: about half the weights zero at sparsity 0.9 "
+                             "with the cubic ramp; 1: after the ramp, the zeros held)")
     args = parser.parse_args()
     if args.ramp_steps is not None:
         RAMP["steps"] = args.ramp_steps
+    if not 0.0 <= args.ramp_at <= 1.0:
+        parser.error(f"--ramp-at must lie in [0, 1], got {args.ramp_at}")
+    RAMP["at"] = args.ramp_at
     TARGET_FORM.clear()
     TARGET_FORM[args.target_form] = True
     if args.regrow:
@@ -207,7 +238,7 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device == "cuda" else f"threads {torch.get_num_threads()}"
     print(f"torch {torch.__version__}, {device} ({where}), batch 8, medians of {rounds} interleaved rounds, "
           f"{args.target_form} target{', zeros regrow' if args.regrow else ''}, ramp of "
-          + f"{RAMP['steps']} steps")
+          + f"{RAMP['steps']} steps" + (f", timed after {RAMP['at']:g} of it" if RAMP["at"] else ""))
     print("selected   optimizer  none ms  l1/none  floor/none  target/none  target/l1  read/l1  peak MB: none / l1 / target"
           + "".join(f"  {v.replace(' ', '')}/l1" for v in BEFORE))
     x, y = torch.randn(8, 64, device=device), torch.randint(0, 10, (8,), device=device)
@@ -218,6 +249,7 @@ def main() -> None:
             runs = {v: build(v, selected, optimizer, rounds * args.steps_per_round + 2, device)
                     for v in (*variants, *(() if args.no_target else BEFORE))}
             for model, opt in runs.values():
+                jump(model, opt, x, y)
                 step(model, opt, x, y)  # the optimizer's state, the plan
             if optimizer == "AdamW":  # the floor: the unregularized step, then the least any map does
                 runs["floor"] = build("none", selected, optimizer, rounds * args.steps_per_round + 2, device)
