@@ -520,8 +520,8 @@ def test_the_one_pass_selection_zeroes_what_the_map_zeroes_or_falls_back(form, c
     drawn_bracket = targets._bracket
     normal = float(torch.finfo(torch.float32).tiny)
 
-    def missing(drawn, m, total):
-        found = drawn_bracket(drawn, m, total)
+    def missing(drawn, m, total, held=None):
+        found = drawn_bracket(drawn, m, total, held)
         if found is None or not math.isfinite(found[1]):
             return found
         lo, hi = found

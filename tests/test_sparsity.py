@@ -1048,7 +1048,8 @@ def test_a_sampled_bracket_changes_no_weight_and_mostly_takes_one_pass(name, for
 
     monkeypatch.setattr(targets, "GATHERED", 0)
     monkeypatch.setattr(fused, "min_numel", 2 if name == "AdamW fused" else 1 << 16)
-    original = targets.kth_smallest
+    original, bracket, held = targets.kth_smallest, targets._bracket, []
+    monkeypatch.setattr(targets, "_bracket", lambda *a, **k: held.append(a[3] is not None) or bracket(*a, **k))
     runs, drawn = {}, 2048  # a twelfth of the 25,856 weights, as 2^16 of 800K (the default draws far fewer of larger models)
     for sample in (drawn, 64, 0):
         monkeypatch.setattr(targets, "SAMPLE", sample)
@@ -1075,11 +1076,84 @@ def test_a_sampled_bracket_changes_no_weight_and_mostly_takes_one_pass(name, for
     default = runs[drawn][1]
     assert default and sum(p == 1 for p in default) >= 0.8 * len(default), default
     assert all(p == 2 for p in runs[0][1])  # the histogram passes alone
+    assert any(held) == (allocation == "global")  # a global target's draws past its held zeros
     zeros = sum(int((w == 0).sum()) for w in reference[-1])
     if allocation == "global":
         assert zeros == round(0.9 * sum(w.numel() for w in reference[-1]))
     else:  # each tensor its own rounded count (Note [Allocation])
         assert zeros == sum(round(0.9 * w.numel()) for w in reference[-1])
+
+
+def test_a_bracket_drawn_past_held_zeros_is_narrower_and_still_holds_the_answer():
+    """Note [Sampled bracket]: with the zeros held since the last step known (``held``), the
+    bracket is drawn among the draws above them, around the (m − held)-th of the rest: it holds
+    the m-th smallest, and far fewer values than the bracket drawn over all; a draw whose count
+    of zeros disagrees with ``held`` (a resumed run's, zeros that came back) gets the bracket
+    drawn over all, as does held >= m (the answer a zero)."""
+    from paramreg.optim.targets import _bracket
+
+    g = torch.Generator().manual_seed(0)
+    total, zeros, m = 1_000_000, 600_000, 601_300  # mid-ramp: 60% held, 0.13% more asked
+    values = torch.cat([torch.zeros(zeros), torch.rand(total - zeros, generator=g) + 0.5])
+    answer = values.kthvalue(m).values.item()
+    drawn = values[torch.randint(0, total, (1 << 16,), generator=g)]
+    plain, past = _bracket(drawn, m, total), _bracket(drawn, m, total, held=zeros)
+    assert past[0] <= answer < past[1] and plain[0] <= answer < plain[1]
+    inside = [int(((values >= lo) & (values < hi)).sum()) for lo, hi in (plain, past)]
+    assert inside[1] * 5 < inside[0], inside
+    assert _bracket(drawn, m, total, held=zeros - 50_000) == plain  # the draw disagrees: drawn over all
+    assert _bracket(drawn, zeros, total, held=zeros) == _bracket(drawn, zeros, total)  # the answer a zero
+
+
+def _counted(calls: list, original, record=lambda *a: True):
+    """``original``, appending ``record`` of its arguments to ``calls`` at each call."""
+
+    def counted(*args, **kwargs):
+        calls.append(record(*args))
+        return original(*args, **kwargs)
+
+    return counted
+
+
+def test_after_a_ramp_whose_zeros_stay_a_selection_counts_them_in_one_pass_without_a_draw(monkeypatch):
+    """A target given ``sparsity_steps=`` selects at every step after its ramp too, and with
+    zeros that do not regrow its answer is a held zero: one pass of the fused kernel counts the
+    +0.0 weights and answers 0, with no draw and no other pass, and the weights are those of the
+    histogram passes, bit for bit; during the ramp the draws pass the zeros held."""
+    from paramreg.optim import applying, fused, targets
+
+    monkeypatch.setattr(targets, "GATHERED", 0)
+    monkeypatch.setattr(fused, "min_numel", 2)
+    runs = {}
+    original_sample, original_kth, original_bracket = applying._Criticals.sample, targets.kth_smallest, targets._bracket
+    default = targets.SAMPLE
+    for sample in (default, 0):
+        monkeypatch.setattr(targets, "SAMPLE", sample)
+        calls = {"sample": [], "kth_smallest": [], "held": []}
+        monkeypatch.setattr(applying._Criticals, "sample", _counted(calls["sample"], original_sample))
+        monkeypatch.setattr(targets, "kth_smallest", _counted(calls["kth_smallest"], original_kth))
+        monkeypatch.setattr(targets, "_bracket", _counted(calls["held"], original_bracket, lambda *a: a[3] is not None))
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        paramreg.attach(model, ["0.weight", "2.weight"], sparsity=0.8, sparsity_steps=6)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(0)
+        weights, after = [], {}
+        for k in range(10):
+            if k == 6:
+                after = {key: len(v) for key, v in calls.items()}
+            x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            weights.append([model[i].weight.detach().clone() for i in (0, 2)])
+        runs[sample] = weights, calls, after
+    (drawn, calls, after), (reference, _, _) = runs[default], runs[0]
+    assert all(torch.equal(a, b) for s, r in zip(drawn, reference, strict=True) for a, b in zip(s, r, strict=True))
+    assert any(calls["held"][: after["held"]])  # in the ramp, a draw past the held zeros
+    assert len(calls["sample"]) == after["sample"] and len(calls["kth_smallest"]) == after["kth_smallest"]
+    total = sum(w.numel() for w in drawn[-1])
+    assert sum(int((w == 0).sum()) for w in drawn[-1]) == round(0.8 * total)
 
 
 def _sampled_run(monkeypatch, sample, extra=None, steps=12):

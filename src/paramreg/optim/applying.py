@@ -484,7 +484,8 @@ class _Criticals:
     def marked(self, lo: float, hi: float) -> list[tuple[int, int, numpy.ndarray]] | None:
         """A guessed selection over every unit in one pass that also finds what its map zeroes
         (Note [Selection that zeroes]): per unit, (its scores below ``lo``, below ``hi``, its
-        scores in [lo, hi) in float32), and kept until :meth:`zero_marked`, per
+        scores in [lo, hi) in float32, how many of its weights other than +0.0 score below lo:
+        the others there are +0.0 weights, whose score is 0), and kept until :meth:`zero_marked`, per
         tensor, the flat indices of its weights to be zeroed at any strength from lo on and
         those of its scores in [lo, hi) with the scores, unless there are more than ``GUESSED``
         of them (a step that zeroes many weights at once: then its map runs as a pass). None,
@@ -513,13 +514,14 @@ class _Criticals:
         out, kept, count, within = [], {}, 0, 0  # count: the indices found; within: the bracket's scores
         marks = None
         for p, blocks in passes:
-            below = under = 0
+            below = under = fresh = 0  # fresh: the weights other than +0.0 that score below lo
             picked, found = [], []  # per block: its entries of out that are not 0, and their flat indices
             for block in blocks:
                 if block is None:  # the kernel could not be compiled: nothing was written
                     return None
                 start, (b, n, marked), values = block
                 below, under, count, within = below + b, under + n, count + marked, within + n - b
+                fresh += marked - (n - b)
                 if within > GUESSED:  # ties at the bracket's edges: the passes count them (Note [Guessed bracket])
                     return None
                 if kept is not None and count > GUESSED:  # too many new zeros to keep: the map's pass zeroes them
@@ -542,7 +544,7 @@ class _Criticals:
             if kept is not None:
                 found = numpy.concatenate(found) if found else numpy.empty(0, dtype=numpy.int64)
                 kept[id(p)] = (found[~scored], found[scored], inside)
-            out.append((below, under, inside))
+            out.append((below, under, inside, fresh))
         self._marks = None if kept is None else (lo, hi, kept)
         return out
 

@@ -67,7 +67,14 @@ Note [Sampled bracket]
     denormals flushed (``torch.set_flush_denormal``); a bracket expected to hold more than
     ``GUESSED`` (2^22) values is not drawn (at p = 0.5 from about 250M critical strengths on), and
     one that would gather more (ties at its edges) stops gathering and is resolved by histogram
-    passes. Over DTensor shards or off the CPU the histogram passes run as before. A selection over
+    passes. Past the first steps of a ramp most of the values are the zeros the target holds, and
+    a bracket drawn over all of them is wide: the count of drawn zeros alone varies by
+    sqrt(n·p0·(1 − p0)), so at p = 0.5 the bracket holds 1.6% of the values, where the step zeroes
+    about 0.1% of them. So a global target whose zeros do not regrow passes the count it asked at
+    the step before (``held``: those zeros, still zero) and draws past them: among the drawn values
+    at or above the smallest normal float, around the (m − held)-th of the total − held others,
+    where the draw agrees (its count of zeros within ``SPREAD`` standard deviations of
+    held/total·n; a resumed run's first step, or a step after a skipped one, draws over all). Over DTensor shards or off the CPU the histogram passes run as before. A selection over
     16.8M AdamW weights (two 2896x2896 Linear layers, a ramp step): 54-55 ms, the draw 5 of them,
     against 92-99 with two passes (ad hoc); the pass's comparisons into two held masks (Note
     [Guessed bracket]) took its numpy work there from 24 to 13 ms a step, and the caps' counts
@@ -217,7 +224,7 @@ Note [The recipe's defaults]
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy
@@ -298,6 +305,9 @@ class SparsityTarget:
     extrapolate: float = 0.0
     strength: float | None = None
     asked: float = 0.0
+    #: (step, groups asked) of this target's last global selection: the zeros the next one finds,
+    #: where they are held (Note [Sampled bracket]); not saved (a resumed run's first step draws without)
+    zeroed: tuple[int, int] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.sparsity = _fraction("sparsity", self.sparsity)
@@ -359,26 +369,29 @@ class SparsityTarget:
         elif self.allocation == "uniform":
             strengths = [_kth(criticals, round(self.asked * n), [u]) for u, n in enumerate(criticals.sizes)]
         else:
-            strengths = self._global(criticals)
+            strengths = self._global(criticals, k)
         finite = [s if math.isfinite(s) else 0.0 for s in strengths]
         self.strength = max(finite, default=0.0)
         if self.allocation == "uniform" and criticals.owned is not None:
             self.strength = criticals.largest(self.strength)  # the same on every rank, as report shows it
         return finite
 
-    def _global(self, criticals: "Criticals") -> list[float]:
-        """One strength for every unit, each unit's capped at its maximum (Note [Allocation])."""
+    def _global(self, criticals: "Criticals", k: int) -> list[float]:
+        """One strength for every unit at step ``k``, each unit's capped at its maximum (Note [Allocation])."""
         sizes = criticals.sizes
         m = round(self.asked * sum(sizes))  # sizes over every rank
         if not m:
             return [0.0] * len(sizes)
+        # the zeros the last selection asked for, where it was the step before and they are held
+        held = self.zeroed[1] if not self.regrow and self.zeroed is not None and self.zeroed[0] == k - 1 else None
+        self.zeroed = (k, m)
         if self.max_sparsity >= 1.0:
-            return [_kth(criticals, m)] * len(sizes)
+            return [_kth(criticals, m, held=held)] * len(sizes)
         caps = [math.floor(self.max_sparsity * n) for n in sizes]
         # The selection's last pass also counts, per unit, the values below the top of its bracket:
         # if no unit is over its cap there, none is at the strength, which lies below it.
         below = [0] * len(sizes)
-        strength = _kth(criticals, m, counting=below)
+        strength = _kth(criticals, m, counting=below, held=held)
         if all(n <= cap for n, cap in zip(below, caps, strict=True)):
             return [strength] * len(sizes)
         limits: dict[int, float] = {}
@@ -456,12 +469,14 @@ class _Alone:
         return None  # its tensors' state is another optimizer's shard: the histogram passes
 
 
-def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[int] | None = None) -> float:
+def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[int] | None = None,
+         held: int | None = None) -> float:
     """The m-th smallest critical strength of ``units`` (1-based; 0.0 for m <= 0), by
     :func:`~paramreg.optim.order_statistic.kth_smallest`: each rank counts its own values, one
     ``all_reduce`` of the counts per pass completes them. ``counting``: per unit, set to how many
     of its values lie below the top of the last pass's bracket (all of them, without one), an
-    upper bound of how many lie at or below the result.
+    upper bound of how many lie at or below the result. ``held``: about how many of the values
+    are zeros held since the last step (Note [Sampled bracket]; only where to look).
 
     No hint: in training the strength moves from step to step by far more than the window one
     exact pass resolves (about 0.4%, Note [Exact selection]). ``python benchmarks/strength_moves.py``
@@ -475,9 +490,11 @@ def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[i
         total = sum(criticals.sizes[u] for u in (range(len(criticals.sizes)) if units is None else units))
         if total <= GATHERED:
             return _gathered(criticals, m, total, units, limits, counting)
-        if SAMPLE:
+        if SAMPLE and held is not None and held >= m and units is None and not limits:
+            guess = (_NORMAL, 2 * _NORMAL)  # the held zeros are the answer: one pass counts them, no draw
+        elif SAMPLE:
             drawn = criticals.sample(units, limits, SAMPLE)
-            guess = None if drawn is None else _bracket(drawn, m, total)
+            guess = None if drawn is None else _bracket(drawn, m, total, held)
         if guess is not None and units is None and not limits:
             found = _marked(criticals, m, guess, counting)
             if found is not None:
@@ -513,8 +530,11 @@ def _marked(criticals: Criticals, m: int, guess: tuple[float, float], counting: 
     """:func:`_kth` of every unit by one pass that also finds what the map zeroes
     (``Criticals.marked``, Note [Selection that zeroes] in optim/applying.py): the m-th smallest
     among the values gathered in the bracket; None where that pass does not run or the m-th
-    value lies outside the bracket, also where it is a zero (the guessed pass and the histogram
-    passes then resolve it: they tell zeros from denormals by their bits)."""
+    value lies outside the bracket. Where at least m weights are +0.0 (held zeros: every step
+    after a ramp whose zeros do not regrow), 0: the score of a +0.0 weight is 0 where it is a
+    number (Note [Selection that zeroes] in optim/applying.py) and no score is negative; any
+    other zero answer (a weight other than +0.0 whose score is 0) is left to the guessed pass and
+    the histogram passes, which tell zeros from denormals by their bits."""
     marked = getattr(criticals, "marked", None)
     lo, hi = (float(numpy.float32(x)) for x in guess)  # as kth_smallest rounds a guess
     if hi <= lo:
@@ -522,11 +542,14 @@ def _marked(criticals: Criticals, m: int, guess: tuple[float, float], counting: 
     units = marked(lo, hi) if marked is not None else None
     if units is None:
         return None
-    below, under = (sum(unit[j] for unit in units) for j in range(2))
-    if not below < m <= under:
+    below, under, fresh = (sum(unit[j] for unit in units) for j in (0, 1, 3))
+    if m <= below - fresh:  # the m-th smallest is the score of a +0.0 weight: 0 (scores are never negative)
+        found = 0.0
+    elif below < m <= under:
+        values = numpy.concatenate([unit[2] for unit in units])
+        found = float(numpy.partition(values, m - below - 1)[m - below - 1])
+    else:
         return None
-    values = numpy.concatenate([unit[2] for unit in units])
-    found = float(numpy.partition(values, m - below - 1)[m - below - 1])
     if counting is not None:
         counting[:] = _summed(criticals, [unit[1] for unit in units])
     return found
@@ -552,14 +575,26 @@ SPREAD = 4.0
 _NORMAL = float(torch.finfo(torch.float32).tiny)  # the smallest normal float32: kept with flushed denormals
 
 
-def _bracket(drawn: Tensor, m: int, total: int) -> tuple[float, float] | None:
+def _bracket(drawn: Tensor, m: int, total: int, held: int | None = None) -> tuple[float, float] | None:
     """(lo, hi) around the m-th smallest of ``total`` values, from ``drawn`` values drawn from them
     at random (Note [Sampled bracket]): the drawn values of rank m/total·n ± SPREAD standard
     deviations (binomial), lo at least the smallest normal float (every zero lies below it),
     hi just above the drawn value (+inf past the last); None where the draw brackets nothing
     (an infinite or NaN value at lo) or where the bracket would hold more than ``GUESSED``
-    values (order_statistic.py)."""
+    values (order_statistic.py). With ``held`` (fewer than m) values known to lie below the
+    smallest normal float, and a draw that agrees (its count of them within SPREAD standard
+    deviations of held/total·n), the same among the drawn values at or above it, around the
+    (m − held)-th of the other total − held."""
     n = drawn.numel()
+    if held is not None and 0 <= held < m:
+        values = drawn.numpy()
+        normal = values[values >= _NORMAL]  # NaN too is left out: it lies in no bracket
+        share = held / total
+        if abs(n - normal.size - share * n) <= SPREAD * math.sqrt(n * share * (1.0 - share)) + 1.0:
+            drawn, m, total = torch.from_numpy(normal), m - held, total - held
+            n = drawn.numel()
+            if not n:
+                return None
     p = m / total
     rank, spread = p * n, SPREAD * math.sqrt(n * p * (1.0 - p)) + 1.0
     a, b = math.floor(rank - spread) - 1, math.ceil(rank + spread)  # 0-based ranks in the draw
