@@ -3,7 +3,8 @@
 One process, the variants interleaved round by round, medians: a training step of an MLP whose
 hidden layers hold N selected weights (batch 8, so that the optimizer's work dominates), with no
 regularization, with ``l1=`` (the default prox) and with a target (``sparsity=0.9`` over the
-whole run, so that every timed step calibrates), under SGD with momentum and AdamW. Also the
+whole run, so that every timed step calibrates; by default its timed steps are its ramp's first,
+``--ramp-at`` times them later in it), under SGD with momentum and AdamW. Also the
 time of one pass that only reads the selected weights and their optimizer state (``read``: the
 memory floor of each pass of a target's selection), under AdamW the least any map in Adam's
 metric does after the step (``floor``: the unregularized step, interleaved with the others,
@@ -21,6 +22,7 @@ backward dominate.
     python benchmarks/target_cost.py --gpt            # and the GPT-style step
     python benchmarks/target_cost.py --tiny --gpt     # a smoke test of seconds
     python benchmarks/target_cost.py --before HEAD~3  # and the target as it was at a revision, interleaved
+    python benchmarks/target_cost.py --sizes 25 --ramp-steps 2000 --ramp-at 0.25   # a run's ramp, half the weights zero
     python benchmarks/target_cost.py --device cuda --sizes 1 8 25 100 250 1000 --gpt
 """
 
@@ -75,22 +77,24 @@ def build(variant: str, selected: int, optimizer: str, steps: int, device: str =
 
 
 def jump(model, opt, x, y) -> None:
-    """A target's run taken to step ``RAMP["at"]``·(its ramp) as a resumed run gets there: one
-    step (the optimizer's state), then the optimizer's state_dict loaded with that step count
-    (Note [Resume] in paramreg/optim/state.py), then one step that zeroes at once what the ramp
-    asks by then and one more; nothing where ``RAMP["at"]`` is 0 or the run has no target."""
+    """A run taken to step ``RAMP["at"]``·(its ramp) as a resumed run gets there, nothing where
+    ``RAMP["at"]`` is 0: one step (the optimizer's state), then the optimizer's state_dict loaded
+    with that step count wherever paramreg keeps one (Note [Resume] in
+    paramreg/optim/state.py; a target's run then zeroes at once what its ramp asks by then), and
+    two more steps; every variant alike (the ``l1=`` run keeps step counts too)."""
     k = round(RAMP.get("at", 0.0) * RAMP.get("steps", 0))
     if not k:
         return
     step(model, opt, x, y)
     saved = copy.deepcopy(opt.state_dict())
     entries = [entry for entry in saved["state"].values() if STEPS_KEY in entry]
+    if not entries and any(hasattr(module, "parametrizations") for module in model.modules()):
+        raise SystemExit(f"--ramp-at: no {STEPS_KEY!r} in the optimizer's state_dict (a paramreg that keeps it elsewhere?)")
     for entry in entries:
         entry[STEPS_KEY] = k
-    if entries:
-        opt.load_state_dict(saved)
-        step(model, opt, x, y)
-        step(model, opt, x, y)
+    opt.load_state_dict(saved)
+    step(model, opt, x, y)
+    step(model, opt, x, y)
 
 
 def step(model, opt, x, y) -> None:
@@ -210,7 +214,7 @@ def main() -> None:
     parser.add_argument("--ramp-at", type=float, default=0.0, metavar="FRACTION",
                         help="time the MLP target's steps after this fraction of its ramp (default 0: its first steps), "
                              "reached as a resumed run reaches it (0.25: about half the weights zero at sparsity 0.9 "
-                             "with the cubic ramp; 1: after the ramp, the zeros held)")
+                             "with the cubic ramp; 1: after the ramp, the zeros held unless --regrow)")
     args = parser.parse_args()
     if args.ramp_steps is not None:
         RAMP["steps"] = args.ramp_steps

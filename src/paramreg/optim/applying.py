@@ -335,6 +335,7 @@ class _Criticals:
         self.owned: set[int] | None = None
         self.process_group = process_group
         self._marks = None  # (lo, hi, per tensor what the map zeroes) from marked()
+        self.zeros: int | None = None  # how many scores lie at or below the answer the one pass found (targets._marked)
         self.device = work[0][1][0].device if work else everything[0][0].device
         for bucket, tensors, lr, group, fill in work:
             floors = None
@@ -470,9 +471,10 @@ class _Criticals:
     #     the kept indices whose score is at most θ: the weights the map's pass would set to 0, bit
     #     for bit (the held zeros are +0.0 already; −0.0 and denormals are kept, because that pass
     #     writes +0.0 over them). That holds for any θ in [lo, hi), whichever unit's (a capped
-    #     tensor's too) and whichever selection found it. Where the m-th score lies outside the
-    #     bracket or is a zero, the guessed pass (again) and the histogram passes find it (Note
-    #     [Guessed bracket] in optim/order_statistic.py); the map runs as a pass where θ lies
+    #     tensor's too) and whichever selection found it. Where at least m +0.0 weights score
+    #     below lo the answer is 0 (``targets._marked``) and nothing is mapped. Where the m-th
+    #     score lies outside the bracket or is another zero, the guessed pass (again) and the
+    #     histogram passes find it (Note [Guessed bracket] in optim/order_statistic.py); the map runs as a pass where θ lies
     #     outside [lo, hi) or where no indices were kept (more than ``GUESSED``, as at a step that
     #     zeroes most weights at once); and for another regularizer, a tensor the kernel does not
     #     take, a collective or float64 the earlier passes and map run: nothing was written. A ramp

@@ -70,11 +70,16 @@ Note [Sampled bracket]
     passes. Past the first steps of a ramp most of the values are the zeros the target holds, and
     a bracket drawn over all of them is wide: the count of drawn zeros alone varies by
     sqrt(n·p0·(1 − p0)), so at p = 0.5 the bracket holds 1.6% of the values, where the step zeroes
-    about 0.1% of them. So a global target whose zeros do not regrow passes the count it asked at
-    the step before (``held``: those zeros, still zero) and draws past them: among the drawn values
-    at or above the smallest normal float, around the (m − held)-th of the total − held others,
-    where the draw agrees (its count of zeros within ``SPREAD`` standard deviations of
-    held/total·n; a resumed run's first step, or a step after a skipped one, draws over all). Over DTensor shards or off the CPU the histogram passes run as before. A selection over
+    about 0.1% of them. So a global target whose zeros do not regrow passes on how many values its
+    selection at the step before left at or below its answer (``held``: the zeros its map left,
+    still zero; m where that selection took another way) and draws past them: among the drawn
+    values at or above the smallest normal float, around the (m − held)-th of the total − held
+    others, where the draw agrees (its count of values below that float, zeros and any NaN or
+    denormal score, within ``SPREAD`` standard deviations of held/total·n; a resumed run's first
+    step draws over all). Where held >= m (every step after a ramp whose zeros stay, without
+    ``keep_zeros``) there is no draw: the one pass counts the +0.0 weights below the smallest
+    normal float, and at least m of them make the answer 0 (``_marked``). Over DTensor shards or
+    off the CPU the histogram passes run as before. A selection over
     16.8M AdamW weights (two 2896x2896 Linear layers, a ramp step): 54-55 ms, the draw 5 of them,
     against 92-99 with two passes (ad hoc); the pass's comparisons into two held masks (Note
     [Guessed bracket]) took its numpy work there from 24 to 13 ms a step, and the caps' counts
@@ -386,13 +391,16 @@ class SparsityTarget:
         held = self.zeroed[1] if not self.regrow and self.zeroed is not None and self.zeroed[0] == k - 1 else None
         self.zeroed = (k, m)
         if self.max_sparsity >= 1.0:
-            return [_kth(criticals, m, held=held)] * len(sizes)
+            strength = _kth(criticals, m, held=held)
+            self.zeroed = (k, max(m, getattr(criticals, "zeros", None) or 0))  # ties with the answer too
+            return [strength] * len(sizes)
         caps = [math.floor(self.max_sparsity * n) for n in sizes]
         # The selection's last pass also counts, per unit, the values below the top of its bracket:
         # if no unit is over its cap there, none is at the strength, which lies below it.
         below = [0] * len(sizes)
         strength = _kth(criticals, m, counting=below, held=held)
         if all(n <= cap for n, cap in zip(below, caps, strict=True)):
+            self.zeroed = (k, max(m, getattr(criticals, "zeros", None) or 0))  # ties with the answer too
             return [strength] * len(sizes)
         limits: dict[int, float] = {}
         while True:  # cap the units over their maximum at this strength, until none is
@@ -445,6 +453,9 @@ class Criticals(Protocol):
     #: Under ZeroRedundancyOptimizer, the units this rank stepped, each on this rank alone (None
     #: elsewhere: every unit's groups are counted over every rank alike).
     owned: set[int] | None
+    #: How many values lie at or below the answer of a selection's one pass that also finds the
+    #: zeros (None where none answered): the zeros after the map, for the next step's draw.
+    zeros: int | None
 
     def chunks(self, units: Iterable[int] | None = None, limits: dict[int, float] | None = None) -> Iterator[tuple[int, Tensor]]:
         """(unit, this rank's critical strengths of some of its groups) over ``units`` (default all),
@@ -530,11 +541,13 @@ def _marked(criticals: Criticals, m: int, guess: tuple[float, float], counting: 
     """:func:`_kth` of every unit by one pass that also finds what the map zeroes
     (``Criticals.marked``, Note [Selection that zeroes] in optim/applying.py): the m-th smallest
     among the values gathered in the bracket; None where that pass does not run or the m-th
-    value lies outside the bracket. Where at least m weights are +0.0 (held zeros: every step
-    after a ramp whose zeros do not regrow), 0: the score of a +0.0 weight is 0 where it is a
-    number (Note [Selection that zeroes] in optim/applying.py) and no score is negative; any
-    other zero answer (a weight other than +0.0 whose score is 0) is left to the guessed pass and
-    the histogram passes, which tell zeros from denormals by their bits."""
+    value lies outside the bracket. Where at least m +0.0 weights score below lo (held zeros:
+    every step after a ramp whose zeros do not regrow, without ``keep_zeros``), 0: a score is
+    y²·u/2 with u > 0 and y = 0 where w is (Notes [Looking ahead] and [Extrapolated paths]), so
+    no score is negative and a +0.0 weight scores 0 (or NaN, never below lo); any other zero
+    answer (a weight other than +0.0 whose score is 0) is left to the guessed pass and the
+    histogram passes, which tell zeros from denormals by their bits. Sets ``criticals.zeros``
+    where it answers."""
     marked = getattr(criticals, "marked", None)
     lo, hi = (float(numpy.float32(x)) for x in guess)  # as kth_smallest rounds a guess
     if hi <= lo:
@@ -544,10 +557,11 @@ def _marked(criticals: Criticals, m: int, guess: tuple[float, float], counting: 
         return None
     below, under, fresh = (sum(unit[j] for unit in units) for j in (0, 1, 3))
     if m <= below - fresh:  # the m-th smallest is the score of a +0.0 weight: 0 (scores are never negative)
-        found = 0.0
+        found, criticals.zeros = 0.0, below - fresh
     elif below < m <= under:
         values = numpy.concatenate([unit[2] for unit in units])
         found = float(numpy.partition(values, m - below - 1)[m - below - 1])
+        criticals.zeros = below + int(numpy.count_nonzero(values <= found))
     else:
         return None
     if counting is not None:
