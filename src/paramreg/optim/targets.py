@@ -387,21 +387,17 @@ class SparsityTarget:
         m = round(self.asked * sum(sizes))  # sizes over every rank
         if not m:
             return [0.0] * len(sizes)
-        # the zeros the last selection asked for, where it was the step before and they are held
+        # the zeros the last selection left, where it was the step before and they are held
         held = self.zeroed[1] if not self.regrow and self.zeroed is not None and self.zeroed[0] == k - 1 else None
-        self.zeroed = (k, m)
-        if self.max_sparsity >= 1.0:
-            strength = _kth(criticals, m, held=held)
-            self.zeroed = (k, max(m, getattr(criticals, "zeros", None) or 0))  # ties with the answer too
-            return [strength] * len(sizes)
-        caps = [math.floor(self.max_sparsity * n) for n in sizes]
         # The selection's last pass also counts, per unit, the values below the top of its bracket:
         # if no unit is over its cap there, none is at the strength, which lies below it.
-        below = [0] * len(sizes)
+        below = None if self.max_sparsity >= 1.0 else [0] * len(sizes)
         strength = _kth(criticals, m, counting=below, held=held)
-        if all(n <= cap for n, cap in zip(below, caps, strict=True)):
-            self.zeroed = (k, max(m, getattr(criticals, "zeros", None) or 0))  # ties with the answer too
+        self.zeroed = (k, max(m, getattr(criticals, "zeros", None) or 0))  # ties with the answer too
+        caps = [math.floor(self.max_sparsity * n) for n in sizes]
+        if below is None or all(n <= cap for n, cap in zip(below, caps, strict=True)):
             return [strength] * len(sizes)
+        self.zeroed = (k, m)  # capped units: m zeros in all, at strengths of their own
         limits: dict[int, float] = {}
         while True:  # cap the units over their maximum at this strength, until none is
             counts = _at_most(criticals, strength, limits)
