@@ -164,6 +164,7 @@ _ADAM = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam)
 _lock = threading.Lock()
 _compiled: dict = {}  # (kernel, dtype, device type) -> its torch.compile'd function
 _eager_calls: set = set()  # (kernel, dtype, device type) whose later calls fell back to the formula, eagerly
+_zeros: dict = {}  # (dtype, device) -> the 0-d +0.0 the held zeros' pass writes (Note [Held zeros, fused])
 
 
 def _l1(w: Tensor, v: Tensor, floor: Tensor, c: Tensor) -> None:
@@ -690,7 +691,10 @@ def hold_(p: Tensor, momentum: Tensor | None) -> bool:
     tensors = [g] if momentum is None else [g, momentum]
     if not all(_alike(p, t) for t in tensors):
         return False
-    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    key = (p.dtype, p.device)
+    zero = _zeros.get(key)
+    if zero is None:
+        zero = _zeros[key] = torch.zeros((), dtype=p.dtype, device=p.device)  # read, never written
     if _call(name, _flat(p), *(_flat(t) for t in tensors), zero) is _NOT_COMPILED:
         return False
     for t in tensors:
