@@ -27,6 +27,7 @@ Note [Nested steps]
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -115,7 +116,7 @@ def _hold_zeros(optimizer, args, kwargs):
     if found.held_for != signature:
         by_param = state.carriers_by_param()
         found.held = [
-            (p, weakref.ref(c)) for g in optimizer.param_groups for p in g["params"]
+            (p, weakref.ref(c), g) for g in optimizer.param_groups for p in g["params"]
             if (c := by_param.get(id(p))) is not None and c.mode == "prox" and c.target is not None and not c.target.regrow
         ]
         if found.held:
@@ -127,13 +128,15 @@ def _hold_zeros(optimizer, args, kwargs):
     known = step_sizes.resolve(optimizer) in step_sizes.KNOWN
     masks = []
     with torch.no_grad():
-        for p, ref in found.held:
+        for p, ref, group in found.held:
             c = ref()
             if c is None or not c.target.masks_gradient(c.calls):
                 continue
             grad = p.grad
             moving = optimizer.state.get(p) or {} if known else {}
             momenta = [t for key in _MOMENTA if isinstance(t := moving.get(key), torch.Tensor) and t.shape == p.shape]
+            if moving:
+                _keep_normal(p, moving, step_sizes.decaying(optimizer, group), c.calls)
             if (known and not callable(closure) and grad is not None and not grad.is_sparse and len(momenta) <= 1
                     and fused.hold_(p, momenta[0] if momenta else None)):
                 continue  # one compiled pass did what the masked writes below do
@@ -161,6 +164,57 @@ def _hold_zeros(optimizer, args, kwargs):
     if "closure" in kwargs:
         return args, {**kwargs, "closure": masked}
     return (args[0], masked, *args[2:]), kwargs
+
+
+#: Note [Decaying state of held zeros]: a decaying state at a held zero is kept at or above
+#: tiny·2^FLOOR_BITS of its dtype, by a pass every ln(2^(FLOOR_BITS/2))/ln(1/factor) steps.
+FLOOR_BITS = 12
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny  # float16's smallest normal is 6e-5, a squared gradient's size: no floor there
+
+
+def floor_period(factor: float) -> int:
+    """How many steps apart :func:`_keep_normal` raises a state that decays by ``factor`` a step:
+    between two passes it falls by at most 2^(FLOOR_BITS/2), so from its floor tiny·2^FLOOR_BITS it
+    stays at or above tiny·2^(FLOOR_BITS/2); 0 where it does not decay (factor 1) or is reset at
+    every step (factor 0)."""
+    if not 0.0 < factor < 1.0:
+        return 0
+    return max(1, int(FLOOR_BITS / 2 * math.log(2.0) / -math.log(factor)))
+
+
+def _keep_normal(p, moving: dict, decaying, calls: int) -> None:
+    """Before the step that follows ``calls`` steps of ``p``, every :func:`floor_period` steps:
+    where ``p`` is 0, each unsigned decaying state below tiny·2^FLOOR_BITS raised to it and each
+    signed one of smaller magnitude set to 0 (Note [Decaying state of held zeros]).
+
+    Note [Decaying state of held zeros]
+        A held zero's gradient and first moment are zero before each step (Note [Zeros that do
+        not regrow] in optim/targets.py), so Adam's second moment there decays by beta2 a step
+        (RMSprop's averages by alpha): from 1e-12 it reaches the smallest normal float32 after
+        about 60,000 steps at beta2 = 0.999 (1,200 at 0.95), is denormal for ln(2^23)/ln(1/beta2)
+        steps more, then exactly 0. torch's CPU kernels of Adam's step slow down on denormal
+        inputs (2.4-8.1x) and its ``sqrt`` on exact zeros (1.4-1.6x the for-loop and foreach
+        steps): ``benchmarks/held_zeros_adam.py``. So every 4,156 steps at beta2 = 0.999 (81 at
+        0.95) one masked pass raises the second moment of each held zero to a normal floor
+        (a signed average, RMSprop's centred one, goes to 0, which stays 0). No weight moves:
+        a held zero's update is its first moment (0) over its denominator, and it changes nothing
+        a selection reads (a zero's critical strength is 0 whatever its metric); so every weight is
+        the same bit for bit as without the pass, and the state differs only where it would have
+        decayed below the floor. A resumed run passes at the same steps (its counts restored).
+        Not for float16 state, whose smallest normal (6e-5) is a squared gradient's size.
+    """
+    for key, factor, signed in decaying:
+        t = moving.get(key)
+        period = floor_period(float(factor))
+        if (not isinstance(t, torch.Tensor) or t.shape != p.shape or not t.is_floating_point() or not period
+                or calls % period or torch.finfo(t.dtype).tiny > _FLOAT32_TINY):
+            continue
+        floor = torch.finfo(t.dtype).tiny * 2.0 ** FLOOR_BITS
+        held = p.detach() == 0
+        if signed:
+            t.masked_fill_(held & (t.abs() < floor), 0.0)
+        else:
+            t.masked_fill_(held & (t < floor), floor)
 
 
 def _mask_gradients(zeros: list) -> None:

@@ -68,7 +68,7 @@ from torch import Tensor
 
 from ..errors import ParamregError
 
-__all__ = ["POLICIES", "KNOWN", "FILLING", "DEFAULT_METRIC_FLOOR", "adam_key", "resolve", "metric", "floors", "inverse_steps", "sgd_factor", "settled", "whole", "adam_scalars", "floor_factor"]
+__all__ = ["POLICIES", "KNOWN", "decaying", "FILLING", "DEFAULT_METRIC_FLOOR", "adam_key", "resolve", "metric", "floors", "inverse_steps", "sgd_factor", "settled", "whole", "adam_scalars", "floor_factor"]
 
 POLICIES = ("auto", "lr", "adaptive")
 
@@ -209,6 +209,15 @@ _UNIT_DENOMINATOR = {
 }
 _SCALAR = (torch.optim.SGD,)
 KNOWN = (*_DIAGONAL, *_SCALAR)
+# Known optimizer -> its state that a zero gradient makes decay by a factor a step: (key, factor,
+# signed) for the group given (Note [Decaying state of held zeros] in optim/hooks.py).
+_DECAYING = {
+    torch.optim.Adam: lambda group: (("exp_avg_sq", group["betas"][1], False),),
+    torch.optim.AdamW: lambda group: (("exp_avg_sq", group["betas"][1], False),),
+    torch.optim.NAdam: lambda group: (("exp_avg_sq", group["betas"][1], False),),
+    torch.optim.RAdam: lambda group: (("exp_avg_sq", group["betas"][1], False),),
+    torch.optim.RMSprop: lambda group: (("square_avg", group["alpha"], False), ("grad_avg", group["alpha"], True)),
+}
 FILLING = (torch.optim.SGD, torch.optim.RMSprop)  # a momentum buffer whose fill scales the step
 #: The default safeguard of the adaptive metric, ``attach(..., metric_floor=...)`` (Note [Safeguarded
 #: metric]): each coordinate's denominator is at least what a coordinate would have after seeing
@@ -313,3 +322,12 @@ def inverse_steps(
     if inverse is not None and not group.get("eps", 1.0) > 0:
         torch._foreach_clamp_min_(inverse, torch.finfo(inverse[0].dtype).tiny)
     return inverse
+
+
+def decaying(optimizer, group: dict) -> tuple[tuple[str, float, bool], ...]:
+    """The state of ``optimizer``'s parameters in ``group`` that decays geometrically where the
+    gradient is zero, as (key, factor a step, whether signed): Adam's second moment by beta2,
+    RMSprop's averages by alpha; () for the other optimizers (Adamax's infinity norm stays at or
+    above eps, Adagrad's sum does not decay, SGD's momentum at a held zero is zero)."""
+    of = _DECAYING.get(resolve(optimizer))
+    return of(group) if of is not None else ()
