@@ -1148,6 +1148,8 @@ def test_a_bracket_drawn_past_held_zeros_is_narrower_and_still_holds_the_answer(
     inside = [int(((values >= lo) & (values < hi)).sum()) for lo, hi in (plain, past)]
     assert inside[1] * 5 < inside[0], inside
     assert _bracket(drawn, m, total, held=zeros - 50_000) == plain  # the draw disagrees: drawn over all
+    few = torch.zeros(1 << 16)  # every draw a held zero, none above them: drawn over all, not refused
+    assert _bracket(few, 1_000_000 - 5, 1_000_000, held=1_000_000 - 10) == _bracket(few, 1_000_000 - 5, 1_000_000)
 
 
 def _counted(calls: list, original, record=lambda *a: True):

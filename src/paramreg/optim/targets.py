@@ -593,18 +593,16 @@ def _bracket(drawn: Tensor, m: int, total: int, held: int | None = None) -> tupl
     (an infinite or NaN value at lo) or where the bracket would hold more than ``GUESSED``
     values (order_statistic.py). With ``held`` (fewer than m) values known to lie below the
     smallest normal float, and a draw that agrees (its count of them within SPREAD standard
-    deviations of held/total·n), the same among the drawn values at or above it, around the
+    deviations of held/total·n) and draws at or above it, the same among those, around the
     (m − held)-th of the other total − held."""
     n = drawn.numel()
     if held is not None and 0 <= held < m:
         values = drawn.numpy()
         normal = values[values >= _NORMAL]  # NaN too is left out: it lies in no bracket
         share = held / total
-        if abs(n - normal.size - share * n) <= SPREAD * math.sqrt(n * share * (1.0 - share)) + 1.0:
+        if normal.size and abs(n - normal.size - share * n) <= SPREAD * math.sqrt(n * share * (1.0 - share)) + 1.0:
             drawn, m, total = torch.from_numpy(normal), m - held, total - held
             n = drawn.numel()
-            if not n:
-                return None
     p = m / total
     rank, spread = p * n, SPREAD * math.sqrt(n * p * (1.0 - p)) + 1.0
     a, b = math.floor(rank - spread) - 1, math.ceil(rank + spread)  # 0-based ranks in the draw
