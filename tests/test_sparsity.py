@@ -1162,22 +1162,27 @@ def _counted(calls: list, original, record=lambda *a: True):
     return counted
 
 
-def test_after_a_ramp_whose_zeros_stay_a_selection_counts_them_in_one_pass_without_a_draw(monkeypatch):
+def test_after_a_ramp_whose_zeros_stay_a_selection_counts_the_zero_weights_without_a_pass_over_the_scores(monkeypatch):
     """A target given ``sparsity_steps=`` selects at every step after its ramp too, and with
-    zeros that do not regrow its answer is a held zero: one pass of the fused kernel counts the
-    +0.0 weights and answers 0, with no draw and no other pass, and the weights are those of the
-    histogram passes, bit for bit; during the ramp the draws pass the zeros held."""
+    zeros that do not regrow its answer is a held zero: one read of each weight counts the zeros
+    and answers 0, with no draw and no pass over the scores, and the weights are those of the
+    histogram passes, bit for bit; during the ramp the draws pass the zeros held. Weights set
+    from outside the step (five held zeros made 1.0 before step 9) leave fewer zeros than asked:
+    that step takes the passes, which zero as many again."""
     from paramreg.optim import applying, fused, targets
 
     monkeypatch.setattr(targets, "GATHERED", 0)
     monkeypatch.setattr(fused, "min_numel", 2)
     runs = {}
-    original_sample, original_kth, original_bracket = applying._Criticals.sample, targets.kth_smallest, targets._bracket
+    originals = {"sample": applying._Criticals.sample, "marked": applying._Criticals.marked,
+                 "zero_weights": applying._Criticals.zero_weights}
+    original_kth, original_bracket = targets.kth_smallest, targets._bracket
     default = targets.SAMPLE
     for sample in (default, 0):
         monkeypatch.setattr(targets, "SAMPLE", sample)
-        calls = {"sample": [], "kth_smallest": [], "held": []}
-        monkeypatch.setattr(applying._Criticals, "sample", _counted(calls["sample"], original_sample))
+        calls = {"sample": [], "marked": [], "zero_weights": [], "kth_smallest": [], "held": []}
+        for name, original in originals.items():
+            monkeypatch.setattr(applying._Criticals, name, _counted(calls[name], original))
         monkeypatch.setattr(targets, "kth_smallest", _counted(calls["kth_smallest"], original_kth))
         monkeypatch.setattr(targets, "_bracket", _counted(calls["held"], original_bracket, lambda *a: a[3] is not None))
         torch.manual_seed(0)
@@ -1185,20 +1190,26 @@ def test_after_a_ramp_whose_zeros_stay_a_selection_counts_them_in_one_pass_witho
         paramreg.attach(model, ["0.weight", "2.weight"], sparsity=0.8, sparsity_steps=6)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         g = torch.Generator().manual_seed(0)
-        weights, after = [], {}
+        weights, seen = [], {}
         for k in range(10):
-            if k == 6:
-                after = {key: len(v) for key, v in calls.items()}
+            if k in (6, 8):
+                seen[k] = {key: len(v) for key, v in calls.items()}
+            if k == 8:
+                with torch.no_grad():
+                    model[0].weight.view(-1)[torch.nonzero(model[0].weight.view(-1) == 0)[:5]] = 1.0
             x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
             weights.append([model[i].weight.detach().clone() for i in (0, 2)])
-        runs[sample] = weights, calls, after
-    (drawn, calls, after), (reference, _, _) = runs[default], runs[0]
+        runs[sample] = weights, calls, seen
+    (drawn, calls, seen), (reference, _, _) = runs[default], runs[0]
     assert all(torch.equal(a, b) for s, r in zip(drawn, reference, strict=True) for a, b in zip(s, r, strict=True))
-    assert any(calls["held"][: after["held"]])  # in the ramp, a draw past the held zeros
-    assert len(calls["sample"]) == after["sample"] and len(calls["kth_smallest"]) == after["kth_smallest"]
+    assert any(calls["held"][: seen[6]["held"]])  # in the ramp, a draw past the held zeros
+    for key in ("sample", "marked", "kth_smallest"):  # steps 7 and 8: the zeros counted, nothing else
+        assert seen[8][key] == seen[6][key], key
+    assert seen[8]["zero_weights"] == seen[6]["zero_weights"] + 2
+    assert len(calls["marked"]) > seen[8]["marked"] and len(calls["kth_smallest"]) > seen[8]["kth_smallest"]  # step 9
     total = sum(w.numel() for w in drawn[-1])
     assert sum(int((w == 0).sum()) for w in drawn[-1]) == round(0.8 * total)
 

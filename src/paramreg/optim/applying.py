@@ -265,7 +265,7 @@ def _apply_target(target, work: list[tuple], optimizer, process_group=None, ever
     criticals = _Criticals(work, optimizer, process_group, everything, target.lookahead,
                            target.extrapolate if k > target.start else 0.0, (target.start, k))
     strengths = target.calibrate(criticals, k)
-    for w, (bucket, tensors, lr, group, fill, floors) in enumerate(criticals.work):
+    for w, (bucket, tensors, lr, group, fill, floors) in enumerate(criticals.work if any(strengths) else []):
         by_strength: dict[float, list[int]] = {}  # strength -> indices into tensors, mapped at once
         for u in criticals.of_work[w]:
             if strengths[u]:
@@ -327,7 +327,8 @@ class _Criticals:
         adam = step_sizes.resolve(optimizer) in POINTS_IN
         self.lookahead = lookahead if adam else 0
         self.extrapolate = extrapolate if adam else 0.0
-        self.work = []  # (bucket, tensors, lr, group, fill, floors)
+        self._stepped = work  # (bucket, tensors, lr, group, fill)
+        self._work: list[tuple] | None = None  # the same with the floors, taken on first use (:attr:`work`)
         self.units: list[tuple[int | None, list[int]]] = []  # (index into work or None: another rank's, indices into its tensors)
         self.of_work: list[list[int]] = []
         self.sizes: list[int] = []
@@ -337,12 +338,7 @@ class _Criticals:
         self._marks = None  # (lo, hi, per tensor what the map zeroes) from marked()
         self.zeros: int | None = None  # how many scores lie at or below the answer the one pass found (targets._marked)
         self.device = work[0][1][0].device if work else everything[0][0].device
-        for bucket, tensors, lr, group, fill in work:
-            floors = None
-            if bucket.policy == "adaptive":  # Note [Fused map] in optim/fused.py: the map takes these as they are
-                states = [optimizer.state[p] for p in tensors]
-                floors = fused.floors(optimizer, group, tensors, states, bucket.metric_floor)
-            self.work.append((bucket, tensors, lr, group, fill, floors))
+        for bucket, tensors, *_ in work:
             if self.extrapolate and self.scores_points(bucket):  # the origins, at a tensor's first step of the ramp
                 start, k = ramp  # (the ramp's start, this step's count)
                 for p in tensors:
@@ -367,13 +363,29 @@ class _Criticals:
                 if type(p) is not Tensor and hasattr(p, "device_mesh") and self.reduce is None:
                     self.reduce = _reducer(p.device_mesh.get_group())
 
+    @property
+    def work(self) -> list[tuple]:
+        """Per bucket the step updated, (bucket, tensors, lr, group, fill, floors): the
+        safeguard's floors of an adaptive bucket (Note [Safeguarded metric] in
+        optim/step_sizes.py), taken once, where a pass or the map first needs them (a selection
+        answered by counting zero weights needs none), else None."""
+        if self._work is None:
+            self._work = []
+            for bucket, tensors, lr, group, fill in self._stepped:
+                floors = None
+                if bucket.policy == "adaptive":  # Note [Fused map] in optim/fused.py: the map takes these as they are
+                    states = [self.optimizer.state[p] for p in tensors]
+                    floors = fused.floors(self.optimizer, group, tensors, states, bucket.metric_floor)
+                self._work.append((bucket, tensors, lr, group, fill, floors))
+        return self._work
+
     def _partitioned(self, everything: list, process_group) -> None:
         """A unit per tensor of ``everything`` (every rank's), its size summed over the ranks from
         the rank that stepped it (Note [Targets across ZeRO's ranks])."""
         import torch.distributed as dist
 
-        where = {id(p): (w, i) for w, (_, tensors, *_) in enumerate(self.work) for i, p in enumerate(tensors)}
-        self.of_work = [[] for _ in self.work]
+        where = {id(p): (w, i) for w, (_, tensors, *_) in enumerate(self._stepped) for i, p in enumerate(tensors)}
+        self.of_work = [[] for _ in self._stepped]
         local = []
         for p, carrier in everything:
             w, i = where.get(id(p), (None, None))
@@ -420,6 +432,23 @@ class _Criticals:
                     values = local_part(values)
                 yield u, values
                 del values  # not held while the next is computed
+
+    def zero_weights(self) -> list[int] | None:
+        """Per unit, how many of its weights are zero (±0.0), by one read of each; None where a
+        unit is not one elementwise tensor of this rank's, or with a collective. A zero weight's
+        critical strength is 0 (Notes [Looking ahead] and [Extrapolated paths] in
+        optim/targets.py: the points are 0 where the weights are; NaN only where its metric is
+        inf or NaN), so at least these many values of each unit are at most 0."""
+        if self.reduce is not None or self.owned is not None:
+            return None
+        counts = []
+        for w, indices in self.units:
+            bucket, tensors, *_ = self._stepped[w]
+            p = tensors[indices[0]]
+            if len(indices) != 1 or bucket.regularizer.split(p.dim()) != "elements" or type(p) not in (Tensor, nn.Parameter):
+                return None
+            counts.append(p.numel() - int(torch.count_nonzero(p.detach())))
+        return counts
 
     def sample(self, units=None, limits=None, count: int = 1 << 16) -> Tensor | None:
         """The critical strengths of about ``count`` groups drawn at random (the same draw at every

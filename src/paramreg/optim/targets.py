@@ -77,8 +77,12 @@ Note [Sampled bracket]
     others, where the draw agrees (its count of values below that float, zeros and any NaN or
     denormal score, within ``SPREAD`` standard deviations of held/total·n; a resumed run's first
     step draws over all). Where held >= m (every step after a ramp whose zeros stay, without
-    ``keep_zeros``) there is no draw: the one pass counts the +0.0 weights below the smallest
-    normal float, and at least m of them make the answer 0 (``_marked``). Over DTensor shards or
+    ``keep_zeros``) there is neither a draw nor a pass over the scores: one read of each weight
+    counts its zeros (``Criticals.zero_weights``), each of which scores at most 0 (scores are
+    never negative), and at least m of them make the answer 0, with which no map runs (a zero
+    weight whose metric is inf or NaN, so its score NaN, counts as the zero it is); where they
+    are fewer (weights set from outside the step), the one pass counts the +0.0 weights below
+    the smallest normal float (``_marked``), and then the histogram passes. Over DTensor shards or
     off the CPU the histogram passes run as before. A selection over
     16.8M AdamW weights (two 2896x2896 Linear layers, a ramp step): 54-55 ms, the draw 5 of them,
     against 92-99 with two passes (ad hoc); the pass's comparisons into two held masks (Note
@@ -394,6 +398,8 @@ class SparsityTarget:
         below = None if self.max_sparsity >= 1.0 else [0] * len(sizes)
         strength = _kth(criticals, m, counting=below, held=held)
         self.zeroed = (k, max(m, getattr(criticals, "zeros", None) or 0))  # ties with the answer too
+        if strength == 0.0:  # m values are 0: under any caps the m-th smallest is 0 still (limits are >= 0)
+            return [0.0] * len(sizes)
         caps = [math.floor(self.max_sparsity * n) for n in sizes]
         if below is None or all(n <= cap for n, cap in zip(below, caps, strict=True)):
             return [strength] * len(sizes)
@@ -464,6 +470,10 @@ class Criticals(Protocol):
         """About ``count`` critical strengths of ``units`` drawn at random, as float32 values, or
         None where they cannot be drawn (Note [Sampled bracket])."""
 
+    def zero_weights(self) -> list[int] | None:
+        """Per unit, how many of its weights are zero, each a value that is at most 0; None where
+        they are not counted so (Note [Sampled bracket])."""
+
 
 class _Alone:
     """The units of ``criticals`` this rank owns, selected here without a collective (Note
@@ -474,6 +484,9 @@ class _Alone:
 
     def sample(self, units=None, limits=None, count: int = 1 << 16) -> None:
         return None  # its tensors' state is another optimizer's shard: the histogram passes
+
+    def zero_weights(self) -> None:
+        return None
 
 
 def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[int] | None = None,
@@ -498,6 +511,12 @@ def _kth(criticals: Criticals, m: int, units=None, limits=None, counting: list[i
         if total <= GATHERED:
             return _gathered(criticals, m, total, units, limits, counting)
         if SAMPLE and held is not None and held >= m and units is None and not limits:
+            zeros = criticals.zero_weights()
+            if zeros is not None and sum(zeros) >= m:  # the held zeros are the answer, counted by one read of w
+                criticals.zeros = sum(zeros)
+                if counting is not None:
+                    counting[:] = zeros
+                return 0.0
             guess = (_NORMAL, 2 * _NORMAL)  # the held zeros are the answer: one pass counts them, no draw
         elif SAMPLE:
             drawn = criticals.sample(units, limits, SAMPLE)
