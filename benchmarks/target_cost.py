@@ -23,6 +23,7 @@ backward dominate.
     python benchmarks/target_cost.py --tiny --gpt     # a smoke test of seconds
     python benchmarks/target_cost.py --before HEAD~3  # and the target as it was at a revision, interleaved
     python benchmarks/target_cost.py --sizes 25 --ramp-steps 2000 --ramp-at 0.25   # a run's ramp, half the weights zero
+    python benchmarks/target_cost.py --sizes 25 --optimizers AdamW --whole-run 400   # every step of a recipe's run
     python benchmarks/target_cost.py --device cuda --sizes 1 8 25 100 250 1000 --gpt
 """
 
@@ -215,6 +216,8 @@ def main() -> None:
                         help="time the MLP target's steps after this fraction of its ramp (default 0: its first steps), "
                              "reached as a resumed run reaches it (0.25: about half the weights zero at sparsity 0.9 "
                              "with the cubic ramp; 1: after the ramp, the zeros held unless --regrow)")
+    parser.add_argument("--whole-run", type=int, metavar="T",
+                        help="instead: every step of a T-step run of the MLP, none, l1= and the recipe (total_steps=T)")
     args = parser.parse_args()
     if args.ramp_steps is not None:
         RAMP["steps"] = args.ramp_steps
@@ -235,6 +238,11 @@ def main() -> None:
         return
     sizes = [0.01] if args.tiny else args.sizes
     rounds = 2 if args.tiny else args.rounds
+    if args.whole_run:
+        if args.device == "cpu":
+            torch.set_num_threads(2)
+        whole_run(args.whole_run, sizes, args.optimizers, args.device)
+        return
     RAMP.setdefault("steps", 10 * (rounds * args.steps_per_round + 2))  # the timed runs' ramp, the peaks' too
     device = args.device
     if device == "cpu":
@@ -296,6 +304,47 @@ def main() -> None:
         print("fused map, first call of each kernel (compilation included; inductor's disk cache may make it shorter): "
               + ", ".join(f"{name} {str(dtype).removeprefix('torch.')} on {dev}: " + ("failed" if sec is None else f"{sec:.1f} s")
                           for (name, dtype, dev), sec in fused.compile_seconds.items()))
+
+
+def whole_run(total: int, sizes: list[float], optimizers: list[str], device: str = "cpu") -> None:
+    """Every step of a ``total``-step run of the MLP, timed: unregularized, with ``l1=`` and with
+    the one-call recipe ``sparsity=0.9, total_steps=total`` (attach's defaults: L0 in the
+    optimizer's metric, global; no selection before 0.25·total, a ramp to 0.75·total, then the
+    zeros kept), the three stepped in turn at each step so that the machine's load falls on
+    all alike, after the same run on a tiny MLP that compiles the kernels. Prints the mean step of each and recipe/l1 over the whole run and by phase: what a
+    run with a target costs against one with the default prox."""
+    print(f"torch {torch.__version__}, {device}, batch 8, the recipe over a {total}-step run against l1= "
+          "(means of every step; the variants stepped in turn)")
+    print("selected   optimizer  none ms  l1 ms  recipe ms  recipe/l1: run  before  ramp  after  zero at end")
+    x, y = torch.randn(8, 64, device=device), torch.randint(0, 10, (8,), device=device)
+    names = ["2.weight", "4.weight"]
+    for size, printed in [(0.001, False)] + [(size, True) for size in sizes]:  # first the kernels compiled, untimed
+        selected = int(size * 1e6)
+        for optimizer in optimizers:
+            runs = {}
+            for variant in ("none", "l1", "recipe"):
+                model = mlp(selected).to(device)
+                if variant == "l1":
+                    paramreg.attach(model, names, l1=1e-6)
+                elif variant == "recipe":
+                    paramreg.attach(model, names, sparsity=0.9, total_steps=total)
+                runs[variant] = model, OPTIMIZERS[optimizer](model.parameters())
+            times = {v: [] for v in runs}
+            for _ in range(total):
+                for v, (model, opt) in runs.items():
+                    started = time.perf_counter()
+                    step(model, opt, x, y)
+                    times[v].append(time.perf_counter() - started)
+            model = runs["recipe"][0]
+            zero = sum(int((model[i].weight == 0).sum()) for i in (2, 4)) / sum(model[i].weight.numel() for i in (2, 4))
+            del runs
+            start, end = round(0.25 * total), round(0.75 * total)  # the recipe's ramp, as total_steps= sets it
+            phases = [slice(0, total), slice(0, start), slice(start, end + 1), slice(end + 1, total)]
+            ratios = "  ".join(f"{sum(times['recipe'][s]) / sum(times['l1'][s]):.2f}" for s in phases)
+            mean = {v: sum(t) / len(t) * 1e3 for v, t in times.items()}
+            if printed:
+                print(f"{selected / 1e6:7.2f}M  {optimizer:9s}  {mean['none']:7.1f}  {mean['l1']:5.1f}  {mean['recipe']:9.1f}  "
+                      f"{ratios}  {zero:.1%}", flush=True)
 
 
 def gpt_step(rounds: int, steps_per_round: int, tiny: bool, device: str = "cpu") -> None:
