@@ -639,6 +639,20 @@ def test_the_fused_hold_keeps_the_zeros_as_the_masked_writes_do_bit_for_bit(name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_the_compiled_zero_count_counts_what_count_nonzero_leaves_out(dtype, monkeypatch):
+    """``fused.zero_count`` (what a selection answered by its held zeros reads, Note [Sampled
+    bracket] in optim/targets.py) counts +0.0 and -0.0, not denormals, NaN or infinities, by its
+    compiled kernel, and the same where the kernels are off."""
+    monkeypatch.setattr(fused, "min_numel", 2)
+    tiny = torch.finfo(dtype).tiny
+    w = nn.Parameter(torch.tensor([0.0, -0.0, tiny / 4, math.nan, math.inf, -math.inf, 0.0, 1.0, -tiny], dtype=dtype))
+    assert fused.zero_count(w) == 3
+    assert fused.compile_seconds.get(("zero_count", dtype, "cpu"))
+    monkeypatch.setattr(fused, "enabled", False)
+    assert fused.zero_count(w) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_the_fused_hold_writes_what_masked_fill_writes_at_signed_zeros_infinities_and_nans(dtype, monkeypatch):
     """Where the weight is 0 or -0.0 the gradient and the momentum become +0.0, whatever they held
     (inf, NaN, -0.0); elsewhere (a NaN weight too) they keep every bit; both version counters advance."""

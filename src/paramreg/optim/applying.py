@@ -447,7 +447,7 @@ class _Criticals:
             p = tensors[indices[0]]
             if len(indices) != 1 or bucket.regularizer.split(p.dim()) != "elements" or type(p) not in (Tensor, nn.Parameter):
                 return None
-            counts.append(p.numel() - int(torch.count_nonzero(p.detach())))
+            counts.append(fused.zero_count(p))
         return counts
 
     def sample(self, units=None, limits=None, count: int = 1 << 16) -> Tensor | None:
