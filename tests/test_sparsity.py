@@ -913,6 +913,23 @@ def test_regrow_false_changes_the_run_and_resumes_bitwise_from_any_step(name, tm
     assert repr(regrowing.conv1.parametrizations.weight[0]).endswith("then keeps its zeros, regrow=True)")  # no extension
 
 
+@pytest.mark.parametrize("regrow", [False, True])
+def test_after_the_ramp_the_zeros_kept_take_a_mask_only_where_they_could_regrow(regrow):
+    """Note [Ramp, then keep the zeros]: with regrow=False the pre-step hold keeps every zero
+    after the ramp, with no mask taken; with regrow=True each carrier takes its mask at the
+    ramp's last step. Either way the zero set after the ramp (step 6 of 12) is frozen, under
+    AdamW, whose decoupled weight decay and momentum would move a zero no hold or mask kept."""
+    make_opt = lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1)  # noqa: E731
+    model, opt = _recipe_run(make_opt, 6, total_steps=8, regrow=regrow)
+    frozen = [model.get_submodule(n.rsplit(".", 1)[0]).weight == 0 for n in TARGET_NAMES]
+    model, opt = _recipe_run(make_opt, 6, model=model, opt=opt, first=6)
+    carriers = [model.get_submodule(n.rsplit(".", 1)[0]).parametrizations.weight[0] for n in TARGET_NAMES]
+    assert all(hasattr(c, "memory") == regrow for c in carriers)
+    now = [model.get_submodule(n.rsplit(".", 1)[0]).weight == 0 for n in TARGET_NAMES]
+    assert all(torch.equal(a, b) for a, b in zip(frozen, now, strict=True))
+    assert sum(int(z.sum()) for z in now) >= round(0.8 * sum(z.numel() for z in now))
+
+
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])
 def test_total_steps_is_the_recipe_spelled_out(name):
     """Note [The recipe's defaults]: total_steps=T is the ramp over 0.25-0.75 of T with L0 in the

@@ -123,12 +123,12 @@ class Carrier(nn.Module):
 
     def remember(self, w: Tensor) -> None:
         """Take the regularizer's memory of ``w`` (``Regularizer.remembers``), or for a target that
-        keeps its zeros after the ramp the mask of ``w``'s zeros (Note [Ramp, then keep the zeros]
-        in optim/targets.py), kept as a buffer that moves with the module and stays out of the
-        state_dict."""
+        keeps its zeros after the ramp and lets them regrow in it the mask of ``w``'s zeros (Note
+        [Ramp, then keep the zeros] in optim/targets.py), kept as a buffer that moves with the
+        module and stays out of the state_dict."""
         if self.regularizer.remembers:
             self.register_buffer("memory", self.regularizer.remember(w), persistent=False)
-        elif self.target is not None and self.target.keep_zeros:
+        elif self.target is not None and self.target.keep_zeros and self.target.regrow:
             self.register_buffer("memory", w.detach() == 0, persistent=False)
 
     def multiplier(self) -> float:

@@ -255,8 +255,9 @@ def _apply_target(target, work: list[tuple], optimizer, process_group=None, ever
         if not k:  # no rank stepped a tensor of this target
             return
     if target.holds(k):  # after the ramp: its zeros kept (Note [Ramp, then keep the zeros] in optim/targets.py)
-        for p in stepped:
-            p.masked_fill_(_memory(carriers[id(p)], p), 0)
+        if target.regrow:  # else the pre-step hold keeps every zero (Note [Zeros that do not regrow])
+            for p in stepped:
+                p.masked_fill_(_memory(carriers[id(p)], p), 0)
         if target.extrapolate:
             drop_origins(optimizer, stepped)  # Note [Extrapolated paths]: no longer read
         return

@@ -114,12 +114,16 @@ Note [Allocation]
 Note [Ramp, then keep the zeros]
     ``sparsity_steps=(start, end)`` runs the ramp from optimizer step ``start`` (nothing is zeroed
     before) to ``end``; an int n is (0, n). With ``keep_zeros=True`` the target is the whole
-    recipe in one call: after the ramp's last step the zero set is frozen (each carrier takes a
-    mask of its tensor's zeros then, as ``KeepZeros`` does at attach) and from the next step on the
-    zeros are set again after every step while every other weight trains on without shrinkage:
-    the two-phase form (``remove``, then ``attach(..., keep_zeros=True)``) without leaving the
-    target. A resumed run takes the mask from the loaded weights (the state-dict load hook), so it
-    continues exactly.
+    recipe in one call: after the ramp's last step the zero set is frozen and every other weight
+    trains on without shrinkage: the two-phase form (``remove``, then ``attach(...,
+    keep_zeros=True)``) without leaving the target. With ``regrow=True`` each carrier takes a mask
+    of its tensor's zeros then, as ``KeepZeros`` does at attach, and from the next step on the
+    zeros are set again after every step; a resumed run takes the mask from the loaded weights
+    (the state-dict load hook), so it continues exactly. With ``regrow=False`` (the default) the
+    pre-step hold that kept every zero in the ramp keeps them on (Note [Zeros that do not
+    regrow]), with no mask and no write after the step: a mask's ``masked_fill_`` wrote nothing
+    that hold had not kept, and cost a bool a weight and about a fifth of a 100M-weight step
+    after the ramp (``benchmarks/target_cost.py --whole-run``, docs/at-scale.md).
 
 Note [Zeros that do not regrow]
     With ``regrow=False`` (``attach``'s default, Note [The recipe's defaults]) a weight the
