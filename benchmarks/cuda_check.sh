@@ -12,3 +12,4 @@ python3 -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_
 python3 -m pytest -q -p no:cacheprovider -o addopts="--doctest-modules -ra" tests src/paramreg 2>&1 | tee "$out/tests.log" | tail -25
 python3 benchmarks/suite.py --device cuda 2>&1 | tee "$out/bench.log"
 python3 benchmarks/target_cost.py --device cuda --sizes 1 8 25 100 250 1000 --gpt 2>&1 | tee "$out/target_cost.log"
+python3 benchmarks/target_cost.py --device cuda --sizes 100 --optimizers AdamW --whole-run 400 2>&1 | tee "$out/whole_run.log"
