@@ -122,8 +122,9 @@ Note [Ramp, then keep the zeros]
     (the state-dict load hook), so it continues exactly. With ``regrow=False`` (the default) the
     pre-step hold that kept every zero in the ramp keeps them on (Note [Zeros that do not
     regrow]), with no mask and no write after the step: a mask's ``masked_fill_`` wrote nothing
-    that hold had not kept, and cost a bool a weight and about a fifth of a 100M-weight step
-    after the ramp (``benchmarks/target_cost.py --whole-run``, docs/at-scale.md).
+    that hold had not kept, and cost a bool a weight and a pass after each step (at 100M
+    weights, a recipe's steps after the ramp took 1.23 of the ``l1=`` run's with it, 0.92
+    without, in two runs that vary: ``benchmarks/target_cost.py --whole-run``, docs/at-scale.md).
 
 Note [Zeros that do not regrow]
     With ``regrow=False`` (``attach``'s default, Note [The recipe's defaults]) a weight the
