@@ -846,19 +846,26 @@ def test_one_call_ramps_then_keeps_its_zeros_and_resumes_bitwise(name, tmp_path)
 
 def _zero_sets(regrow, make_opt, steps=30):
     """The zero sets of an L1 target (ramp from step 3 to 20) after each step."""
+    path, _, _ = _small_target_run(make_opt, steps, l1=True, regrow=regrow)
+    return [torch.cat([w.flatten() for w in weights]) == 0 for weights in path]
+
+
+def _small_target_run(make_opt, steps, **target):
+    """A target (``target``: attach's options beside its ramp from step 3 to 20, to 70%) on a small
+    MLP run for ``steps`` steps; the weights after every step, the optimizer and the two weights."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
-    paramreg.attach(model, "*.weight", sparsity=0.7, sparsity_steps=(3, 20), l1=True, regrow=regrow)
+    paramreg.attach(model, "*.weight", sparsity=0.7, sparsity_steps=(3, 20), **target)
     opt = make_opt(model.parameters())
     g = torch.Generator().manual_seed(0)
-    sets = []
+    path = []
     for _ in range(steps):
         x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-        sets.append(torch.cat([model[0].weight.detach().flatten(), model[2].weight.detach().flatten()]) == 0)
-    return sets
+        path.append([w.detach().clone() for w in (model[0].weight, model[2].weight)])
+    return path, opt, [model[0].weight, model[2].weight]
 
 
 @pytest.mark.parametrize("name", ["SGD", "SGD momentum", "Adam"])
@@ -1029,24 +1036,6 @@ def test_regrow_false_leaves_every_kept_zero_at_zero_through_the_optimizers_own_
     assert moved[3:] == [0] * 17 and sum(moved) == 0
 
 
-def _held_run(make_opt, steps):
-    """A target with regrow=False run for ``steps`` steps (its ramp from step 3 to 20); the weights
-    after every step, and the optimizer."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
-    paramreg.attach(model, "*.weight", sparsity=0.7, sparsity_steps=(3, 20), regrow=False)
-    opt = make_opt(model.parameters())
-    g = torch.Generator().manual_seed(0)
-    path = []
-    for _ in range(steps):
-        x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        path.append([w.detach().clone() for w in (model[0].weight, model[2].weight)])
-    return path, opt, [model[0].weight, model[2].weight]
-
-
 @pytest.mark.parametrize("name", ["Adam", "RMSprop centered"])
 def test_regrow_false_keeps_the_held_zeros_decaying_state_normal_and_changes_no_weight(name, monkeypatch):
     """Note [Decaying state of held zeros]: with beta2 (alpha) = 0.5 a held zero's second moment
@@ -1062,14 +1051,14 @@ def test_regrow_false_keeps_the_held_zeros_decaying_state_normal_and_changes_no_
     assert hooks.floor_period(0.5) == 6 and hooks.floor_period(1.0) == 0
     for factor in (0.5, 0.9, 0.95, 0.99, 0.999, 0.9999):  # the floor, decayed over a period, is still normal
         assert tiny * 2.0 ** hooks.FLOOR_BITS * factor ** hooks.floor_period(factor) >= tiny * 2.0 ** (hooks.FLOOR_BITS / 2)
-    kept, opt, weights = _held_run(make_opt, 200)
+    kept, opt, weights = _small_target_run(make_opt, 200, regrow=False)
     held = [opt.state[w][key][w == 0] for w in weights]
     assert sum(h.numel() for h in held) == round(0.7 * sum(w.numel() for w in weights))
     assert min(float(h.min()) for h in held) >= tiny * 2.0 ** (hooks.FLOOR_BITS / 2)
     if name == "RMSprop centered":
         assert all(not opt.state[w]["grad_avg"][w == 0].any() for w in weights)
     monkeypatch.setattr(hooks, "_keep_normal", lambda *args: None)
-    decayed, opt, weights = _held_run(make_opt, 200)
+    decayed, opt, weights = _small_target_run(make_opt, 200, regrow=False)
     held = torch.cat([opt.state[w][key][w == 0] for w in weights])
     assert bool((held < tiny).all())  # denormal or 0 without the pass
     assert all(torch.equal(a, b) for step_a, step_b in zip(kept, decayed, strict=True) for a, b in zip(step_a, step_b, strict=True))
