@@ -203,6 +203,7 @@ def _keep_normal(p, moving: dict, decaying, calls: int) -> None:
         decayed below the floor. A resumed run passes at the same steps (its counts restored).
         Not for float16 state, whose smallest normal (6e-5) is a squared gradient's size.
     """
+    held = None  # p's zeros, compared once for every state that takes the pass
     for key, factor, signed in decaying:
         t = moving.get(key)
         period = floor_period(float(factor))
@@ -210,7 +211,8 @@ def _keep_normal(p, moving: dict, decaying, calls: int) -> None:
                 or calls % period or torch.finfo(t.dtype).tiny > _FLOAT32_TINY):
             continue
         floor = torch.finfo(t.dtype).tiny * 2.0 ** FLOOR_BITS
-        held = p.detach() == 0
+        if held is None:
+            held = p.detach() == 0
         if signed:
             t.masked_fill_(held & (t.abs() < floor), 0.0)
         else:

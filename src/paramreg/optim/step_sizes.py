@@ -212,10 +212,8 @@ KNOWN = (*_DIAGONAL, *_SCALAR)
 # Known optimizer -> its state that a zero gradient makes decay by a factor a step: (key, factor,
 # signed) for the group given (Note [Decaying state of held zeros] in optim/hooks.py).
 _DECAYING = {
-    torch.optim.Adam: lambda group: (("exp_avg_sq", group["betas"][1], False),),
-    torch.optim.AdamW: lambda group: (("exp_avg_sq", group["betas"][1], False),),
-    torch.optim.NAdam: lambda group: (("exp_avg_sq", group["betas"][1], False),),
-    torch.optim.RAdam: lambda group: (("exp_avg_sq", group["betas"][1], False),),
+    **dict.fromkeys((torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam),
+                    lambda group: (("exp_avg_sq", group["betas"][1], False),)),
     torch.optim.RMSprop: lambda group: (("square_avg", group["alpha"], False), ("grad_avg", group["alpha"], True)),
 }
 FILLING = (torch.optim.SGD, torch.optim.RMSprop)  # a momentum buffer whose fill scales the step
