@@ -28,6 +28,12 @@ writes the message to OUTDIR/zero-target-coupled-error-rank<r>.txt); "zero-targe
 with a frozen parameter of 1,000 elements, which ZeRO gives to rank 0 alone, and an lr warm-up
 from 0, so that rank 0's first step is a null step while rank 1's is not; "zero-target-uniform":
 "zero-target" with ``allocation="uniform"`` (each weight selected by its owner alone).
+KIND "fsdp-floor": FSDP2 with a target that keeps its zeros (regrow=False, the last weight sharded
+unevenly) under Adam with beta2 = 0.5, for FLOOR_STEPS steps: long enough that the held zeros'
+second moment, which decays by beta2 a step, is raised by the floor pass (Note [Decaying state of
+held zeros] in optim/hooks.py) on DTensor shards; each rank writes, per weight, the largest second
+moment at the ramp's end and the least at a held zero after the last step to
+OUTDIR/fsdp-floor-moments-rank<r>.json.
 KIND "fsdp-targets": every case of TARGET_CASES (l0, rows, columns) at both WIDTHS in turn, each
 step's collectives and their bytes to OUTDIR/fsdp-<case>-comms-rank<r>.json.
 KIND "fsdp-dcp": the DCP round trips of DCP_CASES, to OUTDIR/fsdp-dcp-<i>-rank0.pt.
@@ -70,7 +76,9 @@ REGULARIZERS = {
     # the last layer's 5 rows shard unevenly over 2 ranks (3 + 2)
     "fsdp-target": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
     "fsdp-keep-zeros": [("*.weight", {"keep_zeros": True})],  # attached before fully_shard: a plain mask
+    "fsdp-floor": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
 }
+FLOOR_STEPS = 130  # after a 4-step ramp, 0.5^126 (1e-38) of any second moment: below tiny·2^6 unless raised
 # KIND "fsdp-targets" runs each of these in turn (one process group, so one start-up for all): an L0
 # target, a group target over rows (each row on one rank) and one over columns (each column on both
 # ranks), each at two widths; the last weight's 5 rows shard unevenly (3 + 2), the others evenly
@@ -104,7 +112,13 @@ def build(kind):
 
 
 def optimizer(kind, params):
+    if kind == "fsdp-floor":
+        return torch.optim.Adam(params, lr=0.01, betas=(0.9, 0.5))
     return torch.optim.SGD(params, lr=0.1, momentum=0.9) if kind.startswith("ddp") else torch.optim.Adam(params, lr=0.01)
+
+
+def steps(kind) -> int:
+    return FLOOR_STEPS if kind == "fsdp-floor" else STEPS
 
 
 def batch(step, rank):
@@ -132,7 +146,7 @@ def worker(rank, kind, out):
     if kind == "fsdp-classes":
         wrapped, opt = fsdp_classes(model, rank, out)
     else:
-        if kind in ("fsdp", "fsdp-target", "fsdp-keep-zeros"):
+        if kind in ("fsdp", "fsdp-target", "fsdp-keep-zeros", "fsdp-floor"):
             from torch.distributed.fsdp import fully_shard
 
             for layer in model:
@@ -161,6 +175,8 @@ def worker(rank, kind, out):
                     f.write(str(e))
         elif kind == "zero-target-warmup":
             train(wrapped, opt, rank, range(STEPS), warmup)
+        elif kind == "fsdp-floor":
+            floor_run(wrapped, opt, rank, out)
         else:
             train(wrapped, opt, rank, range(STEPS))
         save(model, kind, rank, out)
@@ -181,6 +197,19 @@ def train(model, opt, rank, steps, scheduler=None):
         opt.step()
         if scheduler is not None:
             scheduler.step()
+
+
+def floor_run(wrapped, opt, rank, out):
+    """FLOOR_STEPS steps; per weight, this rank's largest second moment after the ramp's 4 steps
+    and its least second moment at a held zero after the last step."""
+    weights = [p for p in opt.param_groups[0]["params"] if p.dim() == 2]  # the three weights, in order
+    train(wrapped, opt, rank, range(4))
+    largest = [float(opt.state[w]["exp_avg_sq"].to_local().max()) for w in weights]
+    train(wrapped, opt, rank, range(4, FLOOR_STEPS))
+    held = [opt.state[w]["exp_avg_sq"].to_local()[w.to_local() == 0] for w in weights]
+    with open(os.path.join(out, f"fsdp-floor-moments-rank{rank}.json"), "w") as f:
+        json.dump({"largest at the ramp's end": largest, "least held": [float(v.min()) if v.numel() else None for v in held],
+                   "held": [v.numel() for v in held]}, f)
 
 
 def counted_step(model, opt, rank, out):
