@@ -20,7 +20,8 @@ KIND "fsdp-classes": L1 attached before ``fully_shard``, DCP's ``get_state_dict`
 training, more steps, then ``paramreg.remove``; each rank writes the class of every Linear at each
 of those points, and that a forward ran after each, to OUTDIR/fsdp-classes-rank<r>.json.
 KIND "ddp-target": "ddp" with a sparsity target over every weight; "zero-target": "zero" with one
-(each rank steps the weights it owns: rank 0 "2.weight", rank 1 the other two); "zero-target-one":
+(each rank steps the weights it owns: rank 0 "2.weight", rank 1 the other two; how many tensors
+each rank's outer and inner optimizer hold the zeros of to OUTDIR/zero-target-held-rank<r>.json); "zero-target-one":
 "zero" with a target over "2.weight" alone, which rank 1 does not own, that keeps its zeros after
 a 3-step ramp; "zero-target-coupled": "zero" with a target over channels coupled across the first
 two layers (``attach_channels``), which paramreg refuses before the step moves anything (each rank
@@ -179,6 +180,8 @@ def worker(rank, kind, out):
             floor_run(wrapped, opt, rank, out)
         else:
             train(wrapped, opt, rank, range(STEPS))
+        if kind == "zero-target":
+            held(opt, rank, out)
         save(model, kind, rank, out)
     # Both ranks are done before anything is torn down, and the wrapped model (DDP's reducer
     # holds the process group) goes before the group: freed after it, at the worker's return,
@@ -210,6 +213,16 @@ def floor_run(wrapped, opt, rank, out):
     with open(os.path.join(out, f"fsdp-floor-moments-rank{rank}.json"), "w") as f:
         json.dump({"largest at the ramp's end": largest, "least held": [float(v.min()) if v.numel() else None for v in held],
                    "held": [v.numel() for v in held]}, f)
+
+
+def held(opt, rank, out):
+    """How many tensors the pre-step hold of the outer ZeroRedundancyOptimizer and of its inner
+    optimizer keep the zeros of, to OUTDIR/zero-target-held-rank<r>.json."""
+    from paramreg.optim import state
+
+    counts = {name: len(found.held) if (found := state.get(o)) is not None else 0 for name, o in (("outer", opt), ("inner", opt.optim))}
+    with open(os.path.join(out, f"zero-target-held-rank{rank}.json"), "w") as f:
+        json.dump(counts, f)
 
 
 def counted_step(model, opt, rank, out):

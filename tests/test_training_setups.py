@@ -150,7 +150,8 @@ def test_a_sparsity_target_under_zero_redundancy_optimizer_selects_over_every_ra
     """ZeroRedundancyOptimizer (Adam) steps each weight on the one rank that owns it; the target still
     selects over all of them (Note [Targets across ZeRO's ranks] in optim/applying.py): after the
     ramp every rank holds exactly the budget, the ranks agree bitwise, and the zero set is that of
-    the same training in one process. "zero-target-one": a target over one weight that rank 1 does
+    the same training in one process; each rank holds the zeros of the weights it owns, in its
+    inner optimizer's step alone (the outer one's broadcast brings the others). "zero-target-one": a target over one weight that rank 1 does
     not own, kept after its ramp (rank 1 still takes part in every selection). "zero-target-uniform":
     each weight reaches 60% itself, selected by its owner alone. "zero-target-warmup":
     rank 0 owns only a frozen parameter, and its first step (lr 0) is a null step that skips the
@@ -167,6 +168,9 @@ def test_a_sparsity_target_under_zero_redundancy_optimizer_selects_over_every_ra
         assert int(r.pop("report.zeros").sum()) == budget
         assert sum(int((r[k] == 0).sum()) for k in selected) == budget
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    if kind == "zero-target":  # the zeros held by each rank's inner optimizer alone, of the weights it owns
+        held = [json.loads((tmp_path / f"zero-target-held-rank{r}.json").read_text()) for r in (0, 1)]
+        assert held == [{"outer": 0, "inner": 1}, {"outer": 0, "inner": 2}], held
     if kind == "zero-target-warmup":
         return  # trained with a warm-up: no one-process run to compare with
     expected = _one_process(kind)

@@ -61,15 +61,19 @@ def _before_step(optimizer, args, kwargs):
     (Note [Momentum fill] in optim/state.py) unless the step is a null step (Note [Null steps])
     or a skipped one (Note [Skipped fused steps]), and set the gradient of the zeros a target
     keeps to zero (Note [Zeros that do not regrow] in optim/targets.py); with a closure, after
-    the closure has computed it (the step's arguments returned with the closure wrapped)."""
+    the closure has computed it (the step's arguments returned with the closure wrapped). Not
+    for a ``ZeroRedundancyOptimizer`` over several ranks: its inner optimizer's step, nested in
+    its own, holds the zeros of the tensors this rank owns, and its broadcast brings the others'
+    from their owners (holding every tensor here took a mask, a masked write of each gradient
+    and one of each weight after the step, on every rank)."""
     _enter(optimizer)
     skipped = _skipped(optimizer)
     if live_carriers():
         state.save_with(optimizer)  # before any step, also DCP's null one: its state_dict records paramreg's keys
         _refuse_coupled_targets_across_ranks(optimizer)
     state.advance_fills(optimizer, advance=not (skipped or _null_step(optimizer)))  # reads a loaded fill: before _hold_zeros
-    if live_carriers() and not skipped:
-        return _hold_zeros(optimizer, args, kwargs)
+    if live_carriers() and not skipped and _zero_outer(1) is not optimizer:
+        return _hold_zeros(optimizer, args, kwargs)  # under ZeRO its inner optimizer holds what this rank owns
     return None
 
 
