@@ -21,7 +21,8 @@ training, more steps, then ``paramreg.remove``; each rank writes the class of ev
 of those points, and that a forward ran after each, to OUTDIR/fsdp-classes-rank<r>.json.
 KIND "ddp-target": "ddp" with a sparsity target over every weight; "zero-target": "zero" with one
 (each rank steps the weights it owns: rank 0 "2.weight", rank 1 the other two; how many tensors
-each rank's outer and inner optimizer hold the zeros of to OUTDIR/zero-target-held-rank<r>.json); "zero-target-one":
+each rank's outer and inner optimizer hold the zeros of to OUTDIR/zero-target-held-rank<r>.json);
+"zero-target-one":
 "zero" with a target over "2.weight" alone, which rank 1 does not own, that keeps its zeros after
 a 3-step ramp; "zero-target-coupled": "zero" with a target over channels coupled across the first
 two layers (``attach_channels``), which paramreg refuses before the step moves anything (each rank
@@ -79,7 +80,7 @@ REGULARIZERS = {
     "fsdp-keep-zeros": [("*.weight", {"keep_zeros": True})],  # attached before fully_shard: a plain mask
     "fsdp-floor": [("*.weight", {"sparsity": 0.6, "sparsity_steps": 4})],
 }
-FLOOR_STEPS = 130  # after a 4-step ramp, 0.5^126 (1e-38) of any second moment: below tiny·2^6 unless raised
+FLOOR_STEPS = 130  # after a 4-step ramp, 0.5^126 = tiny of the second moments then (at most 2e-3 here): denormal unless raised
 # KIND "fsdp-targets" runs each of these in turn (one process group, so one start-up for all): an L0
 # target, a group target over rows (each row on one rank) and one over columns (each column on both
 # ranks), each at two widths; the last weight's 5 rows shard unevenly (3 + 2), the others evenly
@@ -203,16 +204,17 @@ def train(model, opt, rank, steps, scheduler=None):
 
 
 def floor_run(wrapped, opt, rank, out):
-    """FLOOR_STEPS steps; per weight, this rank's largest second moment after the ramp's 4 steps
-    and its least second moment at a held zero after the last step."""
+    """FLOOR_STEPS steps; per weight, this rank's largest second moment after the ramp's 4 steps,
+    and the least and the largest second moment at a held zero after the last step."""
     weights = [p for p in opt.param_groups[0]["params"] if p.dim() == 2]  # the three weights, in order
     train(wrapped, opt, rank, range(4))
     largest = [float(opt.state[w]["exp_avg_sq"].to_local().max()) for w in weights]
     train(wrapped, opt, rank, range(4, FLOOR_STEPS))
     held = [opt.state[w]["exp_avg_sq"].to_local()[w.to_local() == 0] for w in weights]
     with open(os.path.join(out, f"fsdp-floor-moments-rank{rank}.json"), "w") as f:
-        json.dump({"largest at the ramp's end": largest, "least held": [float(v.min()) if v.numel() else None for v in held],
-                   "held": [v.numel() for v in held]}, f)
+        json.dump({"largest at the ramp's end": largest, "held": [v.numel() for v in held],
+                   "least held": [float(v.min()) if v.numel() else None for v in held],
+                   "most held": [float(v.max()) if v.numel() else None for v in held]}, f)
 
 
 def held(opt, rank, out):
@@ -220,7 +222,8 @@ def held(opt, rank, out):
     optimizer keep the zeros of, to OUTDIR/zero-target-held-rank<r>.json."""
     from paramreg.optim import state
 
-    counts = {name: len(found.held) if (found := state.get(o)) is not None else 0 for name, o in (("outer", opt), ("inner", opt.optim))}
+    optimizers = {"outer": opt, "inner": opt.optim}
+    counts = {name: len(found.held) if (found := state.get(o)) is not None else 0 for name, o in optimizers.items()}
     with open(os.path.join(out, f"zero-target-held-rank{rank}.json"), "w") as f:
         json.dump(counts, f)
 

@@ -61,19 +61,15 @@ def _before_step(optimizer, args, kwargs):
     (Note [Momentum fill] in optim/state.py) unless the step is a null step (Note [Null steps])
     or a skipped one (Note [Skipped fused steps]), and set the gradient of the zeros a target
     keeps to zero (Note [Zeros that do not regrow] in optim/targets.py); with a closure, after
-    the closure has computed it (the step's arguments returned with the closure wrapped). Not
-    for a ``ZeroRedundancyOptimizer`` over several ranks: its inner optimizer's step, nested in
-    its own, holds the zeros of the tensors this rank owns, and its broadcast brings the others'
-    from their owners (holding every tensor here took a mask, a masked write of each gradient
-    and one of each weight after the step, on every rank)."""
+    the closure has computed it (the step's arguments returned with the closure wrapped)."""
     _enter(optimizer)
     skipped = _skipped(optimizer)
     if live_carriers():
         state.save_with(optimizer)  # before any step, also DCP's null one: its state_dict records paramreg's keys
         _refuse_coupled_targets_across_ranks(optimizer)
     state.advance_fills(optimizer, advance=not (skipped or _null_step(optimizer)))  # reads a loaded fill: before _hold_zeros
-    if live_carriers() and not skipped and _zero_outer(1) is not optimizer:
-        return _hold_zeros(optimizer, args, kwargs)  # under ZeRO its inner optimizer holds what this rank owns
+    if live_carriers() and not skipped:
+        return _hold_zeros(optimizer, args, kwargs)
     return None
 
 
@@ -113,7 +109,10 @@ def _hold_zeros(optimizer, args, kwargs):
     optimizer); Note [Zeros that do not regrow] in optim/targets.py. With a closure, the step's
     arguments returned with the closure made to set the gradient after computing it. The tensors
     are listed once per plan signature, their carriers weakly; a resumed run's step counts are
-    restored here, before its first step, since they decide."""
+    restored here, before its first step, since they decide. A ``ZeroRedundancyOptimizer`` over
+    several ranks holds none: its inner optimizer's step, nested in its own, holds the tensors
+    this rank owns, and its broadcast brings the others from their owners (its own hold repeated
+    the inner one's masks and writes on this rank's tensors)."""
     found = state.of(optimizer)
     found.zeros = []
     signature = plans.signature(optimizer)
@@ -125,6 +124,8 @@ def _hold_zeros(optimizer, args, kwargs):
         ]
         if found.held:
             state.restore_counts(optimizer, by_param)  # a loaded state_dict's counts (Note [Resume] in optim/state.py)
+        if _zero_outer(1) is optimizer:
+            found.held = []  # its inner optimizer holds them
         found.held_for = signature
     if not found.held:
         return None

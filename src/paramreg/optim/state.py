@@ -108,7 +108,8 @@ class OptimizerState:
         self.saving = False  # its state_dict() records paramreg's counts and fills (Note [Resume])
         self.warned = False  # warned that paramreg does not know its update (Note [Which optimizers paramreg knows])
         self.wrapper = False  # another optimizer steps inside its step() (Note [Nested steps] in optim/hooks.py)
-        self.held: list = []  # (parameter, its carrier weakly, its group) of its targets with regrow=False (Note [Zeros that do not regrow])
+        # (parameter, its carrier weakly, its group) of its targets with regrow=False (Note [Zeros that do not regrow])
+        self.held: list = []
         self.held_for: tuple | None = None  # the plan signature ``held`` was listed for
         self.zeros: list = []  # (parameter, its zero mask) from the step's pre-step hook to its post-step hook
         self.written: dict = {}  # id(parameter) -> the live state entry its state_dict() wrote a count into (Note [Resume])
