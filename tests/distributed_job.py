@@ -34,8 +34,8 @@ KIND "fsdp-floor": FSDP2 with a target that keeps its zeros (regrow=False, the l
 unevenly) under Adam with beta2 = 0.5, for FLOOR_STEPS steps: long enough that the held zeros'
 second moment, which decays by beta2 a step, is raised by the floor pass (Note [Decaying state of
 held zeros] in optim/hooks.py) on DTensor shards; each rank writes, per weight, the largest second
-moment at the ramp's end and the least at a held zero after the last step to
-OUTDIR/fsdp-floor-moments-rank<r>.json.
+moment at the ramp's end, and how many held zeros it has and their least and largest second moment
+after the last step, to OUTDIR/fsdp-floor-moments-rank<r>.json.
 KIND "fsdp-targets": every case of TARGET_CASES (l0, rows, columns) at both WIDTHS in turn, each
 step's collectives and their bytes to OUTDIR/fsdp-<case>-comms-rank<r>.json.
 KIND "fsdp-dcp": the DCP round trips of DCP_CASES, to OUTDIR/fsdp-dcp-<i>-rank0.pt.
