@@ -4,11 +4,13 @@ The MLP of benchmarks/target_cost.py (batch 8, AdamW) unregularized, with ``l1=`
 default target (``sparsity=0.9``: L0 in Adam's metric, global, its zeros held), its timed steps
 after ``--ramp-at`` of a ``--ramp-steps`` ramp (reached as a resumed run reaches it). The three
 are stepped in turn; each ``optimizer.step()`` is timed whole and in the parts paramreg runs in
-it, each part's time including what it calls (so "the selection's pass" includes its kernel
-and numpy's marks and search for the entries it kept, which are timed where
-paramreg/optim/applying.py calls them; the floors are taken by the first part that needs them,
-the draw here); medians over the steps, in ms. What no part names is the optimizer's own update
-and the hooks' bookkeeping.
+it, each part's time including what it calls (so "the selection's pass" includes the native
+pass, or the compiled kernel and numpy's marks and search for the entries it kept, which are
+timed where paramreg/optim/fused.py calls them; the floors are taken by the first part that
+needs them, the draw here); medians over the steps, in ms. The target runs twice: with the
+native selection's pass (Note [Native selection] in optim/native.py), and with the compiled
+kernel and numpy's search (``native.enabled = False`` during its steps). What no part names is
+the optimizer's own update and the hooks' bookkeeping.
 
     python benchmarks/ramp_parts.py --sizes 25 --ramp-steps 2000 --ramp-at 0.1
     python benchmarks/ramp_parts.py --tiny    # a smoke test of seconds
@@ -27,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import target_cost  # noqa: E402  (the MLP, its build and its jump into the ramp)
-from paramreg.optim import applying, fused, hooks  # noqa: E402
+from paramreg.optim import applying, fused, hooks, native  # noqa: E402
 
 # (label, the object whose attribute is timed, the attribute), in the order of a step
 PARTS = (
@@ -35,7 +37,8 @@ PARTS = (
     ("the post-step maps and selections", applying, "run"),
     ("  the draw (with the floors)", applying._Criticals, "sample"),
     ("    the floors (one read of each gradient)", fused, "floors"),
-    ("  the selection's pass (kernel and search)", applying._Criticals, "marked"),
+    ("  the selection's pass", applying._Criticals, "marked"),
+    ("    the native pass", native, "select"),
     ("    numpy's search for the kept entries", "numpy", "flatnonzero"),
     ("    numpy's marks of the kept entries", "numpy", "not_equal"),
     ("  the zeros set by their indices", applying._Criticals, "zero_marked"),
@@ -43,8 +46,11 @@ PARTS = (
 )
 
 
+KERNEL = "kernel"  # the target with the compiled kernel's pass and numpy's search
+
+
 class _Module:
-    """A module seen through attributes of its own: what applying.py reads as ``numpy`` while
+    """A module seen through attributes of its own: what fused.py reads as ``numpy`` while
     timed, so that only its calls of numpy's functions are (the exact selection's in
     order_statistic.py are not)."""
 
@@ -59,7 +65,7 @@ class _Module:
 def timed_parts(spent: dict):
     """While inside: each of PARTS adds its time per call to ``spent[label]`` when ``spent["on"]``
     is set (the caller clears it before each step)."""
-    numpy_seen = _Module(applying.numpy)
+    numpy_seen = _Module(fused.numpy)
     owners = {"numpy": numpy_seen}
     originals = [(owners.get(owner, owner), name, getattr(owners.get(owner, owner), name)) for _, owner, name in PARTS]
 
@@ -76,11 +82,11 @@ def timed_parts(spent: dict):
 
     for (label, _, _), (owner, name, function) in zip(PARTS, originals, strict=True):
         setattr(owner, name, wrap(label, function))
-    applying.numpy = numpy_seen
+    fused.numpy = numpy_seen
     try:
         yield
     finally:
-        applying.numpy = numpy_seen._module
+        fused.numpy = numpy_seen._module
         for owner, name, function in originals:
             if owner is not numpy_seen:
                 setattr(owner, name, function)
@@ -105,6 +111,7 @@ def main() -> None:
     for size in sizes:
         selected = int(size * 1e6)
         runs = {v: target_cost.build(v, selected, "AdamW", steps) for v in target_cost.VARIANTS}
+        runs[KERNEL] = target_cost.build("target", selected, "AdamW", steps)
         for model, opt in runs.values():
             target_cost.jump(model, opt, x, y)
             target_cost.step(model, opt, x, y)  # the optimizer's state, the plan, the kernels compiled
@@ -118,6 +125,7 @@ def main() -> None:
                     opt.zero_grad()
                     torch.nn.functional.cross_entropy(model(x), y).backward()
                     current.clear()
+                    native.enabled = v != KERNEL
                     current["on"] = True
                     started = time.perf_counter()
                     opt.step()
@@ -128,12 +136,14 @@ def main() -> None:
                         spent[v][label].append(current.get(label, 0.0))
         zero = sum(int((runs["target"][0][i].weight == 0).sum()) for i in (2, 4)) / selected
         print(f"\n{selected / 1e6:.2f}M selected weights, {zero:.1%} zero after the timed steps")
-        print(f"{'':58s}  {'none':>7s}  {'l1':>7s}  {'target':>7s}")
+        native.enabled = True
+        print(f"{'':58s}  " + "  ".join(f"{v:>7s}" for v in runs))
         for label in ("optimizer.step()", *(label for label, *_ in PARTS)):
             cells = [statistics.median(spent[v][label]) * 1e3 for v in runs]
             print(f"{label:58s}  " + "  ".join(f"{c:7.2f}" for c in cells))
         whole = {v: statistics.median(spent[v]["optimizer.step()"]) for v in runs}
-        print(f"target/l1 {whole['target'] / whole['l1']:.2f}, l1/none {whole['l1'] / whole['none']:.2f}", flush=True)
+        print(f"target/l1 {whole['target'] / whole['l1']:.2f} (with the kernel pass {whole[KERNEL] / whole['l1']:.2f}), "
+              f"l1/none {whole['l1'] / whole['none']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import paramreg
-from paramreg.optim import applying, fused, step_sizes
+from paramreg.optim import applying, fused, native, step_sizes
 from paramreg.catalogue import structured
 from paramreg.catalogue.structured import NEWTON_MAX_ITERATIONS
 from paramreg.optim.plans import Bucket
@@ -414,10 +414,11 @@ def test_a_target_through_the_fused_map_zeroes_exactly_what_the_eager_map_zeroes
         return out
 
     eager = counts(False)
+    names = _kernel_names(monkeypatch)
     through_fused = counts(True)
-    kind = "l1" if form else "l0"
-    assert fused.compile_seconds.get((kind, torch.float32, "cpu"))  # the fused map ran
-    assert fused.compile_seconds.get((f"{kind}_critical", torch.float32, "cpu"))  # and the critical strengths
+    kind = "l1" if form else "l0_extended"  # the default L0 target scores extended points (Note [Extrapolated paths])
+    assert kind in names  # the fused map ran (this test's own calls: the compiled kernels are shared by the suite)
+    assert f"{kind}_critical" in names  # and the critical strengths
     assert min(through_fused) >= 0 and through_fused == eager
 
 
@@ -454,22 +455,39 @@ def _target_run(monkeypatch, enabled, form, allocation, broken_after=None, befor
 
 
 def _kernel_names(monkeypatch) -> list[str]:
-    """The names of the compiled kernels called from now on."""
+    """The names of the compiled kernels called from now on; a native selection's pass (Note
+    [Native selection] in optim/native.py) as "native" and its points' kind ("native_extended")."""
     names = []
-    original = fused._call
+    original, native_select = fused._call, native.select
 
     def recording(name, *args):
         names.append(name)
         return original(name, *args)
 
+    def recording_native(kind, *args, **kwargs):
+        names.append(f"native{kind}")
+        return native_select(kind, *args, **kwargs)
+
     monkeypatch.setattr(fused, "_call", recording)
+    monkeypatch.setattr(native, "select", recording_native)
     return names
+
+
+@pytest.fixture(params=["native pass", "kernel pass"])
+def one_pass(request, monkeypatch):
+    """The one pass of Note [Selection that zeroes] in optim/applying.py by the native selection
+    (Note [Native selection] in optim/native.py) or by the compiled kernel with numpy's search."""
+    native_pass = request.param == "native pass"
+    if native_pass:
+        assert native.available(), (native.enabled, native._library, native.build_flags)  # built on this machine: the test runs the native pass, not a fallback
+    monkeypatch.setattr(native, "enabled", native_pass)
+    return native_pass
 
 
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 @pytest.mark.parametrize("form", [{"lookahead": 2}, {"lookahead": 0}, {}, {"l1": True}], ids=["l0 ahead", "l0", "l0 extended", "l1"])
 @pytest.mark.parametrize("selection", ["gathered", "sampled", "passes"])
-def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(form, allocation, selection, monkeypatch):
+def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(form, allocation, selection, one_pass, monkeypatch):
     """The compiled critical strengths in several blocks per tensor (blocks of 300 over 432 to
     2,304 weights), through every selection (one gathered partition; a drawn bracket, whose one
     pass also finds what a global L0 target's map zeroes, Note [Selection that zeroes] in
@@ -487,13 +505,15 @@ def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(f
     calls = _count_calls(monkeypatch, every=True)
     names = _kernel_names(monkeypatch)
     through_fused = _target_run(monkeypatch, True, form, allocation)
-    assert len(calls) > 6 * 4
-    # the one pass that selects and finds the zeros runs where it should: over every block at every
-    # step of the ramp (5); the step after it counts the zero weights instead (Note [Sampled bracket])
-    one_pass = selection == "sampled" and allocation == "global" and "l1" not in form
-    blocks = sum(-(-w.numel() // 300) for w in through_fused[0])
-    assert sum(name.endswith("_select") for name in names) == (5 * blocks if one_pass else 0)
-    if one_pass:  # and its map, every step: no map's pass
+    # the one pass that selects and finds the zeros runs where it should: over every block (the
+    # native pass: every tensor) at every step of the ramp (5); the step after it counts the zero
+    # weights instead (Note [Sampled bracket])
+    passing = selection == "sampled" and allocation == "global" and "l1" not in form
+    pieces = len(through_fused[0]) if one_pass else sum(-(-w.numel() // 300) for w in through_fused[0])
+    assert sum(name.endswith("_select") for name in names) == (0 if one_pass or not passing else 5 * pieces)
+    assert sum(name.startswith("native") for name in names) == (5 * pieces if one_pass and passing else 0)
+    assert len(calls) > 6 * 4 or (one_pass and passing)  # compiled kernels beyond the held zeros' (6 steps, 4 weights)
+    if passing:  # and its map, every step: no map's pass
         assert not {"l0", "l0_ahead", "l0_extended"} & set(names)
     eager = _target_run(monkeypatch, False, form, allocation)
     for step_fused, step_eager in zip(through_fused, eager, strict=True):
@@ -504,7 +524,7 @@ def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(f
 @pytest.mark.parametrize("case", ["answer below the bracket", "answer above it", "strength past its top",
                                   "signed zeros and denormals", "more to keep than GUESSED", "two parameter groups"])
 @pytest.mark.parametrize("form", [{"lookahead": 2}, {}, {"regrow": True}], ids=["l0 ahead", "l0 extended", "l0 regrowing"])
-def test_the_one_pass_selection_zeroes_what_the_map_zeroes_or_falls_back(form, case, monkeypatch):
+def test_the_one_pass_selection_zeroes_what_the_map_zeroes_or_falls_back(form, case, one_pass, monkeypatch):
     """Note [Selection that zeroes] in optim/applying.py: a drawn bracket that misses the m-th
     value below or above (the guessed pass and the histogram passes then resolve it), a strength
     raised past the bracket's top (``BOUNDARY`` of 1/2, in both runs: the map runs as a pass),
@@ -551,7 +571,7 @@ def test_the_one_pass_selection_zeroes_what_the_map_zeroes_or_falls_back(form, c
     monkeypatch.setattr(applying.numpy, "concatenate", concatenate)
     if case == "more to keep than GUESSED":  # at most GUESSED new zeros and GUESSED scores, kept or not
         assert joined and max(joined) <= 2 * 20, joined
-    assert any(name.endswith("_select") for name in names)  # the one pass ran, then
+    assert any(name.startswith("native") if one_pass else name.endswith("_select") for name in names)  # the one pass ran, then
     if case.startswith("answer"):
         assert any(name.endswith("_critical") for name in names)  # the passes over the critical strengths
     if case in ("strength past its top", "more to keep than GUESSED"):
@@ -568,16 +588,18 @@ def test_the_one_pass_selection_zeroes_what_the_map_zeroes_or_falls_back(form, c
 
 
 @pytest.mark.parametrize("form", [{"lookahead": 2}, {"lookahead": 0}, {}], ids=["l0 ahead", "l0", "l0 extended"])
-def test_a_later_call_that_cannot_compile_runs_the_formula_eagerly(form, monkeypatch):
+def test_a_later_call_that_cannot_compile_runs_the_formula_eagerly(form, one_pass, monkeypatch):
     """A call past the first that Dynamo refuses (a new shape past its recompile limit) runs the
     kernel's formula eagerly, with one warning per kernel (the map, the critical strengths and
-    the held zeros), and the target zeroes what the eager path zeroes."""
+    the held zeros; with the native kernels the held zeros take theirs, Note [Native hold] in
+    optim/native.py), and the target zeroes what the eager path zeroes."""
     monkeypatch.setattr(fused, "min_numel", 2)
     monkeypatch.setattr(fused, "CRITICAL_BLOCK", 300)
     monkeypatch.setattr(fused, "_eager_calls", set())
     with pytest.warns(UserWarning, match="could not be compiled for a new shape .*recompile limit") as caught:
         broken = _target_run(monkeypatch, True, form, "global", broken_after=2)
-    assert len({str(w.message).split(" for ")[0] for w in caught if "new shape" in str(w.message)}) == len(fused._eager_calls) == 3
+    kernels = 2 if one_pass else 3
+    assert len({str(w.message).split(" for ")[0] for w in caught if "new shape" in str(w.message)}) == len(fused._eager_calls) == kernels
     eager = _target_run(monkeypatch, False, form, "global")
     for step_broken, step_eager in zip(broken, eager, strict=True):
         assert all(torch.equal(a == 0, b == 0) for a, b in zip(step_broken, step_eager, strict=True))
@@ -615,12 +637,20 @@ def _held_run(name, dtype, steps=14):
     return model, opt
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+HOLDS = [(torch.float32, "native"), (torch.float32, "compiled"), (torch.float64, "compiled")]  # native: float32 only
+
+
+@pytest.mark.parametrize("dtype, by", HOLDS, ids=lambda x: str(x))
 @pytest.mark.parametrize("name", ["Adam", "NAdam", "SGD", "SGD momentum", "RMSprop momentum"])
-def test_the_fused_hold_keeps_the_zeros_as_the_masked_writes_do_bit_for_bit(name, dtype, monkeypatch):
-    """Note [Held zeros, fused]: a run whose zeros are held by the compiled pass equals, weights
-    and optimizer state bit for bit, the run whose zeros are held by the masked writes."""
+def test_the_fused_hold_keeps_the_zeros_as_the_masked_writes_do_bit_for_bit(name, dtype, by, monkeypatch):
+    """Note [Held zeros, fused]: a run whose zeros are held by the compiled pass (in float32 also
+    the native one, Note [Native hold] in optim/native.py) equals, weights and optimizer state
+    bit for bit, the run whose zeros are held by the masked writes."""
     monkeypatch.setattr(fused, "min_numel", 2)
+    monkeypatch.setattr(native, "enabled", by == "native")
+    natives = []
+    native_hold = native.hold
+    monkeypatch.setattr(native, "hold", lambda *args: natives.append(native_hold(*args)) or natives[-1])
     with monkeypatch.context() as m:
         m.setattr(fused, "hold_", lambda p, momentum: False)
         reference, reference_opt = _held_run(name, dtype)
@@ -628,9 +658,12 @@ def test_the_fused_hold_keeps_the_zeros_as_the_masked_writes_do_bit_for_bit(name
     original = fused.hold_
     monkeypatch.setattr(fused, "hold_", lambda p, momentum: taken.append(original(p, momentum)) or taken[-1])
     held, held_opt = _held_run(name, dtype)
-    assert taken and all(taken)  # every held tensor took the compiled pass
+    assert taken and all(taken)  # every held tensor took the compiled pass (or the native one)
     kernel = "hold" if name == "SGD" else "hold_momentum"
-    assert fused.compile_seconds.get((kernel, dtype, "cpu"))
+    if by == "native":
+        assert len(natives) == len(taken) and all(natives)
+    else:
+        assert not any(natives) and fused.compile_seconds.get((kernel, dtype, "cpu"))
     assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), held.state_dict().values(), strict=True))
     states = [[t for s in o.state.values() for t in s.values() if torch.is_tensor(t)] for o in (reference_opt, held_opt)]
     assert len(states[0]) == len(states[1]) and all(torch.equal(a, b) for a, b in zip(*states, strict=True))
@@ -652,11 +685,13 @@ def test_the_compiled_zero_count_counts_what_count_nonzero_leaves_out(dtype, mon
     assert fused.zero_count(w) == 3
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_the_fused_hold_writes_what_masked_fill_writes_at_signed_zeros_infinities_and_nans(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype, by", HOLDS, ids=lambda x: str(x))
+def test_the_fused_hold_writes_what_masked_fill_writes_at_signed_zeros_infinities_and_nans(dtype, by, monkeypatch):
     """Where the weight is 0 or -0.0 the gradient and the momentum become +0.0, whatever they held
-    (inf, NaN, -0.0); elsewhere (a NaN weight too) they keep every bit; both version counters advance."""
+    (inf, NaN, -0.0); elsewhere (a NaN weight too) they keep every bit; both version counters
+    advance (the compiled pass, and in float32 the native one)."""
     monkeypatch.setattr(fused, "min_numel", 2)
+    monkeypatch.setattr(native, "enabled", by == "native")
     inf, nan = math.inf, math.nan
     w = nn.Parameter(torch.tensor([0.0, -0.0, 1.0, 0.0, 2.0, 0.0, nan, -1.0], dtype=dtype))
     w.grad = torch.tensor([inf, nan, nan, -3.0, inf, -0.0, 5.0, -0.0], dtype=dtype)

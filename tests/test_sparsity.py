@@ -725,26 +725,29 @@ def test_the_per_tensor_maximum_holds_exactly_where_a_global_target_would_empty_
     assert _one_step(tighter) == [70, 30]
 
 
+@pytest.mark.parametrize("by", ["native", "compiled"])
 @pytest.mark.parametrize("max_sparsity, zeros", [(1.0, [100, 0]), (None, [99, 1]), (0.7, [70, 30])])
-def test_the_per_tensor_maximum_holds_exactly_through_the_one_pass_selection(max_sparsity, zeros, monkeypatch):
+def test_the_per_tensor_maximum_holds_exactly_through_the_one_pass_selection(max_sparsity, zeros, by, monkeypatch):
     """Note [Selection that zeroes] in optim/applying.py: an L0 target under AdamW whose one pass
     both selects and finds what its map zeroes (a drawn bracket, the compiled kernel on every
     weight) keeps each tensor's maximum as the passes do: a strength within that pass's bracket
     zeroes what the pass found, one below it (the capped tensor's at 0.7) runs the map's pass."""
-    from paramreg.optim import fused, targets
+    from paramreg.optim import fused, native, targets
 
     monkeypatch.setattr(fused, "min_numel", 2)
     monkeypatch.setattr(targets, "GATHERED", 0)
+    monkeypatch.setattr(native, "enabled", by == "native")  # the one pass by the native kernel or the compiled one
     names = []
-    original = fused._call
+    original, native_select = fused._call, native.select
     monkeypatch.setattr(fused, "_call", lambda name, *args: names.append(name) or original(name, *args))
+    monkeypatch.setattr(native, "select", lambda kind, *args, **kw: names.append(f"native{kind}") or native_select(kind, *args, **kw))
     model = _lopsided()
     paramreg.attach(model, "*.weight", sparsity=0.5, sparsity_steps=1, **({} if max_sparsity is None else {"max_sparsity": max_sparsity}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
     model(torch.randn(4, 10)).sum().backward()
     opt.step()
     assert [int((m.weight == 0).sum()) for m in model] == zeros
-    assert "l0_extended_select" in names
+    assert ("native_extended" in names) == (by == "native") and ("l0_extended_select" in names) == (by == "compiled")
     if max_sparsity is not None:  # at 0.99 the capped strengths lie within the bracket, at 0.7 far below it
         assert ("l0_extended" in names) == (max_sparsity < 1.0)  # the map's pass only there
 

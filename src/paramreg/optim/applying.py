@@ -491,11 +491,13 @@ class _Criticals:
     #     so the pass that selects can find which as well. In one process on the CPU, where a drawn
     #     bracket [lo, hi) is expected to hold the m-th smallest score (Note [Sampled bracket] in
     #     optim/targets.py) and every tensor of a global target is float32 and taken by a compiled
-    #     kernel (``fused.select_blocks``, the rule of Note [Fused map] in optim/fused.py), one
+    #     kernel (``fused.select_pieces``, the rule of Note [Fused map] in optim/fused.py), one
     #     pass computes each block's scores by the critical strengths' formula, counts those below
     #     lo and below hi, and keeps the flat indices of two kinds of weight with their scores: the
     #     scores in [lo, hi), and the weights that score below lo and are not +0.0 (zeroed at any
-    #     strength from lo on; numpy finds them, a few percent of a block). Where the m-th score
+    #     strength from lo on; a few percent of the weights). The native pass writes them as it
+    #     goes (Note [Native selection] in optim/native.py); where it is not built, the kernel
+    #     marks them in each block and numpy finds them. Where the m-th score
     #     lies in the bracket it is the (m − below)-th smallest kept score, and the map at the
     #     threshold θ (the strength raised by ``BOUNDARY``) with lo <= θ < hi is ``index_fill_`` at
     #     the kept indices whose score is at most θ: the weights the map's pass would set to 0, bit
@@ -529,7 +531,7 @@ class _Criticals:
 
         if self.reduce is not None or self.owned is not None:
             return None
-        passes = []  # (tensor, its blocks), unit by unit
+        passes = []  # (tensor, its pieces), unit by unit
         for w, indices in self.units:
             bucket, tensors, lr, group, fill, floors = self.work[w]
             if len(indices) != 1 or bucket.policy != "adaptive" or type(bucket.regularizer) is not L0:
@@ -537,39 +539,31 @@ class _Criticals:
             i = indices[0]
             pointed = self.scores_points(bucket)
             p = tensors[i]
-            blocks = fused.select_blocks(self.optimizer, group, bucket.regularizer, p, self.optimizer.state[p], lr,
+            pieces = fused.select_pieces(self.optimizer, group, bucket.regularizer, p, self.optimizer.state[p], lr,
                                          None if floors is None else floors[i], self.lookahead if pointed else 0,
                                          self.extrapolate if pointed else 0.0, (lo, hi))
-            if blocks is None:
+            if pieces is None:
                 return None
-            passes.append((p, blocks))
+            passes.append((p, pieces))
         out, kept, count, within = [], {}, 0, 0  # count: the indices found; within: the bracket's scores
-        marks = None
-        for p, blocks in passes:
+        for p, pieces in passes:
             below = under = fresh = 0  # fresh: the weights other than +0.0 that score below lo
-            picked, found = [], []  # per block: its entries of out that are not 0, and their flat indices
-            for block in blocks:
-                if block is None:  # the kernel could not be compiled: nothing was written
+            picked, found = [], []  # per piece: its kept values, and their flat indices
+            for piece in pieces:
+                if piece is None:  # the kernel could not be compiled: nothing was written
                     return None
-                start, (b, n, marked), values = block
+                (b, n, marked), indices, values = piece
                 below, under, count, within = below + b, under + n, count + marked, within + n - b
                 fresh += marked - (n - b)
                 if within > GUESSED:  # ties at the bracket's edges: the passes count them (Note [Guessed bracket])
                     return None
-                if kept is not None and count > GUESSED:  # too many new zeros to keep: the map's pass zeroes them
+                if kept is not None and (count > GUESSED or indices is None):  # too many new zeros to keep: the map's pass zeroes them
                     kept = found = None
-                if marked:
-                    x = values.numpy()
-                    if marks is None or len(marks) < len(x):
-                        marks = numpy.empty(len(x), dtype=bool)
-                    indices = numpy.flatnonzero(numpy.not_equal(x, 0.0, out=marks[: len(x)]))
-                    values = x[indices]
-                    if kept is None:  # no indices kept: the bracket's scores alone (at most GUESSED)
-                        picked.append(values[values >= 0])
-                        continue
-                    picked.append(values)
-                    indices += start
-                    found.append(indices)
+                if kept is None:  # no indices kept: the bracket's scores alone (at most GUESSED)
+                    picked.append(values[values >= 0])
+                    continue
+                picked.append(values)
+                found.append(indices)
             picked = numpy.concatenate(picked) if picked else numpy.empty(0, dtype=numpy.float32)
             scored = picked >= 0  # the bracket's scores; the others (-1) are new zeros
             inside = picked[scored]

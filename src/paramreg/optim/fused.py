@@ -10,7 +10,8 @@ Note [Fused map]
     (b = 0 for L1, the elastic net's l2 otherwise). The eager map takes it in about 10 elementwise
     passes' worth of time (benchmarks/adaptive_floor.py); this module takes ‖g‖₂ by one BLAS dot
     product (``_floor``: one read of g at memory speed, where inductor's compiled reduction took
-    twice as long, 232 against 101 µs on 2^20 float32 values on this machine's 2 cores) and
+    twice as long, 232 against 101 µs on 2^20 float32 values on this machine's 2 cores; in
+    float32 the native sum of squares of Note [Native hold] in optim/native.py, as fast) and
     compiles the rest of the formula with ``torch.compile`` (inductor: one C++ loop over v and w,
     vectorized and parallel), so that g and v are read once and w is read and written once. That
     loop is bound by its sqrt and division, not by memory: it takes what the least map in this
@@ -88,7 +89,7 @@ Note [Fused map]
     ``BOUNDARY`` in optim/applying.py). A floor recomputed by another reduction differs from
     the eager one by up to 2.1e-4 relative at 8M elements, far more than 2^-18: the map then left
     up to 13 of 2M weights nonzero below the asked count (an AdamW L1 target on two 1024x1024
-    layers). So a target takes its floors once per step (``floors``: by the dot product, as
+    layers). So a target takes its floors once per step (``floors``: by ``_floor``, as
     this map takes them, for the tensors it could take, whether or not it is ``enabled``, so
     that both paths rank the same values) and passes them, and the map takes them as they are;
     the sqrt's 1 ulp is well inside 2^-18. A target's group lasso takes the eager solve.
@@ -125,7 +126,9 @@ Note [Held zeros, fused]
     the other kernels, which write 0.0 where a computed condition holds, showed no such slowing:
     the select and map passes took the same time with no zero and with half the weights zero).
     It takes any optimizer paramreg knows (the pass
-    reads no other state) and the tensors the rule above takes, where the eager writes stay the
+    reads no other state) and the tensors the rule above takes (in float32 the native pass of
+    Note [Native hold] in optim/native.py, which writes the same bits and also sums the held
+    gradient's squares for the floor), where the eager writes stay the
     fallback and the reference (``tests/test_fused.py``: the same weights and optimizer states,
     bit for bit, through both, under Adam, NAdam, SGD with and without momentum and RMSprop).
 """
@@ -138,16 +141,17 @@ import time
 import warnings
 from typing import Iterator
 
+import numpy
 import torch
 from torch import Tensor, nn
 
 from ..catalogue.elementwise import L0, L1, ElasticNet
 from ..catalogue.groups import group_size, kept_dims
 from ..catalogue.structured import NEWTON_MAX_ITERATIONS, NEWTON_RTOL, GroupLasso
-from . import step_sizes
+from . import native, step_sizes
 from .state import ORIGIN_KEY
 
-__all__ = ["enabled", "devices", "min_numel", "compile_seconds", "map_", "map_points_", "floors", "critical_blocks", "select_blocks", "points_of", "ahead_scale", "hold_", "zero_count", "CRITICAL_BLOCK"]
+__all__ = ["enabled", "devices", "min_numel", "compile_seconds", "map_", "map_points_", "floors", "critical_blocks", "select_pieces", "points_of", "ahead_scale", "hold_", "zero_count", "CRITICAL_BLOCK"]
 
 #: False: every tensor takes the eager map.
 enabled = True
@@ -515,8 +519,8 @@ def map_(optimizer, group: dict, regularizer, tensors: list[Tensor], states: lis
 def floors(optimizer, group: dict, tensors: list[Tensor], states: list[dict], ratio: float = step_sizes.DEFAULT_METRIC_FLOOR
            ) -> list | None:
     """A target's floors (``step_sizes.floors``, taken once per step for its selection and its
-    map, which both take them as they are): ‖g‖₂ by :func:`_floor`'s dot product, as :func:`map_`
-    takes it without a target, for each plain contiguous float32 or float64 tensor of at least
+    map, which both take them as they are): ‖g‖₂ by :func:`_floor` (a dot product, or the native
+    sum of squares), as :func:`map_` takes it without a target, for each plain contiguous float32 or float64 tensor of at least
     ``min_numel`` elements on a device in ``devices`` (whether or not the compiled kernels are
     ``enabled``, so that the fused and the eager path rank the same values); the others as
     ``step_sizes.floors`` takes them. torch's ``_foreach_norm`` took 10-30 ms a step over 25M
@@ -532,10 +536,16 @@ def floors(optimizer, group: dict, tensors: list[Tensor], states: list[dict], ra
 
 
 def _floor(g: Tensor, factor: float) -> Tensor:
-    """The metric floor F = factor·‖g‖₂ (0 where factor is 0), ‖g‖₂ by one BLAS dot product: one
+    """The metric floor F = factor·‖g‖₂ (0 where factor is 0): for a float32 CPU gradient the sum
+    of squares of Note [Native hold] in optim/native.py (none of its own where the held zeros'
+    pass took it), else, or where the native kernels are not built, one BLAS dot product: one
     read of g at memory speed, accumulated blockwise (Note [Fused map])."""
     if not factor > 0:
         return torch.zeros((), dtype=g.dtype, device=g.device)
+    if g.dtype == torch.float32 and g.device.type == "cpu" and g.is_contiguous():
+        total = native.squares(g)  # the held zeros' pass's sum where it took it (Note [Native hold] in optim/native.py)
+        if total is not None:
+            return torch.tensor(total, dtype=g.dtype).sqrt_().mul_(factor)
     flat = g.view(-1)
     return torch.dot(flat, flat).sqrt_().mul_(factor)
 
@@ -567,13 +577,17 @@ def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict,
     return _critical_blocks(name, out, p, moments, floor, c, size)
 
 
-def select_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict, lr: float, floor, horizon: int,
-                  extrapolate: float, bounds: tuple[float, float]) -> Iterator[tuple[int, list[int], Tensor] | None] | None:
+def select_pieces(optimizer, group: dict, regularizer, p: Tensor, state: dict, lr: float, floor, horizon: int,
+                  extrapolate: float, bounds: tuple[float, float]) -> Iterator[tuple[list[int], numpy.ndarray | None, numpy.ndarray] | None] | None:
     """A guessed selection's single pass over an L0 target's scores of ``p`` (Note [Selection that
     zeroes] in optim/applying.py), as :func:`critical_blocks` computes them, with ``bounds`` =
-    (lo, hi): per block of about ``CRITICAL_BLOCK`` elements, (its first element's flat index,
-    its counts and values from :func:`_marked`), the values valid until the next block is asked
-    for; a None in their place if the kernel cannot be compiled. None where the rule of Note
+    (lo, hi): per piece of ``p``, ((its scores below lo, below hi, its entries counted as kept),
+    the flat indices of its kept entries, their values: −1 for a weight the map zeroes at any
+    strength from lo, else the score in [lo, hi)); the indices None where more than ``GUESSED``
+    entries (order_statistic.py) were to be kept in one piece (the values then hold the bracket's
+    scores only). One piece by the native pass (Note [Native selection] in optim/native.py),
+    else one per block of about ``CRITICAL_BLOCK`` elements by :func:`_marked` and numpy's search;
+    a None in a piece's place if the kernel cannot be compiled. None where the rule of Note
     [Fused map] does not take ``p``, or ``p`` is not float32 (the selection compares float32
     values)."""
     if type(regularizer) is not L0 or p.dtype != torch.float32:
@@ -583,7 +597,43 @@ def select_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict, l
     inputs = _scoring(optimizer, group, name, p, state, lr, floor, extra, factor)
     if inputs is None:
         return None
+    if native.available():
+        return _native_pieces(kind, p, *inputs, bounds)
     return _select_blocks(name, p, *inputs, torch.tensor(bounds, dtype=torch.float32, device=p.device))
+
+
+def _native_pieces(kind: str, w: Tensor, moments: list[Tensor], floor: Tensor, c: Tensor, bounds: tuple[float, float]):
+    """:func:`select_pieces`'s one piece by the native pass: past ``GUESSED`` kept entries in a
+    thread's range, the pass again with the bracket's scores only."""
+    from .order_statistic import GUESSED
+
+    args = (kind, w, *moments[:1], moments[1] if len(moments) > 1 else None, float(floor), *(float(x) for x in c.tolist()[:2]),
+            float(c[2]) if len(c) > 2 else 0.0, *(float(numpy.float32(b)) for b in bounds))
+    counts, indices, values, complete = native.select(*args, GUESSED)
+    if not complete:
+        _, _, values, _ = native.select(*args, GUESSED, keep_fresh=False)
+        indices = None
+    yield counts, indices, values
+
+
+def _select_blocks(name: str, w: Tensor, moments: list[Tensor], floor: Tensor, c: Tensor, b: Tensor):
+    out, size = _block_buffer(w)
+    marks = None
+    for start in range(0, w.numel(), size):
+        k = min(size, w.numel() - start)
+        counts = _call(name, _flat(out, (k,)), _flat(w, (k,), start), *(_flat(t, (k,), start) for t in moments), floor, c, b)
+        if counts is _NOT_COMPILED:
+            yield None
+            return
+        counts = counts.tolist()
+        x = out[:k].numpy()
+        if not counts[2]:
+            yield counts, numpy.empty(0, dtype=numpy.int64), x[:0]
+            continue
+        if marks is None:
+            marks = numpy.empty(size, dtype=bool)
+        indices = numpy.flatnonzero(numpy.not_equal(x, 0.0, out=marks[:k]))
+        yield counts, indices + start, x[indices]
 
 
 def _scoring(optimizer, group: dict, name: str, p: Tensor, state: dict, lr: float, floor, extra, factor):
@@ -614,17 +664,6 @@ def _block_buffer(p: Tensor) -> tuple[Tensor, int]:
     if key not in buffers or buffers[key].numel() < size:
         buffers[key] = torch.empty(size, dtype=p.dtype, device=p.device)
     return buffers[key], size
-
-
-def _select_blocks(name: str, w: Tensor, moments: list[Tensor], floor: Tensor, c: Tensor, b: Tensor):
-    out, size = _block_buffer(w)
-    for start in range(0, w.numel(), size):
-        k = min(size, w.numel() - start)
-        counts = _call(name, _flat(out, (k,)), _flat(w, (k,), start), *(_flat(t, (k,), start) for t in moments), floor, c, b)
-        if counts is _NOT_COMPILED:
-            yield None
-            return
-        yield start, counts.tolist(), out[:k]
 
 
 def points_of(state: dict, group: dict, horizon: int, extrapolate: float) -> tuple[str, Tensor | None, float | None]:
@@ -697,8 +736,9 @@ def zero_count(p: Tensor) -> int:
 
 def hold_(p: Tensor, momentum: Tensor | None) -> bool:
     """Before a step: the gradient of ``p`` and its ``momentum`` (None: none) set to 0 where ``p``
-    is 0, by one compiled pass over the three (Note [Held zeros, fused]); False where the rule of
-    Note [Fused map] does not take ``p`` (any optimizer here: the pass reads no optimizer state
+    is 0, by one compiled pass over the three (Note [Held zeros, fused]; in float32 the native
+    pass, which also sums the held gradient's squares, Note [Native hold] in optim/native.py);
+    False where the rule of Note [Fused map] does not take ``p`` (any optimizer here: the pass reads no optimizer state
     but ``momentum``), and the caller's masked writes do it."""
     name = "hold" if momentum is None else "hold_momentum"
     g = p.grad
@@ -712,6 +752,8 @@ def hold_(p: Tensor, momentum: Tensor | None) -> bool:
     zero = _zeros.get(key)
     if zero is None:
         zero = _zeros[key] = torch.zeros((), dtype=p.dtype, device=p.device)  # read, never written
+    if p.dtype == torch.float32 and native.hold(p, g, momentum):
+        return True  # Note [Native hold] in optim/native.py: the floor's sum of squares taken too
     if _call(name, _flat(p), *(_flat(t) for t in tensors), zero) is _NOT_COMPILED:
         return False
     for t in tensors:

@@ -1,0 +1,236 @@
+/* The native kernels of optim/native.py, over float32 tensors.
+ *
+ * paramreg_select: a sparsity target's one selection pass (Note [Native selection]). Per element i, with u = max(sqrt(v), floor)*scale + shift (NaN kept) and
+ *
+ *     y = w                                  (mode 0)
+ *     y = w == 0 ? 0 : w + factor*(w - x)    (mode 1, x the origin: extended points)
+ *     y = w == 0 ? 0 : w - factor*(x / u)    (mode 2, x the first moment: points ahead)
+ *
+ * the score s = y*y*u/2, each operation rounded as the compiled kernels of optim/fused.py round
+ * it (no contraction into FMA: built with -ffp-contract=off). It counts s < lo, s < hi, and the
+ * entries kept: a weight whose bits are not +0.0 scoring below lo (value -1), or a score in
+ * [lo, hi) that is not 0 (value s); it writes their flat indices and values in increasing order
+ * of index, each thread into its own region of `cap` + 16 entries (the last 16 taken by whole
+ * vector stores; past `cap` entries are counted, not written). With keep_fresh = 0 only the scores in [lo, hi) are written and counted as kept.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) && !defined(PARAMREG_PORTABLE)
+#include <immintrin.h>
+#define PARAMREG_AVX512 1
+#endif
+
+#define CHUNK 256
+
+typedef struct {
+    float floor, scale, shift, factor, lo, hi;
+    int mode, keep_fresh;
+} params;
+
+/* the scores of w[0..n) into s: a loop the compiler vectorizes */
+static void scores(const float *restrict w, const float *restrict v, const float *restrict x, int64_t n,
+                   const params *q, float *restrict s) {
+    const float f = q->floor, scale = q->scale, shift = q->shift, a = q->factor;
+    for (int64_t i = 0; i < n; i++) {
+        float r = sqrtf(v[i]);
+        float m = r != r ? r : (f != f ? f : (r > f ? r : f));
+        float u = m * scale + shift;
+        float y = w[i];
+        if (q->mode == 1) {
+            float e = a * (w[i] - x[i]);
+            y = w[i] == 0.0f ? 0.0f : w[i] + e;
+        } else if (q->mode == 2) {
+            float e = a * (x[i] / u);
+            y = w[i] == 0.0f ? 0.0f : w[i] - e;
+        }
+        float yy = y * y;
+        float su = yy * u;
+        s[i] = su / 2.0f;
+    }
+}
+
+typedef struct {
+    int64_t below, under, marked, kept; /* scores below lo, below hi; fresh or inside; entries kept (written up to cap) */
+} counts;
+
+/* one thread's range [start, end) of the tensor: its kept entries into idx and val */
+static void range_pass(const float *w, const float *v, const float *x, int64_t start, int64_t end, const params *q,
+                       int64_t *restrict idx, float *restrict val, int64_t cap, counts *out) {
+    int64_t below = 0, under = 0, marked = 0, kept = 0;
+    const float lo = q->lo, hi = q->hi;
+    const uint32_t fresh_bits = q->keep_fresh ? 0xffffffffu : 0u;
+    float s[CHUNK];
+    int64_t i = start;
+#ifdef PARAMREG_AVX512
+    const __m512 vf = _mm512_set1_ps(q->floor), vs = _mm512_set1_ps(q->scale), vh = _mm512_set1_ps(q->shift);
+    const __m512 va = _mm512_set1_ps(q->factor), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+    const __m512 half = _mm512_set1_ps(0.5f), zero = _mm512_setzero_ps(), minus_one = _mm512_set1_ps(-1.0f);
+    const __mmask16 floor_nan = q->floor != q->floor ? 0xffff : 0, fresh_lanes = q->keep_fresh ? 0xffff : 0;
+    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), eight = _mm512_set1_epi64(8);
+    for (; i + 16 <= end; i += 16) {
+        __m512 wi = _mm512_loadu_ps(w + i);
+        __m512 r = _mm512_sqrt_ps(_mm512_loadu_ps(v + i));
+        __m512 m = _mm512_mask_mov_ps(_mm512_max_ps(vf, r), floor_nan, vf); /* max_ps(f, r) is r where r is NaN */
+        __m512 u = _mm512_add_ps(_mm512_mul_ps(m, vs), vh);
+        __m512 y = wi;
+        if (q->mode == 1) {
+            y = _mm512_add_ps(wi, _mm512_mul_ps(va, _mm512_sub_ps(wi, _mm512_loadu_ps(x + i))));
+            y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(wi, zero, _CMP_EQ_OQ), zero);
+        } else if (q->mode == 2) {
+            y = _mm512_sub_ps(wi, _mm512_mul_ps(va, _mm512_div_ps(_mm512_loadu_ps(x + i), u)));
+            y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(wi, zero, _CMP_EQ_OQ), zero);
+        }
+        __m512 si = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(y, y), u), half); /* exactly /2 */
+        __mmask16 b = _mm512_cmp_ps_mask(si, vlo, _CMP_LT_OQ), un = _mm512_cmp_ps_mask(si, vhi, _CMP_LT_OQ);
+        __mmask16 fresh = b & _mm512_test_epi32_mask(_mm512_castps_si512(wi), _mm512_castps_si512(wi)) & fresh_lanes;
+        __mmask16 inside = un & (__mmask16)~b;
+        __mmask16 keep = fresh | (inside & _mm512_cmp_ps_mask(si, zero, _CMP_NEQ_UQ));
+        below += __builtin_popcount(b);
+        under += __builtin_popcount(un);
+        marked += __builtin_popcount(fresh | inside);
+        if (keep) { /* compressed in registers, then stored whole: the lanes past the kept ones are overwritten next */
+            int k = __builtin_popcount(keep), low = __builtin_popcount(keep & 0xff);
+            if (kept + k <= cap) {
+                __m512i first = _mm512_add_epi64(_mm512_set1_epi64(i), lanes);
+                _mm512_storeu_ps(val + kept, _mm512_maskz_compress_ps(keep, _mm512_mask_mov_ps(si, fresh, minus_one)));
+                _mm512_storeu_si512(idx + kept, _mm512_maskz_compress_epi64((__mmask8)(keep & 0xff), first));
+                _mm512_storeu_si512(idx + kept + low, _mm512_maskz_compress_epi64((__mmask8)(keep >> 8), _mm512_add_epi64(first, eight)));
+            }
+            kept += k;
+        }
+    }
+#endif
+    while (i < end) {
+        int64_t len = end - i < CHUNK ? end - i : CHUNK;
+        scores(w + i, v + i, q->mode ? x + i : NULL, len, q, s);
+        const uint32_t *bits = (const uint32_t *)(w + i);
+        for (int64_t j = 0; j < len; j++) {
+            int b = s[j] < lo, un = s[j] < hi;
+            int fresh = b & ((bits[j] & fresh_bits) != 0);
+            int inside = un & !b;
+            below += b;
+            under += un;
+            marked += fresh | inside;
+            if (kept < cap) { /* written whatever it is: the next entry overwrites it unless it is kept */
+                idx[kept] = i + j;
+                val[kept] = fresh ? -1.0f : s[j];
+            }
+            kept += fresh | (inside & (s[j] != 0.0f));
+        }
+        i += len;
+    }
+    out->below = below;
+    out->under = under;
+    out->marked = marked;
+    out->kept = kept;
+}
+
+/* The pass over w[0..n) in `threads` equal ranges (multiples of 16 elements): thread t writes its
+ * kept entries at idx + t*(cap + 16) and val + t*(cap + 16), its counts at out[t]. */
+void paramreg_select(const float *w, const float *v, const float *x, int64_t n, float floor, float scale, float shift,
+                     float factor, float lo, float hi, int mode, int keep_fresh, int64_t *idx, float *val, int64_t cap,
+                     counts *out, int threads) {
+    params q = {floor, scale, shift, factor, lo, hi, mode, keep_fresh};
+    int64_t per = ((n + threads - 1) / threads + 15) / 16 * 16;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+#endif
+    for (int t = 0; t < threads; t++) {
+        int64_t start = t * per < n ? t * per : n, end = start + per < n ? start + per : n;
+        range_pass(w, v, x, start, end, &q, idx + t * (cap + 16), val + t * (cap + 16), cap, out + t);
+    }
+}
+
+/* paramreg_hold and paramreg_squares (Note [Native hold] in optim/native.py): the sum of squares
+ * of g in chunks of SQUARES_CHUNK elements, each chunk in LANES float lanes (lane j adds the
+ * squares of the elements j, j + LANES, ... of the chunk, in order), the lanes added in order in
+ * double, then the chunks in order: the same sum whatever the number of threads and however the
+ * compiler vectorizes it (64 float lanes kept the pass at a dot product's speed, where 16 double
+ * lanes took 1.6 times as long). */
+#define SQUARES_CHUNK 4096
+#define LANES 64
+
+static double lanes_total(const float *lanes) {
+    double total = 0.0;
+    for (int j = 0; j < LANES; j++)
+        total += lanes[j];
+    return total;
+}
+
+static double chunks_total(const double *partials, int64_t chunks) {
+    double total = 0.0;
+    for (int64_t c = 0; c < chunks; c++)
+        total += partials[c];
+    return total;
+}
+
+static double chunk_squares(const float *restrict g, int64_t start, int64_t end) {
+    float lanes[LANES] = {0};
+    int64_t i = start;
+    for (; i + LANES <= end; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            float x = g[i + j];
+            lanes[j] += x * x;
+        }
+    for (int j = 0; i + j < end; j++) {
+        float x = g[i + j];
+        lanes[j] += x * x;
+    }
+    return lanes_total(lanes);
+}
+
+/* The sum of squares of g[0..n); partials: room for one double per chunk. */
+double paramreg_squares(const float *g, int64_t n, double *partials, int threads) {
+    int64_t chunks = (n + SQUARES_CHUNK - 1) / SQUARES_CHUNK;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t start = c * SQUARES_CHUNK, end = start + SQUARES_CHUNK < n ? start + SQUARES_CHUNK : n;
+        partials[c] = chunk_squares(g, start, end);
+    }
+    return chunks_total(partials, chunks);
+}
+
+/* One chunk of the hold: g (and m) +0.0 where w is 0 (-0.0 too), every value written back (the
+ * others as they were, NaN's bits too); the held g's squares summed as chunk_squares sums them. */
+static double chunk_hold(const float *restrict w, float *restrict g, float *restrict m, int64_t start, int64_t end) {
+    float lanes[LANES] = {0};
+    int64_t i = start;
+    for (; i + LANES <= end; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            int held = w[i + j] == 0.0f;
+            float x = held ? 0.0f : g[i + j];
+            g[i + j] = x;
+            if (m != NULL)
+                m[i + j] = held ? 0.0f : m[i + j];
+            lanes[j] += x * x;
+        }
+    for (int j = 0; i + j < end; j++) {
+        int held = w[i + j] == 0.0f;
+        float x = held ? 0.0f : g[i + j];
+        g[i + j] = x;
+        if (m != NULL)
+            m[i + j] = held ? 0.0f : m[i + j];
+        lanes[j] += x * x;
+    }
+    return lanes_total(lanes);
+}
+
+/* Before a step: g[i] (and m[i], m not NULL) set to +0.0 where w[i] == 0, the values masked_fill_
+ * writes; returns the sum of squares of the held g, as paramreg_squares sums it. */
+double paramreg_hold(const float *w, float *g, float *m, int64_t n, double *partials, int threads) {
+    int64_t chunks = (n + SQUARES_CHUNK - 1) / SQUARES_CHUNK;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t start = c * SQUARES_CHUNK, end = start + SQUARES_CHUNK < n ? start + SQUARES_CHUNK : n;
+        partials[c] = chunk_hold(w, g, m, start, end);
+    }
+    return chunks_total(partials, chunks);
+}
