@@ -512,7 +512,8 @@ def test_a_target_zeroes_the_same_weights_through_the_fused_and_the_eager_path(f
     pieces = len(through_fused[0]) if one_pass else sum(-(-w.numel() // 300) for w in through_fused[0])
     assert sum(name.endswith("_select") for name in names) == (0 if one_pass or not passing else 5 * pieces)
     assert sum(name.startswith("native") for name in names) == (5 * pieces if one_pass and passing else 0)
-    assert len(calls) > 6 * 4 or (one_pass and passing)  # compiled kernels beyond the held zeros' (6 steps, 4 weights)
+    if not (one_pass and passing):  # there the native kernels do all of it, counted above
+        assert len(calls) > 6 * 4  # compiled kernels beyond the held zeros' (6 steps, 4 weights)
     if passing:  # and its map, every step: no map's pass
         assert not {"l0", "l0_ahead", "l0_extended"} & set(names)
     eager = _target_run(monkeypatch, False, form, allocation)

@@ -59,25 +59,39 @@ def test_the_native_pass_keeps_what_the_kernel_and_numpy_keep(build, kind, n, fl
     hi = float(finite[len(finite) // 2]) if len(finite) > 1 else float("inf")
     expected = _kernel(kind, w, v, x, floor, c, lo, hi)
     found = native.select(kind, w, v, x if kind else None, floor, *c[:2], c[2] if kind else 0.0, lo, hi, cap=1 << 20, library=library)
-    counts, indices, values, complete = found
-    assert complete and counts == expected[0]
+    counts, indices, values = found
+    assert indices is not None and counts == expected[0]
     assert numpy.array_equal(indices, expected[1]) and numpy.array_equal(values.view(numpy.int32), expected[2].view(numpy.int32))
     if n >= 1000 and floor == floor:  # every kind of entry: new zeros, bracketed scores, weights kept out (a NaN floor: every score NaN)
         assert (values == -1).any() and (values > 0).any() and len(values) < n
 
 
 def test_past_its_room_the_native_pass_counts_what_it_could_not_write():
-    """Past ``cap`` entries a thread's range counts its kept entries without writing them, and
-    says the result is incomplete; with ``keep_fresh`` False only the bracket's scores count."""
+    """Past ``cap`` entries in a thread's range the pass still counts, and gives no indices or
+    values (what it wrote is not a prefix of what it kept); with ``keep_fresh`` False only the
+    bracket's scores count as kept."""
     assert native.available()
     w, v, _ = _tensors(5000, seed=1)
     full = native.select("", w, v, None, 0.0, 0.7, 1e-5, 0.0, 1e-9, 1e-7, cap=1 << 20)
     short = native.select("", w, v, None, 0.0, 0.7, 1e-5, 0.0, 1e-9, 1e-7, cap=10)
-    assert full[3] and not short[3]
-    assert short[0] == full[0] and len(short[1]) <= 10 * torch.get_num_threads() < len(full[1])
+    assert full[1] is not None and len(full[1]) > 10 * torch.get_num_threads()
+    assert short[0] == full[0] and short[1] is None and short[2] is None
     scored = native.select("", w, v, None, 0.0, 0.7, 1e-5, 0.0, 1e-9, 1e-7, cap=1 << 20, keep_fresh=False)
     assert numpy.array_equal(scored[2], full[2][full[2] >= 0]) and numpy.array_equal(scored[1], full[1][full[2] >= 0])
-    assert scored[0][:2] == full[0][:2] and scored[0][2] == len(scored[1])
+    assert scored[0][:2] == full[0][:2] and scored[0][2] == len(scored[1]) < len(full[1])
+
+
+def test_the_native_kernels_take_only_float32_contiguous_cpu_tensors_of_one_size():
+    """Anything else (float64, a view that is not contiguous, another size, an ahead pass without
+    its first moment) gets None or False, and nothing is written."""
+    assert native.available()
+    w, v, x = _tensors(1000, seed=4)
+    assert native.select("", w.double(), v.double(), None, 0.0, 0.7, 1e-5, 0.0, 1e-9, 1e-7, cap=100) is None
+    assert native.select("_ahead", w, v, None, 0.0, 0.7, 1e-5, 2.0, 1e-9, 1e-7, cap=100) is None
+    assert native.select("_extended", w, v, x[:999], 0.0, 0.7, 1e-5, 2.0, 1e-9, 1e-7, cap=100) is None
+    g = x.clone()
+    assert not native.hold(w, g.view(10, 100).t(), None) and not native.hold(w, g[:999], None)
+    assert torch.equal(g.view(torch.int32), x.view(torch.int32)) and native.squares(g.double()) is None
 
 
 def test_without_a_compiler_the_kernel_and_numpy_run_with_a_warning(monkeypatch):
@@ -86,7 +100,7 @@ def test_without_a_compiler_the_kernel_and_numpy_run_with_a_warning(monkeypatch)
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setattr(native, "build_flags", None)
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    with pytest.warns(UserWarning, match="native selection could not be built"):
+    with pytest.warns(UserWarning, match="native kernels could not be built"):
         assert not native.available()
     assert native.build_flags == ()
     w, v, _ = _tensors(100, seed=2)
@@ -117,8 +131,8 @@ def test_the_native_hold_writes_what_masked_fill_writes_and_sums_the_squares_in_
     library = native._load(("PARAMREG_PORTABLE",)) if build == "portable" else native._load()
     assert library is not None
     monkeypatch.setattr(native, "_load", lambda defines=(): library)
-    w, v, x = _tensors(n, seed=n + 1)
-    g, m = x.clone(), v.clone()
+    w, v, _ = _tensors(n, seed=n + 1)
+    g, m = torch.randn(n, generator=torch.Generator().manual_seed(n)), v.clone()
     g[1::23] = float("nan")
     expected_g, expected_m = g.clone(), m.clone()
     expected_g.masked_fill_(w == 0, 0)
@@ -131,14 +145,15 @@ def test_the_native_hold_writes_what_masked_fill_writes_and_sums_the_squares_in_
     held = native._squares[g][1]
     assert math.isnan(held) == bool(g.isnan().any())  # a NaN gradient kept: its sum NaN
     g[g.isnan()] = 0.0  # written: summed again
-    summed = {}
-    for threads in (1, 2):
+    assert math.isfinite(_squares_in_order(g))  # a number: the comparisons below can fail
+    summed, before = {}, torch.get_num_threads()
+    for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         try:
             summed[threads] = native.squares(g)  # written since the hold: summed again
         finally:
-            torch.set_num_threads(2)
-    assert summed[1] == summed[2] == _squares_in_order(g)
+            torch.set_num_threads(before)
+    assert summed[1] == summed[2] == summed[3] == _squares_in_order(g)
     fresh = torch.randn(n)
     assert native.squares(fresh) == _squares_in_order(fresh)
 

@@ -11,7 +11,8 @@ Note [Fused map]
     passes' worth of time (benchmarks/adaptive_floor.py); this module takes ‖g‖₂ by one BLAS dot
     product (``_floor``: one read of g at memory speed, where inductor's compiled reduction took
     twice as long, 232 against 101 µs on 2^20 float32 values on this machine's 2 cores; in
-    float32 the native sum of squares of Note [Native hold] in optim/native.py, as fast) and
+    float32 the native sum of squares of Note [Native hold] in optim/native.py, as fast: 3.8
+    against 3.8 ms over 25M values, ad hoc) and
     compiles the rest of the formula with ``torch.compile`` (inductor: one C++ loop over v and w,
     vectorized and parallel), so that g and v are read once and w is read and written once. That
     loop is bound by its sqrt and division, not by memory: it takes what the least map in this
@@ -584,8 +585,8 @@ def select_pieces(optimizer, group: dict, regularizer, p: Tensor, state: dict, l
     (lo, hi): per piece of ``p``, ((its scores below lo, below hi, its entries counted as kept),
     the flat indices of its kept entries, their values: −1 for a weight the map zeroes at any
     strength from lo, else the score in [lo, hi)); the indices None where more than ``GUESSED``
-    entries (order_statistic.py) were to be kept in one piece (the values then hold the bracket's
-    scores only). One piece by the native pass (Note [Native selection] in optim/native.py),
+    entries (order_statistic.py) were to be kept in one range of the native pass (the values
+    then hold the bracket's scores only, or nothing where they are more than ``GUESSED`` too). One piece by the native pass (Note [Native selection] in optim/native.py),
     else one per block of about ``CRITICAL_BLOCK`` elements by :func:`_marked` and numpy's search;
     a None in a piece's place if the kernel cannot be compiled. None where the rule of Note
     [Fused map] does not take ``p``, or ``p`` is not float32 (the selection compares float32
@@ -597,22 +598,28 @@ def select_pieces(optimizer, group: dict, regularizer, p: Tensor, state: dict, l
     inputs = _scoring(optimizer, group, name, p, state, lr, floor, extra, factor)
     if inputs is None:
         return None
-    if native.available():
+    if p.device.type == "cpu" and native.available():
         return _native_pieces(kind, p, *inputs, bounds)
     return _select_blocks(name, p, *inputs, torch.tensor(bounds, dtype=torch.float32, device=p.device))
 
 
 def _native_pieces(kind: str, w: Tensor, moments: list[Tensor], floor: Tensor, c: Tensor, bounds: tuple[float, float]):
     """:func:`select_pieces`'s one piece by the native pass: past ``GUESSED`` kept entries in a
-    thread's range, the pass again with the bracket's scores only."""
+    thread's range, the pass again with the bracket's scores only (where they are at most
+    ``GUESSED``: more, and the selection counts them by its passes)."""
     from .order_statistic import GUESSED
 
     args = (kind, w, *moments[:1], moments[1] if len(moments) > 1 else None, float(floor), *(float(x) for x in c.tolist()[:2]),
             float(c[2]) if len(c) > 2 else 0.0, *(float(numpy.float32(b)) for b in bounds))
-    counts, indices, values, complete = native.select(*args, GUESSED)
-    if not complete:
-        _, _, values, _ = native.select(*args, GUESSED, keep_fresh=False)
-        indices = None
+    found = native.select(*args, GUESSED)
+    if found is None:  # not a tensor the native pass takes: the compiled kernel's blocks
+        yield from _select_blocks(f"l0{kind}_select", w, moments, floor, c, torch.tensor(bounds, dtype=torch.float32, device=w.device))
+        return
+    counts, indices, values = found
+    if indices is None:
+        values = numpy.empty(0, dtype=numpy.float32)
+        if counts[1] - counts[0] <= GUESSED:  # the bracket's scores fit: those alone
+            _, _, values = native.select(*args, GUESSED, keep_fresh=False)
     yield counts, indices, values
 
 
@@ -752,7 +759,7 @@ def hold_(p: Tensor, momentum: Tensor | None) -> bool:
     zero = _zeros.get(key)
     if zero is None:
         zero = _zeros[key] = torch.zeros((), dtype=p.dtype, device=p.device)  # read, never written
-    if p.dtype == torch.float32 and native.hold(p, g, momentum):
+    if p.dtype == torch.float32 and p.device.type == "cpu" and native.hold(p, g, momentum):
         return True  # Note [Native hold] in optim/native.py: the floor's sum of squares taken too
     if _call(name, _flat(p), *(_flat(t) for t in tensors), zero) is _NOT_COMPILED:
         return False

@@ -150,7 +150,7 @@ void paramreg_select(const float *w, const float *v, const float *x, int64_t n, 
  * squares of the elements j, j + LANES, ... of the chunk, in order), the lanes added in order in
  * double, then the chunks in order: the same sum whatever the number of threads and however the
  * compiler vectorizes it (64 float lanes kept the pass at a dot product's speed, where 16 double
- * lanes took 1.6 times as long). */
+ * lanes did not: 8.1 and 12.2 ms over 25M values on one thread, a dot product 7.4; ad hoc). */
 #define SQUARES_CHUNK 4096
 #define LANES 64
 

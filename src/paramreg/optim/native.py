@@ -6,9 +6,10 @@ Note [Native selection]
     entries the map may zero (weights other than +0.0 that score below lo) and of the scores in
     [lo, hi). Its compiled kernel (``fused._marked``) writes a block of marks that numpy then
     searches, and inductor emits it as two loops that each compute the score (its counts, its
-    stores), so the pass took twice its reads' time and numpy's search added a third of it (25M
-    weights at 25.7% zero: 50.2 ms a ramp step, of which numpy 13.5, against 17.1 for the
-    ``l1=`` map's pass; benchmarks/ramp_parts.py, docs/at-scale.md). ``native.c`` does it
+    stores), so the pass took twice its reads' time and numpy's search added to it (25M weights
+    at 25.7% zero: 36.1 ms of a ramp step, numpy's 10.9 of it, against 15.9 for the ``l1=``
+    map; the native pass 14.9: the table of ``benchmarks/ramp_parts.py`` in docs/at-scale.md).
+    ``native.c`` does it
     in one loop: the score of 16 weights at once (AVX-512, where the machine has it; elsewhere a
     loop the compiler vectorizes over 256 weights, then a branch-free one that counts and writes
     the kept entries), the kept entries compressed straight into an index and a value array, each
@@ -23,30 +24,41 @@ Note [Native selection]
 Note [Native hold]
     The held zeros' pre-step pass (Note [Held zeros, fused] in optim/fused.py) reads every
     gradient, and a target's step then read it once more for the safeguard's floor F = c·‖g‖₂
-    (Note [Safeguarded metric] in optim/step_sizes.py, by a dot product: 4.9 ms of a 25M-weight
-    ramp step on this machine's 2 cores). ``paramreg_hold`` sets the gradient and the momentum to
+    (Note [Safeguarded metric] in optim/step_sizes.py, by a dot product: 4.4 ms of a 25M-weight
+    ramp step on this machine's 2 cores, the same table). ``paramreg_hold`` sets the gradient and the momentum to
     +0.0 where the weight is 0 (what ``masked_fill_`` writes) and sums the held gradient's squares
     in the same loop, and ``fused._floor`` takes that sum for as long as the gradient is not
     written again (its version counter): the floor costs no read of its own. Every float32 floor
     is then this sum (``paramreg_squares`` where no hold took it), whether or not the fused maps
-    are enabled, so that the fused and the eager path still rank the same values: the sum of
-    squares in float64, in chunks of 4096 elements, each chunk in 16 lanes that each add in
-    order, the lanes and then the chunks added in order, so the same bits whatever the number of
+    are enabled, so that the fused and the eager path still rank the same values: in chunks of
+    4096 elements, each chunk in 64 float32 lanes that each add their squares in order, the
+    lanes and then the chunks added in order in float64, so the same bits whatever the number of
     threads and however the compiler vectorizes it (``tests/test_native.py``: against that order
-    in numpy, on 1 and 2 threads).
+    in numpy, on 1, 2 and 3 threads). The floor differs from a dot product's in its last bits,
+    so ``enabled`` can move a weight whose score lies within those bits of a target's
+    threshold; either way the selection and the map take the same floor. The pass's sum is taken
+    once, by the floor of the step that follows, and only while the gradient's version counter
+    has not moved: a write through ``g.data`` or through numpy between the pre-step hook and the
+    end of the step does not move it, and the floor would then be the held gradient's.
 
 Note [Native build]
-    The kernels are built once per process with the C compiler found (``$CC``, else ``cc``, ``gcc`` or
-    ``clang``) into a temporary directory, with ``-march=native`` and OpenMP where the compiler
-    takes them (a build without OpenMP runs on one thread), and loaded with ctypes, which releases
-    the GIL while it runs. Where no build succeeds (no compiler), a warning says why, once, and
-    the compiled kernel with numpy's search runs, as it does with ``enabled = False``.
+    The kernels are built once per process with the C compiler found (``$CC``, split as a shell
+    would, else ``cc``, ``gcc`` or ``clang``) into a temporary directory, with ``-march=native``
+    and OpenMP where the compiler takes them and the library then loads (a build without OpenMP
+    runs on one thread), and loaded with ctypes, which releases the GIL while they run. They take
+    plain contiguous float32 CPU tensors only (anything else takes the compiled kernels). Where no
+    build succeeds (no compiler, no temporary directory, a library that does not load), a warning
+    says why, once, and the compiled kernels run (the selection's with numpy's search, the floors
+    by a dot product), as they do with ``enabled = False``. Their OpenMP runtime is the one torch
+    loaded where the two share a name (``libgomp.so.1`` here); a torch whose bundled runtime is
+    named otherwise loads a second.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -66,7 +78,7 @@ enabled = True
 #: The flags the library was built with (None before the first build; () where every build failed).
 build_flags: tuple[str, ...] | None = None
 
-_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno")
+_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fno-strict-aliasing")
 _CHOICES = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())  # tried in order
 _MODES = {"": 0, "_extended": 1, "_ahead": 2}  # the points' kind (fused.points_of) -> the C mode
 _lock = threading.Lock()
@@ -78,39 +90,68 @@ class _Counts(ctypes.Structure):
 
 
 def available(defines: tuple[str, ...] = ()) -> bool:
-    """Whether the native pass runs here (``enabled``, and built: the first call builds it)."""
+    """Whether the native kernels run here (``enabled``, and built: the first call builds them)."""
     return enabled and _load(defines) is not None
 
 
 def _load(defines: tuple[str, ...] = ()):
     """The loaded library (built at the first call; ``defines``: extra ``-D`` flags, for the tests'
-    portable build), or None where no build succeeded."""
+    portable build, each set built once), or None where no build succeeded (Note [Native build])."""
     global _library, build_flags
-    if _library is not None and not defines:
+    if not defines and _library is not None:
         return _library or None
     with _lock:
-        if _library is not None and not defines:
+        if defines in _others:
+            return _others[defines]
+        if not defines and _library is not None:
             return _library or None
-        library, flags, errors = None, (), []
-        source = resources.files(__package__).joinpath("native.c").read_text()
-        compiler = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-        with tempfile.TemporaryDirectory(prefix="paramreg-") as folder:
-            path = os.path.join(folder, "native.c")
-            with open(path, "w") as f:
-                f.write(source)
-            for choice in _CHOICES if compiler else ():
-                out = os.path.join(folder, f"select{len(errors)}.so")
-                command = [compiler, *_FLAGS, *choice, *(f"-D{d}" for d in defines), path, "-o", out]
-                try:
-                    done = subprocess.run(command, capture_output=True, text=True)
-                except OSError as e:  # the compiler named is not there
-                    errors.append(f"{type(e).__name__}: {e}")
-                    break
-                if done.returncode == 0:
-                    library, flags = ctypes.CDLL(out), choice  # loaded: the file may go
-                    break
+        errors: list[str] = []
+        try:
+            library, flags, _ = _build(defines, errors)
+        except Exception as e:  # no temporary directory, no source installed, a library that does not load
+            library, flags = None, ()
+            errors.append(f"{type(e).__name__}: {e}")
+        if defines:
+            _others[defines] = library
+            return library
+        if library is None:
+            warnings.warn(f"paramreg: the native kernels could not be built ({errors[-1] if errors else 'no C compiler found'}); "
+                          "the compiled kernels run instead (the selection's with numpy's search).", stacklevel=4)
+        _library, build_flags = (library if library is not None else False), flags
+        return library
+
+
+_others: dict = {}  # defines -> the library built with them (the tests' portable build)
+
+
+def _build(defines: tuple[str, ...], errors: list[str]):
+    """(the library, its flags, the compiler's command) from the first of ``_CHOICES`` that builds
+    and loads; the library None where none does (``errors`` says why)."""
+    source = resources.files(__package__).joinpath("native.c").read_text()
+    named = os.environ.get("CC")
+    compiler = shlex.split(named) if named else next(([c] for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if not compiler:
+        return None, (), None
+    with tempfile.TemporaryDirectory(prefix="paramreg-") as folder:
+        path = os.path.join(folder, "native.c")
+        with open(path, "w") as f:
+            f.write(source)
+        for k, choice in enumerate(_CHOICES):
+            out = os.path.join(folder, f"native{k}.so")
+            command = [*compiler, *_FLAGS, *choice, *(f"-D{d}" for d in defines), path, "-o", out]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as e:  # the compiler named is not there, or hangs
+                errors.append(f"{type(e).__name__}: {e}")
+                break
+            if done.returncode != 0:
                 errors.append(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
-        if library is not None:
+                continue
+            try:
+                library = ctypes.CDLL(out)  # loaded: the file may go
+            except OSError as e:  # e.g. its OpenMP runtime not found: the next choice
+                errors.append(f"{type(e).__name__}: {e}")
+                continue
             library.paramreg_select.restype = None
             library.paramreg_select.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_float] * 6
                                                 + [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -119,14 +160,16 @@ def _load(defines: tuple[str, ...] = ()):
                 getattr(library, name).restype = ctypes.c_double
             library.paramreg_hold.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
             library.paramreg_squares.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-            library.threaded = "-fopenmp" in flags
-        elif not defines:
-            warnings.warn(f"paramreg: the native selection could not be built ({'no C compiler found' if not compiler else errors[-1]}); "
-                          "the compiled kernel with numpy's search runs instead.", stacklevel=4)
-        if defines:
-            return library
-        _library, build_flags = (library if library is not None else False), flags
-        return library
+            library.threaded = "-fopenmp" in choice
+            return library, choice, compiler
+    return None, (), compiler
+
+
+def _takes(*tensors: Tensor | None) -> bool:
+    """Whether the kernels take these tensors: plain contiguous float32 CPU tensors of one size."""
+    first = tensors[0]
+    return all(t is None or (type(t) in (Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+                             and t.is_contiguous() and t.numel() == first.numel()) for t in tensors)
 
 
 def select(kind: str, w: Tensor, v: Tensor, x: Tensor | None, floor: float, scale: float, shift: float, factor: float,
@@ -135,11 +178,12 @@ def select(kind: str, w: Tensor, v: Tensor, x: Tensor | None, floor: float, scal
     second moment ``v`` and, for the points' ``kind`` ("_extended", "_ahead"), the tensor ``x``
     (the origin, the first moment) and ``factor``: ((scores below lo, below hi, entries counted
     as kept), their flat indices (int64), their values (float32: −1 for a weight the map zeroes
-    at any strength from lo, else its score in [lo, hi)), complete), with at most ``cap``
-    entries written per thread (complete: none was left out). With ``keep_fresh`` False only the
-    scores in [lo, hi) are kept and counted. None where the library is not built."""
+    at any strength from lo, else its score in [lo, hi))), with at most ``cap`` entries kept per
+    thread's range: past them, the counts alone and None for the indices and values. With
+    ``keep_fresh`` False only the scores in [lo, hi) are kept and counted. None where the
+    library is not built or the tensors are not float32 contiguous CPU tensors of one size."""
     library = library or (_load() if enabled else None)
-    if library is None:
+    if library is None or (kind and x is None) or not _takes(w, v, x):
         return None
     threads = _threads(library)
     n = w.numel()
@@ -150,15 +194,18 @@ def select(kind: str, w: Tensor, v: Tensor, x: Tensor | None, floor: float, scal
     counts = (_Counts * threads)()
     library.paramreg_select(w.data_ptr(), v.data_ptr(), 0 if x is None else x.data_ptr(), n, floor, scale, shift, factor, lo, hi,
                             _MODES[kind], int(keep_fresh), idx.data_ptr(), val.data_ptr(), cap, counts, threads)
-    parts = [(t * room, min(c.kept, cap)) for t, c in enumerate(counts)]
+    total = [sum(c.below for c in counts), sum(c.under for c in counts), sum(c.marked for c in counts)]
+    if any(c.kept > cap for c in counts):  # a range past its room: what it wrote is not a prefix of what it kept
+        return total, None, None
+    parts = [(t * room, c.kept) for t, c in enumerate(counts)]
     indices = numpy.concatenate([idx.numpy()[s:s + k] for s, k in parts])
     values = numpy.concatenate([val.numpy()[s:s + k] for s, k in parts])
-    total = [sum(c.below for c in counts), sum(c.under for c in counts), sum(c.marked for c in counts)]
-    return total, indices, values, all(c.kept <= cap for c in counts)
+    return total, indices, values
 
 
 _CHUNK = 4096  # SQUARES_CHUNK in native.c
-# gradient -> (its version when summed, the sum of its squares), by identity (weak: nothing kept alive)
+# gradient -> (its version when the held zeros' pass summed it, the sum of its squares), by identity
+# (weak: nothing kept alive); taken once, by the floor of the step that follows (squares)
 _squares = WeakIdKeyDictionary()
 
 
@@ -169,10 +216,10 @@ def _threads(library) -> int:
 def hold(w: Tensor, g: Tensor, m: Tensor | None) -> bool:
     """Before a step: ``g`` and ``m`` (None: none) set to +0.0 where ``w`` is 0 (Note [Native
     hold]), their version counters advanced, the held gradient's sum of squares kept for
-    :func:`squares`; False (nothing written) where the library is not built. The caller checks
-    that the tensors are plain, contiguous, float32, alike and on the CPU."""
+    :func:`squares`; False (nothing written) where the library is not built or the tensors are
+    not float32 contiguous CPU tensors of one size."""
     library = _load() if enabled else None
-    if library is None:
+    if library is None or not _takes(w, g, m):
         return False
     n = w.numel()
     partials = torch.empty(max(1, -(-n // _CHUNK)), dtype=torch.float64)
@@ -185,15 +232,16 @@ def hold(w: Tensor, g: Tensor, m: Tensor | None) -> bool:
 
 
 def squares(g: Tensor) -> float | None:
-    """The sum of squares of the float32 contiguous CPU tensor ``g`` as Note [Native hold] sums it
-    (the held zeros' pass's, where it took it and ``g`` was not written since); None where the
-    library is not built."""
-    kept = _squares.get(g)
+    """The sum of squares of the float32 contiguous CPU tensor ``g`` as Note [Native hold] sums it:
+    the held zeros' pass's, once, where it took it and ``g``'s version counter has not moved
+    since (a write through ``g.data`` or numpy does not move it: Note [Native hold]), else summed
+    now; None where the library is not built or ``g`` is not such a tensor."""
+    library = _load() if enabled else None
+    if library is None or not _takes(g):
+        return None
+    kept = _squares.pop(g, None)
     if kept is not None and kept[0] == g._version:
         return kept[1]
-    library = _load() if enabled else None
-    if library is None:
-        return None
     n = g.numel()
     partials = torch.empty(max(1, -(-n // _CHUNK)), dtype=torch.float64)
     return library.paramreg_squares(g.data_ptr(), n, partials.data_ptr(), _threads(library))
