@@ -161,6 +161,10 @@ static double lanes_total(const float *lanes) {
     return total;
 }
 
+static int64_t chunk_end(int64_t start, int64_t n) {
+    return start + SQUARES_CHUNK < n ? start + SQUARES_CHUNK : n;
+}
+
 static double chunks_total(const double *partials, int64_t chunks) {
     double total = 0.0;
     for (int64_t c = 0; c < chunks; c++)
@@ -190,10 +194,20 @@ double paramreg_squares(const float *g, int64_t n, double *partials, int threads
 #pragma omp parallel for num_threads(threads) schedule(static)
 #endif
     for (int64_t c = 0; c < chunks; c++) {
-        int64_t start = c * SQUARES_CHUNK, end = start + SQUARES_CHUNK < n ? start + SQUARES_CHUNK : n;
+        int64_t start = c * SQUARES_CHUNK, end = chunk_end(start, n);
         partials[c] = chunk_squares(g, start, end);
     }
     return chunks_total(partials, chunks);
+}
+
+/* Element i of the hold: g[i] (and m[i]) +0.0 where w[i] is 0, written back either way; the held g[i]'s square. */
+static inline float hold_one(const float *restrict w, float *restrict g, float *restrict m, int64_t i) {
+    int held = w[i] == 0.0f;
+    float x = held ? 0.0f : g[i];
+    g[i] = x;
+    if (m != NULL)
+        m[i] = held ? 0.0f : m[i];
+    return x * x;
 }
 
 /* One chunk of the hold: g (and m) +0.0 where w is 0 (-0.0 too), every value written back (the
@@ -202,22 +216,10 @@ static double chunk_hold(const float *restrict w, float *restrict g, float *rest
     float lanes[LANES] = {0};
     int64_t i = start;
     for (; i + LANES <= end; i += LANES)
-        for (int j = 0; j < LANES; j++) {
-            int held = w[i + j] == 0.0f;
-            float x = held ? 0.0f : g[i + j];
-            g[i + j] = x;
-            if (m != NULL)
-                m[i + j] = held ? 0.0f : m[i + j];
-            lanes[j] += x * x;
-        }
-    for (int j = 0; i + j < end; j++) {
-        int held = w[i + j] == 0.0f;
-        float x = held ? 0.0f : g[i + j];
-        g[i + j] = x;
-        if (m != NULL)
-            m[i + j] = held ? 0.0f : m[i + j];
-        lanes[j] += x * x;
-    }
+        for (int j = 0; j < LANES; j++)
+            lanes[j] += hold_one(w, g, m, i + j);
+    for (int j = 0; i + j < end; j++)
+        lanes[j] += hold_one(w, g, m, i + j);
     return lanes_total(lanes);
 }
 
@@ -229,7 +231,7 @@ double paramreg_hold(const float *w, float *g, float *m, int64_t n, double *part
 #pragma omp parallel for num_threads(threads) schedule(static)
 #endif
     for (int64_t c = 0; c < chunks; c++) {
-        int64_t start = c * SQUARES_CHUNK, end = start + SQUARES_CHUNK < n ? start + SQUARES_CHUNK : n;
+        int64_t start = c * SQUARES_CHUNK, end = chunk_end(start, n);
         partials[c] = chunk_hold(w, g, m, start, end);
     }
     return chunks_total(partials, chunks);
