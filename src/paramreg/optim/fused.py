@@ -70,8 +70,9 @@ Note [Fused map]
     How the L1 map differs from the eager one: not in the formula (the same operations in the
     same order, no contraction into FMA; the soft-threshold as x − clamp(x, −a, a), whose values
     are softshrink's: x − a, x + a or x − x = +0, NaN kept), only in two roundings. torch's eager
-    ``sqrt`` on large CPU tensors (MKL's vectorized math) is within 1 ulp, the compiled one
-    correctly rounded; and torch's eager float32 ``_foreach_norm`` accumulates an error that grows
+    ``sqrt`` on CPU tensors (MKL's vectorized math) is within 1 ulp, the compiled one correctly
+    rounded (the eager metric's float32 sqrt is now correctly rounded too: Note [Correctly
+    rounded sqrt] in optim/step_sizes.py); and torch's eager float32 ``_foreach_norm`` accumulates an error that grows
     with the tensor (measured 1.8e-5 relative over 1M elements, 2.1e-4 over 8M), the dot product's
     more slowly (1.2e-7 over 2^20 elements, 3.4e-6 over 2^23, against float64; ad hoc). A perturbation δ of u relative moves the result by at most δ·abs(w) (the
     map is w − clamp(w, −a/u, a/u) in exact arithmetic; near the threshold the subtraction keeps
