@@ -81,6 +81,27 @@ def test_past_its_room_the_native_pass_counts_what_it_could_not_write():
     assert scored[0][:2] == full[0][:2] and scored[0][2] == len(scored[1]) < len(full[1])
 
 
+def test_a_thread_past_its_guessed_room_runs_the_pass_again_with_room_for_what_it_kept(monkeypatch):
+    """The room is guessed from the last pass over the same tensor (Note [Native selection]): a
+    guess too small gives the same entries, by a second pass with room for exactly what the
+    fullest thread kept, and the next guess is twice that (at most a thread's range)."""
+    assert native.available()
+    monkeypatch.setattr(native, "ROOM", 1)
+    w, v, _ = _tensors(5000, seed=5)
+    full = native.select("", w, v, None, 0.0, 0.7, 1e-5, 0.0, 1e-9, 1e-7, cap=1 << 20)
+    most = native._kept[w]
+    assert most > 10 and len(full[1]) > most  # every thread kept entries, more than the guess below
+    calls = []
+    passes = native._library.paramreg_select
+    monkeypatch.setattr(native._library, "paramreg_select", lambda *a: (calls.append(a[14]), passes(*a))[1])
+    native._kept[w] = 3
+    again = native.select("", w, v, None, 0.0, 0.7, 1e-5, 0.0, 1e-9, 1e-7, cap=1 << 20)
+    assert calls == [6, most] and native._kept[w] == most  # the guess (twice 3), then room for what was kept
+    assert again[0] == full[0] and numpy.array_equal(again[1], full[1]) and numpy.array_equal(again[2], full[2])
+    native.select("", w, v, None, 0.0, 0.7, 1e-5, 0.0, 1e-9, 1e-7, cap=1 << 20)
+    assert calls == [6, most, min(2 * most, -(-5000 // native._threads(native._library)) + 16)]  # room enough: one pass
+
+
 def test_the_native_kernels_take_only_float32_contiguous_cpu_tensors_of_one_size():
     """Anything else (float64, a view that is not contiguous, another size, an ahead pass without
     its first moment) gets None or False, and nothing is written."""

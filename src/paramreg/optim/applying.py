@@ -237,6 +237,13 @@ def _memory(carrier, p: Tensor) -> Tensor:
 # optim/targets.py).
 BOUNDARY = 2.0**-18
 
+#: Note [Selection that zeroes]: the one pass keeps at most 1/KEPT_SHARE as many indices (over all
+#: tensors) as the largest selected tensor has weights, so that what it holds until the map (an
+#: index, a value and numpy's copies of them) stays below that tensor's size; KEPT_LEAST (a few
+#: MB) on any model.
+KEPT_SHARE = 16
+KEPT_LEAST = 1 << 16
+
 
 def _apply_target(target, work: list[tuple], optimizer, process_group=None, everything: list | None = None) -> None:
     """The proximal maps of one sparsity target over everything the step updated, with the strength
@@ -308,7 +315,9 @@ class _Criticals:
         step holds, beyond what the default prox holds, the selection's counts and staging
         buffer and one block (one tensor off the CPU; with a drawn bracket, the draw and at most
         ``GUESSED`` values of the bracket, Note [Guessed bracket] in optim/order_statistic.py, and
-        for the one pass that also finds the zeros at most ``GUESSED`` indices with them), and
+        for the one pass that also finds the zeros at most ``GUESSED`` indices with them, and
+        no more than ``KEPT_LEAST`` or 1/``KEPT_SHARE`` of the largest tensor's size: Note [Selection that
+        zeroes]), and
         reads every weight and its optimizer state once or twice more than the default prox
         (once, where that one pass maps). A read of both is not what costs (``benchmarks/target_cost.py``, ``read/l1``: a few
         percent of an AdamW ``l1=`` step at 8M-25M selected weights on this machine); the
@@ -507,12 +516,15 @@ class _Criticals:
     #     below lo the answer is 0 (``targets._marked``) and nothing is mapped. Where the m-th
     #     score lies outside the bracket or is another zero, the guessed pass (again) and the
     #     histogram passes find it (Note [Guessed bracket] in optim/order_statistic.py); the map runs as a pass where θ lies
-    #     outside [lo, hi) or where no indices were kept (more than ``GUESSED``, as at a step that
+    #     outside [lo, hi) or where no indices were kept (more than ``GUESSED``, or than the
+    #     larger of ``KEPT_LEAST`` and the largest tensor's weights over ``KEPT_SHARE``, as at a step that
     #     zeroes most weights at once); and for another regularizer, a tensor the kernel does not
     #     take, a collective or float64 the earlier passes and map run: nothing was written. A ramp
     #     step then reads the selected weights and their optimizer state once where it read them
     #     twice (the selection's pass, the map's), and holds the kept indices and scores (int64
-    #     and float32, a few percent of the weights, at most ``GUESSED``) until its map. ``benchmarks/target_cost.py`` measures the step (docs/at-scale.md); the fused and
+    #     and float32, a few percent of the weights, at most ``GUESSED`` and the larger of
+    #     ``KEPT_LEAST`` and the largest tensor's size over ``KEPT_SHARE``: with the native pass's arrays and numpy's copies, at most
+    #     about 60 bytes an entry, so below that tensor's size) until its map. ``benchmarks/target_cost.py`` measures the step (docs/at-scale.md); the fused and
     #     the eager path zero the same weights (tests/test_fused.py, misses and signed zeros too).
 
     def marked(self, lo: float, hi: float) -> list[tuple[int, int, numpy.ndarray]] | None:
@@ -522,7 +534,7 @@ class _Criticals:
         the others there are +0.0 weights, whose score is 0), and kept until :meth:`zero_marked`, per
         tensor, the flat indices of its weights to be zeroed at any strength from lo on and
         those of its scores in [lo, hi) with the scores, unless there are more than ``GUESSED``
-        of them (a step that zeroes many weights at once: then its map runs as a pass). None,
+        of them or than the larger of ``KEPT_LEAST`` and the largest tensor's weights over ``KEPT_SHARE`` (a step that zeroes many weights at once: then its map runs as a pass). None,
         before anything is computed, where a unit is not an L0 target's float32 tensor that a
         compiled kernel scores (Note [Fused map] in optim/fused.py), or with a collective; None
         also where the bracket holds more than ``GUESSED`` scores (ties at its edges), or a
@@ -531,17 +543,18 @@ class _Criticals:
 
         if self.reduce is not None or self.owned is not None:
             return None
+        units = [(self.work[w], indices) for w, indices in self.units]
+        if any(len(indices) != 1 or bucket.policy != "adaptive" or type(bucket.regularizer) is not L0
+               for (bucket, *_), indices in units):
+            return None
+        limit = min(GUESSED, max(KEPT_LEAST, max(work[1][indices[0]].numel() for work, indices in units) // KEPT_SHARE))
         passes = []  # (tensor, its pieces), unit by unit
-        for w, indices in self.units:
-            bucket, tensors, lr, group, fill, floors = self.work[w]
-            if len(indices) != 1 or bucket.policy != "adaptive" or type(bucket.regularizer) is not L0:
-                return None
-            i = indices[0]
+        for (bucket, tensors, lr, group, _, floors), (i,) in units:
             pointed = self.scores_points(bucket)
             p = tensors[i]
             pieces = fused.select_pieces(self.optimizer, group, bucket.regularizer, p, self.optimizer.state[p], lr,
                                          None if floors is None else floors[i], self.lookahead if pointed else 0,
-                                         self.extrapolate if pointed else 0.0, (lo, hi))
+                                         self.extrapolate if pointed else 0.0, (lo, hi), cap=limit)
             if pieces is None:
                 return None
             passes.append((p, pieces))
@@ -557,7 +570,7 @@ class _Criticals:
                 fresh += marked - (n - b)
                 if within > GUESSED:  # ties at the bracket's edges: the passes count them (Note [Guessed bracket])
                     return None
-                if kept is not None and (count > GUESSED or indices is None):  # too many new zeros to keep: the map's pass zeroes them
+                if kept is not None and (count > limit or indices is None):  # too many new zeros to keep: the map's pass zeroes them
                     kept = found = None
                 if kept is None:  # no indices kept: the bracket's scores alone (at most GUESSED)
                     picked.append(values[values >= 0])

@@ -16,6 +16,15 @@ Note [Native selection]
     thread over its own contiguous range with its own arrays (so the indices come out in
     increasing order, as numpy's search gives them), one call per tensor.
 
+    Each thread's arrays are allocated for the call, with room for twice the entries the most
+    filled thread kept in the last pass over the same tensor (``ROOM`` at least; 1/32 of a
+    thread's range before the first), at most ``cap``. A thread that keeps more than its room
+    still counts them, so the pass is run again with room for exactly that many, at most
+    ``cap`` (past it the counts alone). A ramp keeps a few percent of the weights, fewer from
+    step to step, so the second run is rare (the ramp's first step, at most), and the pass
+    allocates about 24 bytes for each entry it keeps, where room for ``cap`` on every thread
+    was 12·``cap`` bytes a thread (100 MB over 25M weights on 2 threads) whatever it kept.
+
     It rounds every operation as the compiled kernels do (the same operations in the same order,
     IEEE single precision, built with ``-ffp-contract=off``, so no contraction into FMA), so it
     keeps the same entries with the same values, bit for bit (``tests/test_native.py`` against
@@ -172,6 +181,12 @@ def _takes(*tensors: Tensor | None) -> bool:
                              and t.is_contiguous() and t.numel() == first.numel()) for t in tensors)
 
 
+#: The least room a thread's arrays get (entries; Note [Native selection]).
+ROOM = 1 << 14
+# tensor -> the most entries one thread kept in the last pass over it that kept its new zeros (weak)
+_kept = WeakIdKeyDictionary()
+
+
 def select(kind: str, w: Tensor, v: Tensor, x: Tensor | None, floor: float, scale: float, shift: float, factor: float,
            lo: float, hi: float, cap: int, keep_fresh: bool = True, library=None):
     """The pass of Note [Native selection] over the float32 contiguous CPU tensor ``w`` with the
@@ -181,22 +196,33 @@ def select(kind: str, w: Tensor, v: Tensor, x: Tensor | None, floor: float, scal
     at any strength from lo, else its score in [lo, hi))), with at most ``cap`` entries kept per
     thread's range: past them, the counts alone and None for the indices and values. With
     ``keep_fresh`` False only the scores in [lo, hi) are kept and counted. None where the
-    library is not built or the tensors are not float32 contiguous CPU tensors of one size."""
+    library is not built or the tensors are not float32 contiguous CPU tensors of one size. Each
+    thread's room is guessed, and the pass run again where a thread kept more (Note [Native
+    selection])."""
     library = library or (_load() if enabled else None)
     if library is None or (kind and x is None) or not _takes(w, v, x):
         return None
     threads = _threads(library)
     n = w.numel()
     cap = max(0, min(cap, -(-n // threads) + 16))
-    room = cap + 16  # per thread: the last 16 taken by whole vector stores
-    idx = torch.empty(threads * room, dtype=torch.int64)
-    val = torch.empty(threads * room, dtype=torch.float32)
-    counts = (_Counts * threads)()
-    library.paramreg_select(w.data_ptr(), v.data_ptr(), 0 if x is None else x.data_ptr(), n, floor, scale, shift, factor, lo, hi,
-                            _MODES[kind], int(keep_fresh), idx.data_ptr(), val.data_ptr(), cap, counts, threads)
+    last = _kept.get(w) if keep_fresh else None
+    room = min(cap, max(ROOM, -(-n // threads) // 32 if last is None else 2 * last))
+    while True:
+        idx = torch.empty(threads * (room + 16), dtype=torch.int64)  # per thread: the last 16 taken by whole vector stores
+        val = torch.empty(threads * (room + 16), dtype=torch.float32)
+        counts = (_Counts * threads)()
+        library.paramreg_select(w.data_ptr(), v.data_ptr(), 0 if x is None else x.data_ptr(), n, floor, scale, shift, factor,
+                                lo, hi, _MODES[kind], int(keep_fresh), idx.data_ptr(), val.data_ptr(), room, counts, threads)
+        most = max(c.kept for c in counts)
+        if keep_fresh:
+            _kept[w] = most
+        if most <= room or most > cap:
+            break
+        room = most  # a range past its guessed room: again, with room for what it kept
     total = [sum(c.below for c in counts), sum(c.under for c in counts), sum(c.marked for c in counts)]
-    if any(c.kept > cap for c in counts):  # a range past its room: what it wrote is not a prefix of what it kept
+    if most > room:  # a range past its room: what it wrote is not a prefix of what it kept
         return total, None, None
+    room += 16
     parts = [(t * room, c.kept) for t, c in enumerate(counts)]
     indices = numpy.concatenate([idx.numpy()[s:s + k] for s, k in parts])
     values = numpy.concatenate([val.numpy()[s:s + k] for s, k in parts])
