@@ -611,3 +611,24 @@ def test_regrow_false_masks_the_gradient_a_closure_computes(passed):
             masked += 1
         zeros = weight == 0
     assert masked >= 6
+
+
+def test_the_hooks_work_shows_in_the_profiler_under_paramregs_names():
+    """``torch.profiler`` shows the post-step hook's work as ``paramreg.after_step`` and the
+    held zeros' pass before a target's step as ``paramreg.before_step`` (Note [Why a global
+    optimizer post-step hook] in optim/hooks.py), and neither for an optimizer over no attached
+    weight, while another model is attached."""
+    torch.manual_seed(0)
+    model, plain = mlp(), mlp()
+    paramreg.attach(model, "0.weight", sparsity=0.5, sparsity_steps=(0, 4))
+    paramreg.attach(model, "2.weight", l1=1e-3)
+    opt, other = torch.optim.Adam(model.parameters(), lr=0.01), torch.optim.Adam(plain.parameters(), lr=0.01)
+    x, y = mlp_batch()
+    names = []
+    for optimizer, net in ((opt, model), (other, plain)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            optimizer.zero_grad()
+            loss_of(net, x, y).backward()
+            optimizer.step()
+        names.append({e.name for e in prof.events() if e.name.startswith("paramreg.")})
+    assert names == [{"paramreg.before_step", "paramreg.after_step"}, set()]

@@ -9,6 +9,8 @@ Note [Why a global optimizer post-step hook]
     real step. Nothing is ever added to gradients (a backward hook would see AMP-scaled gradients
     and fire once per micro-batch). A global pre-step hook, skipped with the step in the same
     way, keeps the momentum fill of SGD and RMSprop (Note [Momentum fill] in optim/state.py).
+    Their work shows in ``torch.profiler`` as ``paramreg.before_step`` and ``paramreg.after_step``
+    (``record_function``, as torch's optimizers label their steps).
 
 Note [Nested steps]
     An optimizer that wraps another (``ZeroRedundancyOptimizer``, a SAM-style or lookahead-style
@@ -34,6 +36,7 @@ import threading
 import weakref
 
 import torch
+from torch.autograd.profiler import record_function
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from ..errors import ParamregError
@@ -94,7 +97,8 @@ def _after_step(optimizer, args, kwargs) -> None:
         if found.plan:
             state.save_with(optimizer)
     if found.plan or found.partition:
-        applying.run(optimizer, found.plan or [], found.partition)
+        with record_function("paramreg.after_step"):
+            applying.run(optimizer, found.plan or [], found.partition)
 
 
 #: The state that moves a weight with no gradient in the optimizers paramreg knows, whose updates
@@ -129,6 +133,12 @@ def _hold_zeros(optimizer, args, kwargs):
         found.held_for = signature
     if not found.held:
         return None
+    with record_function("paramreg.before_step"):
+        return _hold(optimizer, found, args, kwargs)
+
+
+def _hold(optimizer, found, args, kwargs):
+    """:func:`_hold_zeros`'s masked writes over the tensors it listed in ``found.held``."""
     closure = kwargs.get("closure") if "closure" in kwargs else args[1] if len(args) > 1 else None  # args[0]: the optimizer
     known = step_sizes.resolve(optimizer) in step_sizes.KNOWN
     masks = []
