@@ -577,12 +577,14 @@ class _Criticals:
                     continue
                 picked.append(values)
                 found.append(indices)
-            picked = numpy.concatenate(picked) if picked else numpy.empty(0, dtype=numpy.float32)
+            picked = _joined(picked, numpy.float32)
             scored = picked >= 0  # the bracket's scores; the others (-1) are new zeros
             inside = picked[scored]
+            del picked
             if kept is not None:
-                found = numpy.concatenate(found) if found else numpy.empty(0, dtype=numpy.int64)
+                found = _joined(found, numpy.int64)
                 kept[id(p)] = (found[~scored], found[scored], inside)
+            del found, scored
             out.append((below, under, inside, fresh))
         self._marks = None if kept is None else (lo, hi, kept)
         return out
@@ -673,6 +675,11 @@ class _Drawn(Mapping):
 
     def __len__(self) -> int:
         return len(self._state)
+
+
+def _joined(pieces: list[numpy.ndarray], dtype) -> numpy.ndarray:
+    """The pieces end to end: the one piece itself where there is one (no copy)."""
+    return pieces[0] if len(pieces) == 1 else numpy.concatenate(pieces) if pieces else numpy.empty(0, dtype=dtype)
 
 
 def _draws(p: Tensor, count: int, seed: int) -> Tensor:
