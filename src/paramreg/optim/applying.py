@@ -554,12 +554,13 @@ class _Criticals:
             p = tensors[i]
             pieces = fused.select_pieces(self.optimizer, group, bucket.regularizer, p, self.optimizer.state[p], lr,
                                          None if floors is None else floors[i], self.lookahead if pointed else 0,
-                                         self.extrapolate if pointed else 0.0, (lo, hi), cap=limit)
+                                         self.extrapolate if pointed else 0.0, (lo, hi), cap=lambda: room)
             if pieces is None:
                 return None
             passes.append((p, pieces))
         out, kept, count, within = [], {}, 0, 0  # count: the indices found; within: the bracket's scores
         for p, pieces in passes:
+            room = 0 if kept is None else limit - count  # what the native pass of this tensor may keep, per thread
             below = under = fresh = 0  # fresh: the weights other than +0.0 that score below lo
             picked, found = [], []  # per piece: its kept values, and their flat indices
             for piece in pieces:

@@ -141,7 +141,7 @@ import math
 import threading
 import time
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy
 import torch
@@ -581,13 +581,13 @@ def critical_blocks(optimizer, group: dict, regularizer, p: Tensor, state: dict,
 
 def select_pieces(optimizer, group: dict, regularizer, p: Tensor, state: dict, lr: float, floor, horizon: int,
                   extrapolate: float, bounds: tuple[float, float],
-                  cap: int | None = None) -> Iterator[tuple[list[int], numpy.ndarray | None, numpy.ndarray] | None] | None:
+                  cap: Callable[[], int] | None = None) -> Iterator[tuple[list[int], numpy.ndarray | None, numpy.ndarray] | None] | None:
     """A guessed selection's single pass over an L0 target's scores of ``p`` (Note [Selection that
     zeroes] in optim/applying.py), as :func:`critical_blocks` computes them, with ``bounds`` =
     (lo, hi): per piece of ``p``, ((its scores below lo, below hi, its entries counted as kept),
     the flat indices of its kept entries, their values: −1 for a weight the map zeroes at any
-    strength from lo, else the score in [lo, hi)); the indices None where more than ``cap``
-    (by default ``GUESSED``, order_statistic.py) entries were to be kept in one range of the native pass (the values
+    strength from lo, else the score in [lo, hi)); the indices None where more than ``cap()``
+    (called as the piece is computed; by default ``GUESSED``, order_statistic.py) entries were to be kept in one range of the native pass (the values
     then hold the bracket's scores only, or nothing where they are more than ``GUESSED`` too). One piece by the native pass (Note [Native selection] in optim/native.py),
     else one per block of about ``CRITICAL_BLOCK`` elements by :func:`_marked` and numpy's search;
     a None in a piece's place if the kernel cannot be compiled. None where the rule of Note
@@ -606,7 +606,7 @@ def select_pieces(optimizer, group: dict, regularizer, p: Tensor, state: dict, l
 
 
 def _native_pieces(kind: str, w: Tensor, moments: list[Tensor], floor: Tensor, c: Tensor, bounds: tuple[float, float],
-                   cap: int | None):
+                   cap: Callable[[], int] | None):
     """:func:`select_pieces`'s one piece by the native pass: past ``cap`` kept entries in a
     thread's range, the pass again with the bracket's scores only (where they are at most
     ``GUESSED``: more, and the selection counts them by its passes)."""
@@ -614,7 +614,7 @@ def _native_pieces(kind: str, w: Tensor, moments: list[Tensor], floor: Tensor, c
 
     args = (kind, w, *moments[:1], moments[1] if len(moments) > 1 else None, float(floor), *(float(x) for x in c.tolist()[:2]),
             float(c[2]) if len(c) > 2 else 0.0, *(float(numpy.float32(b)) for b in bounds))
-    found = native.select(*args, GUESSED if cap is None else min(cap, GUESSED))
+    found = native.select(*args, GUESSED if cap is None else max(0, min(cap(), GUESSED)))
     if found is None:  # not a tensor the native pass takes: the compiled kernel's blocks
         yield from _select_blocks(f"l0{kind}_select", w, moments, floor, c, torch.tensor(bounds, dtype=torch.float32, device=w.device))
         return
