@@ -31,26 +31,39 @@ typedef struct {
     int mode, keep_fresh;
 } params;
 
-/* the scores of w[0..n) into s: a loop the compiler vectorizes */
-static void scores(const float *restrict w, const float *restrict v, const float *restrict x, int64_t n,
-                   const params *q, float *restrict s) {
+/* the scores of w[0..n) into s: a loop the compiler vectorizes, one per mode (a constant where it is inlined) */
+static inline __attribute__((always_inline)) void scores_of(const float *restrict w, const float *restrict v,
+                                                           const float *restrict x, int64_t n, const params *q,
+                                                           float *restrict s, const int mode) {
     const float f = q->floor, scale = q->scale, shift = q->shift, a = q->factor;
     for (int64_t i = 0; i < n; i++) {
         float r = sqrtf(v[i]);
         float m = r != r ? r : (f != f ? f : (r > f ? r : f));
         float u = m * scale + shift;
         float y = w[i];
-        if (q->mode == 1) {
-            float e = a * (w[i] - x[i]);
-            y = w[i] == 0.0f ? 0.0f : w[i] + e;
-        } else if (q->mode == 2) {
-            float e = a * (x[i] / u);
-            y = w[i] == 0.0f ? 0.0f : w[i] - e;
+        if (mode) { /* y = +0.0 where w is ±0.0, by a mask on the bits (no control flow: vectorized for AVX2 too) */
+            float e = mode == 1 ? a * (w[i] - x[i]) : a * (x[i] / u);
+            float z = mode == 1 ? w[i] + e : w[i] - e;
+            uint32_t zb, wb;
+            memcpy(&zb, &z, sizeof zb);
+            memcpy(&wb, w + i, sizeof wb);
+            zb &= -(uint32_t)((wb << 1) != 0);
+            memcpy(&y, &zb, sizeof y);
         }
         float yy = y * y;
         float su = yy * u;
         s[i] = su / 2.0f;
     }
+}
+
+static void scores(const float *restrict w, const float *restrict v, const float *restrict x, int64_t n,
+                   const params *q, float *restrict s) {
+    if (q->mode == 1)
+        scores_of(w, v, x, n, q, s, 1);
+    else if (q->mode == 2)
+        scores_of(w, v, x, n, q, s, 2);
+    else
+        scores_of(w, v, NULL, n, q, s, 0);
 }
 
 typedef struct {
@@ -64,6 +77,7 @@ static void range_pass(const float *w, const float *v, const float *x, int64_t s
     const float lo = q->lo, hi = q->hi;
     const uint32_t fresh_bits = q->keep_fresh ? 0xffffffffu : 0u;
     float s[CHUNK];
+    uint8_t code[CHUNK];
     int64_t i = start;
 #ifdef PARAMREG_AVX512
     const __m512 vf = _mm512_set1_ps(q->floor), vs = _mm512_set1_ps(q->scale), vh = _mm512_set1_ps(q->shift);
@@ -108,18 +122,30 @@ static void range_pass(const float *w, const float *v, const float *x, int64_t s
         int64_t len = end - i < CHUNK ? end - i : CHUNK;
         scores(w + i, v + i, q->mode ? x + i : NULL, len, q, s);
         const uint32_t *bits = (const uint32_t *)(w + i);
-        for (int64_t j = 0; j < len; j++) {
+        int32_t b_sum = 0, un_sum = 0, marked_sum = 0;
+        for (int64_t j = 0; j < len; j++) { /* the counts and each entry's code (2: fresh, 1: a kept score), vectorized */
             int b = s[j] < lo, un = s[j] < hi;
             int fresh = b & ((bits[j] & fresh_bits) != 0);
             int inside = un & !b;
-            below += b;
-            under += un;
-            marked += fresh | inside;
-            if (kept < cap) { /* written whatever it is: the next entry overwrites it unless it is kept */
-                idx[kept] = i + j;
-                val[kept] = fresh ? -1.0f : s[j];
-            }
-            kept += fresh | (inside & (s[j] != 0.0f));
+            b_sum += b;
+            un_sum += un;
+            marked_sum += fresh | inside;
+            code[j] = (uint8_t)(2 * fresh | (inside & (s[j] != 0.0f)));
+        }
+        below += b_sum;
+        under += un_sum;
+        marked += marked_sum;
+        for (int64_t j = 0; j < len; j += 8) { /* the kept entries in order, 8 codes looked at at once */
+            uint64_t word = 0;
+            memcpy(&word, code + j, len - j < 8 ? (size_t)(len - j) : 8);
+            for (int64_t k = j; word; k++, word >>= 8)
+                if (word & 0xff) {
+                    if (kept < cap) {
+                        idx[kept] = i + k;
+                        val[kept] = (word & 0xff) == 2 ? -1.0f : s[k];
+                    }
+                    kept++;
+                }
         }
         i += len;
     }
@@ -200,27 +226,38 @@ double paramreg_squares(const float *g, int64_t n, double *partials, int threads
     return chunks_total(partials, chunks);
 }
 
-/* Element i of the hold: g[i] (and m[i]) +0.0 where w[i] is 0, written back either way; the held g[i]'s square. */
-static inline float hold_one(const float *restrict w, float *restrict g, float *restrict m, int64_t i) {
-    int held = w[i] == 0.0f;
-    float x = held ? 0.0f : g[i];
-    g[i] = x;
-    if (m != NULL)
-        m[i] = held ? 0.0f : m[i];
+/* Element i of the hold: g[i] (and m[i], with_m) +0.0 where w[i] is 0, written back either way; the held g[i]'s square. */
+static inline __attribute__((always_inline)) float hold_one(const float *restrict w, float *restrict g, float *restrict m,
+                                                           int64_t i, const int with_m) {
+    /* on the bits, with no control flow (gcc vectorizes it so for AVX2 too): all ones where w[i] is not ±0.0 */
+    uint32_t keep = -(uint32_t)((((const uint32_t *)w)[i] << 1) != 0);
+    uint32_t xb = ((uint32_t *)g)[i] & keep;
+    ((uint32_t *)g)[i] = xb;
+    if (with_m)
+        ((uint32_t *)m)[i] &= keep;
+    float x;
+    memcpy(&x, &xb, sizeof x);
     return x * x;
 }
 
 /* One chunk of the hold: g (and m) +0.0 where w is 0 (-0.0 too), every value written back (the
- * others as they were, NaN's bits too); the held g's squares summed as chunk_squares sums them. */
-static double chunk_hold(const float *restrict w, float *restrict g, float *restrict m, int64_t start, int64_t end) {
+ * others as they were, NaN's bits too); the held g's squares summed as chunk_squares sums them.
+ * with_m a constant at each call, so that each loop has no branch (gcc vectorizes it for AVX2 only so). */
+static inline __attribute__((always_inline)) double chunk_hold_of(const float *restrict w, float *restrict g,
+                                                                 float *restrict m, int64_t start, int64_t end,
+                                                                 const int with_m) {
     float lanes[LANES] = {0};
     int64_t i = start;
     for (; i + LANES <= end; i += LANES)
         for (int j = 0; j < LANES; j++)
-            lanes[j] += hold_one(w, g, m, i + j);
+            lanes[j] += hold_one(w, g, m, i + j, with_m);
     for (int j = 0; i + j < end; j++)
-        lanes[j] += hold_one(w, g, m, i + j);
+        lanes[j] += hold_one(w, g, m, i + j, with_m);
     return lanes_total(lanes);
+}
+
+static double chunk_hold(const float *restrict w, float *restrict g, float *restrict m, int64_t start, int64_t end) {
+    return m != NULL ? chunk_hold_of(w, g, m, start, end, 1) : chunk_hold_of(w, g, NULL, start, end, 0);
 }
 
 /* Before a step: g[i] (and m[i], m not NULL) set to +0.0 where w[i] == 0, the values masked_fill_
