@@ -10,13 +10,12 @@ Note [Native selection]
     at 25.7% zero: 36.1 ms of a ramp step, numpy's 10.9 of it, against 15.9 for the ``l1=``
     map; the native pass 14.9: the table of ``benchmarks/ramp_parts.py`` in docs/at-scale.md).
     ``native.c`` does it
-    in one loop: the score of 16 weights at once (AVX-512, where the machine has it; elsewhere a
-    loop the compiler vectorizes over 256 weights, then a branch-free one that counts and writes
-    the kept entries), the kept entries compressed straight into an index and a value array, each
-    thread over its own contiguous range with its own arrays (so the indices come out in
-    increasing order, as numpy's search gives them), one call per tensor. Elsewhere the counts
-    and a code per weight come from one vectorized loop, and the kept entries are looked for 8
-    codes at a time. Every loop is written without control flow (the zeros' masks are taken on
+    in one loop: the score of 16 weights at once (AVX-512, where the machine has it), the kept
+    entries compressed straight into an index and a value array, each thread over its own
+    contiguous range with its own arrays (so the indices come out in increasing order, as
+    numpy's search gives them), one call per tensor. Elsewhere, per 256 weights, a vectorized
+    loop computes the scores, another the counts and a code per weight, and the kept entries
+    are looked for 8 codes at a time. Every loop is written without control flow (the zeros' masks are taken on
     the bits), so that gcc vectorizes it for AVX2 as well: on an AMD EPYC (Zen 3, no AVX-512)
     the hold and the extended scores had been left scalar, and the pass took 143.6 ms of a 25M
     ramp step against 57.8 for inductor's kernel (25.8 since; docs/at-scale.md).
@@ -28,7 +27,7 @@ Note [Native selection]
     ``cap`` (past it the counts alone). A ramp keeps a few percent of the weights, fewer from
     step to step, so the second run is rare (the ramp's first step, at most), and the pass
     allocates about 24 bytes for each entry it keeps, where room for ``cap`` on every thread
-    was 12·``cap`` bytes a thread (100 MB over 25M weights on 2 threads) whatever it kept.
+    was 12·``cap`` bytes a thread (96 MB over 25M weights on 2 threads) whatever it kept.
 
     It rounds every operation as the compiled kernels do (the same operations in the same order,
     IEEE single precision, built with ``-ffp-contract=off``, so no contraction into FMA), so it
