@@ -102,6 +102,23 @@ def test_a_thread_past_its_guessed_room_runs_the_pass_again_with_room_for_what_i
     assert calls == [6, most, min(2 * most, -(-5000 // native._threads(native._library)) + 16)]  # room enough: one pass
 
 
+@pytest.mark.parametrize("n", [0, 1, 9, 10_007])
+def test_the_kept_entries_are_parted_as_numpys_masks_part_them(n):
+    """``native.split`` gives the new zeros' indices, then the bracket's indices and scores, as
+    ``values >= 0`` and its complement select them (NaN and -1 on the zeros' side, ±0.0 on the
+    scores'), in order."""
+    assert native.available()
+    g = torch.Generator().manual_seed(n)
+    values = torch.rand(n, generator=g).numpy()
+    values[torch.rand(n, generator=g).numpy() < 0.6] = -1.0
+    values[3::7], values[5::11], values[6::13] = 0.0, -0.0, float("nan")
+    indices = numpy.sort(torch.randint(0, 1 << 40, (n,), generator=g).numpy())
+    fresh, at, inside = native.split(indices, values)
+    scored = values >= 0
+    assert numpy.array_equal(fresh, indices[~scored]) and numpy.array_equal(at, indices[scored])
+    assert numpy.array_equal(inside.view(numpy.int32), values[scored].view(numpy.int32))
+
+
 def test_the_native_kernels_take_only_float32_contiguous_cpu_tensors_of_one_size():
     """Anything else (float64, a view that is not contiguous, another size, an ahead pass without
     its first moment) gets None or False, and nothing is written."""

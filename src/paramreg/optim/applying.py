@@ -23,7 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..catalogue.elementwise import L0
 from ..errors import ParamregError
 
-from . import fused, step_sizes
+from . import fused, native, step_sizes
 from .state import ORIGIN_KEY, ORIGIN_STEP_KEY, POINTS_IN, drop_origins, fill_of, schedule_value
 from .plans import Bucket
 
@@ -505,8 +505,9 @@ class _Criticals:
     #     lo and below hi, and keeps the flat indices of two kinds of weight with their scores: the
     #     scores in [lo, hi), and the weights that score below lo and are not +0.0 (zeroed at any
     #     strength from lo on; a few percent of the weights). The native pass writes them as it
-    #     goes (Note [Native selection] in optim/native.py); where it is not built, the kernel
-    #     marks them in each block and numpy finds them. Where the m-th score
+    #     goes (Note [Native selection] in optim/native.py), and parts them into new zeros and
+    #     bracketed scores in one loop (``native.split``); where it is not built, the kernel
+    #     marks them in each block and numpy finds and parts them. Where the m-th score
     #     lies in the bracket it is the (m − below)-th smallest kept score, and the map at the
     #     threshold θ (the strength raised by ``BOUNDARY``) with lo <= θ < hi is ``index_fill_`` at
     #     the kept indices whose score is at most θ: the weights the map's pass would set to 0, bit
@@ -579,13 +580,16 @@ class _Criticals:
                 picked.append(values)
                 found.append(indices)
             picked = _joined(picked, numpy.float32)
-            scored = picked >= 0  # the bracket's scores; the others (-1) are new zeros
-            inside = picked[scored]
-            del picked
-            if kept is not None:
-                found = _joined(found, numpy.int64)
-                kept[id(p)] = (found[~scored], found[scored], inside)
-            del found, scored
+            parted = None if kept is None else native.split(found := _joined(found, numpy.int64), picked)
+            if parted is not None:  # the new zeros (-1) and the bracket's scores parted in one loop
+                kept[id(p)] = parted
+                inside = parted[2]
+            else:
+                scored = picked >= 0  # the bracket's scores; the others (-1) are new zeros
+                inside = picked[scored]
+                if kept is not None:
+                    kept[id(p)] = (found[~scored], found[scored], inside)
+            del picked, found, parted
             out.append((below, under, inside, fresh))
         self._marks = None if kept is None else (lo, hi, kept)
         return out

@@ -11,7 +11,7 @@
  * entries kept: a weight whose bits are not +0.0 scoring below lo (value -1), or a score in
  * [lo, hi) that is not 0 (value s); it writes their flat indices and values in increasing order
  * of index, each thread into its own region of `cap` + 16 entries (the last 16 taken by whole
- * vector stores; past `cap` entries are counted, not written). With keep_fresh = 0 only the scores in [lo, hi) are written and counted as kept.
+ * stores of 8 or 16 entries; past `cap` entries are counted, not written). With keep_fresh = 0 only the scores in [lo, hi) are written and counted as kept.
  */
 #include <math.h>
 #include <stdint.h>
@@ -135,9 +135,21 @@ static void range_pass(const float *w, const float *v, const float *x, int64_t s
         below += b_sum;
         under += un_sum;
         marked += marked_sum;
-        for (int64_t j = 0; j < len; j += 8) { /* the kept entries in order, 8 codes looked at at once */
-            uint64_t word = 0;
-            memcpy(&word, code + j, len - j < 8 ? (size_t)(len - j) : 8);
+        int64_t j = 0;
+        for (; j + 8 <= len; j += 8) { /* the kept entries in order, 8 codes looked at at once */
+            uint64_t word;
+            memcpy(&word, code + j, 8);
+            if (!word)
+                continue;
+            if (kept + 8 <= cap + 16) { /* 8 whole stores, no branch per entry: those past the kept ones are overwritten next */
+                for (int b = 0; b < 8; b++) {
+                    uint8_t c = (uint8_t)(word >> (8 * b));
+                    idx[kept] = i + j + b;
+                    val[kept] = c == 2 ? -1.0f : s[j + b];
+                    kept += c != 0;
+                }
+                continue;
+            }
             for (int64_t k = j; word; k++, word >>= 8)
                 if (word & 0xff) {
                     if (kept < cap) {
@@ -147,6 +159,14 @@ static void range_pass(const float *w, const float *v, const float *x, int64_t s
                     kept++;
                 }
         }
+        for (; j < len; j++) /* the last codes of the tensor */
+            if (code[j]) {
+                if (kept < cap) {
+                    idx[kept] = i + j;
+                    val[kept] = code[j] == 2 ? -1.0f : s[j];
+                }
+                kept++;
+            }
         i += len;
     }
     out->below = below;
@@ -169,6 +189,25 @@ void paramreg_select(const float *w, const float *v, const float *x, int64_t n, 
         int64_t start = t * per < n ? t * per : n, end = start + per < n ? start + per : n;
         range_pass(w, v, x, start, end, &q, idx + t * (cap + 16), val + t * (cap + 16), cap, out + t);
     }
+}
+
+/* paramreg_split (Note [Native selection] in optim/native.py): the entries a pass kept, in order,
+ * parted as numpy's masks part them: those whose value is not >= 0 (the new zeros, -1) into fresh,
+ * the others into at, with their values into inside; returns how many went to fresh. Each output
+ * has room for n + 1 entries (every entry is written to both sides, the side it is not on
+ * overwritten by the next). */
+int64_t paramreg_split(const int64_t *restrict idx, const float *restrict val, int64_t n, int64_t *restrict fresh,
+                       int64_t *restrict at, float *restrict inside) {
+    int64_t f = 0, k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t is_fresh = !(val[i] >= 0.0f);
+        fresh[f] = idx[i];
+        at[k] = idx[i];
+        inside[k] = val[i];
+        f += is_fresh;
+        k += 1 - is_fresh;
+    }
+    return f;
 }
 
 /* paramreg_hold and paramreg_squares (Note [Native hold] in optim/native.py): the sum of squares

@@ -15,7 +15,10 @@ Note [Native selection]
     contiguous range with its own arrays (so the indices come out in increasing order, as
     numpy's search gives them), one call per tensor. Elsewhere, per 256 weights, a vectorized
     loop computes the scores, another the counts and a code per weight, and the kept entries
-    are looked for 8 codes at a time. Every loop is written without control flow (the zeros' masks are taken on
+    are looked for 8 codes at a time: 8 codes that are all 0 are passed over, others give 8
+    whole stores, each at the count kept so far (one branch per 8 weights, none per entry; the
+    8 codes had been read with a ``memcpy`` of variable length, a call per 8 weights: 15.4
+    against 10.3 ms for a pass over 12.5M weights that keeps nothing, ad hoc). Every loop is written without control flow (the zeros' masks are taken on
     the bits), so that gcc vectorizes it for AVX2 as well: on an AMD EPYC (Zen 3, no AVX-512)
     the hold and the extended scores had been left scalar, and the pass took 143.6 ms of a 25M
     ramp step against 57.8 for inductor's kernel (25.8 since; docs/at-scale.md).
@@ -84,7 +87,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["enabled", "build_flags", "select", "hold", "squares", "available"]
+__all__ = ["enabled", "build_flags", "select", "split", "hold", "squares", "available"]
 
 #: False: the compiled kernels run instead (Notes [Native selection] and [Native hold]).
 enabled = True
@@ -173,6 +176,8 @@ def _build(defines: tuple[str, ...], errors: list[str]):
                 getattr(library, name).restype = ctypes.c_double
             library.paramreg_hold.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
             library.paramreg_squares.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+            library.paramreg_split.restype = ctypes.c_int64
+            library.paramreg_split.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3
             library.threaded = "-fopenmp" in choice
             return library, choice, compiler
     return None, (), compiler
@@ -231,6 +236,23 @@ def select(kind: str, w: Tensor, v: Tensor, x: Tensor | None, floor: float, scal
     indices = numpy.concatenate([idx.numpy()[s:s + k] for s, k in parts])
     values = numpy.concatenate([val.numpy()[s:s + k] for s, k in parts])
     return total, indices, values
+
+
+def split(indices: numpy.ndarray, values: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray] | None:
+    """The entries a pass kept (int64 ``indices``, float32 ``values``, in order) parted in one
+    loop: (the indices whose value is not >= 0, the new zeros; the others' indices; their
+    values), as ``indices[~(values >= 0)]``, ``indices[values >= 0]`` and ``values[values >= 0]``
+    part them (numpy's masks took 8.5 ms over 550,000 entries here, ad hoc); None where the
+    library is not built."""
+    library = _load() if enabled else None
+    if library is None:
+        return None
+    indices = numpy.ascontiguousarray(indices, dtype=numpy.int64)
+    values = numpy.ascontiguousarray(values, dtype=numpy.float32)
+    n = len(values)
+    fresh, at, inside = numpy.empty(n + 1, numpy.int64), numpy.empty(n + 1, numpy.int64), numpy.empty(n + 1, numpy.float32)
+    f = library.paramreg_split(indices.ctypes.data, values.ctypes.data, n, fresh.ctypes.data, at.ctypes.data, inside.ctypes.data)
+    return fresh[:f], at[:n - f], inside[:n - f]
 
 
 _CHUNK = 4096  # SQUARES_CHUNK in native.c
