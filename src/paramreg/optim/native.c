@@ -23,6 +23,10 @@
 #include <immintrin.h>
 #define PARAMREG_AVX512 1
 #endif
+#if defined(__AVX2__) && !defined(PARAMREG_PORTABLE)
+#include <immintrin.h>
+#define PARAMREG_AVX2 1
+#endif
 
 #define CHUNK 256
 
@@ -69,6 +73,23 @@ static void scores(const float *restrict w, const float *restrict v, const float
 typedef struct {
     int64_t below, under, marked, kept; /* scores below lo, below hi; fresh or inside; entries kept (written up to cap) */
 } counts;
+
+#ifdef PARAMREG_AVX2
+/* pack_table[m]: the lanes of the bits set in the 8-bit mask m, in increasing order (the rest 0):
+ * AVX2 has no compress, so 8 entries are packed by a permutation looked up here */
+static int32_t pack_table[256][8] __attribute__((aligned(32)));
+
+__attribute__((constructor)) static void pack_table_init(void) {
+    for (int m = 0; m < 256; m++) {
+        int k = 0;
+        for (int b = 0; b < 8; b++)
+            if (m >> b & 1)
+                pack_table[m][k++] = b;
+        while (k < 8)
+            pack_table[m][k++] = 0;
+    }
+}
+#endif
 
 /* one thread's range [start, end) of the tensor: its kept entries into idx and val */
 static void range_pass(const float *w, const float *v, const float *x, int64_t start, int64_t end, const params *q,
@@ -122,8 +143,36 @@ static void range_pass(const float *w, const float *v, const float *x, int64_t s
         int64_t len = end - i < CHUNK ? end - i : CHUNK;
         scores(w + i, v + i, q->mode ? x + i : NULL, len, q, s);
         const uint32_t *bits = (const uint32_t *)(w + i);
+        int64_t first = 0; /* the chunk's first weight the loops below take */
+#ifdef PARAMREG_AVX2
+        { /* 8 weights at once: their counts, and the kept ones packed by a permutation and stored whole (no branch) */
+            const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), zero = _mm256_setzero_ps();
+            const __m256 minus_one = _mm256_set1_ps(-1.0f);
+            const __m256i fresh_mask = _mm256_set1_epi32((int32_t)fresh_bits), ones = _mm256_set1_epi32(-1);
+            for (; first + 8 <= len; first += 8) {
+                __m256 sj = _mm256_loadu_ps(s + first);
+                __m256i wb = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(bits + first)), fresh_mask);
+                __m256 b = _mm256_cmp_ps(sj, vlo, _CMP_LT_OQ), un = _mm256_cmp_ps(sj, vhi, _CMP_LT_OQ);
+                __m256 fresh = _mm256_and_ps(b, _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(wb, _mm256_setzero_si256()), ones)));
+                __m256 inside = _mm256_andnot_ps(b, un);
+                int keep = _mm256_movemask_ps(_mm256_or_ps(fresh, _mm256_and_ps(inside, _mm256_cmp_ps(sj, zero, _CMP_NEQ_UQ))));
+                below += __builtin_popcount(_mm256_movemask_ps(b));
+                under += __builtin_popcount(_mm256_movemask_ps(un));
+                marked += __builtin_popcount(_mm256_movemask_ps(_mm256_or_ps(fresh, inside)));
+                if (kept + 8 <= cap + 16) {
+                    __m256i lanes = _mm256_load_si256((const __m256i *)pack_table[keep]);
+                    __m256i at = _mm256_set1_epi64x(i + first);
+                    _mm256_storeu_ps(val + kept, _mm256_permutevar8x32_ps(_mm256_blendv_ps(sj, minus_one, fresh), lanes));
+                    _mm256_storeu_si256((__m256i *)(idx + kept), _mm256_add_epi64(at, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(lanes))));
+                    _mm256_storeu_si256((__m256i *)(idx + kept + 4),
+                                        _mm256_add_epi64(at, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(lanes, 1))));
+                }
+                kept += __builtin_popcount(keep);
+            }
+        }
+#endif
         int32_t b_sum = 0, un_sum = 0, marked_sum = 0;
-        for (int64_t j = 0; j < len; j++) { /* the counts and each entry's code (2: fresh, 1: a kept score), vectorized */
+        for (int64_t j = first; j < len; j++) { /* the counts and each entry's code (2: fresh, 1: a kept score), vectorized */
             int b = s[j] < lo, un = s[j] < hi;
             int fresh = b & ((bits[j] & fresh_bits) != 0);
             int inside = un & !b;
@@ -135,7 +184,7 @@ static void range_pass(const float *w, const float *v, const float *x, int64_t s
         below += b_sum;
         under += un_sum;
         marked += marked_sum;
-        int64_t j = 0;
+        int64_t j = first;
         for (; j + 8 <= len; j += 8) { /* the kept entries in order, 8 codes looked at at once */
             uint64_t word;
             memcpy(&word, code + j, 8);

@@ -14,14 +14,20 @@ Note [Native selection]
     entries compressed straight into an index and a value array, each thread over its own
     contiguous range with its own arrays (so the indices come out in increasing order, as
     numpy's search gives them), one call per tensor. Elsewhere, per 256 weights, a vectorized
-    loop computes the scores, another the counts and a code per weight, and the kept entries
-    are looked for 8 codes at a time: 8 codes that are all 0 are passed over, others give 8
-    whole stores, each at the count kept so far (one branch per 8 weights, none per entry; the
-    8 codes had been read with a ``memcpy`` of variable length, a call per 8 weights: 15.4
-    against 10.3 ms for a pass over 12.5M weights that keeps nothing, ad hoc). Every loop is written without control flow (the zeros' masks are taken on
-    the bits), so that gcc vectorizes it for AVX2 as well: on an AMD EPYC (Zen 3, no AVX-512)
-    the hold and the extended scores had been left scalar, and the pass took 143.6 ms of a 25M
-    ramp step against 57.8 for inductor's kernel (25.8 since; docs/at-scale.md).
+    loop computes the scores; then, with AVX2, 8 at a time, their counts and the kept ones
+    packed by a permutation looked up from the 8-bit mask of the kept lanes (AVX2 has no
+    compress) and stored whole, at the count kept so far, with no branch; without it (or
+    with ``-DPARAMREG_PORTABLE``), a vectorized loop takes the counts and a code per weight, and
+    the kept entries are looked for 8 codes at a time (all 0: passed over; else 8 whole
+    stores). Every loop is written without control flow (the zeros' masks are taken on the
+    bits), so that gcc vectorizes it for AVX2 as well. On an AMD EPYC (Zen 3, no AVX-512) the
+    hold and the extended scores had first been left scalar (the pass took 143.6 ms of a 25M
+    ramp step against 57.8 for inductor's kernel; 25.8 since, docs/at-scale.md), and then
+    each kept entry cost about as much as 40 weights that were not kept (a branch per 8
+    codes that the machine mispredicted, then stores that each waited for the count): at a
+    steep ramp's first steps, about 2.5% of the weights kept, the passes took 43.0 ms of a 25M
+    ramp step, 31.4 with the permutation (``benchmarks/ramp_parts.py --ramp-steps 140 --ramp-at 0``;
+    docs/at-scale.md).
 
     Each thread's arrays are allocated for the call, with room for twice the entries the most
     filled thread kept in the last pass over the same tensor (``ROOM`` at least; 1/32 of a
