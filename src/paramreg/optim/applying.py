@@ -484,7 +484,7 @@ class _Criticals:
             if not p.numel():
                 continue
             draws = _draws(p, max(1, count * p.numel() // total), u)
-            drawn = p.detach().reshape(-1)[draws]
+            drawn = p.detach().reshape(-1).index_select(0, draws)
             drawn_state = _Drawn(state, p, draws)
             step = _inverse(bucket, [drawn], lr, self.optimizer, group, fill, [drawn_state], None if floors is None else [floors[i]])
             inverse = _inverses(step, 1)
@@ -672,7 +672,7 @@ class _Drawn(Mapping):
     def __getitem__(self, key):
         if key not in self._read:
             value = self._state[key]
-            self._read[key] = value.reshape(-1)[self._draws] if _alike(value, self._p) else value
+            self._read[key] = value.reshape(-1).index_select(0, self._draws) if _alike(value, self._p) else value
         return self._read[key]
 
     def __iter__(self):

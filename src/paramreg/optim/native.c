@@ -243,8 +243,8 @@ void paramreg_select(const float *w, const float *v, const float *x, int64_t n, 
 /* paramreg_split (Note [Native selection] in optim/native.py): the entries a pass kept, in order,
  * parted as numpy's masks part them: those whose value is not >= 0 (the new zeros, -1) into fresh,
  * the others into at, with their values into inside; returns how many went to fresh. Each output
- * has room for n + 1 entries (every entry is written to both sides, the side it is not on
- * overwritten by the next). */
+ * has room for one entry more than goes to it (every entry is written to both sides, the side
+ * it is not on overwritten by the next). */
 int64_t paramreg_split(const int64_t *restrict idx, const float *restrict val, int64_t n, int64_t *restrict fresh,
                        int64_t *restrict at, float *restrict inside) {
     int64_t f = 0, k = 0;

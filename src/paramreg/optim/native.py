@@ -256,9 +256,11 @@ def split(indices: numpy.ndarray, values: numpy.ndarray) -> tuple[numpy.ndarray,
     indices = numpy.ascontiguousarray(indices, dtype=numpy.int64)
     values = numpy.ascontiguousarray(values, dtype=numpy.float32)
     n = len(values)
-    fresh, at, inside = numpy.empty(n + 1, numpy.int64), numpy.empty(n + 1, numpy.int64), numpy.empty(n + 1, numpy.float32)
+    k = int(numpy.count_nonzero(values >= 0))  # each side's size, and one entry more (the loop writes both sides)
+    fresh, at, inside = numpy.empty(n - k + 1, numpy.int64), numpy.empty(k + 1, numpy.int64), numpy.empty(k + 1, numpy.float32)
     f = library.paramreg_split(indices.ctypes.data, values.ctypes.data, n, fresh.ctypes.data, at.ctypes.data, inside.ctypes.data)
-    return fresh[:f], at[:n - f], inside[:n - f]
+    assert f == n - k
+    return fresh[:f], at[:k], inside[:k]
 
 
 _CHUNK = 4096  # SQUARES_CHUNK in native.c
