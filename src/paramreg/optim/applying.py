@@ -580,16 +580,12 @@ class _Criticals:
                 picked.append(values)
                 found.append(indices)
             picked = _joined(picked, numpy.float32)
-            parted = None if kept is None else native.split(found := _joined(found, numpy.int64), picked)
-            if parted is not None:  # the new zeros (-1) and the bracket's scores parted in one loop
-                kept[id(p)] = parted
-                inside = parted[2]
+            if kept is None:
+                inside = picked[picked >= 0]  # the bracket's scores; the others (-1) are new zeros
             else:
-                scored = picked >= 0  # the bracket's scores; the others (-1) are new zeros
-                inside = picked[scored]
-                if kept is not None:
-                    kept[id(p)] = (found[~scored], found[scored], inside)
-            del picked, found, parted
+                kept[id(p)] = _parted(_joined(found, numpy.int64), picked)
+                inside = kept[id(p)][2]
+            del picked, found
             out.append((below, under, inside, fresh))
         self._marks = None if kept is None else (lo, hi, kept)
         return out
@@ -685,6 +681,17 @@ class _Drawn(Mapping):
 def _joined(pieces: list[numpy.ndarray], dtype) -> numpy.ndarray:
     """The pieces end to end: the one piece itself where there is one (no copy)."""
     return pieces[0] if len(pieces) == 1 else numpy.concatenate(pieces) if pieces else numpy.empty(0, dtype=dtype)
+
+
+def _parted(indices: numpy.ndarray, values: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+    """(the new zeros' indices, the bracket's indices, their scores) of a pass's kept entries, whose
+    values are −1 for a new zero, else the score: by the native loop (``native.split``), else
+    numpy's masks."""
+    parted = native.split(indices, values)
+    if parted is None:
+        scored = values >= 0
+        parted = (indices[~scored], indices[scored], values[scored])
+    return parted
 
 
 def _draws(p: Tensor, count: int, seed: int) -> Tensor:
