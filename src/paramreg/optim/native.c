@@ -91,6 +91,19 @@ __attribute__((constructor)) static void pack_table_init(void) {
 }
 #endif
 
+/* One entry of code c (0: not kept, 2: fresh, 1: a kept score s) at flat index at: written while
+ * fewer than cap are, counted either way. */
+static inline void keep_entry(int64_t *restrict idx, float *restrict val, int64_t *kept, int64_t cap, int64_t at,
+                              uint8_t c, float s) {
+    if (c) {
+        if (*kept < cap) {
+            idx[*kept] = at;
+            val[*kept] = c == 2 ? -1.0f : s;
+        }
+        (*kept)++;
+    }
+}
+
 /* one thread's range [start, end) of the tensor: its kept entries into idx and val */
 static void range_pass(const float *w, const float *v, const float *x, int64_t start, int64_t end, const params *q,
                        int64_t *restrict idx, float *restrict val, int64_t cap, counts *out) {
@@ -199,23 +212,11 @@ static void range_pass(const float *w, const float *v, const float *x, int64_t s
                 }
                 continue;
             }
-            for (int64_t k = j; word; k++, word >>= 8)
-                if (word & 0xff) {
-                    if (kept < cap) {
-                        idx[kept] = i + k;
-                        val[kept] = (word & 0xff) == 2 ? -1.0f : s[k];
-                    }
-                    kept++;
-                }
+            for (int64_t k = j; k < j + 8; k++) /* near cap: one at a time */
+                keep_entry(idx, val, &kept, cap, i + k, code[k], s[k]);
         }
         for (; j < len; j++) /* the last codes of the tensor */
-            if (code[j]) {
-                if (kept < cap) {
-                    idx[kept] = i + j;
-                    val[kept] = code[j] == 2 ? -1.0f : s[j];
-                }
-                kept++;
-            }
+            keep_entry(idx, val, &kept, cap, i + j, code[j], s[j]);
         i += len;
     }
     out->below = below;
